@@ -1,0 +1,112 @@
+"""Parameter pytrees: nested dicts / lists / tuples whose leaves are tensors.
+
+One mechanism everywhere: ``torch.utils._pytree``, the same registry that ``torch.func``
+(grad, vmap) and ``torch.compile`` use, so a tree that works here works under every transform.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+PyTree = Any
+
+tree_map = pytree.tree_map  # tree_map(f, tree, *more_trees_of_the_same_structure)
+tree_leaves = pytree.tree_leaves
+tree_flatten = pytree.tree_flatten
+tree_unflatten = pytree.tree_unflatten
+tree_structure = pytree.tree_structure
+
+
+def num_params(tree: PyTree) -> int:
+    """Total number of scalars in all tensor leaves."""
+    return sum(x.numel() for x in tree_leaves(tree) if isinstance(x, Tensor))
+
+
+def cast(tree: PyTree, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> PyTree:
+    """Move every tensor to ``device`` and cast *floating-point* tensors to ``dtype``.
+
+    Integer leaves (step counters, keys) keep their dtype: casting them to bf16 would be a bug.
+    """
+
+    def f(x):
+        if not isinstance(x, Tensor):
+            return x
+        dt = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+        return x.to(device=device if device is not None else x.device, dtype=dt)
+
+    return tree_map(f, tree)
+
+
+def _key_str(k: Any) -> str:
+    # pytree path entries: MappingKey(key=...), SequenceKey(idx=...), GetAttrKey(name=...)
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def flatten_names(tree: PyTree, sep: str = ".") -> dict[str, Any]:
+    """``{'encoder': {'layers': [{'attn': ...}]}}`` -> ``{'encoder.layers.0.attn...': leaf}``."""
+    flat, _ = pytree.tree_flatten_with_path(tree)
+    out: dict[str, Any] = {}
+    for path, leaf in flat:
+        name = sep.join(_key_str(k) for k in path)
+        out[name] = leaf
+    return out
+
+
+def unflatten_names(flat: dict[str, Any], sep: str = ".") -> PyTree:
+    """Inverse of :func:`flatten_names`. A level whose keys are exactly ``0..n-1`` becomes a list."""
+    root: dict = {}
+    for name, leaf in flat.items():
+        node = root
+        *parents, last = name.split(sep)
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"name {name!r} conflicts with a leaf at {p!r}")
+        if last in node:
+            raise ValueError(f"duplicate name {name!r}")
+        node[last] = leaf
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        keys = list(node)
+        if keys and all(k.isdigit() for k in keys) and sorted(int(k) for k in keys) == list(range(len(keys))):
+            return [node[str(i)] for i in range(len(keys))]
+        return node
+
+    return listify(root)
+
+
+def tree_stack(trees: list[PyTree]) -> PyTree:
+    """Stack N trees of equal structure along a new leading axis (for ``vmap`` ensembles)."""
+    return tree_map(lambda *xs: torch.stack(xs), *trees)
+
+
+def tree_unstack(tree: PyTree) -> list[PyTree]:
+    """Inverse of :func:`tree_stack`."""
+    leaves, spec = tree_flatten(tree)
+    n = leaves[0].shape[0]
+    return [tree_unflatten([x[i] for x in leaves], spec) for i in range(n)]
+
+
+def tree_zeros_like(tree: PyTree) -> PyTree:
+    return tree_map(torch.zeros_like, tree)
+
+
+def tree_allclose(a: PyTree, b: PyTree, **kw) -> bool:
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    return sa == sb and all(torch.allclose(x, y, **kw) for x, y in zip(la, lb))
+
+
+def tree_map_with_name(f: Callable[[str, Any], Any], tree: PyTree, sep: str = ".") -> PyTree:
+    """``tree_map`` whose function also receives each leaf's dotted name (for masks, e.g. weight decay)."""
+    flat, spec = pytree.tree_flatten_with_path(tree)
+    return tree_unflatten([f(sep.join(_key_str(k) for k in path), leaf) for path, leaf in flat], spec)
