@@ -1,0 +1,106 @@
+"""The Transformer encoder: N identical blocks of self-attention and feed-forward (§3.1)."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from fnlm import random
+from fnlm.attention import init_multi_head_attention, multi_head_attention
+from fnlm.config import TransformerConfig
+from fnlm.dropout import dropout
+from fnlm.feedforward import feed_forward, init_feed_forward
+from fnlm.norm import init_layer_norm, layer_norm
+from fnlm.positional import init_relative_bias, relative_bias
+
+Params = dict[str, Any]
+
+
+def split_or_none(key: random.Key | None, n: int) -> list:
+    """``n`` sub-keys, or ``n`` Nones when there is no key (evaluation)."""
+    return [None] * n if key is None else list(random.split(key, n))
+
+
+def init_encoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
+    k_attn, k_ffn = random.split(key)
+    return {
+        "attn": init_multi_head_attention(k_attn, cfg.d_model, cfg.n_heads, std=cfg.init_std),
+        "norm1": init_layer_norm(cfg.d_model),
+        "ffn": init_feed_forward(k_ffn, cfg.d_model, cfg.d_ff, std=cfg.init_std),
+        "norm2": init_layer_norm(cfg.d_model),
+    }
+
+
+def encoder_block(
+    params: Params,
+    x: Tensor,
+    cfg: TransformerConfig,
+    *,
+    key_padding_mask: Tensor | None = None,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
+    """One encoder layer, ``x: [*batch, len, d_model] -> same``.
+
+    Post-LN (paper, BERT)::
+
+        x = LayerNorm(x + Dropout(MultiHead(x, x, x)))
+        x = LayerNorm(x + Dropout(FFN(x)))
+
+    Pre-LN (``cfg.norm_first``): ``x = x + Dropout(Sublayer(LayerNorm(x)))`` for both sub-layers.
+    """
+    k_attn, k_drop1, k_drop2 = split_or_none(key, 3)
+    eps, p = cfg.layer_norm_eps, cfg.dropout
+
+    def self_attention(h):
+        return multi_head_attention(
+            params["attn"], h, key_padding_mask=key_padding_mask, mask=mask, bias=bias,
+            dropout=cfg.attention_dropout, key=k_attn, train=train,
+        )
+
+    def ffn(h):
+        return feed_forward(params["ffn"], h, cfg.activation)
+
+    if cfg.norm_first:
+        x = x + dropout(self_attention(layer_norm(params["norm1"], x, eps)), p, key=k_drop1, train=train)
+        x = x + dropout(ffn(layer_norm(params["norm2"], x, eps)), p, key=k_drop2, train=train)
+    else:
+        x = layer_norm(params["norm1"], x + dropout(self_attention(x), p, key=k_drop1, train=train), eps)
+        x = layer_norm(params["norm2"], x + dropout(ffn(x), p, key=k_drop2, train=train), eps)
+    return x
+
+
+def init_encoder(key: random.Key, cfg: TransformerConfig) -> Params:
+    """``{'layers': [block] * n_layers, 'norm'?: final LayerNorm, 'relative_bias'?: T5 table}``."""
+    keys = random.split(key, cfg.n_layers + 1)
+    params: Params = {"layers": [init_encoder_block(k, cfg) for k in keys[:-1]]}
+    if cfg.use_final_norm:
+        params["norm"] = init_layer_norm(cfg.d_model)
+    if cfg.positional == "relative":
+        params["relative_bias"] = init_relative_bias(keys[-1], cfg.n_heads, cfg.relative_buckets)
+    return params
+
+
+def encoder(
+    params: Params,
+    x: Tensor,
+    cfg: TransformerConfig,
+    *,
+    key_padding_mask: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
+    """``N`` encoder blocks (then a final LayerNorm for pre-LN stacks). With
+    ``cfg.positional == 'relative'``, one T5 relative bias is shared by all layers."""
+    bias = None
+    if "relative_bias" in params:
+        n = x.shape[-2]
+        bias = relative_bias(params["relative_bias"], n, n, bidirectional=True,
+                             max_distance=cfg.relative_max_distance)
+    for layer, k in zip(params["layers"], split_or_none(key, len(params["layers"]))):
+        x = encoder_block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train)
+    if "norm" in params:
+        x = layer_norm(params["norm"], x, cfg.layer_norm_eps)
+    return x

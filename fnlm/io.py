@@ -1,0 +1,137 @@
+"""Safe file I/O: validated safetensors reads and atomic writes.
+
+Nothing here unpickles: safetensors files hold raw tensors and a JSON header only.
+Writes go to a temporary file in the same directory and are moved into place with
+``os.replace`` (atomic on POSIX), so a crash never leaves a half-written file under the final
+name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory is missing, corrupt, or does not match what was expected."""
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Give a clear error for truncated or foreign files before the Rust reader sees them."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > 100_000_000 or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: not a safetensors file, or truncated (header says {n} bytes of JSON, file has {size})"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}"
+        )
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a ``.safetensors`` file, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise CheckpointError(
+            f"{path}: pickle checkpoints are refused (unpickling can run arbitrary code). Convert it once "
+            "with: python -c \"import torch; from safetensors.torch import save_file; "
+            "sd = torch.load('pytorch_model.bin', weights_only=True); "
+            "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\""
+        )
+    _check_safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # the Rust reader's errors are terse; name the file
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
+    return tensors, metadata
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path``, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write ``tensors`` (made contiguous, moved to CPU) to ``path``."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a whole directory under a temporary name, then rename it to ``path``.
+
+    An existing ``path`` is replaced only after the new one is complete. On error the temporary
+    directory is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``'fp32' | 'float32' | 'bf16' | 'bfloat16' | 'fp16' | 'float16'`` -> ``torch.dtype``."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)}") from None

@@ -1,0 +1,98 @@
+"""The encoder–decoder Transformer of "Attention Is All You Need" (Vaswani et al. 2017)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fnlm import random
+from fnlm.config import TransformerConfig
+from fnlm.decoder import decoder, init_decoder
+from fnlm.dropout import dropout
+from fnlm.embedding import embedding, init_embedding
+from fnlm.encoder import encoder, init_encoder, split_or_none
+from fnlm.linear import init_linear, linear
+from fnlm.positional import check_length, init_learned_positional, learned_positional, sinusoidal_encoding
+
+Params = dict[str, Any]
+
+
+def init_transformer(key: random.Key, cfg: TransformerConfig) -> Params:
+    """Source and target embeddings, encoder, decoder and the output projection to ``tgt_vocab_size``."""
+    if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
+        raise ValueError("TransformerConfig needs src_vocab_size and tgt_vocab_size for a full model")
+    k = random.split(key, 7)
+    params: Params = {
+        "src_embed": init_embedding(k[0], cfg.src_vocab_size, cfg.d_model),
+        "tgt_embed": init_embedding(k[1], cfg.tgt_vocab_size, cfg.d_model),
+        "encoder": init_encoder(k[2], cfg),
+        "decoder": init_decoder(k[3], cfg),
+    }
+    if cfg.positional == "learned":
+        params["src_pos"] = init_learned_positional(k[4], cfg.max_len, cfg.d_model)
+        params["tgt_pos"] = init_learned_positional(k[5], cfg.max_len, cfg.d_model)
+    if not cfg.tie_output:
+        params["out"] = init_linear(k[6], cfg.d_model, cfg.tgt_vocab_size, std=cfg.init_std)
+    return params
+
+
+def embed(params: Params, ids: Tensor, cfg: TransformerConfig, side: str, *,
+          key: random.Key | None = None, train: bool = False) -> Tensor:
+    """``x_t = Dropout(E[ids_t] * sqrt(d_model) + PE_t)`` for ``side`` in {'src', 'tgt'} (§3.4, §3.5).
+
+    With relative positions nothing is added here: the bias enters the attention logits.
+    """
+    check_length(ids.shape[-1], cfg.max_len, f"{side} sequence")
+    x = embedding(params[f"{side}_embed"], ids)
+    if cfg.scale_embeddings:
+        x = x * math.sqrt(cfg.d_model)
+    if cfg.positional == "sinusoidal":
+        x = sinusoidal_encoding(x)
+    elif cfg.positional == "learned":
+        x = learned_positional(params[f"{side}_pos"], x)
+    return dropout(x, cfg.dropout, key=key, train=train)
+
+
+def encode(params: Params, src: Tensor, cfg: TransformerConfig, *, src_padding_mask: Tensor | None = None,
+           key: random.Key | None = None, train: bool = False) -> Tensor:
+    """``memory = Encoder(Embed(src))``: ``src: [*batch, len_s]`` ids -> ``[*batch, len_s, d_model]``."""
+    k_emb, k_enc = split_or_none(key, 2)
+    x = embed(params, src, cfg, "src", key=k_emb, train=train)
+    return encoder(params["encoder"], x, cfg, key_padding_mask=src_padding_mask, key=k_enc, train=train)
+
+
+def decode(params: Params, tgt: Tensor, memory: Tensor, cfg: TransformerConfig, *,
+           tgt_padding_mask: Tensor | None = None, memory_padding_mask: Tensor | None = None,
+           key: random.Key | None = None, train: bool = False) -> Tensor:
+    """Logits over the target vocabulary, ``Decoder(Embed(tgt), memory) W_out``: ``[*batch, len_t, tgt_vocab]``."""
+    k_emb, k_dec = split_or_none(key, 2)
+    y = embed(params, tgt, cfg, "tgt", key=k_emb, train=train)
+    y = decoder(params["decoder"], y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
+                memory_padding_mask=memory_padding_mask, key=k_dec, train=train)
+    if cfg.tie_output:
+        return y @ params["tgt_embed"]["weight"].T
+    return linear(params["out"], y)
+
+
+def transformer(params: Params, src: Tensor, tgt: Tensor, cfg: TransformerConfig, *,
+                src_padding_mask: Tensor | None = None, tgt_padding_mask: Tensor | None = None,
+                key: random.Key | None = None, train: bool = False) -> Tensor:
+    """Teacher-forced forward pass: ``logits[t] = p(y_{t+1} | y_{<=t}, src)``, shape ``[*batch, len_t, tgt_vocab]``."""
+    k_enc, k_dec = split_or_none(key, 2)
+    memory = encode(params, src, cfg, src_padding_mask=src_padding_mask, key=k_enc, train=train)
+    return decode(params, tgt, memory, cfg, tgt_padding_mask=tgt_padding_mask,
+                  memory_padding_mask=src_padding_mask, key=k_dec, train=train)
+
+
+def greedy_decode(params: Params, src: Tensor, cfg: TransformerConfig, *, bos_id: int, max_len: int,
+                  src_padding_mask: Tensor | None = None) -> Tensor:
+    """Auto-regressive greedy decoding: ``y_{t+1} = argmax p(. | y_{<=t}, src)``; returns ``[batch, max_len]``
+    ids starting with ``bos_id``. (Recomputes the prefix each step: clear, not fast.)"""
+    memory = encode(params, src, cfg, src_padding_mask=src_padding_mask)
+    ys = torch.full((*src.shape[:-1], 1), bos_id, dtype=torch.long, device=src.device)
+    for _ in range(max_len - 1):
+        logits = decode(params, ys, memory, cfg, memory_padding_mask=src_padding_mask)
+        ys = torch.cat([ys, logits[..., -1, :].argmax(-1, keepdim=True)], dim=-1)
+    return ys

