@@ -50,7 +50,8 @@ def attention_reference(
 
     ``q: [..., len_q, d_k]``, ``k: [..., len_k, d_k]``, ``v: [..., len_k, d_v]`` ->
     ``[..., len_q, d_v]``. ``M`` is 0 where ``mask`` is True and ``-inf`` elsewhere; ``B`` is an
-    optional additive bias. Dropout (if training) acts on the attention probabilities.
+    optional additive bias. Dropout (if training) acts on the attention probabilities. A query
+    whose mask row is all False attends to nothing and gets output 0 (as the fused kernel).
     """
     d_k = q.shape[-1]
     scores = einsum(q, k, "... i d, ... j d -> ... i j") / math.sqrt(d_k)
@@ -58,7 +59,13 @@ def attention_reference(
         scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+        # A query that may attend to no key would get softmax(-inf, ..., -inf) = 0/0 = NaN (and NaN
+        # gradients). Give it output 0 instead, as the fused kernel does: softmax over zeros, then 0.
+        empty = ~mask.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(empty, 0.0)
     probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(empty, 0.0)
     probs = _dropout(probs, dropout, key=key, train=train)
     return einsum(probs, v, "... i j, ... j d -> ... i d")
 
@@ -105,8 +112,6 @@ def scaled_dot_product_attention(
             is_causal = False
 
     if impl == "reference" or (train and dropout > 0.0):
-        if is_causal:
-            mask = causal
         return attention_reference(q, k, v, mask, bias, dropout=dropout, key=key, train=train)
 
     attn_mask = mask
@@ -195,14 +200,17 @@ def multi_head_attention(
         raise ValueError(f"x_q {tuple(x_q.shape)} and x_kv {tuple(x_kv.shape)} have different batch axes")
     batch, len_q, len_k = x_q.shape[:-2], x_q.shape[-2], x_kv.shape[-2]
     target = (*batch, n_heads, len_q, len_k)
+    if mask is not None:  # validate the caller's mask before it is combined with the padding mask
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a boolean tensor (True = may attend), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}; pass additive float masks as bias=")
+        check_broadcast("mask", mask, target, "*batch, n_heads, len_q, len_k")
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (*batch, len_k):
             raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
                              f"expected [*batch, len_k] = {[*batch, len_k]}")
         kpm = padding_mask(key_padding_mask)
         mask = kpm if mask is None else mask & kpm
-    if mask is not None:
-        check_broadcast("mask", mask, target, "*batch, n_heads, len_q, len_k")
     if bias is not None:
         check_broadcast("bias", bias, target, "*batch, n_heads, len_q, len_k")
 

@@ -12,6 +12,13 @@ arithmetic (a counter-based generator). Consequences that the rest of fnlm relie
 The mixing function is Chris Wellons' ``lowbias32`` integer hash applied in three rounds. It is
 statistically good, not cryptographic. Products are done in 16-bit halves so that no int64
 multiplication ever overflows (signed overflow is undefined behaviour in compiled kernels).
+
+Compiling code that draws random numbers: every step of the hash reads its input twice
+(``x ^ (x >> 16)``), and Inductor, which inlines chains of pointwise ops into their consumers,
+then re-traces the chain exponentially (a model with dropout: minutes of compile). Compile with
+:func:`fnlm.compile_fn` (or pass ``options=fnlm.train.COMPILE_OPTIONS`` to ``torch.compile``),
+which tells Inductor to store such chains: seconds of compile, and the hash is fused into one
+kernel at run time (an opaque op instead costs ~30x at run time; see ``benchmarks/``).
 """
 from __future__ import annotations
 
