@@ -1,0 +1,493 @@
+"""BERT (Devlin et al. 2019) as pure functions, assembled from fnlm's core layers.
+
+BERT's encoder layer *is* fnlm's post-LN encoder block (``cfg.norm_first=False``)::
+
+    x = LayerNorm(x + Dropout(MultiHead(x, x, x)))
+    x = LayerNorm(x + Dropout(act(x W1 + b1) W2 + b2))
+
+so :func:`bert` only adds what is specific to BERT around :func:`fnlm.encoder.encoder`:
+
+* embeddings: ``x_t = Dropout(LN(E[w_t] + S[s_t] + P[t]))`` (word, segment/token-type and
+  learned absolute position tables, no ``sqrt(d_model)`` scaling);
+* the pooler: ``pooled = tanh(h_[CLS] W_p + b_p)`` on the first token;
+* heads: sequence classification ``logits = Dropout(pooled) W_c + b_c`` and masked-LM
+  ``logits = LN(act(h W_t + b_t)) E^T + b`` (decoder tied to the word embeddings).
+
+Params are plain pytrees (layout in :func:`init_bert`); hyper-parameters live in the frozen,
+hashable :class:`BertConfig`. :mod:`fnlm.models.bert_hf` maps Hugging Face checkpoints onto these
+trees and back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from fnlm import random
+from fnlm._checks import is_traced
+from fnlm.config import TransformerConfig
+from fnlm.dropout import dropout
+from fnlm.embedding import check_token_ids, embedding, init_embedding
+from fnlm.encoder import encoder, init_encoder, split_or_none
+from fnlm.feedforward import get_activation
+from fnlm.linear import init_linear, linear
+from fnlm.losses import accuracy, cross_entropy
+from fnlm.norm import init_layer_norm, layer_norm
+from fnlm.positional import check_length, init_learned_positional, learned_positional
+
+Params = dict[str, Any]
+
+#: ``hidden_act`` values understood both by fnlm and by Hugging Face's ``ACT2FN``.
+HF_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
+#: ``head`` names: a bare encoder, sequence classification, masked language modelling.
+HEADS = ("none", "classifier", "mlm")
+ARCHITECTURES = {"none": "BertModel", "classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size", "num_labels")
+_FLOAT_FIELDS = ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class BertConfig:
+    """BERT hyper-parameters, named as in Hugging Face's ``config.json``. Defaults: BERT-base.
+
+    ``classifier_dropout`` (``None``: use ``hidden_dropout_prob``) and ``id2label`` (label names,
+    ``None``: ``LABEL_0 .. LABEL_{n-1}``) only matter for the classification head.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    num_labels: int = 2
+    classifier_dropout: float | None = None
+    id2label: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"BertConfig.{name} must be a positive int, got {v!r}")
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ValueError(f"BertConfig.{name} must be a number, got {v!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"BertConfig.hidden_size={self.hidden_size} must be divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.hidden_act not in HF_ACTIVATIONS:
+            raise ValueError(f"BertConfig.hidden_act must be one of {HF_ACTIVATIONS}, got {self.hidden_act!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"BertConfig.initializer_range must be > 0, got {self.initializer_range}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {v}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"BertConfig.pad_token_id={self.pad_token_id} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if self.id2label is not None:
+            if not isinstance(self.id2label, tuple) or not all(isinstance(s, str) for s in self.id2label):
+                raise ValueError(f"BertConfig.id2label must be a tuple of label names, got {self.id2label!r}")
+            if len(self.id2label) != self.num_labels:
+                raise ValueError(f"BertConfig.id2label has {len(self.id2label)} names but num_labels="
+                                 f"{self.num_labels}")
+        # Built once here, so that apply functions (also under torch.compile) only read it.
+        object.__setattr__(self, "_transformer_config", TransformerConfig(
+            d_model=self.hidden_size, n_heads=self.num_attention_heads, d_ff=self.intermediate_size,
+            n_layers=self.num_hidden_layers, dropout=self.hidden_dropout_prob,
+            attention_dropout=self.attention_probs_dropout_prob, activation=self.hidden_act,
+            norm_first=False, final_norm=False, layer_norm_eps=float(self.layer_norm_eps),
+            max_len=self.max_position_embeddings, init_std=float(self.initializer_range),
+            positional="learned", scale_embeddings=False, src_vocab_size=self.vocab_size,
+        ))
+
+    def transformer_config(self) -> TransformerConfig:
+        """The equivalent :class:`fnlm.TransformerConfig` (post-LN, no final LN, BERT's init)."""
+        return self._transformer_config
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Label names: ``id2label`` or ``LABEL_0 .. LABEL_{num_labels-1}`` (HF's default)."""
+        return self.id2label if self.id2label is not None else tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
+        """From a Hugging Face BERT ``config.json`` dict. Unknown keys are ignored; things fnlm's
+        BERT cannot represent (relative position embeddings, decoders) are refused."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a BERT config must be a dict, got {type(d).__name__}")
+        model_type = d.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(f"model_type is {model_type!r}; only 'bert' checkpoints are supported")
+        pos = d.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise ValueError(f"position_embedding_type={pos!r} is not supported: fnlm's BERT has learned "
+                             "absolute positions only (position_embedding_type='absolute')")
+        for flag in ("is_decoder", "add_cross_attention"):
+            if d.get(flag):
+                raise ValueError(f"{flag}=true is not supported: fnlm's BERT is an encoder only")
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("id2label", "num_labels"):
+                continue
+            if f.name in d and not (f.name == "classifier_dropout" and d[f.name] is None):
+                kw[f.name] = d[f.name]
+        id2label = d.get("id2label")
+        if id2label is not None:
+            try:
+                items = sorted((int(k), str(v)) for k, v in dict(id2label).items())
+            except (TypeError, ValueError):
+                raise ValueError(f"id2label must map label ids to names, got {id2label!r}") from None
+            if [i for i, _ in items] != list(range(len(items))):
+                raise ValueError(f"id2label ids must be 0..n-1, got {[i for i, _ in items]}")
+            kw["id2label"] = tuple(v for _, v in items)
+        if d.get("num_labels") is not None:
+            kw["num_labels"] = d["num_labels"]
+            if "id2label" in kw and len(kw["id2label"]) != kw["num_labels"]:
+                raise ValueError(f"num_labels={kw['num_labels']} disagrees with id2label ({len(kw['id2label'])} names)")
+        elif "id2label" in kw:
+            kw["num_labels"] = len(kw["id2label"])
+        if kw.get("id2label") == tuple(f"LABEL_{i}" for i in range(len(kw.get("id2label") or ()))):
+            kw["id2label"] = None  # HF's defaults: keep the config canonical
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "BertConfig":
+        """Read a Hugging Face ``config.json``; errors name the file."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON config file ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{path}: {e}") from None
+
+    def to_hf_dict(self, head: str = "none") -> dict[str, Any]:
+        """A ``config.json`` dict that ``transformers`` loads (``model_type: bert``, ``architectures``
+        for ``head``, ``num_labels`` / ``id2label`` / ``label2id`` for the labels)."""
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        d: dict[str, Any] = {
+            "architectures": [ARCHITECTURES[head]],
+            "model_type": "bert",
+            "position_embedding_type": "absolute",
+            "is_decoder": False,
+            "add_cross_attention": False,
+            "tie_word_embeddings": True,
+        }
+        for f in dataclasses.fields(self):
+            if f.name not in ("id2label", "num_labels"):
+                d[f.name] = getattr(self, f.name)
+        d["num_labels"] = self.num_labels
+        d["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
+        d["label2id"] = {name: i for i, name in enumerate(self.labels)}
+        return d
+
+
+def _check_config(cfg: Any) -> BertConfig:
+    if not isinstance(cfg, BertConfig):
+        raise TypeError(f"cfg must be a BertConfig, got {type(cfg).__name__}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- init
+def init_bert_embeddings(key: random.Key, cfg: BertConfig) -> Params:
+    """``word [V, H]``, ``position [P, H]``, ``token_type [T, H]`` ~ ``N(0, initializer_range^2)``
+    (the ``pad_token_id`` row of ``word`` zeroed, as HF), ``norm``: ``gamma = 1``, ``beta = 0``."""
+    kw, kp, kt = random.split(key, 3)
+    std = float(cfg.initializer_range)
+    word = init_embedding(kw, cfg.vocab_size, cfg.hidden_size, std=std)
+    if cfg.pad_token_id is not None:
+        word["weight"] = word["weight"].index_fill(0, torch.tensor([cfg.pad_token_id]), 0.0)
+    return {
+        "word": word,
+        "position": init_learned_positional(kp, cfg.max_position_embeddings, cfg.hidden_size, std=std),
+        "token_type": init_embedding(kt, cfg.type_vocab_size, cfg.hidden_size, std=std),
+        "norm": init_layer_norm(cfg.hidden_size),
+    }
+
+
+def init_bert(key: random.Key, cfg: BertConfig, *, pooler: bool = True) -> Params:
+    """A bare BERT as Hugging Face initialises it: linears and embeddings ``N(0, initializer_range^2)``,
+    biases 0, LayerNorm ``gamma = 1``, ``beta = 0``. Tree::
+
+        {'embeddings': {'word': {'weight'}, 'position': {'weight'}, 'token_type': {'weight'},
+                        'norm': {'gamma', 'beta'}},
+         'encoder': {'layers': [fnlm encoder_block params] * num_hidden_layers},
+         'pooler': {'weight' [H, H], 'bias' [H]}}      # absent with pooler=False
+    """
+    _check_config(cfg)
+    ke, kenc, kp = random.split(key, 3)
+    params: Params = {
+        "embeddings": init_bert_embeddings(ke, cfg),
+        "encoder": init_encoder(kenc, cfg.transformer_config()),
+    }
+    if pooler:
+        params["pooler"] = init_linear(kp, cfg.hidden_size, cfg.hidden_size, std=float(cfg.initializer_range))
+    return params
+
+
+def init_classifier_head(key: random.Key, cfg: BertConfig, num_labels: int | None = None) -> Params:
+    """``{'weight': [H, num_labels] ~ N(0, initializer_range^2), 'bias': zeros}``."""
+    n = cfg.num_labels if num_labels is None else num_labels
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"num_labels must be a positive int, got {n!r}")
+    return init_linear(key, cfg.hidden_size, n, std=float(cfg.initializer_range))
+
+
+def init_mlm_head(key: random.Key, cfg: BertConfig) -> Params:
+    """``{'transform': linear [H, H], 'norm': LN, 'bias': zeros [V]}``; the decoder matrix is the
+    word embedding table (tied), so it is not stored here."""
+    return {
+        "transform": init_linear(key, cfg.hidden_size, cfg.hidden_size, std=float(cfg.initializer_range)),
+        "norm": init_layer_norm(cfg.hidden_size),
+        "bias": torch.zeros(cfg.vocab_size),
+    }
+
+
+def init_bert_classifier(key: random.Key, cfg: BertConfig, num_labels: int | None = None) -> Params:
+    """``{'bert': init_bert(...), 'classifier': {'weight' [H, C], 'bias' [C]}}``, ``C = num_labels``
+    (default ``cfg.num_labels``), as ``BertForSequenceClassification``."""
+    _check_config(cfg)
+    kb, kc = random.split(key)
+    return {"bert": init_bert(kb, cfg), "classifier": init_classifier_head(kc, cfg, num_labels)}
+
+
+def init_bert_mlm(key: random.Key, cfg: BertConfig) -> Params:
+    """``{'bert': init_bert(..., pooler=False), 'mlm': init_mlm_head(...)}``, as ``BertForMaskedLM``
+    (which has no pooler)."""
+    _check_config(cfg)
+    kb, km = random.split(key)
+    return {"bert": init_bert(kb, cfg, pooler=False), "mlm": init_mlm_head(km, cfg)}
+
+
+# ----------------------------------------------------------------------------- apply
+def _check_ids(input_ids: Any) -> None:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+    if input_ids.ndim == 0:
+        raise ValueError("input_ids must have shape [*batch, len], got a scalar")
+
+
+def _check_same_shape(name: str, x: Any, input_ids: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.shape != input_ids.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, but input_ids has shape "
+                         f"{tuple(input_ids.shape)}; they must be equal")
+
+
+def bert_embeddings(
+    params: Params,
+    input_ids: Tensor,
+    cfg: BertConfig,
+    *,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
+    """``x_t = Dropout(LN(E[w_t] + S[s_t] + P[t]))``: ``[*batch, len] ids -> [*batch, len, H]``.
+
+    ``s_t`` (``token_type_ids``) defaults to 0, as in HF.
+    """
+    _check_ids(input_ids)
+    check_length(input_ids.shape[-1], cfg.max_position_embeddings, "input_ids sequence")
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    else:
+        _check_same_shape("token_type_ids", token_type_ids, input_ids)
+        check_token_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids")
+    x = embedding(params["word"], input_ids) + embedding(params["token_type"], token_type_ids)
+    x = learned_positional(params["position"], x)
+    x = layer_norm(params["norm"], x, cfg.layer_norm_eps)
+    return dropout(x, cfg.hidden_dropout_prob, key=key, train=train)
+
+
+def bert(
+    params: Params,
+    input_ids: Tensor,
+    cfg: BertConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``(last_hidden [*batch, len, H], pooled [*batch, H])``.
+
+    ``h = Encoder(Embed(ids))`` with fnlm's post-LN blocks; ``pooled = tanh(h_0 W_p + b_p)`` on
+    the first ([CLS]) token (``None`` if ``params`` has no pooler). ``attention_mask``
+    ``[*batch, len]`` (1/True = real token, 0 = padding) stops attention *to* padded keys; padded
+    query positions are still computed (as in HF) and are just ignored downstream. A row with no
+    real token at all (a batch-padding row) attends to every position, so its outputs stay finite
+    (HF also gives finite, meaningless values there); give such rows weight 0 in the loss.
+    """
+    _check_config(cfg)
+    _check_ids(input_ids)
+    mask = None
+    if attention_mask is not None:
+        _check_same_shape("attention_mask", attention_mask, input_ids)
+        mask = attention_mask.bool()
+        mask = mask | ~mask.any(-1, keepdim=True)  # all-padding rows: no -inf-only softmax (NaN)
+    k_emb, k_enc = split_or_none(key, 2)
+    x = bert_embeddings(params["embeddings"], input_ids, cfg, token_type_ids=token_type_ids, key=k_emb, train=train)
+    h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=mask, key=k_enc, train=train)
+    pooled = torch.tanh(linear(params["pooler"], h[..., 0, :])) if "pooler" in params else None
+    return h, pooled
+
+
+def bert_classifier(
+    params: Params,
+    input_ids: Tensor,
+    cfg: BertConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
+    """``logits = Dropout(pooled) W_c + b_c``: ``[*batch, num_labels]`` (``BertForSequenceClassification``;
+    the dropout rate is ``classifier_dropout``, else ``hidden_dropout_prob``)."""
+    k_bert, k_drop = split_or_none(key, 2)
+    _, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
+                     token_type_ids=token_type_ids, key=k_bert, train=train)
+    if pooled is None:
+        raise ValueError("bert_classifier needs a pooler: params['bert'] has no 'pooler'")
+    p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+    return linear(params["classifier"], dropout(pooled, p, key=k_drop, train=train))
+
+
+def bert_mlm(
+    params: Params,
+    input_ids: Tensor,
+    cfg: BertConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
+    """Masked-LM logits ``[*batch, len, V]``: ``t = LN(act(h W_t + b_t))``, ``logits = t E^T + b``
+    with ``E`` the word embedding table (tied decoder, as ``BertForMaskedLM``)."""
+    h, _ = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
+                token_type_ids=token_type_ids, key=key, train=train)
+    head = params["mlm"]
+    t = get_activation(cfg.hidden_act)(linear(head["transform"], h))
+    t = layer_norm(head["norm"], t, cfg.layer_norm_eps)
+    E = params["bert"]["embeddings"]["word"]["weight"]
+    return linear({"weight": E.mT, "bias": head["bias"]}, t)
+
+
+# ----------------------------------------------------------------------------- losses
+def _check_labels(labels: Any, n_classes: int, shape: tuple[int, ...], what: str) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {list(shape)} ({what})")
+    if is_traced(labels) or labels.numel() == 0:
+        return
+    bad = (labels != -100) & ((labels < 0) | (labels >= n_classes))
+    if bool(bad.any()):
+        raise ValueError(f"labels contain {int(labels[bad][0])}, outside [0, {n_classes}) (use -100 to ignore)")
+
+
+def classifier_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
+                    key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(L, {'accuracy': acc})`` with ``L = sum_n w_n (-log softmax(z_n)[y_n]) / sum_n w_n``.
+
+    ``batch``: ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels`` ``[B]``
+    and optional ``weight`` ``[B]`` (0 for rows that only pad the batch). Works under
+    ``torch.func.grad_and_value(..., has_aux=True)`` and ``torch.compile(fullgraph=True)``.
+    """
+    logits = bert_classifier(params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"),
+                             token_type_ids=batch.get("token_type_ids"), key=key, train=train)
+    labels, weight = batch["labels"], batch.get("weight")
+    _check_labels(labels, logits.shape[-1], logits.shape[:-1], "one per sequence")
+    loss = cross_entropy(logits, labels, weight=weight)
+    return loss, {"accuracy": accuracy(logits, labels, weight=weight)}
+
+
+def mlm_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
+             key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(L, {'accuracy': acc})``, ``L`` = mean cross-entropy over positions whose label is not -100.
+
+    ``batch``: ``input_ids`` (already masked, see :func:`mask_tokens`), ``attention_mask``,
+    optional ``token_type_ids``, ``labels`` ``[B, len]`` (original ids at masked positions, -100
+    elsewhere).
+    """
+    logits = bert_mlm(params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"),
+                      token_type_ids=batch.get("token_type_ids"), key=key, train=train)
+    labels = batch["labels"]
+    _check_labels(labels, logits.shape[-1], logits.shape[:-1], "one per token")
+    loss = cross_entropy(logits, labels)
+    return loss, {"accuracy": accuracy(logits, labels)}
+
+
+def mask_tokens(
+    key: random.Key,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Iterable[int] | Tensor = (),
+    prob: float = 0.15,
+) -> tuple[Tensor, Tensor]:
+    """BERT's masking (Devlin et al. 2019, §3.1), from an explicit key: ``(masked_ids, labels)``.
+
+    Each real (``attention_mask`` = 1), non-special token is selected with probability ``prob``;
+    ``labels`` holds the original id at selected positions and -100 elsewhere. Of the selected
+    tokens 80% become ``mask_id``, 10% a uniformly random id in ``[0, vocab_size)``, 10% stay.
+    """
+    _check_ids(input_ids)
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    if not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_id={mask_id} is outside the vocabulary [0, {vocab_size})")
+    shape, dev = input_ids.shape, input_ids.device
+    special = torch.as_tensor(list(special_ids) if not isinstance(special_ids, Tensor) else special_ids,
+                              dtype=input_ids.dtype, device=dev).reshape(-1)
+    candidates = ~torch.isin(input_ids, special)
+    if attention_mask is not None:
+        _check_same_shape("attention_mask", attention_mask, input_ids)
+        candidates = candidates & attention_mask.bool()
+    k_sel, k_mask, k_rand, k_word = random.split(key, 4)
+    selected = random.bernoulli(k_sel, prob, shape, device=dev) & candidates
+    to_mask = random.bernoulli(k_mask, 0.8, shape, device=dev) & selected
+    to_random = random.bernoulli(k_rand, 0.5, shape, device=dev) & selected & ~to_mask
+    words = (random.bits(k_word, shape, device=dev) % vocab_size).to(input_ids.dtype)
+    out = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    out = torch.where(to_random, words, out)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    return out, labels

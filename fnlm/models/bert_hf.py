@@ -1,0 +1,457 @@
+"""Hugging Face BERT checkpoints <-> fnlm BERT params, both ways, through one mapping table.
+
+* :func:`load_bert` reads ``config.json`` + ``model.safetensors`` (or a sharded checkpoint with
+  ``model.safetensors.index.json``, or a single ``.safetensors`` file plus ``config=``) into the
+  param trees of :mod:`fnlm.models.bert`. Nothing is ever unpickled: ``.bin``/``.pt`` files are
+  refused with the one-line command that converts them.
+* :func:`save_bert` writes a directory that ``transformers`` loads with ``BertModel`` /
+  ``BertForSequenceClassification`` / ``BertForMaskedLM.from_pretrained``; the directory appears
+  atomically (a crash leaves nothing under the final name).
+
+Layouts (the transposes and per-head reshapes live only in :func:`_to_fnlm` / :func:`_to_hf`):
+``nn.Linear`` stores ``[d_out, d_in]``, fnlm ``[d_in, d_out]``; attention ``W^Q, W^K, W^V`` are
+``[H, n_heads, d_k]`` in fnlm (HF's output index ``o = head * d_k + j``), ``W^O`` is
+``[n_heads, d_k, H]`` (HF's input index split the same way).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from fnlm import random
+from fnlm.io import CheckpointError, atomic_dir, read_safetensors, torch_dtype, write_json, write_safetensors
+from fnlm.models.bert import HEADS, BertConfig, init_classifier_head, init_mlm_head
+from fnlm.tree import cast, flatten_names, unflatten_names
+
+Params = dict[str, Any]
+
+#: Tokenizer files copied by :func:`save_bert` when ``tokenizer_dir`` is given.
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+#: Checkpoint entries that are not parameters of any fnlm BERT model and are always skipped:
+#: the position-id buffer and the next-sentence-prediction head of ``BertForPreTraining``.
+IGNORED_KEYS = ("embeddings.position_ids", "cls.seq_relationship.weight", "cls.seq_relationship.bias")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+_DIM_NAMES = {"V": "vocab_size", "H": "hidden_size", "P": "max_position_embeddings", "T": "type_vocab_size",
+              "I": "intermediate_size", "C": "num_labels"}
+
+
+# ----------------------------------------------------------------------------- the mapping table
+@dataclass(frozen=True)
+class Entry:
+    """One parameter: its HF name (without the ``bert.`` prefix), its fnlm dotted name (within the
+    model's tree), how the layout changes, its HF shape in config symbols, and whether it belongs
+    to the BERT body (``bert.`` prefix in HF head models, under ``'bert'`` in fnlm head models)."""
+
+    hf: str
+    fnlm: str
+    kind: str  # copy | linear | in_proj | in_bias | out_proj
+    shape: tuple[str, ...]
+    body: bool = True
+
+    def hf_name(self, head: str) -> str:
+        return f"bert.{self.hf}" if self.body and head != "none" else self.hf
+
+
+_EMBEDDINGS = [
+    ("embeddings.word_embeddings.weight", "embeddings.word.weight", "copy", ("V", "H")),
+    ("embeddings.position_embeddings.weight", "embeddings.position.weight", "copy", ("P", "H")),
+    ("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight", "copy", ("T", "H")),
+    ("embeddings.LayerNorm.weight", "embeddings.norm.gamma", "copy", ("H",)),
+    ("embeddings.LayerNorm.bias", "embeddings.norm.beta", "copy", ("H",)),
+]
+_LAYER = [  # encoder.layer.{i}.<hf>  <->  encoder.layers.{i}.<fnlm>  (fnlm's encoder_block)
+    ("attention.self.query.weight", "attn.q.weight", "in_proj", ("H", "H")),
+    ("attention.self.query.bias", "attn.q.bias", "in_bias", ("H",)),
+    ("attention.self.key.weight", "attn.k.weight", "in_proj", ("H", "H")),
+    ("attention.self.key.bias", "attn.k.bias", "in_bias", ("H",)),
+    ("attention.self.value.weight", "attn.v.weight", "in_proj", ("H", "H")),
+    ("attention.self.value.bias", "attn.v.bias", "in_bias", ("H",)),
+    ("attention.output.dense.weight", "attn.o.weight", "out_proj", ("H", "H")),
+    ("attention.output.dense.bias", "attn.o.bias", "copy", ("H",)),
+    ("attention.output.LayerNorm.weight", "norm1.gamma", "copy", ("H",)),
+    ("attention.output.LayerNorm.bias", "norm1.beta", "copy", ("H",)),
+    ("intermediate.dense.weight", "ffn.w1.weight", "linear", ("I", "H")),
+    ("intermediate.dense.bias", "ffn.w1.bias", "copy", ("I",)),
+    ("output.dense.weight", "ffn.w2.weight", "linear", ("H", "I")),
+    ("output.dense.bias", "ffn.w2.bias", "copy", ("H",)),
+    ("output.LayerNorm.weight", "norm2.gamma", "copy", ("H",)),
+    ("output.LayerNorm.bias", "norm2.beta", "copy", ("H",)),
+]
+_POOLER = [
+    ("pooler.dense.weight", "pooler.weight", "linear", ("H", "H")),
+    ("pooler.dense.bias", "pooler.bias", "copy", ("H",)),
+]
+_CLASSIFIER = [
+    ("classifier.weight", "classifier.weight", "linear", ("C", "H")),
+    ("classifier.bias", "classifier.bias", "copy", ("C",)),
+]
+_MLM = [  # the decoder weight is tied to the word embeddings and so not listed
+    ("cls.predictions.transform.dense.weight", "mlm.transform.weight", "linear", ("H", "H")),
+    ("cls.predictions.transform.dense.bias", "mlm.transform.bias", "copy", ("H",)),
+    ("cls.predictions.transform.LayerNorm.weight", "mlm.norm.gamma", "copy", ("H",)),
+    ("cls.predictions.transform.LayerNorm.bias", "mlm.norm.beta", "copy", ("H",)),
+    ("cls.predictions.bias", "mlm.bias", "copy", ("V",)),
+]
+
+
+def param_mapping(cfg: BertConfig, head: str = "none", *, pooler: bool = True) -> list[Entry]:
+    """The HF <-> fnlm table for a model (entries in the order of fnlm's init trees)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    pre = "" if head == "none" else "bert."
+    body = [(h, f, k, s) for h, f, k, s in _EMBEDDINGS]
+    for i in range(cfg.num_hidden_layers):
+        body += [(f"encoder.layer.{i}.{h}", f"encoder.layers.{i}.{f}", k, s) for h, f, k, s in _LAYER]
+    if pooler:
+        body += _POOLER
+    table = [Entry(h, pre + f, k, s, True) for h, f, k, s in body]
+    extra = {"none": [], "classifier": _CLASSIFIER, "mlm": _MLM}[head]
+    return table + [Entry(h, f, k, s, False) for h, f, k, s in extra]
+
+
+def _dims(cfg: BertConfig) -> dict[str, int]:
+    return {sym: getattr(cfg, name) for sym, name in _DIM_NAMES.items()}
+
+
+def _hf_shape(e: Entry, cfg: BertConfig) -> tuple[int, ...]:
+    d = _dims(cfg)
+    return tuple(d[s] for s in e.shape)
+
+
+def _fnlm_shape(e: Entry, cfg: BertConfig) -> tuple[int, ...]:
+    H, n, dk = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    hf = _hf_shape(e, cfg)
+    return {"copy": hf, "linear": hf[::-1], "in_proj": (H, n, dk), "in_bias": (n, dk), "out_proj": (n, dk, H)}[e.kind]
+
+
+def _shape_text(e: Entry, cfg: BertConfig) -> str:
+    return f"{_hf_shape(e, cfg)} [{', '.join(_DIM_NAMES[s] for s in e.shape)}]"
+
+
+def _to_fnlm(kind: str, t: Tensor, cfg: BertConfig) -> Tensor:
+    """HF layout -> fnlm layout (see the module docstring)."""
+    H, n, dk = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    if kind == "copy":
+        return t
+    if kind == "linear":  # [out, in] -> [in, out]
+        return t.mT.contiguous()
+    if kind == "in_proj":  # [n*dk (out), H (in)] -> [H, n, dk]
+        return t.mT.reshape(H, n, dk).contiguous()
+    if kind == "in_bias":  # [n*dk] -> [n, dk]
+        return t.reshape(n, dk)
+    if kind == "out_proj":  # [H (out), n*dk (in)] -> [n, dk, H]
+        return t.mT.reshape(n, dk, H).contiguous()
+    raise AssertionError(kind)
+
+
+def _to_hf(kind: str, t: Tensor, cfg: BertConfig) -> Tensor:
+    """fnlm layout -> HF layout: the inverse of :func:`_to_fnlm`."""
+    H = cfg.hidden_size
+    if kind == "copy":
+        return t
+    if kind == "linear":
+        return t.mT.contiguous()
+    if kind in ("in_proj", "out_proj"):  # [H, n, dk] / [n, dk, H] -> [H_in, H_out] -> [out, in]
+        return t.reshape(H, H).mT.contiguous()
+    if kind == "in_bias":
+        return t.reshape(H)
+    raise AssertionError(kind)
+
+
+def _canonical(name: str) -> str:
+    """Checkpoint name -> table name: drop a ``bert.`` prefix, legacy LayerNorm ``gamma``/``beta``."""
+    if name.startswith("bert."):
+        name = name[len("bert."):]
+    if name.endswith("LayerNorm.gamma"):
+        name = name[: -len("gamma")] + "weight"
+    elif name.endswith("LayerNorm.beta"):
+        name = name[: -len("beta")] + "bias"
+    return name
+
+
+# ----------------------------------------------------------------------------- files
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix in _PICKLE_SUFFIXES:
+            read_safetensors(path)  # raises: refuses pickles, says how to convert
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (need a 'weight_map'): {e!r}") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard file(s) that do not exist: {missing}")
+        return [path / s for s in shards]
+    pickles = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        read_safetensors(pickles[0])  # raises: refuses pickles, says how to convert
+    raise CheckpointError(
+        f"{path}: no weights found: expected model.safetensors or model.safetensors.index.json "
+        f"(found {sorted(p.name for p in path.iterdir())})"
+    )
+
+
+def _resolve_config(config: Any, path: Path) -> tuple[BertConfig, str]:
+    if isinstance(config, BertConfig):
+        return config, "the given config"
+    if isinstance(config, Mapping):
+        return BertConfig.from_dict(config), "the given config"
+    if isinstance(config, (str, os.PathLike)):
+        return BertConfig.from_json(config), str(config)
+    if config is not None:
+        raise TypeError(f"config must be a BertConfig, a dict or a path to config.json, got {type(config).__name__}")
+    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json found at {cfg_path}; pass config=BertConfig(...) "
+                              "or config='path/to/config.json'")
+    return BertConfig.from_json(cfg_path), str(cfg_path)
+
+
+def _check_index(path: Path, where: dict[str, tuple[Tensor, Path, str]]) -> None:
+    index = path / "model.safetensors.index.json" if path.is_dir() else None
+    if index is None or not index.is_file() or (path / "model.safetensors").is_file():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    found = {orig: f.name for _, f, orig in where.values()}
+    bad = [k for k, f in weight_map.items() if found.get(k) != f]
+    if bad:
+        raise CheckpointError(f"{index}: lists tensors that are not in the named shard: {bad[:10]}")
+
+
+# ----------------------------------------------------------------------------- load
+def load_bert(
+    path: str | os.PathLike,
+    *,
+    config: BertConfig | str | os.PathLike | Mapping | None = None,
+    head: str = "none",
+    num_labels: int | None = None,
+    strict: bool = True,
+    init_missing_head: bool | Tensor = False,
+    key: random.Key | None = None,
+    pooler: bool | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Params, BertConfig]:
+    """Load a Hugging Face BERT checkpoint into fnlm params: ``(params, cfg)``.
+
+    ``path``: a directory with ``config.json`` and ``model.safetensors`` (or shards listed in
+    ``model.safetensors.index.json``), or one ``.safetensors`` file (config from ``config=`` or a
+    ``config.json`` beside it). ``head``: ``'none'`` (tree of :func:`~fnlm.models.bert.init_bert`),
+    ``'classifier'`` (:func:`~fnlm.models.bert.init_bert_classifier`) or ``'mlm'``
+    (:func:`~fnlm.models.bert.init_bert_mlm`). Names with or without ``bert.``, legacy LayerNorm
+    ``gamma``/``beta`` are accepted. ``pooler``: ``None`` = as the HF class for ``head`` (required
+    for ``'none'``/``'classifier'``, not loaded for ``'mlm'``), ``True`` = required, ``False`` =
+    not loaded. Entries of other heads (``classifier.*``, ``cls.predictions.*``) and
+    :data:`IGNORED_KEYS` are skipped; a tied MLM ``decoder.weight`` must equal the word embeddings.
+
+    Every shape is checked against the config. Missing and unexpected keys are reported together
+    in one :class:`~fnlm.io.CheckpointError` naming the file; with ``strict=False`` unexpected keys
+    only warn (missing ones are always an error). ``init_missing_head`` (``True`` with ``key=``, or
+    a key itself) initialises a head that is absent from the checkpoint. ``num_labels`` overrides
+    the config's (classifier). ``dtype``: ``'fp32'``/``'bf16'``/``'fp16'`` casts every tensor.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    dtype = torch_dtype(dtype)
+    path = Path(path)
+    files = _weight_files(path)
+    cfg, cfg_src = _resolve_config(config, path)
+    if head == "classifier" and num_labels is not None and num_labels != cfg.num_labels:
+        cfg = dataclasses.replace(cfg, num_labels=num_labels, id2label=None)
+    where = files[0] if len(files) == 1 else path
+
+    raw: dict[str, tuple[Tensor, Path, str]] = {}  # canonical name -> (tensor, file, name in file)
+    for f in files:
+        tensors, _ = read_safetensors(f, device=str(device))
+        for name, t in tensors.items():
+            canon = _canonical(name)
+            if canon in raw:
+                raise CheckpointError(f"{f}: {name!r} duplicates {raw[canon][2]!r} from {raw[canon][1]}")
+            raw[canon] = (t, f, name)
+    _check_index(path, raw)
+
+    want_pooler = head != "mlm" if pooler is None else pooler
+    table = param_mapping(cfg, head, pooler=want_pooler)
+    ignored = set(IGNORED_KEYS)
+    if not want_pooler:
+        ignored |= {h for h, *_ in _POOLER}
+    if head != "classifier":
+        ignored |= {h for h, *_ in _CLASSIFIER}
+    if head != "mlm":
+        ignored |= {k for k in raw if k.startswith("cls.predictions.")}
+    elif "cls.predictions.bias" not in raw and "cls.predictions.decoder.bias" in raw:
+        raw["cls.predictions.bias"] = raw.pop("cls.predictions.decoder.bias")
+
+    flat: dict[str, Tensor] = {}
+    missing: list[Entry] = []
+    problems: list[str] = []
+    for e in table:
+        if e.hf not in raw:
+            missing.append(e)
+            continue
+        t, f, orig = raw.pop(e.hf)
+        if tuple(t.shape) != _hf_shape(e, cfg):
+            problems.append(f"{f}: {orig}: expected shape {_shape_text(e, cfg)} from {cfg_src}, "
+                            f"found {tuple(t.shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"{f}: {orig}: expected a floating-point tensor, found {t.dtype}")
+        else:
+            flat[e.fnlm] = _to_fnlm(e.kind, t, cfg)
+
+    if head == "mlm":  # tied / duplicated entries of the MLM decoder
+        word = flat.get("bert.embeddings.word.weight")
+        for name, ref, what in (("cls.predictions.decoder.weight", word, "the word embeddings"),
+                                ("cls.predictions.decoder.bias", flat.get("mlm.bias"), "cls.predictions.bias")):
+            if name in raw:
+                t, f, orig = raw.pop(name)
+                if ref is not None and not (t.shape == ref.shape and torch.equal(t.to(ref.dtype), ref)):
+                    problems.append(f"{f}: {orig}: differs from {what}; fnlm's MLM head ties its decoder, "
+                                    "an untied decoder is not supported")
+
+    head_entries = [e for e in missing if not e.body]
+    head_params: Params | None = None
+    all_head_missing = head != "none" and len(head_entries) == len([e for e in table if not e.body])
+    if all_head_missing and init_missing_head is not False and init_missing_head is not None:
+        hkey = init_missing_head if isinstance(init_missing_head, Tensor) else key
+        if hkey is None:
+            raise ValueError("init_missing_head=True needs a random key: pass key=fnlm.random.key(seed)")
+        head_params = init_classifier_head(hkey, cfg) if head == "classifier" else init_mlm_head(hkey, cfg)
+        missing = [e for e in missing if e.body]
+
+    unexpected = sorted(f"{orig} (in {f.name})" for c, (_, f, orig) in raw.items() if c not in ignored)
+    if missing or problems or (unexpected and strict):
+        lines = [f"{where}: checkpoint does not match a BERT model with head={head!r} and config {cfg_src}"]
+        if missing:
+            names = [e.hf_name(head) for e in missing]
+            hint = ""
+            if head != "none" and head_entries and all_head_missing:
+                hint = " (the checkpoint has no {} head: pass init_missing_head=True, key=...)".format(head)
+            elif any(e.hf.startswith("pooler.") for e in missing):
+                hint = " (no pooler in the checkpoint: pass pooler=False to load without one)"
+            lines.append(f"  missing keys ({len(names)}){hint}: {_short(names)}")
+        if unexpected and strict:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        lines += [f"  {p}" for p in problems[:20]] + ([f"  ... {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError("\n".join(lines))
+    if unexpected:
+        warnings.warn(f"{where}: ignoring unexpected keys {_short(unexpected)}", stacklevel=2)
+
+    params = unflatten_names(flat)
+    if head_params is not None:
+        params[head] = head_params
+    params = cast(params, dtype=dtype, device=device)
+    return params, cfg
+
+
+def _short(names: list[str], n: int = 20) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+# ----------------------------------------------------------------------------- save
+def infer_head(params: Params) -> str:
+    """``'classifier'``, ``'mlm'`` or ``'none'`` from the shape of the tree."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict, got {type(params).__name__}")
+    if "bert" in params:
+        if "classifier" in params:
+            return "classifier"
+        if "mlm" in params:
+            return "mlm"
+        raise ValueError("params have a 'bert' body but neither a 'classifier' nor an 'mlm' head")
+    if "embeddings" in params and "encoder" in params:
+        return "none"
+    raise ValueError(f"params are not a BERT tree (top-level keys {sorted(params)})")
+
+
+def _owned(t: Tensor) -> Tensor:
+    """A CPU tensor that owns its storage (safetensors refuses tensors that share memory)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
+        t = t.clone()
+    return t
+
+
+def save_bert(
+    params: Params,
+    cfg: BertConfig,
+    out_dir: str | os.PathLike,
+    *,
+    head: str | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``params`` as a Hugging Face BERT directory: ``model.safetensors`` (HF names, with the
+    ``bert.`` prefix for classifier / MLM models), ``config.json`` (``architectures``, labels) and
+    the tokenizer files of ``tokenizer_dir``. ``head`` defaults to what the tree holds. The
+    directory is built under a temporary name and renamed into place, so a failure leaves no
+    ``out_dir`` (and an existing one untouched). Returns ``Path(out_dir)``.
+    """
+    if not isinstance(cfg, BertConfig):
+        raise TypeError(f"cfg must be a BertConfig, got {type(cfg).__name__}")
+    found = infer_head(params)
+    head = found if head is None else head
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head != found:
+        raise ValueError(f"head={head!r} but params hold a {found!r} model")
+    body = params if head == "none" else params["bert"]
+    if head == "classifier":
+        n = params["classifier"]["weight"].shape[-1]
+        if n != cfg.num_labels:
+            cfg = dataclasses.replace(cfg, num_labels=n, id2label=None)
+
+    flat = flatten_names(params)
+    tensors: dict[str, Tensor] = {}
+    problems = []
+    for e in param_mapping(cfg, head, pooler="pooler" in body):
+        if e.fnlm not in flat:
+            problems.append(f"missing {e.fnlm}")
+            continue
+        t = flat.pop(e.fnlm)
+        if not isinstance(t, Tensor) or tuple(t.shape) != _fnlm_shape(e, cfg):
+            problems.append(f"{e.fnlm}: expected shape {_fnlm_shape(e, cfg)} from the config, found "
+                            f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            continue
+        tensors[e.hf_name(head)] = _owned(_to_hf(e.kind, t, cfg))
+    if flat:
+        problems.append(f"entries with no BERT checkpoint name: {_short(sorted(flat))}")
+    if problems:
+        raise ValueError(f"cannot save to {out_dir}: params do not match a BERT model with head={head!r}:\n  "
+                         + "\n  ".join(problems))
+
+    tok_files: list[Path] = []
+    if tokenizer_dir is not None:
+        tok_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()]
+        if not tok_files:
+            raise ValueError(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
+
+    hf_config = cfg.to_hf_dict(head)
+    float_dtypes = {t.dtype for t in tensors.values()}
+    if len(float_dtypes) == 1:
+        hf_config["dtype"] = str(next(iter(float_dtypes))).removeprefix("torch.")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_json(hf_config, tmp / "config.json")
+        for f in tok_files:
+            shutil.copyfile(f, tmp / f.name)
+    return out_dir
