@@ -4,7 +4,7 @@ Models are data (params are nested dicts of tensors); every layer is an ``init_X
 of pure functions; randomness comes from explicit keys; ``torch.func`` and ``torch.compile`` do
 the rest. See docs/math_to_code.md for the equation behind each function.
 """
-from fnlm import random, tree
+from fnlm import data, models, optim, random, tree
 from fnlm.attention import (
     attention_reference,
     causal_mask,
@@ -31,6 +31,24 @@ from fnlm.positional import (
     sinusoidal_encoding,
     sinusoidal_table,
 )
+from fnlm.models import (
+    BertConfig,
+    bert,
+    bert_classifier,
+    bert_mlm,
+    classifier_loss,
+    init_bert,
+    init_bert_classifier,
+    init_bert_mlm,
+    load_bert,
+    mask_tokens,
+    mlm_loss,
+    save_bert,
+)
+from fnlm.checkpoint import load_train_state, save_train_state
+from fnlm.tokenizer import load_tokenizer
+from fnlm.train import COMPILE_OPTIONS, compile_fn, make_eval_step, make_train_step
+from fnlm.vmap_tricks import dp_aggregate, make_dp_sgd_step, make_ensemble_step, per_example_grad_norms, per_example_grads
 from fnlm.transformer import decode, embed, encode, greedy_decode, init_transformer, transformer
 
 __version__ = "0.1.0"

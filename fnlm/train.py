@@ -1,0 +1,290 @@
+"""A whole training step as one pure function, compiled into one graph.
+
+::
+
+    step = make_train_step(loss_fn, optimizer)            # loss_fn(params, batch, key) -> (loss, aux)
+    for batch in data:
+        key, sub = random.split(key)
+        params, opt_state, metrics = step(params, opt_state, batch, sub)
+
+One call computes, inside a single ``torch.compile(fullgraph=True)`` graph::
+
+    (g_i, (L_i, aux_i)) = grad_and_value(loss_fn)(params, batch_i, fold_in(key, i))   i = 0..k-1
+    g   = (1/k) sum_i g_i        L = (1/k) sum_i L_i        aux = (1/k) sum_i aux_i
+    g   = grad_sync(g)                                      (optional all-reduce, data parallel)
+    ok  = isfinite(L) and isfinite(g_j) for every leaf j
+    u, s' = optimizer.update(g, s, params);   params' = params + u
+    (skip mode)  params', s' = where(ok, params', params), where(ok, s', s)
+
+and returns ``metrics = {'loss', 'grad_norm' (= ||g||_2 before clipping), 'lr' (with
+``lr_schedule``), 'finite', 'grads_finite' (one flag per leaf, flatten order), **aux}``.
+
+* **Purity.** Params, optimizer state (step count included), batch and key are all tensors, so
+  the graph has no Python state; the same shapes never recompile (tested). The learning rate is
+  computed *inside* from the step count in the optimizer state: ``lr = lr_schedule(count)``.
+* **Gradient accumulation** (``accum_steps=k``): every batch leaf has a leading micro-batch axis
+  ``[k, b, ...]``; the loop over micro-batches is unrolled in the graph (compile time grows with
+  ``k``, memory does not). With equal micro-batches and a mean loss, the result equals one step on
+  the whole ``[k*b, ...]`` batch. Micro-batch ``i`` gets the dropout key ``fold_in(key, i)``;
+  with ``k = 1`` there is no micro axis and ``key`` is passed to ``loss_fn`` unchanged.
+* **Mixed precision** (``autocast_dtype=torch.bfloat16``): the forward (``loss_fn``) runs under
+  ``torch.autocast(device_type=<params' device>, dtype)``; the loss is cast to float32 and the
+  backward, the gradients, the optimizer and the params stay in the params' dtype (float32 master
+  weights). Meant for GPUs; it also runs on CPU (bf16 matmuls), usually not faster there.
+* **Non-finite values** are detected in the graph without data-dependent control flow. After the
+  call the eager wrapper reads the flags: ``nonfinite='raise'`` raises ``FloatingPointError``
+  naming the step and the parameter groups (``encoder.layers.3``) whose gradients are not
+  finite; ``'skip'`` keeps params and optimizer state unchanged (the ``torch.where`` above, so it
+  also works per member under ``vmap``) and warns; ``'ignore'`` does not look (no host sync).
+* **Shapes.** ``dynamic=False`` (default) compiles static shapes: one graph per distinct batch
+  shape, so pad sequences to a few fixed lengths (buckets, e.g. 64/128/256/512), each compiled
+  once. :func:`make_train_step` raises dynamo's per-function recompile limit to ``max_shapes``
+  (default 16) so that all buckets stay compiled. ``dynamic=True`` compiles one graph with
+  symbolic shapes instead (fewer compiles, sometimes slower kernels); note that dynamo assumes
+  two sizes equal in the first call stay equal ("duck sizing"), so a first batch whose length
+  equals a model width (e.g. 384 tokens with ``d_model = 384``) costs one more compile later.
+* **Compile time.** fnlm's dropout masks are a counter-based integer hash (``fnlm.random``): 50+
+  integer ops per element that Inductor by default inlines into every consumer, re-tracing the
+  hash chain exponentially (minutes per model). :data:`COMPILE_OPTIONS` lowers Inductor's
+  ``realize_opcount_threshold`` so that such chains are stored instead (compile in seconds; the
+  hash still fuses into one kernel). :func:`compile_fn` applies them; use it for your own code too.
+"""
+from __future__ import annotations
+
+import itertools
+import types
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+
+from fnlm import random
+from fnlm.optim import GradientTransformation, apply_updates, global_norm
+from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map
+
+LossFn = Callable[[PyTree, Any, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
+
+#: Inductor options used for compiled steps (see "Compile time" above). ``compile_options=``
+#: adds to or overrides them.
+COMPILE_OPTIONS: dict[str, Any] = {"realize_opcount_threshold": 8}
+NONFINITE = ("raise", "skip", "ignore")
+_RESERVED = ("loss", "grad_norm", "lr", "finite", "grads_finite")
+_ids = itertools.count()
+
+
+def fresh_function(fn: Callable) -> Callable:
+    """A copy of ``fn`` with its own code object.
+
+    Dynamo caches compiled graphs *per code object*, and every step made by
+    :func:`make_train_step` shares the same inner function's code; a fresh copy gives each step
+    its own cache (and its own recompile budget), so one program can make many steps.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_ids)}")
+    new = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__doc__, new.__qualname__ = fn.__doc__, fn.__qualname__
+    return new
+
+
+def compile_fn(fn: Callable, *, compile: bool | str | Callable = True, dynamic: bool = False,
+               compile_options: Mapping[str, Any] | None = None, max_shapes: int = 16) -> Callable:
+    """``torch.compile(fn, fullgraph=True)`` with fnlm's Inductor options. ``compile``: ``True``
+    (Inductor), ``False`` (return ``fn``), or another dynamo backend, by name (``'aot_eager'``:
+    trace and check the graph without generating code) or as a callable."""
+    if compile is False:
+        return fn
+    backend = "inductor" if compile is True else compile
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if limit is not None and limit < max_shapes:
+        torch._dynamo.config.recompile_limit = max_shapes
+    kw: dict[str, Any] = {}
+    if backend == "inductor":
+        kw["options"] = {**COMPILE_OPTIONS, **(compile_options or {})}
+    return torch.compile(fresh_function(fn), fullgraph=True, dynamic=dynamic, backend=backend, **kw)
+
+
+def find_step_count(opt_state: PyTree) -> Tensor | None:
+    """The update counter in an optimizer state: the first leaf whose name ends in ``count``."""
+    for name, leaf in flatten_names(opt_state).items():
+        if name.rsplit(".", 1)[-1] == "count" and isinstance(leaf, Tensor):
+            return leaf
+    return None
+
+
+def param_group(name: str) -> str:
+    """The group a dotted parameter name belongs to, for messages: up to the first list index
+    (``encoder.layers.3.attn.q.weight`` -> ``encoder.layers.3``), else the parent module
+    (``classifier.weight`` -> ``classifier``)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def _tree_where(ok: Tensor, new: PyTree, old: PyTree) -> PyTree:
+    return tree_map(lambda n, o: torch.where(ok, n, o) if isinstance(n, Tensor) else n, new, old)
+
+
+def _mean_tree(trees: list[PyTree]) -> PyTree:
+    if len(trees) == 1:
+        return trees[0]
+    k = float(len(trees))
+    return tree_map(lambda *xs: sum(xs[1:], xs[0]) / k, *trees)
+
+
+def train_step_fn(
+    loss_fn: LossFn,
+    optimizer: GradientTransformation,
+    *,
+    accum_steps: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    nonfinite: str = "raise",
+    grad_sync: Callable[[PyTree], PyTree] | None = None,
+    lr_schedule: Callable[[Tensor], Tensor] | None = None,
+) -> Callable:
+    """The pure, uncompiled step ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``
+    that :func:`make_train_step` compiles (use it directly under ``vmap``, see
+    :mod:`fnlm.vmap_tricks`)."""
+
+    def forward(params, batch, key):
+        if autocast_dtype is None:
+            loss, aux = loss_fn(params, batch, key)
+        else:
+            device = tree_leaves(params)[0].device.type
+            with torch.autocast(device_type=device, dtype=autocast_dtype):
+                loss, aux = loss_fn(params, batch, key)
+        aux = dict(aux or {})
+        bad = [k for k in aux if k in _RESERVED]
+        if bad:
+            raise ValueError(f"loss_fn aux names {bad} clash with the step's own metrics {_RESERVED}")
+        return loss.float(), tree_map(lambda a: a.float(), aux)
+
+    grad_fn = grad_and_value(forward, has_aux=True)
+
+    def step(params, opt_state, batch, key):
+        if accum_steps == 1:
+            grads, (loss, aux) = grad_fn(params, batch, key)
+        else:
+            parts = []
+            for i in range(accum_steps):
+                micro = tree_map(lambda x: x[i], batch)
+                parts.append(grad_fn(params, micro, random.fold_in(key, i)))
+            grads = _mean_tree([g for g, _ in parts])
+            loss = _mean_tree([la[0] for _, la in parts])
+            aux = _mean_tree([la[1] for _, la in parts])
+        if grad_sync is not None:  # one all-reduce for gradients and the metrics that go with them
+            grads, loss, aux = grad_sync((grads, loss, aux))
+        grads_finite = torch.stack([torch.isfinite(g).all() for g in tree_leaves(grads)])
+        finite = torch.isfinite(loss) & grads_finite.all()
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "finite": finite, "grads_finite": grads_finite}
+        if lr_schedule is not None:
+            count = find_step_count(opt_state)
+            if count is None:
+                raise ValueError("lr_schedule= needs an optimizer state with a step count (a leaf named 'count')")
+            metrics["lr"] = lr_schedule(count)
+        metrics.update(aux)
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        new_params = apply_updates(params, updates)
+        if nonfinite == "skip":
+            new_params = _tree_where(finite, new_params, params)
+            new_state = _tree_where(finite, new_state, opt_state)
+        return new_params, new_state, metrics
+
+    return step
+
+
+class TrainStep:
+    """``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``: the compiled pure
+    step plus the eager checks around it. ``step.pure`` is the uncompiled pure function."""
+
+    def __init__(self, pure: Callable, compiled: Callable, *, accum_steps: int, nonfinite: str):
+        self.pure, self.compiled = pure, compiled
+        self.accum_steps, self.nonfinite = accum_steps, nonfinite
+        self.calls = 0
+
+    def __call__(self, params: PyTree, opt_state: PyTree, batch: PyTree, key: Tensor):
+        random._check_key(key)
+        if self.accum_steps > 1:
+            for name, x in flatten_names(batch).items():
+                if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != self.accum_steps:
+                    raise ValueError(f"accum_steps={self.accum_steps}: batch leaf {name!r} must have a leading "
+                                     f"micro-batch axis of size {self.accum_steps}, got shape "
+                                     f"{tuple(getattr(x, 'shape', ()))}")
+        calls, self.calls = self.calls, self.calls + 1
+        new_params, new_state, metrics = self.compiled(params, opt_state, batch, key)
+        if self.nonfinite != "ignore" and not bool(metrics["finite"]):  # the one host sync per step
+            count = find_step_count(opt_state)  # the caller's state is untouched: updates done before
+            msg = nonfinite_message(calls if count is None else int(count), params, metrics)
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg)
+            warnings.warn(msg + "; update skipped, params and optimizer state unchanged", RuntimeWarning,
+                          stacklevel=2)
+        return new_params, new_state, metrics
+
+
+def nonfinite_message(step: int, params: PyTree, metrics: Mapping[str, Tensor]) -> str:
+    """``non-finite loss/gradients at step N: ...`` naming the parameter groups with bad gradients."""
+    names = list(flatten_names(params))
+    flags = metrics["grads_finite"].tolist()
+    groups: dict[str, list[str]] = {}
+    for name, ok in zip(names, flags):
+        if not ok:
+            g = param_group(name)
+            groups.setdefault(g, []).append(name[len(g) + 1:] if name.startswith(g + ".") else name)
+    loss = float(metrics["loss"])
+    parts = [f"non-finite {'loss' if groups == {} else 'gradients'} at step {step} (loss = {loss})"]
+    if groups:
+        shown = "; ".join(f"{g} ({', '.join(ls[:4])}{', ...' if len(ls) > 4 else ''})" for g, ls in groups.items())
+        parts.append(f"in {len(groups)} parameter group(s): {shown}")
+    return ": ".join(parts)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: GradientTransformation,
+    *,
+    compile: bool | str | Callable = True,
+    accum_steps: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    nonfinite: str = "raise",
+    grad_sync: Callable[[PyTree], PyTree] | None = None,
+    dynamic: bool = False,
+    lr_schedule: Callable[[Tensor], Tensor] | None = None,
+    compile_options: Mapping[str, Any] | None = None,
+    max_shapes: int = 16,
+) -> TrainStep:
+    """A training step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
+
+    ``loss_fn(params, batch, key) -> (loss, aux: dict of scalar tensors)``. ``compile``: ``True``
+    (Inductor), ``False`` (eager, same maths) or a dynamo backend name. ``lr_schedule``: the
+    optimizer's schedule, to report ``metrics['lr']`` (the lr of this update). ``grad_sync``: a
+    pytree all-reduce, e.g. :func:`fnlm.distributed.all_reduce_mean`. See the module docstring.
+    """
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(f"optimizer must be a GradientTransformation, got {type(optimizer).__name__}")
+    pure = train_step_fn(loss_fn, optimizer, accum_steps=accum_steps, autocast_dtype=autocast_dtype,
+                         nonfinite=nonfinite, grad_sync=grad_sync, lr_schedule=lr_schedule)
+    compiled = compile_fn(pure, compile=compile, dynamic=dynamic, compile_options=compile_options,
+                          max_shapes=max_shapes)
+    return TrainStep(pure, compiled, accum_steps=accum_steps, nonfinite=nonfinite)
+
+
+def make_eval_step(fn: Callable, compile: bool | str | Callable = True, *, dynamic: bool = False,
+                   compile_options: Mapping[str, Any] | None = None, max_shapes: int = 16) -> Callable:
+    """``fn(params, batch) -> metrics`` compiled (``fullgraph=True``) and run under ``torch.no_grad``."""
+    compiled = compile_fn(fn, compile=compile, dynamic=dynamic, compile_options=compile_options,
+                          max_shapes=max_shapes)
+
+    def eval_step(*args, **kwargs):
+        with torch.no_grad():
+            return compiled(*args, **kwargs)
+
+    eval_step.pure = fn  # type: ignore[attr-defined]
+    return eval_step
