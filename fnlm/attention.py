@@ -162,9 +162,16 @@ def init_multi_head_attention(
 
 
 def _project(p: dict[str, Tensor], x: Tensor) -> Tensor:
-    """``x W_i + b_i`` for every head ``i`` at once: ``[..., len, d] -> [..., n_heads, len, d_k]``."""
-    y = einsum(x, p["weight"], "... l d, d h k -> ... h l k")
-    return y + rearrange(p["bias"], "h k -> h 1 k") if "bias" in p else y
+    """``x W_i + b_i`` for every head ``i`` at once: ``[..., len, d] -> [..., n_heads, len, d_k]``.
+
+    All heads in one matrix product, with ``W`` viewed as ``[d, n_heads * d_k]``, then split into
+    heads.
+    """
+    n_heads = p["weight"].shape[1]
+    y = x @ rearrange(p["weight"], "d h k -> d (h k)")
+    if "bias" in p:
+        y = y + rearrange(p["bias"], "h k -> (h k)")
+    return rearrange(y, "... l (h k) -> ... h l k", h=n_heads)
 
 
 def multi_head_attention(
@@ -220,6 +227,6 @@ def multi_head_attention(
     heads = scaled_dot_product_attention(
         q, k, v, mask, bias, is_causal=causal, dropout=dropout, key=key, train=train, impl=impl
     )
-    # Concat(head_1..head_h) W^O == sum over heads of head_i W_i^O
-    y = einsum(heads, params["o"]["weight"], "... h l k, h k d -> ... l d")
+    # MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O
+    y = rearrange(heads, "... h l k -> ... l (h k)") @ rearrange(params["o"]["weight"], "h k d -> (h k) d")
     return y + params["o"]["bias"] if "bias" in params["o"] else y

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fnlm import random
@@ -42,4 +43,6 @@ def embedding(params: Params, ids: Tensor) -> Tensor:
     """``x = E[ids]``; ``ids: [...] int -> x: [..., d_model]``."""
     E = params["weight"]
     check_token_ids(ids, E.shape[0])
-    return E[ids]
+    # F.embedding rather than E[ids]: the same lookup, but the backward of advanced indexing sums
+    # repeated ids with atomic adds on multi-threaded CPUs, so gradients would vary run to run.
+    return F.embedding(ids, E)

@@ -196,13 +196,27 @@ def train_step_fn(
     return step
 
 
+class _Deterministic:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the duration of a block,
+    restoring the caller's setting afterwards."""
+
+    def __enter__(self):
+        self.prev = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.prev[0], warn_only=self.prev[1])
+
+
 class TrainStep:
     """``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``: the compiled pure
     step plus the eager checks around it. ``step.pure`` is the uncompiled pure function."""
 
-    def __init__(self, pure: Callable, compiled: Callable, *, accum_steps: int, nonfinite: str):
+    def __init__(self, pure: Callable, compiled: Callable, *, accum_steps: int, nonfinite: str,
+                 deterministic: bool = False):
         self.pure, self.compiled = pure, compiled
-        self.accum_steps, self.nonfinite = accum_steps, nonfinite
+        self.accum_steps, self.nonfinite, self.deterministic = accum_steps, nonfinite, deterministic
         self.calls = 0
 
     def __call__(self, params: PyTree, opt_state: PyTree, batch: PyTree, key: Tensor):
@@ -214,7 +228,11 @@ class TrainStep:
                                      f"micro-batch axis of size {self.accum_steps}, got shape "
                                      f"{tuple(getattr(x, 'shape', ()))}")
         calls, self.calls = self.calls, self.calls + 1
-        new_params, new_state, metrics = self.compiled(params, opt_state, batch, key)
+        if self.deterministic:
+            with _Deterministic():
+                new_params, new_state, metrics = self.compiled(params, opt_state, batch, key)
+        else:
+            new_params, new_state, metrics = self.compiled(params, opt_state, batch, key)
         if self.nonfinite != "ignore" and not bool(metrics["finite"]):  # the one host sync per step
             count = find_step_count(opt_state)  # the caller's state is untouched: updates done before
             msg = nonfinite_message(calls if count is None else int(count), params, metrics)
@@ -255,13 +273,18 @@ def make_train_step(
     lr_schedule: Callable[[Tensor], Tensor] | None = None,
     compile_options: Mapping[str, Any] | None = None,
     max_shapes: int = 16,
+    deterministic: bool = False,
 ) -> TrainStep:
     """A training step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
     ``loss_fn(params, batch, key) -> (loss, aux: dict of scalar tensors)``. ``compile``: ``True``
     (Inductor), ``False`` (eager, same maths) or a dynamo backend name. ``lr_schedule``: the
     optimizer's schedule, to report ``metrics['lr']`` (the lr of this update). ``grad_sync``: a
-    pytree all-reduce, e.g. :func:`fnlm.distributed.all_reduce_mean`. See the module docstring.
+    pytree all-reduce, e.g. :func:`fnlm.distributed.all_reduce_mean`. ``deterministic=True``:
+    compile and run under ``torch.use_deterministic_algorithms(True, warn_only=True)``, so that
+    the same inputs give bitwise the same result every time (Inductor otherwise sums repeated
+    token ids' embedding gradients with parallel atomic adds); slightly slower. See the module
+    docstring.
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -273,7 +296,7 @@ def make_train_step(
                          nonfinite=nonfinite, grad_sync=grad_sync, lr_schedule=lr_schedule)
     compiled = compile_fn(pure, compile=compile, dynamic=dynamic, compile_options=compile_options,
                           max_shapes=max_shapes)
-    return TrainStep(pure, compiled, accum_steps=accum_steps, nonfinite=nonfinite)
+    return TrainStep(pure, compiled, accum_steps=accum_steps, nonfinite=nonfinite, deterministic=deterministic)
 
 
 def make_eval_step(fn: Callable, compile: bool | str | Callable = True, *, dynamic: bool = False,

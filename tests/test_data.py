@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fnlm.data import (
+    choose_buckets,
     DatasetError,
     DownloadError,
     IMDb,
@@ -366,3 +367,19 @@ def test_batching_errors():
     with pytest.raises(ValueError, match="buckets"):
         make_batches([[1, 2]], [0], 2, [])
     assert make_batches([], [], 4, [8]) == []
+
+
+def test_choose_buckets_keeps_a_bucket_only_when_it_pays_for_its_compilation():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(np.log(230), 0.6, 25_000).astype(int) + 2, 512)  # IMDb-like
+    # a small run: too few short batches to pay for compiling a second step
+    assert choose_buckets(lengths[:2000], 256, 16) == [256]
+    # the full dataset at 512 tokens for 3 epochs: shorter buckets pay off
+    many = choose_buckets(lengths, 512, 16, epochs=3)
+    assert many[-1] == 512 and len(many) >= 3 and many == sorted(many)
+    assert set(many) <= set(bucket_lengths(512, 4))
+    # the rule itself: 128 is kept exactly when the 256-batches it takes over save >= compile_cost steps
+    lens = [100] * 16 * 60 + [250] * 160  # 60 batches fit 128: 60 * (256 - 128) / 256 = 30 steps saved
+    assert choose_buckets(lens, 256, 16, compile_cost=30) == [128, 256]
+    assert choose_buckets(lens, 256, 16, compile_cost=31) == [256]
+    assert choose_buckets(lens, 256, 16, compile_cost=31, epochs=2) == [128, 256]

@@ -79,6 +79,23 @@ def test_embedding_is_a_row_lookup_and_checks_ids():
         fnlm.embedding(p, torch.tensor([0.0, 1.0]))
 
 
+def test_embedding_gradient_is_bitwise_reproducible_on_a_multithreaded_cpu():
+    """Repeated ids: the gradient rows are sums, and they must come out the same every time (so that
+    the same seed gives the same training run); indexing's backward would sum with atomics."""
+    p = fnlm.init_embedding(random.key(0), 3000, 384)
+    ids = torch.randint(0, 50, (16, 256), generator=torch.Generator().manual_seed(0))
+    g = torch.randn(16, 256, 384, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        grads = [torch.func.grad(lambda q: (fnlm.embedding(q, ids) * g).sum())(p)["weight"] for _ in range(10)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], x) for x in grads[1:])
+    want = torch.zeros(3000, 384, dtype=torch.float64).index_add_(0, ids.reshape(-1), g.reshape(-1, 384).double())
+    torch.testing.assert_close(grads[0], want.float(), atol=1e-4, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- positional
 @pytest.mark.parametrize("n,d", [(7, 8), (50, 16), (3, 2)])
 def test_sinusoidal_table_matches_the_formula(n, d):

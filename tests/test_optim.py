@@ -184,9 +184,10 @@ def test_sgd_with_cosine_schedule_matches_lambdalr():
 
 def test_clip_by_global_norm_then_adamw_matches_clip_grad_norm_():
     p0 = init_model(5)
-    # pick max_norm between the smallest and largest gradient norm seen, so some steps clip and some don't
+    # max_norm = the smallest initial gradient norm: most steps clip, by factors that vary from step to
+    # step (Adam is blind to a constant gradient scale), and steps whose norm has fallen below it don't
     norms = [torch.nn.utils.get_total_norm(tree_leaves(grad_fn(p0, t))).item() for t in BATCHES[:10]]
-    max_norm = 0.5 * (min(norms) + max(norms))
+    max_norm = min(norms)
     opt = optim.chain(optim.clip_by_global_norm(max_norm), optim.adamw(1e-2, weight_decay=0.1))
     ours = run_fnlm(opt, p0)
     ref = run_torch(

@@ -300,3 +300,39 @@ def test_bad_arguments():
     step = make_train_step(mlp_loss, optim.sgd(0.1), compile=False)
     with pytest.raises(TypeError, match="random key"):
         step(mlp_params(), optim.sgd(0.1).init(mlp_params()), mlp_batch(0), 0)
+
+
+def test_deterministic_compiled_step_is_bitwise_reproducible():
+    """deterministic=True: the same inputs give bitwise the same params, call after call, although
+    the batch repeats token ids (whose embedding-gradient rows Inductor would otherwise sum with
+    parallel atomic adds), and the caller's deterministic-algorithms setting is left as it was."""
+    vocab, d = 1000, 64
+
+    def loss_fn(p, batch, key):
+        h = torch.tanh(fnlm.embedding(p["embed"], batch["ids"]).mean(-2))
+        return fnlm.cross_entropy(h @ p["out"], batch["y"]), {}
+
+    p0 = {"embed": fnlm.init_embedding(random.key(0), vocab, d), "out": random.normal(random.key(1), (d, 3))}
+    g = torch.Generator().manual_seed(0)
+    batch = {"ids": torch.randint(0, 20, (16, 64), generator=g), "y": torch.randint(0, 3, (16,), generator=g)}
+    opt = optim.adam(1e-2)
+    step = make_train_step(loss_fn, opt, deterministic=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        runs = []
+        for _ in range(3):
+            p, s = p0, opt.init(p0)
+            for i in range(3):
+                p, s, _ = step(p, s, batch, random.key(i))
+            runs.append(p)
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(tree_leaves(runs[0]), tree_leaves(other)))
+    assert not torch.are_deterministic_algorithms_enabled()
+    eager = make_train_step(loss_fn, opt, compile=False)
+    p, s = p0, opt.init(p0)
+    for i in range(3):
+        p, s, _ = eager(p, s, batch, random.key(i))
+    assert_tree_close(runs[0], p, atol=1e-5, rtol=1e-4)

@@ -50,6 +50,31 @@ def bucket_lengths(max_len: int, n: int = 4, *, multiple: int = 8) -> list[int]:
     return out + [max_len]
 
 
+def choose_buckets(lengths: Sequence[int], max_len: int, batch_size: int, *, epochs: int = 1,
+                   compile_cost: float = 30.0, max_buckets: int = 4) -> list[int]:
+    """The buckets of :func:`bucket_lengths` (``max_len / 2**k``) that pay for their compilation.
+
+    Each bucket is one more compiled step. Going from long buckets to short ones, a shorter
+    bucket ``b`` is kept if the batches it would take over from the shortest bucket ``B`` kept so far
+    save at least ``compile_cost`` full-length steps of compute (cost taken as proportional to
+    length)::
+
+        (examples of length <= b) / batch_size * epochs * (B - b) / max_len  >=  compile_cost
+
+    ``compile_cost = 30`` is what compiling a BERT step costs on a CPU in steps of its own
+    length (``benchmarks/``). So a 2,000-review run keeps one bucket and a 25,000-review run
+    keeps three or four.
+    """
+    lengths = np.asarray(list(lengths))
+    candidates = bucket_lengths(max_len, max_buckets)
+    chosen = [max_len]
+    for b in reversed(candidates[:-1]):
+        n_batches = int((lengths <= b).sum()) / batch_size * epochs
+        if n_batches * (chosen[0] - b) / max_len >= compile_cost:
+            chosen.insert(0, b)
+    return chosen
+
+
 def _check_buckets(buckets) -> list[int]:
     b = list(buckets)
     if not b or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 for x in b):
