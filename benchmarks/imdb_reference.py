@@ -1,0 +1,199 @@
+"""IMDb fine-tuning: fnlm's example vs a Hugging Face ``transformers`` reference, and a TF-IDF baseline.
+
+Same checkpoint, same data subset, same tokenised and bucketed batches, same hyper-parameters:
+
+* **fnlm**: ``examples/finetune_imdb.py`` run as a user runs it (a subprocess; compiled steps),
+  or an existing run directory of it (``--fnlm-run DIR``, its settings must match);
+* **HF reference**: ``BertForSequenceClassification`` + ``torch.optim.AdamW`` (no decay on biases
+  and LayerNorm, as fnlm) + ``get_linear_schedule_with_warmup`` + ``clip_grad_norm_``, eager, on
+  the very batches fnlm's script builds (padding rows get weight 0 in the loss, as in fnlm);
+* **TF-IDF + logistic regression** (scikit-learn) on the same training and test reviews.
+
+Prints test accuracy and training wall time of each (compile time included for fnlm: it is part
+of what a user waits for; eval excluded for both), and with ``--json`` writes them to a file.
+
+    python benchmarks/imdb_reference.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+_spec = importlib.util.spec_from_file_location("finetune_imdb", ROOT / "examples" / "finetune_imdb.py")
+ft = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ft)  # the example's own data pipeline: the reference sees the same batches
+
+from fnlm.data import bucket_lengths, choose_buckets, make_batches  # noqa: E402
+from fnlm.data.imdb import html_clean  # noqa: E402
+from fnlm.tokenizer import load_tokenizer  # noqa: E402
+
+SHARED = ["train_size", "test_size", "max_len", "truncation", "buckets", "epochs", "batch_size", "lr",
+          "warmup", "weight_decay", "clip", "seed"]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--weights", type=Path, default=ft.DEFAULT_WEIGHTS)
+    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--max-len", type=int, default=ft.DEFAULT_MAX_LEN)
+    ap.add_argument("--truncation", default="head+tail")
+    ap.add_argument("--buckets", default="auto", help="as the example's --buckets")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fnlm-run", type=Path, help="reuse this finished run directory of the example")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("fnlm", "hf", "tfidf"))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    return ap.parse_args()
+
+
+def script_flags(args) -> list[str]:
+    flags = ["--data", str(args.data), "--weights", str(args.weights)]
+    for name in SHARED:
+        flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
+def run_fnlm(args) -> dict:
+    if args.fnlm_run is None:
+        out = Path(tempfile.mkdtemp(prefix="fnlm-bench-")) / "run"
+        cmd = [sys.executable, str(ROOT / "examples" / "finetune_imdb.py"), *script_flags(args), "--out", str(out)]
+        print("$", " ".join(cmd), flush=True)
+        t = time.time()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        wall = time.time() - t
+    else:
+        out, wall = args.fnlm_run, None
+    m = json.loads((out / "metrics.json").read_text())
+    for name in SHARED:
+        if m["args"][name] != getattr(args, name):
+            sys.exit(f"{out}: was run with {name}={m['args'][name]!r}, the benchmark uses {getattr(args, name)!r}")
+    return {"accuracy": m["final_test_accuracy"], "train_seconds": sum(e["train_seconds"] for e in m["epochs"]),
+            "compile_and_first_steps_seconds": sum(e["first_call_per_shape_seconds"] for e in m["epochs"]),
+            "examples_per_s_after_compile": m["epochs"][-1]["train_examples_per_s_after_compile"],
+            "eval_seconds": sum(e["eval_seconds"] for e in m["epochs"]),
+            "script_wall_seconds": wall or m["wall_seconds"], "run_dir": str(out)}
+
+
+def run_hf(args, data, ids, tok) -> dict:
+    from transformers import BertForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "some weights are newly initialized" is expected here
+    torch.manual_seed(args.seed)
+    model = BertForSequenceClassification.from_pretrained(args.weights, num_labels=2)
+    if args.buckets == "auto":  # the example's rule, on the same tokenised reviews: the same batches
+        buckets = choose_buckets([len(x) for x in ids["train"]], args.max_len, args.batch_size, epochs=args.epochs)
+    else:
+        buckets = bucket_lengths(args.max_len, int(args.buckets))
+    steps_per_epoch = math.ceil(len(ids["train"]) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    sched = get_linear_schedule_with_warmup(opt, round(args.warmup * total), total)
+
+    def forward(b):
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                     token_type_ids=b["token_type_ids"]).logits
+
+    train_s = 0.0
+    for epoch in range(1, args.epochs + 1):
+        batches = make_batches(ids["train"], data["train"].labels, args.batch_size, buckets, shuffle=True,
+                               seed=args.seed, epoch=epoch, pad_id=tok.pad_id)
+        model.train()
+        t = time.time()
+        for i, b in enumerate(batches):
+            logits = forward(b)
+            nll = torch.nn.functional.cross_entropy(logits, b["labels"], reduction="none")
+            loss = (nll * b["weight"]).sum() / b["weight"].sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if i % 10 == 0:
+                print(f"  HF epoch {epoch} step {i}/{len(batches)} loss {loss.item():.4f} "
+                      f"({time.time() - t:.0f}s)", flush=True)
+        train_s += time.time() - t
+    model.eval()
+    order = sorted(range(len(ids["test"])), key=lambda i: len(ids["test"][i]))
+    test_batches = make_batches([ids["test"][i] for i in order], [data["test"].labels[i] for i in order],
+                                args.batch_size, buckets, shuffle=False, pad_id=tok.pad_id)
+    correct = n = 0.0
+    t = time.time()
+    with torch.no_grad():
+        for b in test_batches:
+            hit = (forward(b).argmax(-1) == b["labels"]).float()
+            correct += float((hit * b["weight"]).sum())
+            n += float(b["weight"].sum())
+    return {"accuracy": correct / n, "train_seconds": train_s, "eval_seconds": time.time() - t}
+
+
+def run_tfidf(data) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    t = time.time()
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
+    x_train = vec.fit_transform([html_clean(s) for s in data["train"].texts])
+    clf = LogisticRegression(C=10.0, max_iter=2000).fit(x_train, data["train"].labels)
+    train_s = time.time() - t
+    pred = clf.predict(vec.transform([html_clean(s) for s in data["test"].texts]))
+    acc = float((pred == data["test"].labels).mean())
+    return {"accuracy": acc, "train_seconds": train_s}
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    results: dict = {"settings": {k: getattr(args, k) for k in SHARED}, "threads": torch.get_num_threads(),
+                     "torch": torch.__version__}
+    data = ft.load_data(argparse.Namespace(data=args.data, train_size=args.train_size, test_size=args.test_size,
+                                           seed=args.seed))
+    if "tfidf" not in args.skip:
+        results["tfidf_logreg"] = run_tfidf(data)
+        print("TF-IDF + logistic regression:", results["tfidf_logreg"], flush=True)
+    if "fnlm" not in args.skip:
+        results["fnlm"] = run_fnlm(args)
+        print("fnlm:", results["fnlm"], flush=True)
+    if "hf" not in args.skip:
+        tok = load_tokenizer(args.weights)
+        ids = {s: ft.encode(tok, data[s].texts, args.max_len, args.truncation) for s in data}
+        results["hf_reference"] = run_hf(args, data, ids, tok)
+        print("HF reference:", results["hf_reference"], flush=True)
+
+    print(f"\n{len(data['train'])} train / {len(data['test'])} test reviews, max_len {args.max_len}, "
+          f"{args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}, {torch.get_num_threads()} threads")
+    print(f"{'':32s} {'accuracy':>9s} {'train s':>9s}")
+    for name, key in (("fnlm (examples/finetune_imdb.py)", "fnlm"), ("HF transformers, eager", "hf_reference"),
+                      ("TF-IDF + logistic regression", "tfidf_logreg")):
+        if key in results:
+            print(f"{name:32s} {results[key]['accuracy']:9.4f} {results[key]['train_seconds']:9.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

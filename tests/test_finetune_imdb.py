@@ -1,0 +1,232 @@
+"""examples/finetune_imdb.py end to end, run as a user runs it: a fresh interpreter, the command line.
+
+Fast tests use a small archive in the official aclImdb layout that they write themselves (so they
+run everywhere) and the real all-MiniLM-L6-v2 checkpoint; one variant reads the shared archive.
+The slow test fine-tunes on 1,000 real reviews and checks the accuracy on 1,000 held-out ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from fnlm.models import bert_classifier, load_bert
+from fnlm.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "finetune_imdb.py"
+MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "metrics.json", "training.png")
+
+POS = ["a wonderful, moving film with superb acting", "great fun from start to finish, I loved it",
+       "the best movie I have seen this year<br /><br />ten stars", "brilliant script and a beautiful score",
+       "charming, funny and smart; see it twice", "an excellent cast in a touching story"]
+NEG = ["a dull, boring mess that wastes its cast", "awful acting and a terrible, stupid plot",
+       "the worst film I have seen this year<br /><br />one star", "two hours I will never get back",
+       "lazy writing, ugly sets and no laughs at all", "a tedious, badly edited disappointment"]
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_imdb_archive(path: Path, n_per_class: int = 12) -> Path:
+    """An ``aclImdb_v1.tar.gz`` look-alike: ``aclImdb/{train,test}/{pos,neg}/{id}_{rating}.txt``."""
+    root = path.parent / "tree"
+    for split, offset in (("train", 0), ("test", 3)):
+        for sent, texts, rating in (("pos", POS, 8), ("neg", NEG, 2)):
+            d = root / "aclImdb" / split / sent
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                text = f"{texts[(i + offset) % len(texts)]}. {texts[(2 * i + 1 + offset) % len(texts)]}."
+                (d / f"{i}_{rating}.txt").write_text(text, encoding="utf-8")
+        (root / "aclImdb" / split / "urls_pos.txt").write_text("http://www.imdb.com/title/tt0000001/\n")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root / "aclImdb", arcname="aclImdb")
+    shutil.rmtree(root)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_archive(tmp_path_factory) -> Path:
+    return write_imdb_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")
+
+
+def fnlm_logits(model_dir: Path, texts: list[str], max_len: int) -> torch.Tensor:
+    params, cfg = load_bert(model_dir, head="classifier")
+    tok = load_tokenizer(model_dir)
+    batch = tok.encode([t.replace("<br />", " ") for t in texts], max_len=max_len, truncation="head+tail")
+    with torch.no_grad():
+        return bert_classifier(params, batch["input_ids"], cfg, attention_mask=batch["attention_mask"],
+                               token_type_ids=batch["token_type_ids"])
+
+
+def check_run_dir(out: Path, texts: list[str], labels: list[int], max_len: int) -> dict:
+    """Every output file is there and loadable; the reloaded model reproduces the reported accuracy
+    and the --predict output; transformers loads the directory and agrees with fnlm."""
+    for name in MODEL_FILES:
+        assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["max_len"] == max_len and len(metrics["epochs"]) == metrics["args"]["epochs"]
+    for e in metrics["epochs"]:
+        assert set(e) >= {"train_loss", "test_accuracy", "train_seconds", "train_examples_per_s"}
+    assert len(metrics["train_loss_per_step"]) == metrics["steps"]
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # fnlm reload: the accuracy the script reported
+    logits = fnlm_logits(out, texts, max_len)
+    correct = int((logits.argmax(-1) == torch.tensor(labels)).sum())
+    assert correct == round(metrics["final_test_accuracy"] * len(labels))
+
+    # --predict prints label and probability per review, as a direct computation gives them
+    shown = texts[:3]
+    proc = run_script("--model", out, "--predict", *shown, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
+    assert len(lines) == len(shown)
+    probs = torch.softmax(logits[:3], -1)
+    for (label, p, excerpt), pr, text in zip(lines, probs, shown):
+        i = int(pr.argmax())
+        assert label == ("neg", "pos")[i] and float(p) == pytest.approx(float(pr[i]), abs=1e-4)
+        assert excerpt[:20] == text[:20]
+
+    # transformers: the same directory, the same logits
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    hf = BertForSequenceClassification.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    enc = hf_tok([t.replace("<br />", " ") for t in texts[:8]], padding=True, truncation=True,
+                 max_length=max_len, return_tensors="pt")
+    ours = load_tokenizer(out).encode([t.replace("<br />", " ") for t in texts[:8]], max_len=max_len)
+    assert torch.equal(enc["input_ids"], ours["input_ids"])  # same tokenizer, same head truncation
+    params, cfg = load_bert(out, head="classifier")
+    with torch.no_grad():  # on the very same (head-truncated) ids: real reviews are longer than max_len
+        hf_logits = hf(**enc).logits
+        our_logits = bert_classifier(params, ours["input_ids"], cfg, attention_mask=ours["attention_mask"],
+                                     token_type_ids=ours["token_type_ids"])
+    torch.testing.assert_close(hf_logits, our_logits, atol=1e-4, rtol=0)
+    return metrics
+
+
+def test_finetune_small_archive_end_to_end(small_archive, minilm_dir, tmp_path):
+    out = tmp_path / "runs" / "tiny"
+    proc = run_script("--data", small_archive, "--weights", minilm_dir, "--train-size", 0, "--test-size", 0,
+                      "--max-len", 64, "--batch-size", 8, "--epochs", 2, "--no-compile", "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test accuracy" in proc.stdout and "epoch 2/2" in proc.stderr  # tqdm bars go to stderr
+    from fnlm.data import load_imdb
+
+    test = load_imdb(small_archive, "test")
+    metrics = check_run_dir(out, test.texts, test.labels, 64)
+    assert metrics["train_size"] == 24 and metrics["test_size"] == 24 and metrics["steps"] == 6
+
+
+def test_same_seed_same_result(small_archive, minilm_dir, tmp_path):
+    """Randomness is key-based: the same --seed gives the same losses and accuracy (CPU)."""
+    runs = []
+    for name in ("a", "b"):
+        proc = run_script("--data", small_archive, "--weights", minilm_dir, "--train-size", 16, "--test-size", 8,
+                          "--max-len", 32, "--batch-size", 8, "--no-compile", "--out", tmp_path / name, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert runs[0]["train_loss_per_step"] == runs[1]["train_loss_per_step"]
+    assert runs[0]["final_test_accuracy"] == runs[1]["final_test_accuracy"]
+
+
+def test_finetune_shared_archive(imdb_archive, minilm_dir, tmp_path):
+    """The same on a few dozen real reviews of the shared archive, with the compiled steps."""
+    out = tmp_path / "run"
+    proc = run_script("--data", imdb_archive, "--weights", minilm_dir, "--train-size", 32, "--test-size", 32,
+                      "--max-len", 64, "--out", out, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from fnlm.data import load_imdb, subset
+
+    test = subset(load_imdb(imdb_archive, "test"), 32, seed=0)
+    check_run_dir(out, test.texts, test.labels, 64)
+
+
+# ----------------------------------------------------------------------------- bad input
+def assert_clean_failure(proc: subprocess.CompletedProcess, out: Path, *patterns: str) -> None:
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), proc.stderr
+    for p in patterns:
+        assert re.search(p, err), f"{p!r} not in {err!r}"
+    assert not out.exists()
+    if out.parent.exists():
+        assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_data(minilm_dir, tmp_path):
+    out = tmp_path / "runs" / "x"
+    proc = run_script("--data", tmp_path / "nope.tar.gz", "--weights", minilm_dir, "--out", out, timeout=120)
+    assert_clean_failure(proc, out, r"nope\.tar\.gz", "does not exist")
+
+
+def test_wrong_layout_archive(minilm_dir, tmp_path):
+    bad = tmp_path / "other.tar.gz"
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "readme.txt").write_text("not reviews")
+    with tarfile.open(bad, "w:gz") as tar:
+        tar.add(tmp_path / "stuff", arcname="stuff")
+    out = tmp_path / "runs" / "x"
+    proc = run_script("--data", bad, "--weights", minilm_dir, "--out", out, timeout=120)
+    assert_clean_failure(proc, out, r"other\.tar\.gz", "layout")
+
+
+def test_truncated_archive(small_archive, minilm_dir, tmp_path):
+    cut = tmp_path / "cut.tar.gz"
+    data = small_archive.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "runs" / "x"
+    proc = run_script("--data", cut, "--weights", minilm_dir, "--out", out, timeout=120)
+    assert_clean_failure(proc, out, r"cut\.tar\.gz")
+
+
+def test_weights_without_config(small_archive, minilm_dir, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(minilm_dir / "vocab.txt", weights / "vocab.txt")
+    out = tmp_path / "runs" / "x"
+    proc = run_script("--data", small_archive, "--weights", weights, "--out", out, timeout=120)
+    assert_clean_failure(proc, out, "config.json")
+
+
+def test_max_len_above_position_table(small_archive, minilm_dir, tmp_path):
+    out = tmp_path / "runs" / "x"
+    proc = run_script("--data", small_archive, "--weights", minilm_dir, "--max-len", 1024, "--out", out, timeout=120)
+    assert_clean_failure(proc, out, "--max-len 1024", "max_position_embeddings=512")
+
+
+def test_predict_needs_a_model(tmp_path):
+    proc = run_script("--predict", "great film", timeout=60)
+    assert proc.returncode == 2 and "--model" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("--predict", "great film", "--model", tmp_path / "none", timeout=60)
+    assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- real fine-tuning
+@pytest.mark.slow
+def test_finetune_minilm_reaches_80_percent(imdb_archive, minilm_dir, tmp_path):
+    """MiniLM fine-tuned on 1,000 real training reviews classifies 1,000 held-out test reviews
+    with >= 80% accuracy (measured: see the README's results table)."""
+    out = tmp_path / "run"
+    proc = run_script("--data", imdb_archive, "--weights", minilm_dir, "--train-size", 1000, "--test-size", 1000,
+                      "--max-len", 256, "--epochs", 2, "--lr", "1e-4", "--out", out, timeout=1500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_size"] == 1000 and metrics["train_size"] == 1000
+    assert metrics["final_test_accuracy"] >= 0.80, metrics["epochs"]
