@@ -200,7 +200,7 @@ def multi_head_attention(
     ``j <= i``; ``bias`` is added to the scores (e.g. :func:`fnlm.positional.relative_bias`).
     """
     x_kv = x_q if x_kv is None else x_kv
-    n_heads, d_model = params["o"]["weight"].shape[0], params["o"]["weight"].shape[-1]
+    n_heads = params["o"]["weight"].shape[0]
     check_last_dim("attention query input x_q", x_q, params["q"]["weight"].shape[0])
     check_last_dim("attention key/value input x_kv", x_kv, params["k"]["weight"].shape[0], "d_kv")
     if x_q.shape[:-2] != x_kv.shape[:-2]:

