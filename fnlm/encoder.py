@@ -41,6 +41,7 @@ def encoder_block(
     bias: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    queries: slice | None = None,
 ) -> Tensor:
     """One encoder layer, ``x: [*batch, len, d_model] -> same``.
 
@@ -50,13 +51,22 @@ def encoder_block(
         x = LayerNorm(x + Dropout(FFN(x)))
 
     Pre-LN (``cfg.norm_first``): ``x = x + Dropout(Sublayer(LayerNorm(x)))`` for both sub-layers.
+
+    ``queries``: compute the outputs at these positions only (``slice(0, 1)``: the [CLS] token),
+    ``[*batch, len(queries), d_model]``. Every position is still a key and value, so the rows
+    computed are exactly those of the full block; the others' attention and FFN are skipped.
     """
     k_attn, k_drop1, k_drop2 = split_or_none(key, 3)
     eps, p = cfg.layer_norm_eps, cfg.dropout
+    if queries is not None:
+        if not isinstance(queries, slice):
+            raise TypeError(f"queries must be a slice of positions (e.g. slice(0, 1)), got {type(queries).__name__}")
+        mask, bias = _rows(mask, queries, x), _rows(bias, queries, x)
 
     def self_attention(h):
-        return multi_head_attention(
-            params["attn"], h, key_padding_mask=key_padding_mask, mask=mask, bias=bias,
+        h_q = h if queries is None else h[..., queries, :]
+        return h_q, multi_head_attention(
+            params["attn"], h_q, h, key_padding_mask=key_padding_mask, mask=mask, bias=bias,
             dropout=cfg.attention_dropout, key=k_attn, train=train,
         )
 
@@ -64,12 +74,24 @@ def encoder_block(
         return feed_forward(params["ffn"], h, cfg.activation)
 
     if cfg.norm_first:
-        x = x + dropout(self_attention(layer_norm(params["norm1"], x, eps)), p, key=k_drop1, train=train)
+        x_q = x if queries is None else x[..., queries, :]
+        _, a = self_attention(layer_norm(params["norm1"], x, eps))
+        x = x_q + dropout(a, p, key=k_drop1, train=train)
         x = x + dropout(ffn(layer_norm(params["norm2"], x, eps)), p, key=k_drop2, train=train)
     else:
-        x = layer_norm(params["norm1"], x + dropout(self_attention(x), p, key=k_drop1, train=train), eps)
+        x_q, a = self_attention(x)
+        x = layer_norm(params["norm1"], x_q + dropout(a, p, key=k_drop1, train=train), eps)
         x = layer_norm(params["norm2"], x + dropout(ffn(x), p, key=k_drop2, train=train), eps)
     return x
+
+
+def _rows(m: Tensor | None, queries: slice, x: Tensor) -> Tensor | None:
+    """The query rows of a mask or bias ``[..., len_q, len_k]`` (kept as is if it broadcasts over them)."""
+    if m is None or m.ndim < 2 or m.shape[-2] == 1:
+        return m
+    if m.shape[-2] != x.shape[-2]:
+        raise ValueError(f"mask/bias has {m.shape[-2]} query rows but the input has {x.shape[-2]} positions")
+    return m[..., queries, :]
 
 
 def init_encoder(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -91,16 +113,25 @@ def encoder(
     key_padding_mask: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    last_queries: slice | None = None,
 ) -> Tensor:
     """``N`` encoder blocks (then a final LayerNorm for pre-LN stacks). With
-    ``cfg.positional == 'relative'``, one T5 relative bias is shared by all layers."""
+    ``cfg.positional == 'relative'``, one T5 relative bias is shared by all layers.
+
+    ``last_queries``: the positions whose final outputs are wanted, e.g. ``slice(0, 1)`` when only
+    the [CLS] vector is read (a classifier). The last block then computes just those rows (see
+    :func:`encoder_block`'s ``queries``): same values, about ``1/N`` of the work saved.
+    """
     bias = None
     if "relative_bias" in params:
         n = x.shape[-2]
         bias = relative_bias(params["relative_bias"], n, n, bidirectional=True,
                              max_distance=cfg.relative_max_distance)
-    for layer, k in zip(params["layers"], split_or_none(key, len(params["layers"]))):
-        x = encoder_block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train)
+    layers = params["layers"]
+    for i, (layer, k) in enumerate(zip(layers, split_or_none(key, len(layers)))):
+        queries = last_queries if i == len(layers) - 1 else None
+        x = encoder_block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train,
+                          queries=queries)
     if "norm" in params:
         x = layer_norm(params["norm"], x, cfg.layer_norm_eps)
     return x

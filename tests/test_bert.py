@@ -144,6 +144,16 @@ def test_minilm_without_mask_equals_all_ones(minilm):
     assert torch.equal(a, b) and torch.equal(pa, pb)
 
 
+def test_pooled_only_computes_the_cls_row_of_the_full_model(minilm):
+    params, cfg, tok = minilm
+    enc = tok(SENTENCES[:3], padding=True, return_tensors="pt")
+    h, pooled = bert(params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"])
+    h_cls, pooled_cls = bert(params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"], pooled_only=True)
+    assert h_cls.shape == (3, 1, cfg.hidden_size)
+    torch.testing.assert_close(h_cls, h[:, :1], atol=2e-6, rtol=0)
+    torch.testing.assert_close(pooled_cls, pooled, atol=2e-6, rtol=0)
+
+
 def test_all_padding_row_is_finite(minilm):
     """A row with no real token (batch padding) must not produce NaN (it would poison the loss)."""
     params, cfg, tok = minilm

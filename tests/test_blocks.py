@@ -194,6 +194,34 @@ def test_decoder_is_causal(positional, norm_first):
         assert not torch.allclose(out[:, t + 1], base[:, t + 1], atol=1e-4)  # ... but does change t+1
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_block_queries_compute_exactly_those_rows(norm_first):
+    """``queries=slice`` skips the other rows' attention and FFN; the rows it keeps are the full
+    block's, with a padding mask, a per-query mask and an additive per-query bias all present."""
+    cfg = cfg_for(norm_first=norm_first)
+    p = perturb(fnlm.init_encoder_block(random.key(0), cfg), random.key(1))
+    x = randn(3, 6, D, seed=2, dtype=torch.float64)
+    p = tree_map(lambda t: t.double(), p)
+    kw = dict(key_padding_mask=lengths_mask([6, 4, 2], 6), mask=randn(6, 6, seed=3) > -1.0,
+              bias=randn(H, 6, 6, seed=4, dtype=torch.float64))
+    full = fnlm.encoder_block(p, x, cfg, **kw)
+    for rows in (slice(0, 1), slice(2, 5), slice(None)):
+        got = fnlm.encoder_block(p, x, cfg, queries=rows, **kw)
+        assert got.shape == full[:, rows].shape
+        torch.testing.assert_close(got, full[:, rows], atol=1e-12, rtol=0)
+    with pytest.raises(TypeError, match="queries must be a slice"):
+        fnlm.encoder_block(p, x, cfg, queries=0)
+
+
+def test_encoder_last_queries_equals_the_full_stack_rows():
+    cfg = cfg_for(positional="relative", n_layers=3)
+    params = fnlm.init_transformer(random.key(0), cfg)["encoder"]
+    x, kpm = randn(2, 7, D, seed=1), lengths_mask([7, 3], 7)
+    full = fnlm.encoder(params, x, cfg, key_padding_mask=kpm)
+    cls = fnlm.encoder(params, x, cfg, key_padding_mask=kpm, last_queries=slice(0, 1))
+    torch.testing.assert_close(cls, full[:, :1], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("positional", ["sinusoidal", "learned", "relative"])
 def test_padded_tokens_have_no_effect(positional):
     cfg = cfg_for(positional=positional)

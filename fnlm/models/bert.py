@@ -340,11 +340,15 @@ def bert(
     token_type_ids: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    pooled_only: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``(last_hidden [*batch, len, H], pooled [*batch, H])``.
 
     ``h = Encoder(Embed(ids))`` with fnlm's post-LN blocks; ``pooled = tanh(h_0 W_p + b_p)`` on
-    the first ([CLS]) token (``None`` if ``params`` has no pooler). ``attention_mask``
+    the first ([CLS]) token (``None`` if ``params`` has no pooler). ``pooled_only=True``: compute
+    only what ``pooled`` needs, so the last layer runs for the [CLS] query alone (all tokens are
+    still its keys and values) and ``last_hidden`` is ``[*batch, 1, H]``, the [CLS] row; same
+    values, about ``1/num_hidden_layers`` of the work saved (what a classifier wants). ``attention_mask``
     ``[*batch, len]`` (1/True = real token, 0 = padding) stops attention *to* padded keys; padded
     query positions are still computed (as in HF) and are just ignored downstream. A row with no
     real token at all (a batch-padding row) attends to every position, so its outputs stay finite
@@ -359,7 +363,8 @@ def bert(
         mask = mask | ~mask.any(-1, keepdim=True)  # all-padding rows: no -inf-only softmax (NaN)
     k_emb, k_enc = split_or_none(key, 2)
     x = bert_embeddings(params["embeddings"], input_ids, cfg, token_type_ids=token_type_ids, key=k_emb, train=train)
-    h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=mask, key=k_enc, train=train)
+    h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=mask, key=k_enc, train=train,
+                last_queries=slice(0, 1) if pooled_only else None)
     pooled = torch.tanh(linear(params["pooler"], h[..., 0, :])) if "pooler" in params else None
     return h, pooled
 
@@ -375,10 +380,11 @@ def bert_classifier(
     train: bool = False,
 ) -> Tensor:
     """``logits = Dropout(pooled) W_c + b_c``: ``[*batch, num_labels]`` (``BertForSequenceClassification``;
-    the dropout rate is ``classifier_dropout``, else ``hidden_dropout_prob``)."""
+    the dropout rate is ``classifier_dropout``, else ``hidden_dropout_prob``). Only the [CLS] row
+    reaches the logits, so the last layer computes that row alone (``bert(..., pooled_only=True)``)."""
     k_bert, k_drop = split_or_none(key, 2)
     _, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, key=k_bert, train=train)
+                     token_type_ids=token_type_ids, key=k_bert, train=train, pooled_only=True)
     if pooled is None:
         raise ValueError("bert_classifier needs a pooler: params['bert'] has no 'pooler'")
     p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
