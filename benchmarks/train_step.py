@@ -8,6 +8,11 @@ warmup/decay + gradient clipping at 1.0::
     python benchmarks/train_step.py --steps 20 --warmup 3
     python benchmarks/train_step.py --device cuda --dtype bf16 --model bert-base   # GPU (untested here)
 
+Variants: ``compiled`` (the whole step in one ``torch.compile`` graph), ``eager`` (the same pure
+step, not compiled), ``hf`` (``BertForSequenceClassification`` + ``torch.optim.AdamW``) and, with
+``--only``, ``compiled-full``: the compiled step with the last layer computed at every position, as
+HF does, instead of at [CLS] only (the pooler reads nothing else), to show what that part is worth.
+
 Warm-up steps (which include ``torch.compile``'s compilation) are not timed. ``--dtype bf16``
 means bf16 autocast for the forward pass (float32 master weights and optimizer) for fnlm and HF.
 Prints samples/s per variant, the ratio compiled fnlm / HF, and (on GPU) a model-FLOPs
@@ -29,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fnlm import optim, random  # noqa: E402
-from fnlm.models.bert import BertConfig, classifier_loss, init_bert_classifier  # noqa: E402
+from fnlm.dropout import dropout as fnlm_dropout  # noqa: E402
+from fnlm.linear import linear  # noqa: E402
+from fnlm.losses import cross_entropy  # noqa: E402
+from fnlm.models.bert import BertConfig, bert, classifier_loss, init_bert_classifier  # noqa: E402
 from fnlm.train import make_train_step  # noqa: E402
 from fnlm.tree import num_params, tree_map  # noqa: E402
 
@@ -113,12 +121,23 @@ def main(argv=None):
     def loss_fn(p, b, key):
         return classifier_loss(p, b, cfg, key=key, train=True)
 
+    def loss_full(p, b, key):  # bert_classifier, but every position through the last layer
+        k_bert, k_drop = random.split(key)
+        _, pooled = bert(p["bert"], b["input_ids"], cfg, attention_mask=b["attention_mask"], key=k_bert,
+                         train=True)
+        logits = linear(p["classifier"], fnlm_dropout(pooled, cfg.hidden_dropout_prob, key=k_drop, train=True))
+        return cross_entropy(logits, b["labels"]), {}
+
     runners = {}
     variants = args.only.split(",")
-    for name in ("compiled", "eager"):
+    unknown = set(variants) - {"compiled", "compiled-full", "eager", "hf"}
+    if unknown:
+        ap.error(f"--only: unknown variants {sorted(unknown)}")
+    for name in ("compiled", "compiled-full", "eager"):
         if name not in variants:
             continue
-        step = make_train_step(loss_fn, opt, compile=(name == "compiled"), autocast_dtype=autocast,
+        step = make_train_step(loss_full if name == "compiled-full" else loss_fn, opt,
+                               compile=name.startswith("compiled"), autocast_dtype=autocast,
                                lr_schedule=schedule)
         state = {"p": params, "s": opt.init(params), "k": random.key(1)}
 
@@ -181,6 +200,8 @@ def main(argv=None):
     hf_key = HF
     if "fnlm compiled" in results and hf_key in results:
         print(f"\ncompiled fnlm / HF eager throughput: {results[hf_key][0] / results['fnlm compiled'][0]:.2f}x")
+    if "fnlm compiled-full" in results and hf_key in results:
+        print(f"compiled fnlm, full last layer / HF: {results[hf_key][0] / results['fnlm compiled-full'][0]:.2f}x")
     if "fnlm eager" in results and hf_key in results:
         print(f"eager fnlm / HF eager throughput:    {results[hf_key][0] / results['fnlm eager'][0]:.2f}x")
 
