@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--no-compile", action="store_true", help="run the steps eagerly (no torch.compile)")
     g.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible compiled steps (torch deterministic algorithms): the same --seed "
-                   "gives the very same run; ~15%% slower on CPU and bypasses the compile cache. Without it "
+                   "gives the very same run; steps 0-15%% slower on CPU, and every run compiles (no compile cache). Without it "
                    "runs agree to float rounding (Inductor sums repeated ids' embedding gradients atomically)")
     g.add_argument("--out", type=Path, help="run directory (default runs/imdb-<timestamp>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
