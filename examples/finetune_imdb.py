@@ -4,7 +4,7 @@ fnlm's main example: a real checkpoint (all-MiniLM-L6-v2 by default), the real d
 compiled training step per sequence-length bucket, and a fine-tuned model that Hugging Face
 ``transformers`` loads as it is.
 
-    # laptop CPU (2 cores, 6.5-8 minutes): 2,000 training reviews, 1,000 test reviews, 1 epoch
+    # laptop CPU (2 cores, 5.5-7 minutes): 2,000 training reviews, 1,000 test reviews, 1 epoch
     python examples/finetune_imdb.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
 
     # the full dataset on a GPU (bf16 autocast): all 25,000 + 25,000 reviews, 512 tokens, 3 epochs
