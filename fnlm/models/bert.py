@@ -348,7 +348,7 @@ def bert(
     the first ([CLS]) token (``None`` if ``params`` has no pooler). ``pooled_only=True``: compute
     only what ``pooled`` needs, so the last layer runs for the [CLS] query alone (all tokens are
     still its keys and values) and ``last_hidden`` is ``[*batch, 1, H]``, the [CLS] row; same
-    values, about ``1/num_hidden_layers`` of the work saved (what a classifier wants). ``attention_mask``
+    values, most of one layer's work saved (what a classifier wants). ``attention_mask``
     ``[*batch, len]`` (1/True = real token, 0 = padding) stops attention *to* padded keys; padded
     query positions are still computed (as in HF) and are just ignored downstream. A row with no
     real token at all (a batch-padding row) attends to every position, so its outputs stay finite
