@@ -51,6 +51,7 @@ and returns ``metrics = {'loss', 'grad_norm' (= ||g||_2 before clipping), 'lr' (
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 import warnings
@@ -228,10 +229,7 @@ class TrainStep:
                                      f"micro-batch axis of size {self.accum_steps}, got shape "
                                      f"{tuple(getattr(x, 'shape', ()))}")
         calls, self.calls = self.calls, self.calls + 1
-        if self.deterministic:
-            with _Deterministic():
-                new_params, new_state, metrics = self.compiled(params, opt_state, batch, key)
-        else:
+        with _Deterministic() if self.deterministic else contextlib.nullcontext():
             new_params, new_state, metrics = self.compiled(params, opt_state, batch, key)
         if self.nonfinite != "ignore" and not bool(metrics["finite"]):  # the one host sync per step
             count = find_step_count(opt_state)  # the caller's state is untouched: updates done before
