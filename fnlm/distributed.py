@@ -25,6 +25,7 @@ e.g. ``fold_in(step_key, rank)``, or all ranks drop the same units.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -55,8 +56,21 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
 
 
 def destroy_distributed() -> None:
+    """Leave the process group; call it on every rank at the end of the run.
+
+    Why more than ``destroy_process_group``: a gloo worker thread frees a finished collective's
+    tensors just *after* the collective returns, and freeing a tensor that Python has seen takes
+    the GIL. If the interpreter is already shutting down when the thread asks for the GIL, Python
+    kills the thread inside C++ and the process aborts (SIGABRT, "terminate called without an
+    active exception"; half the runs of ``examples/ddp_train.py`` on a 2-core machine). The
+    threads outlive ``destroy_process_group`` once a collective has been traced or run through
+    the functional API, so they cannot be joined. Instead every rank waits at a barrier and then
+    sleeps a moment, both with the GIL released, so the threads finish before Python exits.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        time.sleep(0.05)
 
 
 def world_size() -> int:
