@@ -34,10 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fnlm import optim, random  # noqa: E402
-from fnlm.dropout import dropout as fnlm_dropout  # noqa: E402
-from fnlm.linear import linear  # noqa: E402
 from fnlm.losses import cross_entropy  # noqa: E402
-from fnlm.models.bert import BertConfig, bert, classifier_loss, init_bert_classifier  # noqa: E402
+from fnlm.models.bert import BertConfig, bert_classifier, classifier_loss, init_bert_classifier  # noqa: E402
 from fnlm.train import make_train_step  # noqa: E402
 from fnlm.tree import num_params, tree_map  # noqa: E402
 
@@ -121,11 +119,9 @@ def main(argv=None):
     def loss_fn(p, b, key):
         return classifier_loss(p, b, cfg, key=key, train=True)
 
-    def loss_full(p, b, key):  # bert_classifier, but every position through the last layer
-        k_bert, k_drop = random.split(key)
-        _, pooled = bert(p["bert"], b["input_ids"], cfg, attention_mask=b["attention_mask"], key=k_bert,
-                         train=True)
-        logits = linear(p["classifier"], fnlm_dropout(pooled, cfg.hidden_dropout_prob, key=k_drop, train=True))
+    def loss_full(p, b, key):  # every position through the last layer, as HF computes it
+        logits = bert_classifier(p, b["input_ids"], cfg, attention_mask=b["attention_mask"], key=key, train=True,
+                                 pooled_only=False)
         return cross_entropy(logits, b["labels"]), {}
 
     runners = {}

@@ -268,6 +268,16 @@ def test_compile_fullgraph_equals_eager(tiny_classifier):
         assert torch.allclose(a_c["accuracy"], a_e["accuracy"])
 
 
+def test_classifier_pooled_only_false_runs_the_full_last_layer_to_the_same_logits(tiny_classifier):
+    params, cfg, _ = tiny_classifier
+    b = batch_for(cfg, seed=3)
+    kw = dict(attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"])
+    cls_only = bert_classifier(params, b["input_ids"], cfg, **kw)
+    full = bert_classifier(params, b["input_ids"], cfg, **kw, pooled_only=False)
+    assert full.shape == cls_only.shape == (b["input_ids"].shape[0], cfg.num_labels)
+    torch.testing.assert_close(full, cls_only, atol=2e-6, rtol=0)
+
+
 def test_dropout_keys(tiny_classifier):
     params, cfg, _ = tiny_classifier
     b = batch_for(cfg, seed=5)

@@ -378,13 +378,15 @@ def bert_classifier(
     token_type_ids: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    pooled_only: bool = True,
 ) -> Tensor:
     """``logits = Dropout(pooled) W_c + b_c``: ``[*batch, num_labels]`` (``BertForSequenceClassification``;
     the dropout rate is ``classifier_dropout``, else ``hidden_dropout_prob``). Only the [CLS] row
-    reaches the logits, so the last layer computes that row alone (``bert(..., pooled_only=True)``)."""
+    reaches the logits, so the last layer computes that row alone (``bert(..., pooled_only=True)``);
+    ``pooled_only=False`` runs it at every position, as HF does: same logits, more work."""
     k_bert, k_drop = split_or_none(key, 2)
     _, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, key=k_bert, train=train, pooled_only=True)
+                     token_type_ids=token_type_ids, key=k_bert, train=train, pooled_only=pooled_only)
     if pooled is None:
         raise ValueError("bert_classifier needs a pooler: params['bert'] has no 'pooler'")
     p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
