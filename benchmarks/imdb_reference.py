@@ -30,14 +30,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 _spec = importlib.util.spec_from_file_location("finetune_imdb", ROOT / "examples" / "finetune_imdb.py")
 ft = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ft)  # the example's own data pipeline: the reference sees the same batches
 
-from fnlm.data import bucket_lengths, choose_buckets, make_batches  # noqa: E402
-from fnlm.data.imdb import html_clean  # noqa: E402
-from fnlm.tokenizer import load_tokenizer  # noqa: E402
+from fnlm.data import bucket_lengths, choose_buckets, make_batches
+from fnlm.data import html_clean
+from fnlm.data import load_tokenizer
 
 SHARED = ["train_size", "test_size", "max_len", "truncation", "buckets", "epochs", "batch_size", "lr",
           "warmup", "weight_decay", "clip", "seed"]

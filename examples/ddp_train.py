@@ -13,18 +13,15 @@ the end the processes check that they hold bitwise the same parameters.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fnlm  # noqa: E402
-from fnlm import optim, random  # noqa: E402
-from fnlm.distributed import all_equal, all_reduce_mean, broadcast_params, destroy_distributed, init_distributed  # noqa: E402
-from fnlm.train import make_train_step  # noqa: E402
-from fnlm.tree import tree_map  # noqa: E402
+import fnlm
+from fnlm import optim, random
+from fnlm.train.distributed import all_equal, all_reduce_mean, broadcast_params, destroy_distributed, init_distributed
+from fnlm.train import make_train_step
+from fnlm.tree import tree_map
 
 CFG = fnlm.TransformerConfig(d_model=32, n_heads=4, d_ff=64, n_layers=2, src_vocab_size=16, max_len=16,
                              dropout=0.1, positional="learned")

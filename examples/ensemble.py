@@ -3,7 +3,7 @@
     python examples/ensemble.py            # ~30 s on 2 CPU cores (most of it compilation)
     python examples/ensemble.py --no-compile
 
-Two uses of the same machinery (:func:`fnlm.vmap_tricks.make_ensemble_step`):
+Two uses of the same machinery (:func:`fnlm.train.make_ensemble_step`):
 
 1. a deep ensemble: 8 MLPs from 8 seeds, each with its own dropout keys, trained together; the
    averaged prediction beats the typical member;
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fnlm  # noqa: E402
-from fnlm import optim, random  # noqa: E402
-from fnlm.train import make_train_step  # noqa: E402
-from fnlm.tree import tree_stack, tree_unstack  # noqa: E402
-from fnlm.vmap_tricks import make_ensemble_step  # noqa: E402
+import fnlm
+from fnlm import optim, random
+from fnlm.train import make_train_step
+from fnlm.tree import tree_stack, tree_unstack
+from fnlm.train import make_ensemble_step
 
 
 def spirals(key, n):

@@ -33,18 +33,12 @@ from pathlib import Path
 
 import torch
 
-try:
-    import fnlm
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import fnlm
+import fnlm
 from fnlm import optim, random
-from fnlm.data import DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, load_imdb_splits, make_batches, subset
-from fnlm.data.imdb import html_clean
-from fnlm.hub import ensure_minilm
-from fnlm.io import CheckpointError, atomic_dir, write_json
-from fnlm.models import bert_classifier, classifier_loss, load_bert, save_bert
-from fnlm.tokenizer import load_tokenizer
+from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, html_clean,
+                       load_imdb_splits, load_tokenizer, make_batches, subset)
+from fnlm.io import CheckpointError, atomic_dir, ensure_minilm, write_json
+from fnlm.models import bert_classifier, bert_config_to_hf, classifier_loss, load_bert, save_bert
 from fnlm.train import make_eval_step, make_train_step
 from fnlm.tree import cast, num_params
 
@@ -146,8 +140,7 @@ def load_checkpoint(path: Path, *, max_len: int, head_key=None):
     if not (path / "config.json").is_file():
         raise CliError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
     try:
-        params, cfg = load_bert(path, head="classifier", num_labels=len(LABELS),
-                                init_missing_head=head_key if head_key is not None else False)
+        params, cfg = load_bert(path, head="classifier", num_labels=len(LABELS), head_key=head_key)
         tokenizer = load_tokenizer(path)
     except (CheckpointError, ValueError, TypeError, OSError) as e:
         raise CliError(str(e)) from None
@@ -289,7 +282,7 @@ def train(args) -> int:
         "wall_seconds": time.time() - t_start,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"max_len": max_len},
         "train_size": n_train, "test_size": n_test, "steps": step, "buckets": buckets,
-        "model_config": cfg.to_hf_dict("classifier"),
+        "model_config": bert_config_to_hf(cfg, "classifier"),
         "environment": {"device": str(device), "autocast": str(autocast), "compiled": compile_,
                         "torch": torch.__version__, "fnlm": fnlm.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},

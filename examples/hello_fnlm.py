@@ -17,15 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-try:
-    import fnlm
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import fnlm
+import fnlm
 import fnlm.optim as optim
 from fnlm import random
 

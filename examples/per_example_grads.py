@@ -13,18 +13,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fnlm  # noqa: E402
-from fnlm import optim, random  # noqa: E402
-from fnlm.train import make_train_step  # noqa: E402
-from fnlm.vmap_tricks import make_dp_sgd_step, per_example_grad_norms, per_example_grads  # noqa: E402
+import fnlm
+from fnlm import optim, random
+from fnlm.train import make_train_step
+from fnlm.train import make_dp_sgd_step, per_example_grad_norms, per_example_grads
 
 CFG = fnlm.TransformerConfig(d_model=32, n_heads=4, d_ff=64, n_layers=1, src_vocab_size=20, max_len=16, dropout=0.0)
 N, LEN = 256, 10

@@ -81,6 +81,11 @@ def split(key: Key, num: int = 2) -> Tensor:
     return _mix(key, i, _SPLIT).reshape(*key.shape[:-1], num, 2)
 
 
+def split_or_none(key: Key | None, num: int) -> list:
+    """``num`` sub-keys, or ``num`` Nones when there is no key (evaluation: no dropout)."""
+    return [None] * num if key is None else list(split(key, num))
+
+
 def fold_in(key: Key, data: int | Tensor) -> Key:
     """A new key that depends on ``key`` and an integer (e.g. the step number)."""
     _check_key(key)

@@ -12,6 +12,8 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 PyTree = Any
+#: A layer's or a model's parameters: a (nested) dict whose leaves are tensors.
+Params = dict[str, Any]
 
 tree_map = pytree.tree_map  # tree_map(f, tree, *more_trees_of_the_same_structure)
 tree_leaves = pytree.tree_leaves

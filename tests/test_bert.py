@@ -19,6 +19,8 @@ from fnlm.models import (
     BertConfig,
     bert,
     bert_classifier,
+    bert_config_from_hf,
+    bert_config_to_hf,
     bert_mlm,
     classifier_loss,
     init_bert,
@@ -27,6 +29,7 @@ from fnlm.models import (
     load_bert,
     mask_tokens,
     mlm_loss,
+    read_bert_config,
     save_bert,
 )
 from fnlm.train import compile_fn
@@ -44,7 +47,7 @@ SENTENCES = [
 
 
 def hf_config(cfg: BertConfig, **kw) -> "transformers.BertConfig":
-    """The same hyper-parameters as a transformers config (written independently of to_hf_dict)."""
+    """The same hyper-parameters as a transformers config (written independently of bert_config_to_hf)."""
     return transformers.BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
@@ -390,7 +393,7 @@ def test_init_matches_hf_scheme():
 
 
 def test_config_from_hf_json(minilm_dir):
-    cfg = BertConfig.from_json(minilm_dir / "config.json")
+    cfg = read_bert_config(minilm_dir / "config.json")
     raw = json.loads((minilm_dir / "config.json").read_text())
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (
         raw["hidden_size"], raw["num_hidden_layers"], raw["num_attention_heads"], raw["intermediate_size"])
@@ -400,30 +403,30 @@ def test_config_from_hf_json(minilm_dir):
         384, 12, 1536, 6, False, False, 512)
     assert (t.dropout, t.attention_dropout, t.activation, t.layer_norm_eps, t.init_std) == (0.1, 0.1, "gelu", 1e-12, 0.02)
     hash(cfg)  # hashable: a constant for torch.compile
-    # to_hf_dict round-trips through transformers and back
-    hf = transformers.BertConfig.from_dict(cfg.to_hf_dict("classifier"))
+    # bert_config_to_hf round-trips through transformers and back
+    hf = transformers.BertConfig.from_dict(bert_config_to_hf(cfg, "classifier"))
     assert hf.model_type == "bert" and hf.architectures == ["BertForSequenceClassification"]
     assert hf.hidden_size == 384 and hf.num_labels == 2 and hf.layer_norm_eps == 1e-12
-    assert BertConfig.from_dict(hf.to_dict()) == cfg
+    assert bert_config_from_hf(hf.to_dict()) == cfg
     labelled = dataclasses.replace(cfg, num_labels=3, id2label=("neg", "neu", "pos"))
-    back = BertConfig.from_dict(transformers.BertConfig.from_dict(labelled.to_hf_dict("classifier")).to_dict())
+    back = bert_config_from_hf(transformers.BertConfig.from_dict(bert_config_to_hf(labelled, "classifier")).to_dict())
     assert back == labelled
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="position_embedding_type"):
-        BertConfig.from_dict({"position_embedding_type": "relative_key"})
+        bert_config_from_hf({"position_embedding_type": "relative_key"})
     with pytest.raises(ValueError, match="divisible"):
         BertConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match="hidden_act"):
         BertConfig(hidden_act="swish")
     with pytest.raises(ValueError, match="model_type"):
-        BertConfig.from_dict({"model_type": "roberta"})
+        bert_config_from_hf({"model_type": "roberta"})
     with pytest.raises(ValueError, match="is_decoder"):
-        BertConfig.from_dict({"is_decoder": True})
+        bert_config_from_hf({"is_decoder": True})
     with pytest.raises(ValueError, match="hidden_dropout_prob"):
         BertConfig(hidden_dropout_prob=1.0)
-    assert BertConfig.from_dict({"hidden_size": 64, "num_attention_heads": 2, "some_new_key": 1}).hidden_size == 64
+    assert bert_config_from_hf({"hidden_size": 64, "num_attention_heads": 2, "some_new_key": 1}).hidden_size == 64
 
 
 def test_bad_inputs_raise_value_error():

@@ -30,7 +30,7 @@ from fnlm.models import (
     load_bert,
     save_bert,
 )
-from fnlm.models import bert_hf
+from fnlm.models import _bert_hf as bert_hf
 from fnlm.tree import flatten_names, tree_leaves, tree_map, tree_structure
 
 transformers = pytest.importorskip("transformers")
@@ -202,16 +202,16 @@ def test_missing_head_and_pooler(hf_saved):
     d, _ = hf_saved["l1h2_gelu_tt2", "none"]
     with pytest.raises(CheckpointError, match="classifier.weight") as e:
         load_bert(d, head="classifier")
-    assert "init_missing_head" in str(e.value) and "model.safetensors" in str(e.value)
-    params, cfg = load_bert(d, head="classifier", num_labels=4, init_missing_head=True, key=random.key(0))
+    assert "head_key" in str(e.value) and "model.safetensors" in str(e.value)
+    params, cfg = load_bert(d, head="classifier", num_labels=4, head_key=random.key(0))
     assert params["classifier"]["weight"].shape == (cfg.hidden_size, 4) and cfg.num_labels == 4
     fresh = init_bert_classifier(random.key(0), cfg)
     assert tree_structure(tree_map(lambda t: 0, params)) == tree_structure(tree_map(lambda t: 0, fresh))
-    same, _ = load_bert(d, head="classifier", num_labels=4, init_missing_head=random.key(0))
+    same, _ = load_bert(d, head="classifier", num_labels=4, head_key=random.key(0))
     assert torch.equal(same["classifier"]["weight"], params["classifier"]["weight"])
-    with pytest.raises(ValueError, match="key"):
-        load_bert(d, head="classifier", init_missing_head=True)
-    mlm, _ = load_bert(d, head="mlm", init_missing_head=random.key(1))
+    with pytest.raises((ValueError, TypeError), match="key"):
+        load_bert(d, head="classifier", head_key=True)
+    mlm, _ = load_bert(d, head="mlm", head_key=random.key(1))
     assert torch.equal(mlm["mlm"]["bias"], torch.zeros(cfg.vocab_size))
     # an MLM checkpoint has no pooler: a bare model needs it unless pooler=False
     d, _ = hf_saved["l1h2_gelu_tt2", "mlm"]

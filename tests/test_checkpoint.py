@@ -13,7 +13,7 @@ import torch
 
 import fnlm
 from fnlm import optim, random
-from fnlm.checkpoint import load_train_state, save_train_state
+from fnlm.train import load_train_state, save_train_state
 from fnlm.io import CheckpointError, read_safetensors
 from fnlm.tree import tree_flatten, tree_leaves
 
@@ -66,7 +66,7 @@ def test_save_replaces_atomically_and_failures_leave_the_old_checkpoint(tmp_path
     params, _, step, _, _ = load_train_state(tmp_path / "ckpt")
     assert step == 2 and torch.equal(params["w"], torch.full((3,), 2.0))
 
-    import fnlm.checkpoint as ck
+    from fnlm.train import _checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -110,7 +110,7 @@ TRAIN_SCRIPT = textwrap.dedent('''
     import sys, torch
     import fnlm
     from fnlm import optim, random
-    from fnlm.checkpoint import load_train_state, save_train_state
+    from fnlm.train import load_train_state, save_train_state
     from fnlm.train import make_train_step
 
     CFG = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=32, n_layers=1, src_vocab_size=13,

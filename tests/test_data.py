@@ -24,8 +24,8 @@ from fnlm.data import (
     padding_efficiency,
     subset,
 )
-from fnlm.data import imdb as imdb_mod
-from fnlm.losses import cross_entropy
+from fnlm.data import _imdb as imdb_mod
+from fnlm.nn import cross_entropy
 
 # (split, sentiment, id, rating) -> text. Ids chosen so numeric and string order differ.
 TINY = {

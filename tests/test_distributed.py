@@ -47,7 +47,7 @@ def worker(rank, world, port, out_dir, compile):
     torch.set_num_threads(1)
     from torch._dynamo.utils import counters
 
-    from fnlm.distributed import all_reduce_mean, broadcast_params, destroy_distributed, init_distributed
+    from fnlm.train.distributed import all_reduce_mean, broadcast_params, destroy_distributed, init_distributed
     from fnlm.io import write_safetensors
 
     r, w, _ = init_distributed()
@@ -102,7 +102,7 @@ def test_two_gloo_processes_with_half_batches_match_one_process(tmp_path, compil
 
 
 def test_single_process_helpers_are_no_ops():
-    from fnlm.distributed import all_equal, all_reduce_mean, broadcast_params, init_distributed
+    from fnlm.train.distributed import all_equal, all_reduce_mean, broadcast_params, init_distributed
 
     if "WORLD_SIZE" in os.environ:
         pytest.skip("running under torchrun")

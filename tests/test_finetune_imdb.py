@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fnlm.models import bert_classifier, load_bert
-from fnlm.tokenizer import load_tokenizer
+from fnlm.data import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_imdb.py"

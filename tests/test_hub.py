@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from fnlm import hub
+from fnlm.io import _hub as hub
 
 ROOT = Path(__file__).resolve().parents[1]
 

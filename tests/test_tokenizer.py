@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from fnlm.tokenizer import WordPieceTokenizer, load_tokenizer
+from fnlm.data import WordPieceTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

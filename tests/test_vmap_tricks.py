@@ -8,7 +8,7 @@ import fnlm
 from fnlm import optim, random
 from fnlm.train import make_train_step
 from fnlm.tree import flatten_names, tree_leaves, tree_map, tree_stack, tree_unstack
-from fnlm.vmap_tricks import dp_aggregate, make_dp_sgd_step, make_ensemble_step, per_example_grad_norms, per_example_grads
+from fnlm.train import dp_aggregate, make_dp_sgd_step, make_ensemble_step, per_example_grad_norms, per_example_grads
 
 ENC = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=24, n_layers=1, src_vocab_size=17, max_len=12, dropout=0.0)
 

@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing fnlm
-
-from fnlm.hub import download_hf, ensure_minilm  # noqa: E402
+from fnlm.io import download_hf, ensure_minilm
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
-"""Data: the IMDb sentiment dataset and length-bucketed batching."""
-from fnlm.data.batching import bucket_lengths, choose_buckets, make_batches, padding_efficiency
-from fnlm.data.imdb import (
+"""Data: the IMDb sentiment dataset, length-bucketed batching, and the WordPiece tokenizer."""
+from fnlm.data._batching import bucket_lengths, choose_buckets, make_batches, padding_efficiency
+from fnlm.data._imdb import (
     IMDB_SHA256,
     IMDB_URL,
     DatasetError,
@@ -12,9 +12,10 @@ from fnlm.data.imdb import (
     load_imdb_splits,
     subset,
 )
+from fnlm.data._tokenizer import WordPieceTokenizer, build_bert_tokenizer, load_tokenizer
 
 __all__ = [
-    "IMDB_SHA256", "IMDB_URL", "DatasetError", "DownloadError", "IMDb", "bucket_lengths", "choose_buckets",
-    "download_imdb", "html_clean", "load_imdb", "load_imdb_splits", "make_batches",
-    "padding_efficiency", "subset",
+    "IMDB_SHA256", "IMDB_URL", "DatasetError", "DownloadError", "IMDb", "WordPieceTokenizer", "bucket_lengths",
+    "build_bert_tokenizer", "choose_buckets", "download_imdb", "html_clean", "load_imdb", "load_imdb_splits",
+    "load_tokenizer", "make_batches", "padding_efficiency", "subset",
 ]

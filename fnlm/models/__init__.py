@@ -1,5 +1,7 @@
-"""Models built from fnlm's core layers, with Hugging Face checkpoint mapping."""
-from fnlm.models.bert import (
+"""Models built from :mod:`fnlm.nn`: the encoder–decoder Transformer and BERT (with its Hugging
+Face checkpoint mapping). Each model is a private module of maths (``_bert.py``) beside one of
+checkpoint I/O (``_bert_hf.py``); every public name is re-exported here."""
+from fnlm.models._bert import (
     BertConfig,
     bert,
     bert_classifier,
@@ -15,24 +17,19 @@ from fnlm.models.bert import (
     mask_tokens,
     mlm_loss,
 )
-from fnlm.models.bert_hf import load_bert, param_mapping, save_bert
+from fnlm.models._bert_hf import (
+    bert_config_from_hf,
+    bert_config_to_hf,
+    load_bert,
+    param_mapping,
+    read_bert_config,
+    save_bert,
+)
+from fnlm.models._transformer import decode, embed, encode, greedy_decode, init_transformer, transformer
 
 __all__ = [
-    "BertConfig",
-    "bert",
-    "bert_classifier",
-    "bert_embeddings",
-    "bert_mlm",
-    "classifier_loss",
-    "init_bert",
-    "init_bert_classifier",
-    "init_bert_embeddings",
-    "init_bert_mlm",
-    "init_classifier_head",
-    "init_mlm_head",
-    "load_bert",
-    "mask_tokens",
-    "mlm_loss",
-    "param_mapping",
-    "save_bert",
+    "BertConfig", "bert", "bert_classifier", "bert_config_from_hf", "bert_config_to_hf", "bert_embeddings",
+    "bert_mlm", "classifier_loss", "decode", "embed", "encode", "greedy_decode", "init_bert",
+    "init_bert_classifier", "init_bert_embeddings", "init_bert_mlm", "init_classifier_head", "init_mlm_head",
+    "init_transformer", "load_bert", "mask_tokens", "mlm_loss", "param_mapping", "read_bert_config", "save_bert", "transformer",
 ]

@@ -30,34 +30,11 @@ from typing import Any, Callable, NamedTuple, Union
 import torch
 from torch import Tensor
 
+from fnlm.optim._schedules import ScalarOrSchedule, Schedule, _check_lr
 from fnlm.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_map_with_name, tree_unflatten
 
-Schedule = Callable[[Tensor], Tensor]  # int64 step tensor -> float64 lr tensor
-ScalarOrSchedule = Union[float, Schedule]
 Mask = Union[PyTree, Callable[[PyTree], PyTree], None]
 
-__all__ = [
-    "GradientTransformation",
-    "EmptyState",
-    "ScaleByScheduleState",
-    "SgdState",
-    "AdamState",
-    "apply_updates",
-    "global_norm",
-    "chain",
-    "identity",
-    "scale",
-    "scale_by_schedule",
-    "add_decayed_weights",
-    "clip_by_global_norm",
-    "sgd",
-    "adam",
-    "adamw",
-    "default_decay_mask",
-    "constant",
-    "linear_warmup_linear_decay",
-    "cosine",
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,15 +89,6 @@ def _zero_count(params: PyTree) -> Tensor:
     leaves = [x for x in tree_leaves(params) if isinstance(x, Tensor)]
     device = leaves[0].device if leaves else None
     return torch.zeros((), dtype=torch.int64, device=device)
-
-
-def _check_lr(name: str, lr: ScalarOrSchedule) -> None:
-    if callable(lr):
-        return
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"{name}: expected a float or a schedule (callable step -> lr), got {type(lr).__name__}")
-    if lr < 0:
-        raise ValueError(f"{name}: expected lr >= 0, got {lr}")
 
 
 def _lr_at(lr: ScalarOrSchedule, count: Tensor) -> float | Tensor:
@@ -394,70 +362,3 @@ def adamw(
     The default, :func:`default_decay_mask`, decays only leaves named ``weight``.
     """
     return _adam_like("adamw", lr, b1, b2, eps, weight_decay, mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Schedules: pure float64 tensor functions of the int64 step (branch-free, so they compile)
-# --------------------------------------------------------------------------------------------
-
-
-def _step_f64(step: Tensor) -> Tensor:
-    if not isinstance(step, Tensor):
-        step = torch.as_tensor(step)
-    return step.to(torch.float64)
-
-
-def constant(lr: float) -> Schedule:
-    """``lr(s) = lr`` (any float: also usable as a constant factor in :func:`scale_by_schedule`)."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"lr: expected a float, got {type(lr).__name__}")
-    value = float(lr)
-    return lambda step: torch.full_like(_step_f64(step), value)
-
-
-def linear_warmup_linear_decay(peak_lr: float, warmup_steps: int, total_steps: int) -> Schedule:
-    """HF ``get_linear_schedule_with_warmup``::
-
-        lr(s) = peak * s / warmup                                  for s < warmup
-        lr(s) = peak * max(0, (total - s) / (total - warmup))      otherwise
-    """
-    _check_lr("peak_lr", peak_lr)
-    if warmup_steps < 0 or total_steps < 0:
-        raise ValueError(f"warmup_steps/total_steps: expected >= 0, got {warmup_steps}, {total_steps}")
-    peak, warmup, total = float(peak_lr), int(warmup_steps), int(total_steps)
-
-    def schedule(step: Tensor) -> Tensor:
-        s = _step_f64(step)
-        warm = s / float(max(1, warmup))
-        decay = torch.clamp((total - s) / float(max(1, total - warmup)), min=0.0)
-        return peak * torch.where(s < warmup, warm, decay)
-
-    return schedule
-
-
-def cosine(peak_lr: float, total_steps: int, warmup_steps: int = 0, final_lr: float = 0.0) -> Schedule:
-    """Linear warmup then half-cosine decay from ``peak_lr`` to ``final_lr`` (HF
-    ``get_cosine_schedule_with_warmup`` / ``get_cosine_with_min_lr_schedule_with_warmup``)::
-
-        lr(s) = peak * s / warmup                                                  for s < warmup
-        lr(s) = peak * (c (1 - r) + r),  c = (1 + cos(pi * p)) / 2,  r = final / peak,
-                p = min(1, (s - warmup) / (total - warmup))                          otherwise
-
-    Unlike HF, ``p`` is clamped at 1: past ``total_steps`` the lr stays at ``final_lr``.
-    """
-    _check_lr("peak_lr", peak_lr)
-    _check_lr("final_lr", final_lr)
-    if warmup_steps < 0 or total_steps < 0:
-        raise ValueError(f"warmup_steps/total_steps: expected >= 0, got {warmup_steps}, {total_steps}")
-    peak, final, warmup, total = float(peak_lr), float(final_lr), int(warmup_steps), int(total_steps)
-    rate = final / peak if peak != 0 else 0.0
-
-    def schedule(step: Tensor) -> Tensor:
-        s = _step_f64(step)
-        warm = s / float(max(1, warmup))
-        progress = torch.clamp((s - warmup) / float(max(1, total - warmup)), max=1.0)
-        c = 0.5 * (1.0 + torch.cos(math.pi * progress))
-        decay = torch.clamp(c * (1 - rate) + rate, min=0.0)
-        return peak * torch.where(s < warmup, warm, decay)
-
-    return schedule

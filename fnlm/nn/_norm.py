@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm._checks import check_last_dim
-
-Params = dict[str, Tensor]
 
 
 def init_layer_norm(d_model: int, dtype: torch.dtype = torch.float32) -> Params:

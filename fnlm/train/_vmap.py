@@ -18,8 +18,8 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from fnlm import random
-from fnlm.optim import GradientTransformation, apply_updates
-from fnlm.train import compile_fn, nonfinite_message, train_step_fn
+from fnlm.optim._transforms import GradientTransformation, apply_updates
+from fnlm.train._step import compile_fn, nonfinite_message, train_step_fn
 from fnlm.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten, tree_unstack
 
 

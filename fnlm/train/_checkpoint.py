@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnlm.io import CheckpointError, atomic_dir, read_safetensors, write_json, write_safetensors
+from fnlm.io._safetensors import CheckpointError, atomic_dir, read_safetensors, write_json, write_safetensors
 from fnlm.tree import PyTree
 
 FORMAT = "fnlm.train_state"

@@ -1,20 +1,16 @@
 """The Transformer decoder: masked self-attention, encoder–decoder attention, FFN (§3.1)."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
-from fnlm.attention import init_multi_head_attention, multi_head_attention
-from fnlm.config import TransformerConfig
-from fnlm.dropout import dropout
-from fnlm.encoder import split_or_none
-from fnlm.feedforward import feed_forward, init_feed_forward
-from fnlm.norm import init_layer_norm, layer_norm
-from fnlm.positional import init_relative_bias, relative_bias
-
-Params = dict[str, Any]
+from fnlm.nn._attention import init_multi_head_attention, multi_head_attention
+from fnlm.nn._config import TransformerConfig
+from fnlm.nn._feedforward import feed_forward, init_feed_forward
+from fnlm.nn._norm import init_layer_norm, layer_norm
+from fnlm.nn._sublayer import init_stack, sublayer
+from fnlm.nn._positional import init_relative_bias, relative_bias
 
 
 def init_decoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -51,8 +47,8 @@ def decoder_block(
 
     The causal mask (position ``i`` sees ``j <= i``) keeps predictions auto-regressive.
     """
-    ks = split_or_none(key, 5)
-    eps, p = cfg.layer_norm_eps, cfg.dropout
+    ks = random.split_or_none(key, 5)
+    residual = dict(norm_first=cfg.norm_first, eps=cfg.layer_norm_eps, rate=cfg.dropout, train=train)
 
     def self_attention(h):
         return multi_head_attention(params["self_attn"], h, causal=True, key_padding_mask=tgt_padding_mask,
@@ -66,21 +62,18 @@ def decoder_block(
         return feed_forward(params["ffn"], h, cfg.activation)
 
     sublayers = [(self_attention, "norm1", ks[2]), (cross_attention, "norm2", ks[3]), (ffn, "norm3", ks[4])]
-    for sublayer, norm, k in sublayers:
-        if cfg.norm_first:
-            y = y + dropout(sublayer(layer_norm(params[norm], y, eps)), p, key=k, train=train)
-        else:
-            y = layer_norm(params[norm], y + dropout(sublayer(y), p, key=k, train=train), eps)
+    for f, norm, k in sublayers:
+        y = sublayer(params[norm], y, f, key=k, **residual)
     return y
 
 
 def init_decoder(key: random.Key, cfg: TransformerConfig) -> Params:
-    keys = random.split(key, cfg.decoder_layers + 1)
-    params: Params = {"layers": [init_decoder_block(k, cfg) for k in keys[:-1]]}
+    k_layers, k_bias = random.split(key)
+    params: Params = {"layers": init_stack(k_layers, cfg.decoder_layers, lambda k: init_decoder_block(k, cfg))}
     if cfg.use_final_norm:
         params["norm"] = init_layer_norm(cfg.d_model)
     if cfg.positional == "relative":
-        params["relative_bias"] = init_relative_bias(keys[-1], cfg.n_heads, cfg.relative_buckets)
+        params["relative_bias"] = init_relative_bias(k_bias, cfg.n_heads, cfg.relative_buckets)
     return params
 
 
@@ -101,7 +94,7 @@ def decoder(
         n = y.shape[-2]
         self_bias = relative_bias(params["relative_bias"], n, n, bidirectional=False,
                                   max_distance=cfg.relative_max_distance)
-    for layer, k in zip(params["layers"], split_or_none(key, len(params["layers"]))):
+    for layer, k in zip(params["layers"], random.split_or_none(key, len(params["layers"]))):
         y = decoder_block(layer, y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
                           memory_padding_mask=memory_padding_mask, self_bias=self_bias, key=k, train=train)
     if "norm" in params:

@@ -5,7 +5,7 @@ BERT's encoder layer *is* fnlm's post-LN encoder block (``cfg.norm_first=False``
     x = LayerNorm(x + Dropout(MultiHead(x, x, x)))
     x = LayerNorm(x + Dropout(act(x W1 + b1) W2 + b2))
 
-so :func:`bert` only adds what is specific to BERT around :func:`fnlm.encoder.encoder`:
+so :func:`bert` only adds what is specific to BERT around :func:`fnlm.nn.encoder`:
 
 * embeddings: ``x_t = Dropout(LN(E[w_t] + S[s_t] + P[t]))`` (word, segment/token-type and
   learned absolute position tables, no ``sqrt(d_model)`` scaling);
@@ -14,39 +14,34 @@ so :func:`bert` only adds what is specific to BERT around :func:`fnlm.encoder.en
   ``logits = LN(act(h W_t + b_t)) E^T + b`` (decoder tied to the word embeddings).
 
 Params are plain pytrees (layout in :func:`init_bert`); hyper-parameters live in the frozen,
-hashable :class:`BertConfig`. :mod:`fnlm.models.bert_hf` maps Hugging Face checkpoints onto these
-trees and back.
+hashable :class:`BertConfig`. :mod:`fnlm.models._bert_hf` maps Hugging Face checkpoints (and ``config.json``) onto
+these trees and back.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import is_traced
-from fnlm.config import TransformerConfig
-from fnlm.dropout import dropout
-from fnlm.embedding import check_token_ids, embedding, init_embedding
-from fnlm.encoder import encoder, init_encoder, split_or_none
-from fnlm.feedforward import get_activation
-from fnlm.linear import init_linear, linear
-from fnlm.losses import accuracy, cross_entropy
-from fnlm.norm import init_layer_norm, layer_norm
-from fnlm.positional import check_length, init_learned_positional, learned_positional
-
-Params = dict[str, Any]
+from fnlm.nn._config import TransformerConfig
+from fnlm.nn._dropout import dropout
+from fnlm.nn._embedding import check_token_ids, embedding, init_embedding
+from fnlm.nn._encoder import encoder, init_encoder
+from fnlm.nn._feedforward import get_activation
+from fnlm.nn._linear import init_linear, linear
+from fnlm.nn._losses import accuracy, cross_entropy
+from fnlm.nn._norm import init_layer_norm, layer_norm
+from fnlm.nn._positional import check_length, init_learned_positional, learned_positional
 
 #: ``hidden_act`` values understood both by fnlm and by Hugging Face's ``ACT2FN``.
 HF_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 #: ``head`` names: a bare encoder, sequence classification, masked language modelling.
 HEADS = ("none", "classifier", "mlm")
-ARCHITECTURES = {"none": "BertModel", "classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size", "num_labels")
@@ -132,84 +127,6 @@ class BertConfig:
     def labels(self) -> tuple[str, ...]:
         """Label names: ``id2label`` or ``LABEL_0 .. LABEL_{num_labels-1}`` (HF's default)."""
         return self.id2label if self.id2label is not None else tuple(f"LABEL_{i}" for i in range(self.num_labels))
-
-    # ------------------------------------------------------------------ HF config.json
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
-        """From a Hugging Face BERT ``config.json`` dict. Unknown keys are ignored; things fnlm's
-        BERT cannot represent (relative position embeddings, decoders) are refused."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"a BERT config must be a dict, got {type(d).__name__}")
-        model_type = d.get("model_type", "bert")
-        if model_type != "bert":
-            raise ValueError(f"model_type is {model_type!r}; only 'bert' checkpoints are supported")
-        pos = d.get("position_embedding_type", "absolute")
-        if pos != "absolute":
-            raise ValueError(f"position_embedding_type={pos!r} is not supported: fnlm's BERT has learned "
-                             "absolute positions only (position_embedding_type='absolute')")
-        for flag in ("is_decoder", "add_cross_attention"):
-            if d.get(flag):
-                raise ValueError(f"{flag}=true is not supported: fnlm's BERT is an encoder only")
-        kw: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in ("id2label", "num_labels"):
-                continue
-            if f.name in d and not (f.name == "classifier_dropout" and d[f.name] is None):
-                kw[f.name] = d[f.name]
-        id2label = d.get("id2label")
-        if id2label is not None:
-            try:
-                items = sorted((int(k), str(v)) for k, v in dict(id2label).items())
-            except (TypeError, ValueError):
-                raise ValueError(f"id2label must map label ids to names, got {id2label!r}") from None
-            if [i for i, _ in items] != list(range(len(items))):
-                raise ValueError(f"id2label ids must be 0..n-1, got {[i for i, _ in items]}")
-            kw["id2label"] = tuple(v for _, v in items)
-        if d.get("num_labels") is not None:
-            kw["num_labels"] = d["num_labels"]
-            if "id2label" in kw and len(kw["id2label"]) != kw["num_labels"]:
-                raise ValueError(f"num_labels={kw['num_labels']} disagrees with id2label ({len(kw['id2label'])} names)")
-        elif "id2label" in kw:
-            kw["num_labels"] = len(kw["id2label"])
-        if kw.get("id2label") == tuple(f"LABEL_{i}" for i in range(len(kw.get("id2label") or ()))):
-            kw["id2label"] = None  # HF's defaults: keep the config canonical
-        return cls(**kw)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "BertConfig":
-        """Read a Hugging Face ``config.json``; errors name the file."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a JSON config file ({e})") from None
-        try:
-            return cls.from_dict(d)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{path}: {e}") from None
-
-    def to_hf_dict(self, head: str = "none") -> dict[str, Any]:
-        """A ``config.json`` dict that ``transformers`` loads (``model_type: bert``, ``architectures``
-        for ``head``, ``num_labels`` / ``id2label`` / ``label2id`` for the labels)."""
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        d: dict[str, Any] = {
-            "architectures": [ARCHITECTURES[head]],
-            "model_type": "bert",
-            "position_embedding_type": "absolute",
-            "is_decoder": False,
-            "add_cross_attention": False,
-            "tie_word_embeddings": True,
-        }
-        for f in dataclasses.fields(self):
-            if f.name not in ("id2label", "num_labels"):
-                d[f.name] = getattr(self, f.name)
-        d["num_labels"] = self.num_labels
-        d["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
-        d["label2id"] = {name: i for i, name in enumerate(self.labels)}
-        return d
 
 
 def _check_config(cfg: Any) -> BertConfig:
@@ -361,7 +278,7 @@ def bert(
         _check_same_shape("attention_mask", attention_mask, input_ids)
         mask = attention_mask.bool()
         mask = mask | ~mask.any(-1, keepdim=True)  # all-padding rows: no -inf-only softmax (NaN)
-    k_emb, k_enc = split_or_none(key, 2)
+    k_emb, k_enc = random.split_or_none(key, 2)
     x = bert_embeddings(params["embeddings"], input_ids, cfg, token_type_ids=token_type_ids, key=k_emb, train=train)
     h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=mask, key=k_enc, train=train,
                 last_queries=slice(0, 1) if pooled_only else None)
@@ -384,7 +301,7 @@ def bert_classifier(
     the dropout rate is ``classifier_dropout``, else ``hidden_dropout_prob``). Only the [CLS] row
     reaches the logits, so the last layer computes that row alone (``bert(..., pooled_only=True)``);
     ``pooled_only=False`` runs it at every position, as HF does: same logits, more work."""
-    k_bert, k_drop = split_or_none(key, 2)
+    k_bert, k_drop = random.split_or_none(key, 2)
     _, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
                      token_type_ids=token_type_ids, key=k_bert, train=train, pooled_only=pooled_only)
     if pooled is None:

@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from fnlm import random
-from fnlm.optim import GradientTransformation, apply_updates, global_norm
+from fnlm.optim._transforms import GradientTransformation, apply_updates, global_norm
 from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map
 
 LossFn = Callable[[PyTree, Any, Tensor], "tuple[Tensor, dict[str, Tensor]]"]

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
-from fnlm.linear import init_linear, linear
-
-Params = dict[str, dict[str, Tensor]]
+from fnlm.nn._linear import init_linear, linear
 
 
 def gelu(x: Tensor) -> Tensor:

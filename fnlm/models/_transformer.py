@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
-from fnlm.config import TransformerConfig
-from fnlm.decoder import decoder, init_decoder
-from fnlm.dropout import dropout
-from fnlm.embedding import embedding, init_embedding
-from fnlm.encoder import encoder, init_encoder, split_or_none
-from fnlm.linear import init_linear, linear
-from fnlm.positional import check_length, init_learned_positional, learned_positional, sinusoidal_encoding
-
-Params = dict[str, Any]
+from fnlm.nn._config import TransformerConfig
+from fnlm.nn._decoder import decoder, init_decoder
+from fnlm.nn._dropout import dropout
+from fnlm.nn._embedding import embedding, init_embedding
+from fnlm.nn._encoder import encoder, init_encoder
+from fnlm.nn._linear import init_linear, linear
+from fnlm.nn._positional import check_length, init_learned_positional, learned_positional, sinusoidal_encoding
 
 
 def init_transformer(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -58,7 +55,7 @@ def embed(params: Params, ids: Tensor, cfg: TransformerConfig, side: str, *,
 def encode(params: Params, src: Tensor, cfg: TransformerConfig, *, src_padding_mask: Tensor | None = None,
            key: random.Key | None = None, train: bool = False) -> Tensor:
     """``memory = Encoder(Embed(src))``: ``src: [*batch, len_s]`` ids -> ``[*batch, len_s, d_model]``."""
-    k_emb, k_enc = split_or_none(key, 2)
+    k_emb, k_enc = random.split_or_none(key, 2)
     x = embed(params, src, cfg, "src", key=k_emb, train=train)
     return encoder(params["encoder"], x, cfg, key_padding_mask=src_padding_mask, key=k_enc, train=train)
 
@@ -67,7 +64,7 @@ def decode(params: Params, tgt: Tensor, memory: Tensor, cfg: TransformerConfig, 
            tgt_padding_mask: Tensor | None = None, memory_padding_mask: Tensor | None = None,
            key: random.Key | None = None, train: bool = False) -> Tensor:
     """Logits over the target vocabulary, ``Decoder(Embed(tgt), memory) W_out``: ``[*batch, len_t, tgt_vocab]``."""
-    k_emb, k_dec = split_or_none(key, 2)
+    k_emb, k_dec = random.split_or_none(key, 2)
     y = embed(params, tgt, cfg, "tgt", key=k_emb, train=train)
     y = decoder(params["decoder"], y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
                 memory_padding_mask=memory_padding_mask, key=k_dec, train=train)
@@ -80,7 +77,7 @@ def transformer(params: Params, src: Tensor, tgt: Tensor, cfg: TransformerConfig
                 src_padding_mask: Tensor | None = None, tgt_padding_mask: Tensor | None = None,
                 key: random.Key | None = None, train: bool = False) -> Tensor:
     """Teacher-forced forward pass: ``logits[t] = p(y_{t+1} | y_{<=t}, src)``, shape ``[*batch, len_t, tgt_vocab]``."""
-    k_enc, k_dec = split_or_none(key, 2)
+    k_enc, k_dec = random.split_or_none(key, 2)
     memory = encode(params, src, cfg, src_padding_mask=src_padding_mask, key=k_enc, train=train)
     return decode(params, tgt, memory, cfg, tgt_padding_mask=tgt_padding_mask,
                   memory_padding_mask=src_padding_mask, key=k_dec, train=train)

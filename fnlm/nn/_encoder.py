@@ -1,24 +1,16 @@
 """The Transformer encoder: N identical blocks of self-attention and feed-forward (§3.1)."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
-from fnlm.attention import init_multi_head_attention, multi_head_attention
-from fnlm.config import TransformerConfig
-from fnlm.dropout import dropout
-from fnlm.feedforward import feed_forward, init_feed_forward
-from fnlm.norm import init_layer_norm, layer_norm
-from fnlm.positional import init_relative_bias, relative_bias
-
-Params = dict[str, Any]
-
-
-def split_or_none(key: random.Key | None, n: int) -> list:
-    """``n`` sub-keys, or ``n`` Nones when there is no key (evaluation)."""
-    return [None] * n if key is None else list(random.split(key, n))
+from fnlm.nn._attention import init_multi_head_attention, multi_head_attention
+from fnlm.nn._config import TransformerConfig
+from fnlm.nn._feedforward import feed_forward, init_feed_forward
+from fnlm.nn._norm import init_layer_norm, layer_norm
+from fnlm.nn._sublayer import init_stack, sublayer
+from fnlm.nn._positional import init_relative_bias, relative_bias
 
 
 def init_encoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -56,8 +48,8 @@ def encoder_block(
     ``[*batch, len(queries), d_model]``. Every position is still a key and value, so the rows
     computed are exactly those of the full block; the others' attention and FFN are skipped.
     """
-    k_attn, k_drop1, k_drop2 = split_or_none(key, 3)
-    eps, p = cfg.layer_norm_eps, cfg.dropout
+    k_attn, k_drop1, k_drop2 = random.split_or_none(key, 3)
+    residual = dict(norm_first=cfg.norm_first, eps=cfg.layer_norm_eps, rate=cfg.dropout, train=train)
     if queries is not None:
         if not isinstance(queries, slice):
             raise TypeError(f"queries must be a slice of positions (e.g. slice(0, 1)), got {type(queries).__name__}")
@@ -75,13 +67,8 @@ def encoder_block(
     def ffn(h):
         return feed_forward(params["ffn"], h, cfg.activation)
 
-    if cfg.norm_first:
-        x = rows(x) + dropout(self_attention(layer_norm(params["norm1"], x, eps)), p, key=k_drop1, train=train)
-        x = x + dropout(ffn(layer_norm(params["norm2"], x, eps)), p, key=k_drop2, train=train)
-    else:
-        x = layer_norm(params["norm1"], rows(x) + dropout(self_attention(x), p, key=k_drop1, train=train), eps)
-        x = layer_norm(params["norm2"], x + dropout(ffn(x), p, key=k_drop2, train=train), eps)
-    return x
+    x = sublayer(params["norm1"], x, self_attention, key=k_drop1, residual=rows(x), **residual)
+    return sublayer(params["norm2"], x, ffn, key=k_drop2, **residual)
 
 
 def _rows(m: Tensor | None, queries: slice, x: Tensor) -> Tensor | None:
@@ -95,12 +82,12 @@ def _rows(m: Tensor | None, queries: slice, x: Tensor) -> Tensor | None:
 
 def init_encoder(key: random.Key, cfg: TransformerConfig) -> Params:
     """``{'layers': [block] * n_layers, 'norm'?: final LayerNorm, 'relative_bias'?: T5 table}``."""
-    keys = random.split(key, cfg.n_layers + 1)
-    params: Params = {"layers": [init_encoder_block(k, cfg) for k in keys[:-1]]}
+    k_layers, k_bias = random.split(key)
+    params: Params = {"layers": init_stack(k_layers, cfg.n_layers, lambda k: init_encoder_block(k, cfg))}
     if cfg.use_final_norm:
         params["norm"] = init_layer_norm(cfg.d_model)
     if cfg.positional == "relative":
-        params["relative_bias"] = init_relative_bias(keys[-1], cfg.n_heads, cfg.relative_buckets)
+        params["relative_bias"] = init_relative_bias(k_bias, cfg.n_heads, cfg.relative_buckets)
     return params
 
 
@@ -127,7 +114,7 @@ def encoder(
         bias = relative_bias(params["relative_bias"], n, n, bidirectional=True,
                              max_distance=cfg.relative_max_distance)
     layers = params["layers"]
-    for i, (layer, k) in enumerate(zip(layers, split_or_none(key, len(layers)))):
+    for i, (layer, k) in enumerate(zip(layers, random.split_or_none(key, len(layers)))):
         queries = last_queries if i == len(layers) - 1 else None
         x = encoder_block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train,
                           queries=queries)

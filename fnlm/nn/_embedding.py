@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import is_traced
-
-Params = dict[str, Tensor]
 
 
 def init_embedding(

@@ -2,7 +2,7 @@
 
 * :func:`load_bert` reads ``config.json`` + ``model.safetensors`` (or a sharded checkpoint with
   ``model.safetensors.index.json``, or a single ``.safetensors`` file plus ``config=``) into the
-  param trees of :mod:`fnlm.models.bert`. Nothing is ever unpickled: ``.bin``/``.pt`` files are
+  param trees of :mod:`fnlm.models._bert`. Nothing is ever unpickled: ``.bin``/``.pt`` files are
   refused with the one-line command that converts them.
 * :func:`save_bert` writes a directory that ``transformers`` loads with ``BertModel`` /
   ``BertForSequenceClassification`` / ``BertForMaskedLM.from_pretrained``; the directory appears
@@ -28,11 +28,9 @@ import torch
 from torch import Tensor
 
 from fnlm import random
-from fnlm.io import CheckpointError, atomic_dir, read_safetensors, torch_dtype, write_json, write_safetensors
-from fnlm.models.bert import HEADS, BertConfig, init_classifier_head, init_mlm_head
-from fnlm.tree import cast, flatten_names, unflatten_names
-
-Params = dict[str, Any]
+from fnlm.io._safetensors import CheckpointError, atomic_dir, read_safetensors, torch_dtype, write_json, write_safetensors
+from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head
+from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_bert` when ``tokenizer_dir`` is given.
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -44,6 +42,86 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 _DIM_NAMES = {"V": "vocab_size", "H": "hidden_size", "P": "max_position_embeddings", "T": "type_vocab_size",
               "I": "intermediate_size", "C": "num_labels"}
+
+
+# ----------------------------------------------------------------------------- config.json
+ARCHITECTURES = {"none": "BertModel", "classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
+
+
+def bert_config_from_hf(d: Mapping[str, Any]) -> BertConfig:
+    """From a Hugging Face BERT ``config.json`` dict. Unknown keys are ignored; things fnlm's
+    BERT cannot represent (relative position embeddings, decoders) are refused."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"a BERT config must be a dict, got {type(d).__name__}")
+    model_type = d.get("model_type", "bert")
+    if model_type != "bert":
+        raise ValueError(f"model_type is {model_type!r}; only 'bert' checkpoints are supported")
+    pos = d.get("position_embedding_type", "absolute")
+    if pos != "absolute":
+        raise ValueError(f"position_embedding_type={pos!r} is not supported: fnlm's BERT has learned "
+                         "absolute positions only (position_embedding_type='absolute')")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if d.get(flag):
+            raise ValueError(f"{flag}=true is not supported: fnlm's BERT is an encoder only")
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(BertConfig):
+        if f.name in ("id2label", "num_labels"):
+            continue
+        if f.name in d and not (f.name == "classifier_dropout" and d[f.name] is None):
+            kw[f.name] = d[f.name]
+    id2label = d.get("id2label")
+    if id2label is not None:
+        try:
+            items = sorted((int(k), str(v)) for k, v in dict(id2label).items())
+        except (TypeError, ValueError):
+            raise ValueError(f"id2label must map label ids to names, got {id2label!r}") from None
+        if [i for i, _ in items] != list(range(len(items))):
+            raise ValueError(f"id2label ids must be 0..n-1, got {[i for i, _ in items]}")
+        kw["id2label"] = tuple(v for _, v in items)
+    if d.get("num_labels") is not None:
+        kw["num_labels"] = d["num_labels"]
+        if "id2label" in kw and len(kw["id2label"]) != kw["num_labels"]:
+            raise ValueError(f"num_labels={kw['num_labels']} disagrees with id2label ({len(kw['id2label'])} names)")
+    elif "id2label" in kw:
+        kw["num_labels"] = len(kw["id2label"])
+    if kw.get("id2label") == tuple(f"LABEL_{i}" for i in range(len(kw.get("id2label") or ()))):
+        kw["id2label"] = None  # HF's defaults: keep the config canonical
+    return BertConfig(**kw)
+
+def read_bert_config(path: str | os.PathLike) -> BertConfig:
+    """Read a Hugging Face ``config.json``; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON config file ({e})") from None
+    try:
+        return bert_config_from_hf(d)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
+
+def bert_config_to_hf(cfg: BertConfig, head: str = "none") -> dict[str, Any]:
+    """A ``config.json`` dict that ``transformers`` loads (``model_type: bert``, ``architectures``
+    for ``head``, ``num_labels`` / ``id2label`` / ``label2id`` for the labels)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    d: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[head]],
+        "model_type": "bert",
+        "position_embedding_type": "absolute",
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": True,
+    }
+    for f in dataclasses.fields(cfg):
+        if f.name not in ("id2label", "num_labels"):
+            d[f.name] = getattr(cfg, f.name)
+    d["num_labels"] = cfg.num_labels
+    d["id2label"] = {str(i): name for i, name in enumerate(cfg.labels)}
+    d["label2id"] = {name: i for i, name in enumerate(cfg.labels)}
+    return d
 
 
 # ----------------------------------------------------------------------------- the mapping table
@@ -215,16 +293,16 @@ def _resolve_config(config: Any, path: Path) -> tuple[BertConfig, str]:
     if isinstance(config, BertConfig):
         return config, "the given config"
     if isinstance(config, Mapping):
-        return BertConfig.from_dict(config), "the given config"
+        return bert_config_from_hf(config), "the given config"
     if isinstance(config, (str, os.PathLike)):
-        return BertConfig.from_json(config), str(config)
+        return read_bert_config(config), str(config)
     if config is not None:
         raise TypeError(f"config must be a BertConfig, a dict or a path to config.json, got {type(config).__name__}")
     cfg_path = (path if path.is_dir() else path.parent) / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json found at {cfg_path}; pass config=BertConfig(...) "
                               "or config='path/to/config.json'")
-    return BertConfig.from_json(cfg_path), str(cfg_path)
+    return read_bert_config(cfg_path), str(cfg_path)
 
 
 def _check_index(path: Path, where: dict[str, tuple[Tensor, Path, str]]) -> None:
@@ -246,8 +324,7 @@ def load_bert(
     head: str = "none",
     num_labels: int | None = None,
     strict: bool = True,
-    init_missing_head: bool | Tensor = False,
-    key: random.Key | None = None,
+    head_key: random.Key | None = None,
     pooler: bool | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
@@ -266,8 +343,9 @@ def load_bert(
 
     Every shape is checked against the config. Missing and unexpected keys are reported together
     in one :class:`~fnlm.io.CheckpointError` naming the file; with ``strict=False`` unexpected keys
-    only warn (missing ones are always an error). ``init_missing_head`` (``True`` with ``key=``, or
-    a key itself) initialises a head that is absent from the checkpoint. ``num_labels`` overrides
+    only warn (missing ones are always an error). ``head_key``: a random key that initialises the head
+    when the checkpoint has none (e.g. a classifier on a pretrained encoder); without it a missing
+    head is an error. ``num_labels`` overrides
     the config's (classifier). ``dtype``: ``'fp32'``/``'bf16'``/``'fp16'`` casts every tensor.
     """
     if head not in HEADS:
@@ -331,11 +409,9 @@ def load_bert(
     head_entries = [e for e in missing if not e.body]
     head_params: Params | None = None
     all_head_missing = head != "none" and len(head_entries) == len([e for e in table if not e.body])
-    if all_head_missing and init_missing_head is not False and init_missing_head is not None:
-        hkey = init_missing_head if isinstance(init_missing_head, Tensor) else key
-        if hkey is None:
-            raise ValueError("init_missing_head=True needs a random key: pass key=fnlm.random.key(seed)")
-        head_params = init_classifier_head(hkey, cfg) if head == "classifier" else init_mlm_head(hkey, cfg)
+    if all_head_missing and head_key is not None:
+        random._check_key(head_key)
+        head_params = init_classifier_head(head_key, cfg) if head == "classifier" else init_mlm_head(head_key, cfg)
         missing = [e for e in missing if e.body]
 
     unexpected = sorted(f"{orig} (in {f.name})" for c, (_, f, orig) in raw.items() if c not in ignored)
@@ -345,7 +421,7 @@ def load_bert(
             names = [e.hf_name(head) for e in missing]
             hint = ""
             if head != "none" and head_entries and all_head_missing:
-                hint = " (the checkpoint has no {} head: pass init_missing_head=True, key=...)".format(head)
+                hint = f" (the checkpoint has no {head} head: pass head_key=fnlm.random.key(seed) to initialise one)"
             elif any(e.hf.startswith("pooler.") for e in missing):
                 hint = " (no pooler in the checkpoint: pass pooler=False to load without one)"
             lines.append(f"  missing keys ({len(names)}){hint}: {_short(names)}")
@@ -444,7 +520,7 @@ def save_bert(
         if not tok_files:
             raise ValueError(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
 
-    hf_config = cfg.to_hf_dict(head)
+    hf_config = bert_config_to_hf(cfg, head)
     float_dtypes = {t.dtype for t in tensors.values()}
     if len(float_dtypes) == 1:
         hf_config["dtype"] = str(next(iter(float_dtypes))).removeprefix("torch.")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fnlm.hub import ChecksumError, download_file
+from fnlm.io._hub import ChecksumError, download_file
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"

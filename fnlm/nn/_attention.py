@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import check_broadcast, check_last_dim
-from fnlm.dropout import dropout as _dropout
-
-Params = dict[str, dict[str, Tensor]]
+from fnlm.nn import _dropout
 
 
 # ----------------------------------------------------------------------------- masks
@@ -66,7 +65,7 @@ def attention_reference(
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:
         probs = probs.masked_fill(empty, 0.0)
-    probs = _dropout(probs, dropout, key=key, train=train)
+    probs = _dropout.dropout(probs, dropout, key=key, train=train)
     return einsum(probs, v, "... i j, ... j d -> ... i d")
 
 

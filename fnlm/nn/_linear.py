@@ -6,10 +6,9 @@ import math
 import torch
 from torch import Tensor
 
+from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import check_last_dim
-
-Params = dict[str, Tensor]
 
 
 def init_linear(

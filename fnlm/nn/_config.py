@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fnlm.feedforward import ACTIVATIONS
+from fnlm.nn._feedforward import ACTIVATIONS
 
 POSITIONAL = ("sinusoidal", "learned", "relative")
 

@@ -1,0 +1,30 @@
+"""Optax-style functional optimizers: :class:`GradientTransformation` pairs of pure functions,
+composed with :func:`chain`, and learning-rate schedules (pure tensor functions of the step).
+See ``_transforms.py`` for the conventions that let a whole step compile and ``vmap``."""
+from fnlm.optim._schedules import ScalarOrSchedule, Schedule, constant, cosine, linear_warmup_linear_decay
+from fnlm.optim._transforms import (
+    AdamState,
+    EmptyState,
+    GradientTransformation,
+    ScaleByScheduleState,
+    SgdState,
+    adam,
+    adamw,
+    add_decayed_weights,
+    apply_updates,
+    chain,
+    clip_by_global_norm,
+    default_decay_mask,
+    global_norm,
+    identity,
+    scale,
+    scale_by_schedule,
+    sgd,
+)
+
+__all__ = [
+    "AdamState", "EmptyState", "GradientTransformation", "ScalarOrSchedule", "ScaleByScheduleState", "Schedule",
+    "SgdState", "adam", "adamw", "add_decayed_weights", "apply_updates", "chain", "clip_by_global_norm",
+    "constant", "cosine", "default_decay_mask", "global_norm", "identity", "linear_warmup_linear_decay", "scale",
+    "scale_by_schedule", "sgd",
+]
