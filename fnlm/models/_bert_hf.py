@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from fnlm import random
-from fnlm.io._safetensors import CheckpointError, atomic_dir, read_safetensors, torch_dtype, write_json, write_safetensors
+from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
+from fnlm.models._hf import owned, read_checkpoint, short, weight_files
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
@@ -38,7 +39,6 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 #: Checkpoint entries that are not parameters of any fnlm BERT model and are always skipped:
 #: the position-id buffer and the next-sentence-prediction head of ``BertForPreTraining``.
 IGNORED_KEYS = ("embeddings.position_ids", "cls.seq_relationship.weight", "cls.seq_relationship.bias")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 _DIM_NAMES = {"V": "vocab_size", "H": "hidden_size", "P": "max_position_embeddings", "T": "type_vocab_size",
               "I": "intermediate_size", "C": "num_labels"}
@@ -259,36 +259,6 @@ def _canonical(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- files
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix in _PICKLE_SUFFIXES:
-            read_safetensors(path)  # raises: refuses pickles, says how to convert
-        return [path]
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (need a 'weight_map'): {e!r}") from None
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: names shard file(s) that do not exist: {missing}")
-        return [path / s for s in shards]
-    pickles = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        read_safetensors(pickles[0])  # raises: refuses pickles, says how to convert
-    raise CheckpointError(
-        f"{path}: no weights found: expected model.safetensors or model.safetensors.index.json "
-        f"(found {sorted(p.name for p in path.iterdir())})"
-    )
-
-
 def _resolve_config(config: Any, path: Path) -> tuple[BertConfig, str]:
     if isinstance(config, BertConfig):
         return config, "the given config"
@@ -303,17 +273,6 @@ def _resolve_config(config: Any, path: Path) -> tuple[BertConfig, str]:
         raise CheckpointError(f"{path}: no config.json found at {cfg_path}; pass config=BertConfig(...) "
                               "or config='path/to/config.json'")
     return read_bert_config(cfg_path), str(cfg_path)
-
-
-def _check_index(path: Path, where: dict[str, tuple[Tensor, Path, str]]) -> None:
-    index = path / "model.safetensors.index.json" if path.is_dir() else None
-    if index is None or not index.is_file() or (path / "model.safetensors").is_file():
-        return
-    weight_map = json.loads(index.read_text())["weight_map"]
-    found = {orig: f.name for _, f, orig in where.values()}
-    bad = [k for k, f in weight_map.items() if found.get(k) != f]
-    if bad:
-        raise CheckpointError(f"{index}: lists tensors that are not in the named shard: {bad[:10]}")
 
 
 # ----------------------------------------------------------------------------- load
@@ -352,21 +311,13 @@ def load_bert(
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     dtype = torch_dtype(dtype)
     path = Path(path)
-    files = _weight_files(path)
+    files = weight_files(path)
     cfg, cfg_src = _resolve_config(config, path)
     if head == "classifier" and num_labels is not None and num_labels != cfg.num_labels:
         cfg = dataclasses.replace(cfg, num_labels=num_labels, id2label=None)
     where = files[0] if len(files) == 1 else path
 
-    raw: dict[str, tuple[Tensor, Path, str]] = {}  # canonical name -> (tensor, file, name in file)
-    for f in files:
-        tensors, _ = read_safetensors(f, device=str(device))
-        for name, t in tensors.items():
-            canon = _canonical(name)
-            if canon in raw:
-                raise CheckpointError(f"{f}: {name!r} duplicates {raw[canon][2]!r} from {raw[canon][1]}")
-            raw[canon] = (t, f, name)
-    _check_index(path, raw)
+    raw = read_checkpoint(path, files, _canonical, device=str(device))  # canonical name -> (tensor, file, name)
 
     want_pooler = head != "mlm" if pooler is None else pooler
     table = param_mapping(cfg, head, pooler=want_pooler)
@@ -424,23 +375,19 @@ def load_bert(
                 hint = f" (the checkpoint has no {head} head: pass head_key=fnlm.random.key(seed) to initialise one)"
             elif any(e.hf.startswith("pooler.") for e in missing):
                 hint = " (no pooler in the checkpoint: pass pooler=False to load without one)"
-            lines.append(f"  missing keys ({len(names)}){hint}: {_short(names)}")
+            lines.append(f"  missing keys ({len(names)}){hint}: {short(names)}")
         if unexpected and strict:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+            lines.append(f"  unexpected keys ({len(unexpected)}): {short(unexpected)}")
         lines += [f"  {p}" for p in problems[:20]] + ([f"  ... {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointError("\n".join(lines))
     if unexpected:
-        warnings.warn(f"{where}: ignoring unexpected keys {_short(unexpected)}", stacklevel=2)
+        warnings.warn(f"{where}: ignoring unexpected keys {short(unexpected)}", stacklevel=2)
 
     params = unflatten_names(flat)
     if head_params is not None:
         params[head] = head_params
     params = cast(params, dtype=dtype, device=device)
     return params, cfg
-
-
-def _short(names: list[str], n: int = 20) -> str:
-    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
 # ----------------------------------------------------------------------------- save
@@ -457,14 +404,6 @@ def infer_head(params: Params) -> str:
     if "embeddings" in params and "encoder" in params:
         return "none"
     raise ValueError(f"params are not a BERT tree (top-level keys {sorted(params)})")
-
-
-def _owned(t: Tensor) -> Tensor:
-    """A CPU tensor that owns its storage (safetensors refuses tensors that share memory)."""
-    t = t.detach().to("cpu").contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
-        t = t.clone()
-    return t
 
 
 def save_bert(
@@ -507,9 +446,9 @@ def save_bert(
             problems.append(f"{e.fnlm}: expected shape {_fnlm_shape(e, cfg)} from the config, found "
                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
             continue
-        tensors[e.hf_name(head)] = _owned(_to_hf(e.kind, t, cfg))
+        tensors[e.hf_name(head)] = owned(_to_hf(e.kind, t, cfg))
     if flat:
-        problems.append(f"entries with no BERT checkpoint name: {_short(sorted(flat))}")
+        problems.append(f"entries with no BERT checkpoint name: {short(sorted(flat))}")
     if problems:
         raise ValueError(f"cannot save to {out_dir}: params do not match a BERT model with head={head!r}:\n  "
                          + "\n  ".join(problems))

@@ -1,0 +1,95 @@
+"""Format-generic parts of reading and writing Hugging Face checkpoints, shared by every model's
+mapping (:mod:`fnlm.models._bert_hf`, :mod:`fnlm.models._gpt2_hf`).
+
+* :func:`weight_files`: which ``.safetensors`` files make up a checkpoint (one file, a directory
+  with ``model.safetensors``, or shards listed in ``model.safetensors.index.json``); pickles are
+  refused with the one-line command that converts them.
+* :func:`read_checkpoint`: every tensor of those files under its canonical (table) name, with the
+  file and original name kept for error messages; duplicates and a lying index are errors.
+* :func:`short`, :func:`owned`: helpers for reports and for writing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from torch import Tensor
+
+from fnlm.io._safetensors import CheckpointError, read_safetensors
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+#: canonical name -> (tensor, file it came from, name in that file)
+Raw = dict[str, tuple[Tensor, Path, str]]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint file or directory (see the module docstring)."""
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            read_safetensors(path)  # raises: refuses pickles, says how to convert
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (need a 'weight_map'): {e!r}") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard file(s) that do not exist: {missing}")
+        return [path / s for s in shards]
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        read_safetensors(pickles[0])  # raises: refuses pickles, says how to convert
+    raise CheckpointError(
+        f"{path}: no weights found: expected model.safetensors or model.safetensors.index.json "
+        f"(found {sorted(p.name for p in path.iterdir())})"
+    )
+
+
+def check_index(path: Path, where: Raw) -> None:
+    """A sharded checkpoint's index must name the shard each tensor is really in."""
+    index = path / "model.safetensors.index.json" if path.is_dir() else None
+    if index is None or not index.is_file() or (path / "model.safetensors").is_file():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    found = {orig: f.name for _, f, orig in where.values()}
+    bad = [k for k, f in weight_map.items() if found.get(k) != f]
+    if bad:
+        raise CheckpointError(f"{index}: lists tensors that are not in the named shard: {bad[:10]}")
+
+
+def read_checkpoint(path: Path, files: list[Path], canonical: Callable[[str], str], device: str = "cpu") -> Raw:
+    """Every tensor of ``files`` under ``canonical(name)``; two names with the same canonical
+    form are an error naming both files; the index (if sharded) is checked."""
+    raw: Raw = {}
+    for f in files:
+        tensors, _ = read_safetensors(f, device=str(device))
+        for name, t in tensors.items():
+            canon = canonical(name)
+            if canon in raw:
+                raise CheckpointError(f"{f}: {name!r} duplicates {raw[canon][2]!r} from {raw[canon][1]}")
+            raw[canon] = (t, f, name)
+    check_index(path, raw)
+    return raw
+
+
+def short(names: list[str], n: int = 20) -> str:
+    """At most ``n`` names, comma-separated, with a count of the rest."""
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def owned(t: Tensor) -> Tensor:
+    """A CPU tensor that owns its storage (safetensors refuses tensors that share memory)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
+        t = t.clone()
+    return t
