@@ -1,12 +1,16 @@
-"""Training: the compiled whole step, train-state checkpoints, ``vmap`` tricks (per-example
-gradients, DP-SGD, ensembles) and data parallel (:mod:`fnlm.train.distributed`, also reachable
-as ``fnlm.distributed``). Optimizers live in :mod:`fnlm.optim`."""
+"""Training: the compiled whole step, train-state checkpoints (a run's rolling, resumable ones:
+:class:`RunCheckpoints`, :class:`GracefulStop`), ``vmap`` tricks (per-example gradients, DP-SGD,
+ensembles) and data parallel (:mod:`fnlm.train.distributed`, also reachable as ``fnlm.distributed``).
+Optimizers live in :mod:`fnlm.optim`."""
 from fnlm.train import distributed
 from fnlm.train._checkpoint import load_train_state, save_train_state
+from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunState, digest
 from fnlm.train._step import (
     COMPILE_OPTIONS,
-    TrainStep,
+    Step,
     compile_fn,
+    finite_flags,
+    keep_if_finite,
     make_eval_step,
     make_train_step,
     nonfinite_message,
@@ -22,7 +26,8 @@ from fnlm.train._vmap import (
 )
 
 __all__ = [
-    "COMPILE_OPTIONS", "TrainStep", "compile_fn", "distributed", "dp_aggregate", "load_train_state",
+    "COMPILE_OPTIONS", "Step", "compile_fn", "distributed", "dp_aggregate", "finite_flags", "keep_if_finite",
+    "load_train_state",
     "make_dp_sgd_step", "make_ensemble_step", "make_eval_step", "make_train_step", "nonfinite_message",
     "param_group", "per_example_grad_norms", "per_example_grads", "save_train_state", "train_step_fn",
 ]
