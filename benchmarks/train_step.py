@@ -107,7 +107,7 @@ def main(argv=None):
     n_params = num_params(params)
     lr, total = 2e-5, 1000
     schedule = optim.linear_warmup_linear_decay(lr, 10, total)
-    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(schedule, weight_decay=0.01))
+    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=0.01))
 
     def loss_fn(p, b, key):
         return classifier_loss(p, b, cfg, key=key, train=True)
@@ -126,8 +126,7 @@ def main(argv=None):
         if name not in variants:
             continue
         step = make_train_step(loss_full if name == "compiled-full" else loss_fn, opt,
-                               compile=name.startswith("compiled"), autocast_dtype=autocast,
-                               lr_schedule=schedule)
+                               compile=name.startswith("compiled"), autocast_dtype=autocast)
         state = {"p": params, "s": opt.init(params), "k": random.key(1)}
 
         def run(step=step, state=state):

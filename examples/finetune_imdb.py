@@ -15,10 +15,22 @@ compiled training step per sequence-length bucket, and a fine-tuned model that H
     python examples/finetune_imdb.py --model runs/imdb-20250101-120000 \\
         --predict "A wonderful, moving film." "Two hours I will never get back."
 
-Without ``--data`` the official archive is downloaded once into ``~/.cache/fnlm``. The run
-directory (``--out``, default ``runs/imdb-<timestamp>``) is built under a temporary name and
-renamed into place when complete; it holds the model in Hugging Face layout (``config.json``,
-``model.safetensors``, tokenizer files), ``metrics.json`` and ``training.png``.
+    # an interrupted run (Ctrl-C, SIGTERM, a killed process) continues where its last checkpoint was
+    python examples/finetune_imdb.py --resume runs/imdb-20250101-120000
+
+Without ``--data`` the official archive is downloaded once into ``~/.cache/fnlm``. A label-balanced
+validation slice is carved from the *training* reviews and evaluated every ``--eval-every`` steps and
+at each epoch's end; ``--keep best`` (default) keeps the parameters of the best validation evaluation,
+and the test set is evaluated once, at the end, on the kept model.
+
+The run directory (``--out``, default ``runs/imdb-<timestamp>``) is ``.<name>.partial`` while the run
+is unfinished: it holds the train-state checkpoints (every ``--save-every`` steps, at each epoch's end
+and on SIGINT/SIGTERM; the last ``--keep-checkpoints``), from which ``--resume`` continues exactly
+(same data order, dropout keys and schedule). When training is complete the finished directory is
+written under its own name: the model in Hugging Face layout (``config.json``, ``model.safetensors``,
+tokenizer files), ``metrics.json`` (validation curve, test accuracy with its 95% interval, precision,
+recall, F1 per class, confusion matrix), ``errors.tsv`` (the most confidently wrong test reviews) and
+``training.png``; the checkpoints are then deleted.
 """
 from __future__ import annotations
 
@@ -27,6 +39,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +52,7 @@ from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_bucke
                        load_imdb_splits, load_tokenizer, make_batches, subset)
 from fnlm.io import CheckpointError, atomic_dir, ensure_minilm, write_json
 from fnlm.models import bert_classifier, bert_config_to_hf, classifier_loss, load_bert, save_bert
-from fnlm.train import make_eval_step, make_train_step
+from fnlm.train import GracefulStop, ResumeError, RunCheckpoints, digest, make_eval_step, make_train_step
 from fnlm.tree import cast, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +65,13 @@ class CliError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# Settings a run's result depends on: stored in its checkpoints, taken from there by --resume, and an
+# error if given on the resuming command line with another value.
+SETTINGS = ("data", "weights", "train_size", "val_size", "test_size", "max_len", "truncation", "buckets", "epochs",
+            "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "dtype", "eval_every", "keep")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = ap.add_argument_group("data and model")
@@ -61,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                    help="a Hugging Face BERT checkpoint directory (config.json, model.safetensors, vocab)")
     g.add_argument("--train-size", type=int, default=2000, help="label-balanced training subset; 0 = all 25,000")
+    g.add_argument("--val-size", type=int, default=None,
+                   help="label-balanced validation reviews taken from the training split (not trained on); "
+                   "default: a tenth of the training subset, at most 1,000; 0 = no validation")
     g.add_argument("--test-size", type=int, default=1000, help="label-balanced test subset; 0 = all 25,000")
     g.add_argument("--max-len", type=int, default=None,
                    help=f"word pieces per review, [CLS] and [SEP] included (default {DEFAULT_MAX_LEN}; "
@@ -86,12 +108,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bitwise-reproducible compiled steps (torch deterministic algorithms): the same --seed "
                    "gives the very same run; steps 0-15%% slower on CPU, and every run compiles (no compile cache). Without it "
                    "runs agree to float rounding (Inductor sums repeated ids' embedding gradients atomically)")
+    g = ap.add_argument_group("validation, checkpoints and output")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on the validation slice every N steps (and at each epoch's end); default: twice "
+                   "per epoch; 0 = at epochs' ends only")
+    g.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="the saved model: the parameters of the best validation evaluation (highest accuracy, then "
+                   "lowest loss) or of the last step")
+    g.add_argument("--save-every", type=int, default=200,
+                   help="write a train-state checkpoint every N steps (also at each epoch's end); 0 = epochs' ends only")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    g.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an unfinished run (its --out, or its .partial directory) from its last checkpoint; "
+                   "its settings are taken from there")
     g.add_argument("--out", type=Path, help="run directory (default runs/imdb-<timestamp>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     g = ap.add_argument_group("prediction")
     g.add_argument("--predict", nargs="+", metavar="TEXT", help="classify these reviews and exit")
     g.add_argument("--model", type=Path, help="a fine-tuned run directory (for --predict)")
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    explicit = build_parser()  # the same parser without defaults: which flags the command line gave
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = set(vars(explicit.parse_args(argv)))
     if args.buckets != "auto":
         try:
             args.buckets = int(args.buckets)
@@ -102,9 +146,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("train_size", "test_size"):
-        if getattr(args, name) < 0:
+    for name in ("train_size", "test_size", "val_size", "eval_every", "save_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0 (0 = all), got {getattr(args, name)}")
+    if args.keep_checkpoints < 1:
+        ap.error(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
+    if args.resume is not None and args.out is not None:
+        ap.error("--resume RUN_DIR continues that run in place; leave out --out")
     if not 0.0 <= args.warmup < 1.0:
         ap.error(f"--warmup must be in [0, 1), got {args.warmup}")
     if args.model is not None and not args.predict:
@@ -153,46 +201,185 @@ def load_checkpoint(path: Path, *, max_len: int, head_key=None):
     return params, cfg, tokenizer
 
 
+def default_val_size(n_train: int) -> int:
+    """A tenth of the training reviews, at most 1,000 (even, so both labels get the same share)."""
+    return min(1000, 2 * round(n_train / 20))
+
+
 def load_data(args) -> dict:
-    """The train and test subsets as ``{'train': IMDb, 'test': IMDb}``."""
+    """The subsets as ``{'train': IMDb, 'val': IMDb, 'test': IMDb}``; ``val`` is label-balanced, taken
+    from the training split and disjoint from ``train`` (``--train-size 0``: the rest of the split)."""
     path = args.data if args.data is not None else download_imdb()
     splits = load_imdb_splits(path, ("train", "test"))
-    for split, n in (("train", args.train_size), ("test", args.test_size)):
-        if n > len(splits[split]):
-            raise CliError(f"--{split}-size {n}: {path} has only {len(splits[split])} {split} reviews")
-        if n:
-            splits[split] = subset(splits[split], n, seed=args.seed)
-    return splits
+    pool = splits["train"]
+    if args.test_size > len(splits["test"]):
+        raise CliError(f"--test-size {args.test_size}: {path} has only {len(splits['test'])} test reviews")
+    if args.train_size > len(pool):
+        raise CliError(f"--train-size {args.train_size}: {path} has only {len(pool)} train reviews")
+    n_val = args.val_size if args.val_size is not None else default_val_size(args.train_size or len(pool))
+    train = subset(pool, args.train_size, seed=args.seed) if args.train_size else None
+    # validation: from the training reviews not in the training subset (all of them for --train-size 0)
+    taken = set(train.ids and zip(train.ids, train.labels)) if train is not None else set()
+    rest = [i for i, key in enumerate(zip(pool.ids, pool.labels)) if key not in taken]
+    try:
+        val_idx = [rest[i] for i in subset(list(zip(rest, [pool.labels[i] for i in rest])),
+                                           n_val, seed=args.seed + 1)] if n_val else []
+    except ValueError:
+        raise CliError(f"--val-size {n_val}: only {len(rest)} training reviews are left beside the "
+                       f"--train-size {args.train_size} subset for a label-balanced validation slice") from None
+    val_idx = sorted(val_idx)
+    val = pool.select(val_idx)
+    if train is None:
+        chosen = set(val_idx)
+        train = pool.select([i for i in range(len(pool)) if i not in chosen])
+    test = subset(splits["test"], args.test_size, seed=args.seed) if args.test_size else splits["test"]
+    return {"train": train, "val": val, "test": test}
 
 
 def encode(tokenizer, texts: list[str], max_len: int, truncation: str) -> list[list[int]]:
     return tokenizer.encode_ids([html_clean(t) for t in texts], max_len=max_len, truncation=truncation)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- run directory
+def run_paths(args) -> tuple[Path, Path]:
+    """``(out, partial)``: the finished run directory and the unfinished run's ``.<name>.partial``."""
+    if args.resume is not None:
+        r = args.resume
+        if r.name.startswith(".") and r.name.endswith(".partial"):
+            return r.with_name(r.name[1:-len(".partial")]), r
+        return r, r.with_name(f".{r.name}.partial")
+    out = args.out or Path("runs") / time.strftime("imdb-%Y%m%d-%H%M%S")
+    return out, out.with_name(f".{out.name}.partial")
+
+
+def adopt_settings(args, partial: Path) -> None:
+    """``--resume``: take the run's settings from its newest checkpoint; a setting given on this
+    command line with another value is an error naming it."""
+    if not partial.is_dir():
+        out = partial.with_name(partial.name[1:-len(".partial")])
+        if (out / "metrics.json").is_file():
+            raise CliError(f"--resume {args.resume}: {out} is a finished run, there is nothing to resume")
+        raise CliError(f"--resume {args.resume}: no unfinished run there (no {partial})")
+    saved = RunCheckpoints.saved_config(partial)
+    if saved is None:
+        raise CliError(f"--resume {args.resume}: {partial} holds no checkpoint yet (the run stopped before its "
+                       f"first); start it again with --overwrite")
+    for name in SETTINGS:
+        flag = "--" + name.replace("_", "-")
+        if flag not in saved:
+            raise CliError(f"--resume {args.resume}: the checkpoint does not record {flag}; not a run of this script")
+        now = setting_value(args, name)
+        if name in args.explicit and now != saved[flag]:
+            raise CliError(f"--resume {args.resume}: {flag} differs from the run's ({saved[flag]} in the run, "
+                           f"{now} now); leave it out to use the run's, or start a new run")
+        value = saved[flag]
+        setattr(args, name, Path(value) if name in ("data", "weights") and value is not None else value)
+
+
+def setting_value(args, name: str):
+    """A setting as the checkpoints record it (paths absolute, the default max-len filled in)."""
+    v = getattr(args, name)
+    if name == "max_len":
+        return v or DEFAULT_MAX_LEN
+    if isinstance(v, Path):
+        return str(v.resolve())
+    return v
+
+
+def resume_hint(args, out: Path) -> str:
+    """The command that continues this run (its settings come from the checkpoint)."""
+    extra = [f for f, on in (("--no-compile", args.no_compile), ("--deterministic", args.deterministic)) if on]
+    if args.device != "auto":
+        extra.append(f"--device {args.device}")
+    return " ".join(["python", sys.argv[0], "--resume", str(out)] + extra)
+
+
+# ----------------------------------------------------------------------------- evaluation
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "index"}
 
 
-def evaluate(eval_step, params, batches: list[dict], device) -> float:
-    """Accuracy over the real (weight 1) rows of ``batches``."""
-    correct = total = 0.0
+def eval_batches(ids: list[list[int]], labels: list[int], batch_size: int, buckets: list[int], pad_id: int):
+    """Batches in length order (similar lengths together, so little padding), in the training buckets."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = make_batches([ids[i] for i in order], [labels[i] for i in order], batch_size, buckets,
+                           shuffle=False, pad_id=pad_id)
+    for b in batches:  # index: position in ``ids`` (make_batches numbers the reordered list)
+        b["index"] = torch.tensor([order[i] if i >= 0 else -1 for i in b["index"].tolist()])
+    return batches
+
+
+def predict_probs(eval_step, params, batches: list[dict], n: int, device) -> torch.Tensor:
+    """``[n, n_labels]`` softmax probabilities, row i for example i (the batches' ``index``)."""
+    probs = None
     for b in batches:
-        logits = eval_step(params, to_device(b, device))
-        hit = (logits.argmax(-1).cpu() == b["labels"]).float()
-        correct += float((hit * b["weight"]).sum())
-        total += float(b["weight"].sum())
-    return correct / max(total, 1.0)
+        p = torch.softmax(eval_step(params, to_device(b, device)).float(), -1).cpu()
+        probs = torch.zeros(n, p.shape[-1]) if probs is None else probs
+        real = b["index"] >= 0
+        probs[b["index"][real]] = p[real]
+    return probs if probs is not None else torch.zeros(0, len(LABELS))
 
 
+def loss_and_accuracy(probs: torch.Tensor, labels: list[int]) -> tuple[float, float]:
+    y = torch.tensor(labels)
+    nll = -torch.log(probs[torch.arange(len(y)), y].clamp_min(1e-12))
+    return float(nll.mean()), float((probs.argmax(-1) == y).float().mean())
+
+
+def classification_report(y_true: list[int], y_pred: list[int], n_labels: int) -> dict:
+    """Confusion matrix (rows: true label, columns: predicted) and precision, recall, F1 per label."""
+    cm = [[0] * n_labels for _ in range(n_labels)]
+    for t, p in zip(y_true, y_pred):
+        cm[t][p] += 1
+    per_class = {}
+    for k in range(n_labels):
+        tp = cm[k][k]
+        predicted, actual = sum(cm[j][k] for j in range(n_labels)), sum(cm[k])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[LABELS[k]] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return {"confusion_matrix": cm, "per_class": per_class}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% confidence interval of a proportion (Wilson score interval)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def write_errors(path: Path, probs: torch.Tensor, test, limit: int = 100, chars: int = 200) -> int:
+    """``errors.tsv``: the wrongly classified test reviews, most confident first."""
+    pred = probs.argmax(-1)
+    wrong = [i for i in range(len(test.labels)) if int(pred[i]) != test.labels[i]]
+    wrong.sort(key=lambda i: -float(probs[i, pred[i]]))
+    lines = ["probability\tpredicted\tlabel\tid\ttext"]
+    for i in wrong[:limit]:
+        text = " ".join(html_clean(test.texts[i]).split())
+        lines.append(f"{float(probs[i, pred[i]]):.4f}\t{LABELS[int(pred[i])]}\t{LABELS[test.labels[i]]}\t"
+                     f"{test.ids[i]}\t{text[:chars]}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(wrong)
+
+
+# ----------------------------------------------------------------------------- training
 def train(args) -> int:
     t_start = time.time()
+    out, partial = run_paths(args)
+    if args.resume is not None:
+        adopt_settings(args, partial)
     device = pick_device(args.device)
     autocast = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else None
     max_len = args.max_len or DEFAULT_MAX_LEN
-    out = args.out or Path("runs") / time.strftime("imdb-%Y%m%d-%H%M%S")
     if out.exists() and not args.overwrite:
         raise CliError(f"--out {out} already exists (pass --overwrite to replace it, or choose another --out)")
+    if args.resume is None and partial.exists() and not args.overwrite:
+        raise CliError(f"{partial} holds an unfinished run: continue it with --resume {out}, or pass --overwrite "
+                       "to start again")
 
     k_head, k_train = random.split(random.key(args.seed))
     params, cfg, tokenizer = load_checkpoint(args.weights, max_len=max_len, head_key=k_head)
@@ -200,10 +387,19 @@ def train(args) -> int:
     data = load_data(args)
     t0 = time.time()
     ids = {s: encode(tokenizer, data[s].texts, max_len, args.truncation) for s in data}
-    n_train, n_test = len(ids["train"]), len(ids["test"])
-    print(f"model {args.weights} ({num_params(params) / 1e6:.1f}M params), {n_train} train / {n_test} test "
-          f"reviews tokenised in {time.time() - t0:.1f}s, device {device}"
+    n_train, n_val, n_test = len(ids["train"]), len(ids["val"]), len(ids["test"])
+    print(f"model {args.weights} ({num_params(params) / 1e6:.1f}M params), {n_train} train / {n_val} validation / "
+          f"{n_test} test reviews tokenised in {time.time() - t0:.1f}s, device {device}"
           f"{', bf16 autocast' if autocast else ''}", flush=True)
+
+    # What the run's results depend on: --resume must find the very same in the checkpoint.
+    config = {"--" + n.replace("_", "-"): setting_value(args, n) for n in SETTINGS}
+    config["--weights (contents)"] = digest(params)
+    config["--data (contents)"] = digest({s: {"text": "\0".join(d.texts), "label": torch.tensor(d.labels)}
+                                          for s, d in data.items()})
+    ckpts = RunCheckpoints(partial, config, keep=args.keep_checkpoints)
+    if args.resume is None and partial.exists():  # --overwrite: start again
+        shutil.rmtree(partial)
 
     # Length buckets: every batch is padded to one of a few lengths, so each compiles once.
     if args.buckets == "auto":
@@ -211,14 +407,13 @@ def train(args) -> int:
     else:
         buckets = bucket_lengths(max_len, args.buckets)
     print(f"padded sequence lengths (one compiled step each): {buckets}", flush=True)
-    order = sorted(range(n_test), key=lambda i: len(ids["test"][i]))  # similar lengths together
-    test_batches = make_batches([ids["test"][i] for i in order], [data["test"].labels[i] for i in order],
-                                args.batch_size, buckets, shuffle=False, pad_id=tokenizer.pad_id)
+    val_batches = eval_batches(ids["val"], data["val"].labels, args.batch_size, buckets, tokenizer.pad_id)
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
+    eval_every = args.eval_every if args.eval_every is not None else math.ceil(steps_per_epoch / 2)
     schedule = optim.linear_warmup_linear_decay(args.lr, round(args.warmup * total_steps), total_steps)
     optimizer = optim.chain(optim.clip_by_global_norm(args.clip),
-                            optim.adamw(schedule, weight_decay=args.weight_decay))
+                            optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=args.weight_decay))
     params = cast(params, device=device)
     opt_state = optimizer.init(params)
 
@@ -231,57 +426,131 @@ def train(args) -> int:
                                    token_type_ids=batch["token_type_ids"]).float()
 
     compile_ = not args.no_compile
-    train_step = make_train_step(loss_fn, optimizer, compile=compile_, autocast_dtype=autocast, lr_schedule=schedule,
+    train_step = make_train_step(loss_fn, optimizer, compile=compile_, autocast_dtype=autocast,
                                  deterministic=args.deterministic)
     eval_step = make_eval_step(logits_fn, compile=compile_)
 
+    # The run's state beyond (params, opt_state, step, key): where the data is, and what was logged.
+    log = {"epoch": 1, "batch": 0, "history": [], "evals": [], "step_losses": [], "best": None,
+           "epoch_so_far": {"losses": [], "n_done": 0, "train_s": 0.0, "first_call_s": 0.0, "steady_s": 0.0,
+                            "steady_n": 0}}
+    step, best_params, resumed_from = 0, None, None
+    state = ckpts.restore(device=device) if args.resume is not None else None
+    if state is not None:
+        params, opt_state, step, log = state.params, state.opt_state, state.step, state.extra
+        best_params, resumed_from = state.best_params, state.path.name
+        print(f"resumed from {state.path} (step {step} of {total_steps})", flush=True)
+    elif args.resume is not None:  # checkpoints listed but removed meanwhile
+        raise CliError(f"--resume {args.resume}: no checkpoint found in {partial}")
+
+    def checkpoint():
+        best = (log["best"]["step"], best_params) if log["best"] is not None else None
+        ckpts.save(params, opt_state, step, k_train, log, best=best)
+
+    def validate(epoch: int):
+        nonlocal best_params
+        t = time.time()
+        val_loss, val_acc = loss_and_accuracy(predict_probs(eval_step, params, val_batches, n_val, device),
+                                              data["val"].labels)
+        entry = {"step": step, "epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc,
+                 "seconds": time.time() - t}
+        log["evals"].append(entry)
+        b = log["best"]
+        if b is None or (val_acc, -val_loss) > (b["val_accuracy"], -b["val_loss"]):
+            log["best"], best_params = dict(entry), params  # params are never mutated: a reference suffices
+        return entry
+
     from tqdm.auto import tqdm
 
-    history, step_losses, step = [], [], 0
-    for epoch in range(1, args.epochs + 1):
-        batches = make_batches(ids["train"], data["train"].labels, args.batch_size, buckets, shuffle=True,
-                               seed=args.seed, epoch=epoch, pad_id=tokenizer.pad_id)
-        seen_shapes, first_call_s, steady_s, steady_n = set(), 0.0, 0.0, 0
-        t_epoch, n_done, losses = time.time(), 0, []
-        bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", dynamic_ncols=True)
-        for b in bar:
-            t = time.time()
-            params, opt_state, m = train_step(params, opt_state, to_device(b, device), random.fold_in(k_train, step))
-            loss = float(m["loss"])  # waits for the step
-            dt, n = time.time() - t, int(b["weight"].sum())
-            if b["input_ids"].shape in seen_shapes:
-                steady_s, steady_n = steady_s + dt, steady_n + n
-            else:  # first batch of this shape: includes compiling the step for it
-                seen_shapes.add(b["input_ids"].shape)
-                first_call_s += dt
-            step, n_done = step + 1, n_done + n
-            losses.append(loss)
-            step_losses.append(loss)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", lr=f"{float(m['lr']):.2e}",
-                            ex_s=f"{n_done / (time.time() - t_epoch):.1f}")
-        bar.close()
-        train_s = time.time() - t_epoch
-        t_eval = time.time()
-        acc = evaluate(eval_step, params, test_batches, device)
-        eval_s = time.time() - t_eval
-        history.append({
-            "epoch": epoch, "train_loss": sum(losses) / len(losses), "test_accuracy": acc,
-            "train_seconds": train_s, "eval_seconds": eval_s,
-            "train_examples_per_s": n_done / train_s,
-            "train_examples_per_s_after_compile": steady_n / steady_s if steady_s else None,
-            "first_call_per_shape_seconds": first_call_s,
-        })
-        print(f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, test accuracy {acc:.4f} "
-              f"({n_test} reviews), train {train_s:.0f}s ({n_done / train_s:.1f} ex/s), eval {eval_s:.0f}s",
-              flush=True)
+    stop = GracefulStop()
+    with stop:
+        while log["epoch"] <= args.epochs:
+            epoch, e = log["epoch"], log["epoch_so_far"]
+            batches = make_batches(ids["train"], data["train"].labels, args.batch_size, buckets, shuffle=True,
+                                   seed=args.seed, epoch=epoch, pad_id=tokenizer.pad_id)
+            seen_shapes, t_epoch = set(), time.time() - e["train_s"]
+            bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", dynamic_ncols=True,
+                       initial=log["batch"], total=len(batches))
+            for i, b in enumerate(batches[log["batch"]:], start=log["batch"]):
+                t = time.time()
+                params, opt_state, m = train_step(params, opt_state, to_device(b, device),
+                                                  random.fold_in(k_train, step))
+                loss = float(m["loss"])  # waits for the step
+                dt, n = time.time() - t, int(b["weight"].sum())
+                if b["input_ids"].shape in seen_shapes:
+                    e["steady_s"], e["steady_n"] = e["steady_s"] + dt, e["steady_n"] + n
+                else:  # first batch of this shape: includes compiling the step for it
+                    seen_shapes.add(b["input_ids"].shape)
+                    e["first_call_s"] += dt
+                step, e["n_done"], log["batch"] = step + 1, e["n_done"] + n, i + 1
+                e["losses"].append(loss)
+                log["step_losses"].append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(e['losses'][-20:]) / len(e['losses'][-20:]):.4f}",
+                                lr=f"{float(m['lr']):.2e}", ex_s=f"{e['n_done'] / (time.time() - t_epoch):.1f}")
+                last = i + 1 == len(batches)
+                if not last and n_val and eval_every and step % eval_every == 0:
+                    validate(epoch)
+                if stop.requested or (not last and args.save_every and step % args.save_every == 0):
+                    e["train_s"] = time.time() - t_epoch
+                    checkpoint()
+                if stop.requested:
+                    bar.close()
+                    print(f"stopped by {stop.requested} at step {step} of {total_steps}, checkpoint written; "
+                          f"resume with: {resume_hint(args, out)}", file=sys.stderr, flush=True)
+                    return 130
+            bar.close()
+            train_s = time.time() - t_epoch
+            v = validate(epoch) if n_val else None
+            log["history"].append({
+                "epoch": epoch, "train_loss": sum(e["losses"]) / len(e["losses"]),
+                "val_loss": v and v["val_loss"], "val_accuracy": v and v["val_accuracy"],
+                "train_seconds": train_s, "eval_seconds": v and v["seconds"],
+                "train_examples_per_s": e["n_done"] / train_s,
+                "train_examples_per_s_after_compile": e["steady_n"] / e["steady_s"] if e["steady_s"] else None,
+                "first_call_per_shape_seconds": e["first_call_s"],
+            })
+            h = log["history"][-1]
+            print(f"epoch {epoch}: train loss {h['train_loss']:.4f}"
+                  + (f", validation loss {v['val_loss']:.4f} accuracy {v['val_accuracy']:.4f} ({n_val} reviews)"
+                     if v else "")
+                  + f", train {train_s:.0f}s ({e['n_done'] / train_s:.1f} ex/s)"
+                  + (f", validation {v['seconds']:.1f}s" if v else ""), flush=True)
+            log["epoch"], log["batch"] = epoch + 1, 0
+            log["epoch_so_far"] = {"losses": [], "n_done": 0, "train_s": 0.0, "first_call_s": 0.0, "steady_s": 0.0,
+                                   "steady_n": 0}
+            checkpoint()
+
+    # The test set, once, on the kept parameters.
+    keep_best = args.keep == "best" and log["best"] is not None
+    kept = best_params if keep_best else params
+    kept_step = log["best"]["step"] if keep_best else step
+    t_test = time.time()
+    test_batches = eval_batches(ids["test"], data["test"].labels, args.batch_size, buckets, tokenizer.pad_id)
+    probs = predict_probs(eval_step, kept, test_batches, n_test, device)
+    test_s = time.time() - t_test
+    y_pred = probs.argmax(-1).tolist()
+    test_loss, test_acc = loss_and_accuracy(probs, data["test"].labels)
+    correct = sum(int(p == t) for p, t in zip(y_pred, data["test"].labels))
+    ci = wilson_interval(correct, n_test)
 
     metrics = {
-        "epochs": history,
-        "final_test_accuracy": history[-1]["test_accuracy"],
-        "train_loss_per_step": step_losses,
+        "epochs": log["history"],
+        "evals": log["evals"],
+        "kept": {"which": "best" if keep_best else "last", "step": kept_step,
+                 "val_accuracy": log["best"]["val_accuracy"] if keep_best else None},
+        "final_test_accuracy": test_acc,
+        "test_accuracy_95ci": list(ci),
+        "test_loss": test_loss,
+        "test_seconds": test_s,
+        **classification_report(data["test"].labels, y_pred, len(LABELS)),
+        "train_loss_per_step": log["step_losses"],
+        "checkpoint_seconds": ckpts.seconds,
+        "resumed_from": resumed_from,
         "wall_seconds": time.time() - t_start,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"max_len": max_len},
-        "train_size": n_train, "test_size": n_test, "steps": step, "buckets": buckets,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "explicit"}
+        | {"max_len": max_len, "eval_every": eval_every},
+        "train_size": n_train, "val_size": n_val, "test_size": n_test, "steps": step, "buckets": buckets,
         "model_config": bert_config_to_hf(cfg, "classifier"),
         "environment": {"device": str(device), "autocast": str(autocast), "compiled": compile_,
                         "torch": torch.__version__, "fnlm": fnlm.__version__, "python": platform.python_version(),
@@ -289,15 +558,18 @@ def train(args) -> int:
     }
     with atomic_dir(out) as tmp:
         # save_bert builds its directory atomically too: here it fills the (empty) temporary one
-        save_bert(cast(params, device="cpu"), cfg, tmp, head="classifier", tokenizer_dir=args.weights)
+        save_bert(cast(kept, device="cpu"), cfg, tmp, head="classifier", tokenizer_dir=args.weights)
         write_json(metrics, tmp / "metrics.json")
-        plot(history, step_losses, tmp / "training.png")
-    print(f"test accuracy {metrics['final_test_accuracy']:.4f}; wrote {out}/ in {metrics['wall_seconds']:.0f}s "
-          f"(model.safetensors, config.json, tokenizer, metrics.json, training.png)")
+        n_wrong = write_errors(tmp / "errors.tsv", probs, data["test"])
+        plot(metrics, tmp / "training.png")
+    shutil.rmtree(partial, ignore_errors=True)  # the checkpoints: the run is complete
+    print(f"test accuracy {test_acc:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {n_test} reviews, {n_wrong} wrong) with the "
+          f"{metrics['kept']['which']} parameters (step {kept_step}); wrote {out}/ in {metrics['wall_seconds']:.0f}s "
+          f"(model.safetensors, config.json, tokenizer, metrics.json, errors.tsv, training.png)")
     return 0
 
 
-def plot(history: list[dict], step_losses: list[float], path: Path) -> None:
+def plot(metrics: dict, path: Path) -> None:
     try:
         import matplotlib
 
@@ -306,17 +578,24 @@ def plot(history: list[dict], step_losses: list[float], path: Path) -> None:
     except ImportError:
         print("note: matplotlib is not installed, so no training.png (pip install matplotlib)")
         return
+    step_losses, evals = metrics["train_loss_per_step"], metrics["evals"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(range(1, len(step_losses) + 1), step_losses, lw=0.6, alpha=0.4, label="per step")
+    ax1.plot(range(1, len(step_losses) + 1), step_losses, lw=0.6, alpha=0.4, label="training, per step")
     w = max(1, len(step_losses) // 20)
     smooth = [sum(step_losses[max(0, i - w + 1): i + 1]) / len(step_losses[max(0, i - w + 1): i + 1])
               for i in range(len(step_losses))]
-    ax1.plot(range(1, len(step_losses) + 1), smooth, lw=1.5, label=f"mean of {w}")
-    ax1.set(xlabel="step", ylabel="cross-entropy", title="training loss")
+    ax1.plot(range(1, len(step_losses) + 1), smooth, lw=1.5, label=f"training, mean of {w}")
+    if evals:
+        ax1.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
+    ax1.set(xlabel="step", ylabel="cross-entropy", title="loss")
     ax1.legend()
-    epochs = [h["epoch"] for h in history]
-    ax2.plot(epochs, [h["test_accuracy"] for h in history], "o-")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="test accuracy", ylim=(0.5, 1.0), xticks=epochs)
+    if evals:
+        ax2.plot([e["step"] for e in evals], [e["val_accuracy"] for e in evals], "o-", label="validation")
+    kept = metrics["kept"]
+    ax2.plot([kept["step"]], [metrics["final_test_accuracy"]], "*", ms=12,
+             label=f"test, {kept['which']} parameters (step {kept['step']})")
+    ax2.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0.4, 1.0))
+    ax2.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -355,8 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, DatasetError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; no run directory was written", file=sys.stderr)
+        print("interrupted at once; the finished run directory was not written (--resume continues from the "
+              "last checkpoint, if one was written)", file=sys.stderr)
         return 130
 
 

@@ -412,3 +412,40 @@ def test_argument_errors():
         optim.sgd("fast")
     with pytest.raises(ValueError, match="nesterov"):
         optim.sgd(0.1, nesterov=True)
+
+
+def test_inject_hyperparams_updates_equal_the_plain_optimizer_and_hold_the_lr():
+    """inject_hyperparams(adamw)(lr=schedule) updates bitwise as adamw(schedule), and its state
+    holds lr_t = schedule(t) of the update just made (the schedule's formula written out here)."""
+    peak, warmup, total = 1e-2, 3, 10
+    schedule = optim.linear_warmup_linear_decay(peak, warmup, total)
+    plain = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(schedule, weight_decay=0.1))
+    injected = optim.chain(optim.clip_by_global_norm(1.0),
+                           optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=0.1))
+    gen = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    pa, pb, sa, sb = p, p, plain.init(p), injected.init(p)
+    for t in range(8):
+        g = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+        ua, sa = plain.update(g, sa, pa)
+        ub, sb = injected.update(g, sb, pb)
+        pa, pb = optim.apply_updates(pa, ua), optim.apply_updates(pb, ub)
+        assert torch.equal(pa["w"], pb["w"]) and torch.equal(pa["b"], pb["b"])
+        expected = peak * t / warmup if t < warmup else peak * max(0.0, (total - t) / (total - warmup))
+        assert optim.find_hyperparam(sb, "lr").item() == pytest.approx(expected, rel=1e-12)
+    assert optim.find_hyperparam(sa, "lr") is None  # nothing injected: no lr in the state
+
+
+def test_inject_hyperparams_float_lr_lives_in_the_state():
+    """A float lr is stored once; overwriting it in the state changes the next update (as optax)."""
+    opt = optim.inject_hyperparams(optim.sgd)(lr=0.5)
+    p = {"w": torch.ones(2)}
+    g = {"w": torch.ones(2)}
+    state = opt.init(p)
+    u, state = opt.update(g, state, p)
+    torch.testing.assert_close(u["w"], torch.full((2,), -0.5))
+    state = state._replace(hyperparams={"lr": torch.tensor(0.25, dtype=torch.float64)})
+    u, state = opt.update(g, state, p)
+    torch.testing.assert_close(u["w"], torch.full((2,), -0.25))
+    with pytest.raises(TypeError, match="lr"):
+        optim.inject_hyperparams(optim.sgd)(momentum=0.9)

@@ -32,8 +32,10 @@ def transformer_batch(seed, b=4, ls=7, lt=6):
 
 
 def make_opt():
+    """The schedule is given once, to the optimizer; the step reports the lr from its state."""
     schedule = optim.linear_warmup_linear_decay(LR, 0, TOTAL)
-    return optim.chain(optim.clip_by_global_norm(CLIP), optim.adamw(schedule, weight_decay=WD, eps=EPS)), schedule
+    return optim.chain(optim.clip_by_global_norm(CLIP),
+                       optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=WD, eps=EPS))
 
 
 def torch_reference(loss_fn, params, batches, keys):
@@ -80,12 +82,12 @@ def run(step, params, opt_state, batches, keys):
 
 def check_compiled_step(loss_fn, params, batches, keys):
     """Compiled (Inductor, fullgraph) == eager == torch.optim reference; one graph, no recompiles."""
-    opt, schedule = make_opt()
+    opt = make_opt()
     ref_params, ref_losses, ref_norms = torch_reference(loss_fn, params, batches, keys)
-    eager = make_train_step(loss_fn, opt, compile=False, lr_schedule=schedule)
+    eager = make_train_step(loss_fn, opt, compile=False)
     e_params, e_state, e_losses, e_norms, e_lrs = run(eager, params, opt.init(params), batches, keys)
 
-    compiled = make_train_step(loss_fn, opt, lr_schedule=schedule)
+    compiled = make_train_step(loss_fn, opt)
     before = counters["stats"]["unique_graphs"]
     p, s, m = compiled(params, opt.init(params), batches[0], keys[0])
     assert counters["stats"]["unique_graphs"] == before + 1  # one graph for the whole step
@@ -100,7 +102,8 @@ def check_compiled_step(loss_fn, params, batches, keys):
     torch.testing.assert_close(e_losses, ref_losses, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(c_norms, ref_norms, atol=1e-5, rtol=1e-4)
     expected_lr = torch.tensor([LR * (TOTAL - s) / TOTAL for s in range(len(batches))], dtype=torch.float64)
-    torch.testing.assert_close(e_lrs, expected_lr)
+    torch.testing.assert_close(e_lrs, expected_lr)  # the lr each update used, read from the optimizer state
+    torch.testing.assert_close(torch.cat([m["lr"][None], c_lrs]), expected_lr)
     assert int(c_state[1].count) == len(batches) and c_state[1].count.dtype == torch.int64
     assert set(m) >= {"loss", "grad_norm", "lr", "finite", "grads_finite", "accuracy"}
     return compiled
@@ -336,3 +339,63 @@ def test_deterministic_compiled_step_is_bitwise_reproducible():
     for i in range(3):
         p, s, _ = eager(p, s, batch, random.key(i))
     assert_tree_close(runs[0], p, atol=1e-5, rtol=1e-4)
+
+
+def test_every_step_maker_returns_the_same_kind_of_step():
+    """make_train_step, make_eval_step, make_ensemble_step and make_dp_sgd_step all return a
+    fnlm.train.Step whose .pure is the uncompiled function and which gives the same results."""
+    from fnlm.train import Step, make_dp_sgd_step, make_ensemble_step
+    from fnlm.tree import tree_stack
+
+    params = {"w": torch.zeros(3, 2)}
+    batch = {"x": torch.eye(3), "y": torch.tensor([0, 1, 0])}
+
+    def loss_fn(p, b, key):
+        return fnlm.cross_entropy(b["x"] @ p["w"], b["y"]), {}
+
+    opt = optim.sgd(0.1)
+    steps = {
+        "train": make_train_step(loss_fn, opt, compile=False),
+        "eval": make_eval_step(lambda p, b: {"loss": loss_fn(p, b, None)[0]}, compile=False),
+        "ensemble": make_ensemble_step(loss_fn, opt, compile=False),
+        "dp_sgd": make_dp_sgd_step(lambda p, b: loss_fn(p, b, None)[0], opt, clip_norm=1.0, noise_multiplier=0.0,
+                                   compile=False),
+    }
+    assert all(isinstance(s, Step) and callable(s.pure) for s in steps.values())
+    key = random.key(0)
+    p1, _, m1 = steps["train"](params, opt.init(params), batch, key)
+    p2, _, m2 = steps["train"].pure(params, opt.init(params), batch, key)
+    assert torch.equal(p1["w"], p2["w"]) and torch.equal(m1["loss"], m2["loss"])
+    assert torch.equal(steps["eval"](params, batch)["loss"], m1["loss"])
+    stacked = tree_stack([params, params])
+    pe, _, me = steps["ensemble"](stacked, tree_stack([opt.init(params)] * 2), batch, random.split(key, 2))
+    assert torch.equal(pe["w"][0], p1["w"]) and me["loss"].shape == (2,)
+    pd, _, md = steps["dp_sgd"](params, opt.init(params), batch, key)
+    assert set(md) >= {"loss", "clipped_fraction", "finite", "grads_finite"}
+
+
+def test_non_finite_checks_are_shared_by_train_ensemble_and_dp_sgd_steps():
+    """One check and one message: every training step names the step number and the parameter group."""
+    from fnlm.train import make_dp_sgd_step, make_ensemble_step
+    from fnlm.tree import tree_stack
+
+    params = {"layers": [{"weight": torch.ones(2, 2)}]}
+    batch = {"x": torch.tensor([[float("nan"), 1.0]])}
+
+    def loss_fn(p, b, key=None):
+        return (b["x"] @ p["layers"][0]["weight"]).sum(), {}
+
+    opt = optim.sgd(0.1)
+    state = opt.init(params)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 0 \(loss = nan\): in 1 parameter group\(s\): layers.0 \(weight\)"):
+        make_train_step(loss_fn, opt, compile=False)(params, state, batch, random.key(0))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 0 \(loss = nan\): in 1 parameter group\(s\): layers.0 \(weight\)"):
+        make_dp_sgd_step(lambda p, b: loss_fn(p, b)[0], opt, clip_norm=1.0, noise_multiplier=0.0, compile=False)(
+            params, state, batch, random.key(0))
+    ens = make_ensemble_step(loss_fn, opt, compile=False)
+    with pytest.raises(FloatingPointError, match=r"ensemble: member 0: non-finite gradients at step 0 .*; member 1: non-finite"):
+        ens(tree_stack([params, params]), tree_stack([state, state]), batch, random.split(random.key(0), 2))
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        p, s, _ = make_dp_sgd_step(lambda p, b: loss_fn(p, b)[0], opt, clip_norm=1.0, noise_multiplier=0.0,
+                                   compile=False, nonfinite="skip")(params, state, batch, random.key(0))
+    assert torch.equal(p["layers"][0]["weight"], params["layers"][0]["weight"]) and int(s.count) == 0

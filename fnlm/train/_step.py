@@ -16,12 +16,13 @@ One call computes, inside a single ``torch.compile(fullgraph=True)`` graph::
     u, s' = optimizer.update(g, s, params);   params' = params + u
     (skip mode)  params', s' = where(ok, params', params), where(ok, s', s)
 
-and returns ``metrics = {'loss', 'grad_norm' (= ||g||_2 before clipping), 'lr' (with
-``lr_schedule``), 'finite', 'grads_finite' (one flag per leaf, flatten order), **aux}``.
+and returns ``metrics = {'loss', 'grad_norm' (= ||g||_2 before clipping), 'lr' (when the optimizer
+state holds it: :func:`fnlm.optim.inject_hyperparams`), 'finite', 'grads_finite' (one flag per leaf,
+flatten order), **aux}``.
 
 * **Purity.** Params, optimizer state (step count included), batch and key are all tensors, so
   the graph has no Python state; the same shapes never recompile (tested). The learning rate is
-  computed *inside* from the step count in the optimizer state: ``lr = lr_schedule(count)``.
+  computed *inside* from the step count in the optimizer state, and kept there.
 * **Gradient accumulation** (``accum_steps=k``): every batch leaf has a leading micro-batch axis
   ``[k, b, ...]``; the loop over micro-batches is unrolled in the graph (compile time grows with
   ``k``, memory does not). With equal micro-batches and a mean loss, the result equals one step on
@@ -62,8 +63,9 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from fnlm import random
+from fnlm.optim._inject import find_hyperparam
 from fnlm.optim._transforms import GradientTransformation, apply_updates, global_norm
-from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map
+from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map, tree_unstack
 
 LossFn = Callable[[PyTree, Any, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
 
@@ -125,10 +127,6 @@ def param_group(name: str) -> str:
     return ".".join(parts[:-1]) or name
 
 
-def _tree_where(ok: Tensor, new: PyTree, old: PyTree) -> PyTree:
-    return tree_map(lambda n, o: torch.where(ok, n, o) if isinstance(n, Tensor) else n, new, old)
-
-
 def _mean_tree(trees: list[PyTree]) -> PyTree:
     if len(trees) == 1:
         return trees[0]
@@ -144,7 +142,6 @@ def train_step_fn(
     autocast_dtype: torch.dtype | None = None,
     nonfinite: str = "raise",
     grad_sync: Callable[[PyTree], PyTree] | None = None,
-    lr_schedule: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable:
     """The pure, uncompiled step ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``
     that :func:`make_train_step` compiles (use it directly under ``vmap``, see
@@ -178,20 +175,17 @@ def train_step_fn(
             aux = _mean_tree([la[1] for _, la in parts])
         if grad_sync is not None:  # one all-reduce for gradients and the metrics that go with them
             grads, loss, aux = grad_sync((grads, loss, aux))
-        grads_finite = torch.stack([torch.isfinite(g).all() for g in tree_leaves(grads)])
-        finite = torch.isfinite(loss) & grads_finite.all()
+        finite, grads_finite = finite_flags(loss, grads)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "finite": finite, "grads_finite": grads_finite}
-        if lr_schedule is not None:
-            count = find_step_count(opt_state)
-            if count is None:
-                raise ValueError("lr_schedule= needs an optimizer state with a step count (a leaf named 'count')")
-            metrics["lr"] = lr_schedule(count)
-        metrics.update(aux)
         updates, new_state = optimizer.update(grads, opt_state, params)
+        lr = find_hyperparam(new_state, "lr")  # the lr this update used (optim.inject_hyperparams)
+        if lr is not None:
+            metrics["lr"] = lr
+        metrics.update(aux)
         new_params = apply_updates(params, updates)
         if nonfinite == "skip":
-            new_params = _tree_where(finite, new_params, params)
-            new_state = _tree_where(finite, new_state, opt_state)
+            new_params = keep_if_finite(finite, new_params, params)
+            new_state = keep_if_finite(finite, new_state, opt_state)
         return new_params, new_state, metrics
 
     return step
@@ -210,35 +204,71 @@ class _Deterministic:
         torch.use_deterministic_algorithms(self.prev[0], warn_only=self.prev[1])
 
 
-class TrainStep:
-    """``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``: the compiled pure
-    step plus the eager checks around it. ``step.pure`` is the uncompiled pure function."""
+class Step:
+    """A compiled pure function plus the eager checks around it: the one kind of object that
+    :func:`make_train_step`, :func:`make_eval_step`, :func:`~fnlm.train.make_ensemble_step` and
+    :func:`~fnlm.train.make_dp_sgd_step` return. ``step.pure`` is the uncompiled pure function
+    (use it under your own transforms), ``step.compiled`` the compiled one.
 
-    def __init__(self, pure: Callable, compiled: Callable, *, accum_steps: int, nonfinite: str,
-                 deterministic: bool = False):
-        self.pure, self.compiled = pure, compiled
-        self.accum_steps, self.nonfinite, self.deterministic = accum_steps, nonfinite, deterministic
+    For training steps ``step(params, opt_state, batch, key, ...) -> (params, opt_state, metrics)``
+    the call reads ``metrics['finite']`` (the one host sync per step) and, with
+    ``nonfinite='raise'``/``'skip'``, raises or warns with :func:`nonfinite_message`; ``members``:
+    the leading axis of params, state and metrics is an ensemble's member axis.
+    """
+
+    def __init__(self, pure: Callable, compiled: Callable, *, check_args: Callable | None = None,
+                 nonfinite: str = "ignore", members: bool = False, deterministic: bool = False,
+                 no_grad: bool = False):
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.pure, self.compiled, self.check_args = pure, compiled, check_args
+        self.nonfinite, self.members, self.deterministic, self.no_grad = nonfinite, members, deterministic, no_grad
         self.calls = 0
 
-    def __call__(self, params: PyTree, opt_state: PyTree, batch: PyTree, key: Tensor):
-        random._check_key(key)
-        if self.accum_steps > 1:
-            for name, x in flatten_names(batch).items():
-                if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != self.accum_steps:
-                    raise ValueError(f"accum_steps={self.accum_steps}: batch leaf {name!r} must have a leading "
-                                     f"micro-batch axis of size {self.accum_steps}, got shape "
-                                     f"{tuple(getattr(x, 'shape', ()))}")
+    def __call__(self, *args, **kwargs):
+        if self.check_args is not None:
+            self.check_args(*args, **kwargs)
         calls, self.calls = self.calls, self.calls + 1
-        with _Deterministic() if self.deterministic else contextlib.nullcontext():
-            new_params, new_state, metrics = self.compiled(params, opt_state, batch, key)
-        if self.nonfinite != "ignore" and not bool(metrics["finite"]):  # the one host sync per step
-            count = find_step_count(opt_state)  # the caller's state is untouched: updates done before
+        with contextlib.ExitStack() as stack:
+            if self.deterministic:
+                stack.enter_context(_Deterministic())
+            if self.no_grad:
+                stack.enter_context(torch.no_grad())
+            out = self.compiled(*args, **kwargs)
+        if self.nonfinite != "ignore":
+            self._check_finite(calls, args[0], args[1], out[2])
+        return out
+
+    def _check_finite(self, calls: int, params: PyTree, opt_state: PyTree, metrics: Mapping[str, Tensor]) -> None:
+        finite = metrics["finite"]
+        if bool(finite.all()):
+            return
+        count = find_step_count(opt_state)  # the caller's state is untouched: updates done before
+        if self.members:
+            bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+            members, ms = tree_unstack(params), tree_unstack(metrics)
+            step = [calls] * len(members) if count is None else count.tolist()
+            msg = "ensemble: " + "; ".join(f"member {i}: {nonfinite_message(step[i], members[i], ms[i])}"
+                                           for i in bad)
+        else:
             msg = nonfinite_message(calls if count is None else int(count), params, metrics)
-            if self.nonfinite == "raise":
-                raise FloatingPointError(msg)
-            warnings.warn(msg + "; update skipped, params and optimizer state unchanged", RuntimeWarning,
-                          stacklevel=2)
-        return new_params, new_state, metrics
+        if self.nonfinite == "raise":
+            raise FloatingPointError(msg)
+        what = "those members' updates" if self.members else "update"
+        warnings.warn(f"{msg}; {what} skipped, params and optimizer state unchanged", RuntimeWarning,
+                      stacklevel=3)
+
+
+def finite_flags(loss: Tensor, grads: PyTree) -> tuple[Tensor, Tensor]:
+    """``(finite, grads_finite)``: one flag for the loss and all gradients, one per gradient leaf
+    (flatten order), computed in the graph without data-dependent control flow."""
+    grads_finite = torch.stack([torch.isfinite(g).all() for g in tree_leaves(grads)])
+    return torch.isfinite(loss).all() & grads_finite.all(), grads_finite
+
+
+def keep_if_finite(finite: Tensor, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where ``finite``, else ``old``, leaf by leaf (``nonfinite='skip'``; per member under ``vmap``)."""
+    return tree_map(lambda n, o: torch.where(finite, n, o) if isinstance(n, Tensor) else n, new, old)
 
 
 def nonfinite_message(step: int, params: PyTree, metrics: Mapping[str, Tensor]) -> str:
@@ -268,16 +298,16 @@ def make_train_step(
     nonfinite: str = "raise",
     grad_sync: Callable[[PyTree], PyTree] | None = None,
     dynamic: bool = False,
-    lr_schedule: Callable[[Tensor], Tensor] | None = None,
     compile_options: Mapping[str, Any] | None = None,
     max_shapes: int = 16,
     deterministic: bool = False,
-) -> TrainStep:
+) -> Step:
     """A training step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
     ``loss_fn(params, batch, key) -> (loss, aux: dict of scalar tensors)``. ``compile``: ``True``
-    (Inductor), ``False`` (eager, same maths) or a dynamo backend name. ``lr_schedule``: the
-    optimizer's schedule, to report ``metrics['lr']`` (the lr of this update). ``grad_sync``: a
+    (Inductor), ``False`` (eager, same maths) or a dynamo backend name. ``metrics['lr']`` (the lr
+    of this update) is reported when the optimizer keeps it in its state
+    (:func:`fnlm.optim.inject_hyperparams`). ``grad_sync``: a
     pytree all-reduce, e.g. :func:`fnlm.distributed.all_reduce_mean`. ``deterministic=True``:
     compile and run under ``torch.use_deterministic_algorithms(True, warn_only=True)``, so that
     the same inputs give bitwise the same result every time (Inductor otherwise sums repeated
@@ -291,21 +321,25 @@ def make_train_step(
     if not isinstance(optimizer, GradientTransformation):
         raise TypeError(f"optimizer must be a GradientTransformation, got {type(optimizer).__name__}")
     pure = train_step_fn(loss_fn, optimizer, accum_steps=accum_steps, autocast_dtype=autocast_dtype,
-                         nonfinite=nonfinite, grad_sync=grad_sync, lr_schedule=lr_schedule)
+                         nonfinite=nonfinite, grad_sync=grad_sync)
     compiled = compile_fn(pure, compile=compile, dynamic=dynamic, compile_options=compile_options,
                           max_shapes=max_shapes)
-    return TrainStep(pure, compiled, accum_steps=accum_steps, nonfinite=nonfinite, deterministic=deterministic)
+
+    def check_args(params, opt_state, batch, key):
+        random._check_key(key)
+        if accum_steps > 1:
+            for name, x in flatten_names(batch).items():
+                if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != accum_steps:
+                    raise ValueError(f"accum_steps={accum_steps}: batch leaf {name!r} must have a leading "
+                                     f"micro-batch axis of size {accum_steps}, got shape "
+                                     f"{tuple(getattr(x, 'shape', ()))}")
+
+    return Step(pure, compiled, check_args=check_args, nonfinite=nonfinite, deterministic=deterministic)
 
 
 def make_eval_step(fn: Callable, compile: bool | str | Callable = True, *, dynamic: bool = False,
-                   compile_options: Mapping[str, Any] | None = None, max_shapes: int = 16) -> Callable:
+                   compile_options: Mapping[str, Any] | None = None, max_shapes: int = 16) -> Step:
     """``fn(params, batch) -> metrics`` compiled (``fullgraph=True``) and run under ``torch.no_grad``."""
     compiled = compile_fn(fn, compile=compile, dynamic=dynamic, compile_options=compile_options,
                           max_shapes=max_shapes)
-
-    def eval_step(*args, **kwargs):
-        with torch.no_grad():
-            return compiled(*args, **kwargs)
-
-    eval_step.pure = fn  # type: ignore[attr-defined]
-    return eval_step
+    return Step(fn, compiled, no_grad=True)

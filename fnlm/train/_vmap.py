@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -19,8 +18,8 @@ from torch.func import grad, vmap
 
 from fnlm import random
 from fnlm.optim._transforms import GradientTransformation, apply_updates
-from fnlm.train._step import compile_fn, nonfinite_message, train_step_fn
-from fnlm.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten, tree_unstack
+from fnlm.train._step import NONFINITE, Step, compile_fn, finite_flags, keep_if_finite, train_step_fn
+from fnlm.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 
 # ----------------------------------------------------------------------------- per-example gradients
@@ -74,11 +73,13 @@ def dp_aggregate(grads: PyTree, key: random.Key, *, clip_norm: float, noise_mult
 
 
 def make_dp_sgd_step(loss_fn: Callable[[PyTree, PyTree], Tensor], optimizer: GradientTransformation, *,
-                     clip_norm: float, noise_multiplier: float, compile: bool | str = True) -> Callable:
+                     clip_norm: float, noise_multiplier: float, compile: bool | str = True,
+                     nonfinite: str = "raise") -> Step:
     """A DP-SGD step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``:
     per-example gradients (:func:`per_example_grads`), :func:`dp_aggregate`, then ``optimizer``
-    (plain ``sgd`` for the paper's algorithm). ``metrics``: ``loss`` (mean over the batch) and
-    ``clipped_fraction`` (examples whose gradient norm exceeded ``C``). Compiled in one graph."""
+    (plain ``sgd`` for the paper's algorithm). ``metrics``: ``loss`` (mean over the batch),
+    ``clipped_fraction`` (examples whose gradient norm exceeded ``C``) and the non-finite flags
+    of :func:`~fnlm.train.make_train_step` (same ``nonfinite`` modes). Compiled in one graph."""
 
     def step(params, opt_state, batch, key):
         def one(p, example):
@@ -88,11 +89,21 @@ def make_dp_sgd_step(loss_fn: Callable[[PyTree, PyTree], Tensor], optimizer: Gra
         grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, 0))(params, batch)
         norms = per_example_grad_norms(grads)
         g = dp_aggregate(grads, key, clip_norm=clip_norm, noise_multiplier=noise_multiplier)
-        updates, opt_state = optimizer.update(g, opt_state, params)
-        metrics = {"loss": losses.mean(), "clipped_fraction": (norms > clip_norm).float().mean()}
-        return apply_updates(params, updates), opt_state, metrics
+        loss = losses.mean()
+        finite, grads_finite = finite_flags(loss, g)
+        updates, new_state = optimizer.update(g, opt_state, params)
+        new_params = apply_updates(params, updates)
+        if nonfinite == "skip":
+            new_params = keep_if_finite(finite, new_params, params)
+            new_state = keep_if_finite(finite, new_state, opt_state)
+        metrics = {"loss": loss, "clipped_fraction": (norms > clip_norm).float().mean(), "finite": finite,
+                   "grads_finite": grads_finite}
+        return new_params, new_state, metrics
 
-    return compile_fn(step, compile=compile)
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    return Step(step, compile_fn(step, compile=compile), check_args=lambda p, s, b, key: random._check_key(key),
+                nonfinite=nonfinite)
 
 
 # ----------------------------------------------------------------------------- ensembles
@@ -104,7 +115,7 @@ def make_ensemble_step(
     compile: bool | str = True,
     nonfinite: str = "raise",
     accum_steps: int = 1,
-) -> Callable:
+) -> Step:
     """Train ``N`` stacked models in one compiled step: ``vmap`` of :func:`fnlm.train.train_step_fn`.
 
     ``step(params, opt_state, batch, keys[, hparams]) -> (params, opt_state, metrics)`` where
@@ -135,24 +146,13 @@ def make_ensemble_step(
     def pure_step(params, opt_state, batch, keys, hparams=None):
         return batched(params, opt_state, batch, keys, hparams)
 
-    compiled = compile_fn(pure_step, compile=compile)
-
-    def step(params, opt_state, batch, keys, hparams=None):
+    def check_args(params, opt_state, batch, keys, hparams=None):
         if factory and hparams is None:
             raise ValueError("this ensemble's optimizer is a factory: pass hparams (a dict of [N] tensors)")
         if keys.ndim != 2 or keys.shape[-1] != 2:
             raise ValueError(f"keys must be [N, 2] (random.split(key, N)), got {tuple(keys.shape)}")
-        new_params, new_state, metrics = compiled(params, opt_state, batch, keys, hparams)
-        if nonfinite != "ignore" and not bool(metrics["finite"].all()):
-            bad = [i for i, ok in enumerate(metrics["finite"].tolist()) if not ok]
-            members = tree_unstack(params)
-            ms = tree_unstack(metrics)
-            msg = "; ".join(f"member {i}: {nonfinite_message(-1, members[i], ms[i])}" for i in bad)
-            msg = msg.replace(" at step -1", "")
-            if nonfinite == "raise":
-                raise FloatingPointError(f"ensemble: {msg}")
-            warnings.warn(f"ensemble: {msg}; those members' updates skipped", RuntimeWarning, stacklevel=2)
-        return new_params, new_state, metrics
 
-    step.pure = pure_step  # type: ignore[attr-defined]
-    return step
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    return Step(pure_step, compile_fn(pure_step, compile=compile), check_args=check_args, nonfinite=nonfinite,
+                members=True)
