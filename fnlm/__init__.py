@@ -36,6 +36,7 @@ from fnlm.models import (
     mask_tokens,
     mlm_loss,
     save_bert,
+    sentence_embedding,
     transformer,
 )
 from fnlm.nn import (
@@ -109,7 +110,7 @@ __all__ = [
     # fnlm.models
     "BertConfig", "bert", "bert_classifier", "bert_mlm", "classifier_loss", "decode", "embed", "encode",
     "greedy_decode", "init_bert", "init_bert_classifier", "init_bert_mlm", "init_transformer", "load_bert",
-    "mask_tokens", "mlm_loss", "save_bert", "transformer",
+    "mask_tokens", "mlm_loss", "save_bert", "sentence_embedding", "transformer",
     # fnlm.train
     "COMPILE_OPTIONS", "compile_fn", "dp_aggregate", "load_train_state", "make_dp_sgd_step", "make_ensemble_step",
     "make_eval_step", "make_train_step", "per_example_grad_norms", "per_example_grads", "save_train_state",

@@ -25,9 +25,11 @@ from fnlm.models._bert_hf import (
     read_bert_config,
     save_bert,
 )
+from fnlm.models._pooling import COMBINES, POOLINGS, combine_layers, pool, sentence_embedding
 from fnlm.models._transformer import decode, embed, encode, greedy_decode, init_transformer, transformer
 
 __all__ = [
+    "COMBINES", "POOLINGS", "combine_layers", "pool", "sentence_embedding",
     "BertConfig", "bert", "bert_classifier", "bert_config_from_hf", "bert_config_to_hf", "bert_embeddings",
     "bert_mlm", "classifier_loss", "decode", "embed", "encode", "greedy_decode", "init_bert",
     "init_bert_classifier", "init_bert_embeddings", "init_bert_mlm", "init_classifier_head", "init_mlm_head",

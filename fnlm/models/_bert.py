@@ -258,7 +258,9 @@ def bert(
     key: random.Key | None = None,
     train: bool = False,
     pooled_only: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, dict[str, tuple[Tensor, ...]]]:
     """``(last_hidden [*batch, len, H], pooled [*batch, H])``.
 
     ``h = Encoder(Embed(ids))`` with fnlm's post-LN blocks; ``pooled = tanh(h_0 W_p + b_p)`` on
@@ -270,9 +272,19 @@ def bert(
     query positions are still computed (as in HF) and are just ignored downstream. A row with no
     real token at all (a batch-padding row) attends to every position, so its outputs stay finite
     (HF also gives finite, meaningless values there); give such rows weight 0 in the loss.
+
+    ``output_hidden_states`` / ``output_attentions`` (as ``BertModel``'s): return
+    ``(last_hidden, pooled, intermediates)`` with ``intermediates['hidden_states']`` the
+    ``L + 1`` tensors ``[*batch, len, H]`` after the embeddings and after each layer, and
+    ``intermediates['attentions']`` the ``L`` attention probabilities ``[*batch, heads, len, len]``
+    (see :func:`fnlm.nn.encoder`). Not asked: the default path, unchanged.
     """
     _check_config(cfg)
     _check_ids(input_ids)
+    capture = output_hidden_states or output_attentions
+    if capture and pooled_only:
+        raise ValueError("pooled_only=True computes only the [CLS] row of the last layer; it cannot be "
+                         "combined with output_hidden_states / output_attentions")
     mask = None
     if attention_mask is not None:
         _check_same_shape("attention_mask", attention_mask, input_ids)
@@ -281,9 +293,11 @@ def bert(
     k_emb, k_enc = random.split_or_none(key, 2)
     x = bert_embeddings(params["embeddings"], input_ids, cfg, token_type_ids=token_type_ids, key=k_emb, train=train)
     h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=mask, key=k_enc, train=train,
-                last_queries=slice(0, 1) if pooled_only else None)
+                last_queries=slice(0, 1) if pooled_only else None,
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+    h, intermediates = h if capture else (h, None)
     pooled = torch.tanh(linear(params["pooler"], h[..., 0, :])) if "pooler" in params else None
-    return h, pooled
+    return (h, pooled, intermediates) if capture else (h, pooled)
 
 
 def bert_classifier(

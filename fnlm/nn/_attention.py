@@ -44,13 +44,16 @@ def attention_reference(
     dropout: float = 0.0,
     key: random.Key | None = None,
     train: bool = False,
-) -> Tensor:
+    return_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + B + M) V``, written out.
 
     ``q: [..., len_q, d_k]``, ``k: [..., len_k, d_k]``, ``v: [..., len_k, d_v]`` ->
     ``[..., len_q, d_v]``. ``M`` is 0 where ``mask`` is True and ``-inf`` elsewhere; ``B`` is an
     optional additive bias. Dropout (if training) acts on the attention probabilities. A query
     whose mask row is all False attends to nothing and gets output 0 (as the fused kernel).
+    ``return_probs=True``: ``(output, P)`` with ``P: [..., len_q, len_k]`` the probabilities
+    that multiplied ``V`` (after attention dropout, as Hugging Face's ``output_attentions``).
     """
     d_k = q.shape[-1]
     scores = einsum(q, k, "... i d, ... j d -> ... i j") / math.sqrt(d_k)
@@ -66,7 +69,8 @@ def attention_reference(
     if mask is not None:
         probs = probs.masked_fill(empty, 0.0)
     probs = _dropout.dropout(probs, dropout, key=key, train=train)
-    return einsum(probs, v, "... i j, ... j d -> ... i d")
+    out = einsum(probs, v, "... i j, ... j d -> ... i d")
+    return (out, probs) if return_probs else out
 
 
 def scaled_dot_product_attention(
@@ -81,14 +85,17 @@ def scaled_dot_product_attention(
     key: random.Key | None = None,
     train: bool = False,
     impl: str = "auto",
-) -> Tensor:
+    return_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``softmax(Q K^T / sqrt(d_k) + B + M) V`` — same maths as :func:`attention_reference`.
 
     ``impl="auto"`` uses ``torch.nn.functional.scaled_dot_product_attention`` (flash /
     memory-efficient kernels on GPU; ``is_causal`` without other masks takes the flash path).
     Attention dropout while training uses the reference formula instead, because the fused
     kernel draws its dropout mask from torch's global RNG and fnlm's randomness comes only from
-    explicit keys. ``impl="reference"`` forces the formula.
+    explicit keys. ``impl="reference"`` forces the formula. ``return_probs=True`` also forces it
+    and returns ``(output, P)`` (see :func:`attention_reference`): the probabilities come from
+    the very computation that produced the output.
     """
     if impl not in ("auto", "sdpa", "reference"):
         raise ValueError(f"impl must be 'auto', 'sdpa' or 'reference', got {impl!r}")
@@ -106,12 +113,13 @@ def scaled_dot_product_attention(
         check_broadcast("bias", bias, target, "*batch, len_q, len_k")
     if is_causal:
         causal = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-        if mask is not None or bias is not None or impl == "reference" or (train and dropout > 0):
+        if mask is not None or bias is not None or impl == "reference" or (train and dropout > 0) or return_probs:
             mask = causal if mask is None else mask & causal
             is_causal = False
 
-    if impl == "reference" or (train and dropout > 0.0):
-        return attention_reference(q, k, v, mask, bias, dropout=dropout, key=key, train=train)
+    if impl == "reference" or (train and dropout > 0.0) or return_probs:
+        return attention_reference(q, k, v, mask, bias, dropout=dropout, key=key, train=train,
+                                   return_probs=return_probs)
 
     attn_mask = mask
     if bias is not None:
@@ -186,7 +194,8 @@ def multi_head_attention(
     key: random.Key | None = None,
     train: bool = False,
     impl: str = "auto",
-) -> Tensor:
+    return_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O``,
     ``head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)``.
 
@@ -197,6 +206,8 @@ def multi_head_attention(
     Masks: ``mask`` (bool, True = may attend) broadcastable to ``[*batch, n_heads, len_q, len_k]``;
     ``key_padding_mask`` ``[*batch, len_k]`` (True/1 = real token); ``causal=True`` adds
     ``j <= i``; ``bias`` is added to the scores (e.g. :func:`fnlm.positional.relative_bias`).
+    ``return_probs=True``: ``(output, P)``, ``P: [*batch, n_heads, len_q, len_k]`` the attention
+    probabilities of the same computation (the reference formula instead of the fused kernel).
     """
     x_kv = x_q if x_kv is None else x_kv
     n_heads = params["o"]["weight"].shape[0]
@@ -224,8 +235,11 @@ def multi_head_attention(
     k = _project(params["k"], x_kv)  # [..., h, len_k, d_k]
     v = _project(params["v"], x_kv)  # [..., h, len_k, d_v]
     heads = scaled_dot_product_attention(
-        q, k, v, mask, bias, is_causal=causal, dropout=dropout, key=key, train=train, impl=impl
+        q, k, v, mask, bias, is_causal=causal, dropout=dropout, key=key, train=train, impl=impl,
+        return_probs=return_probs,
     )
+    heads, probs = heads if return_probs else (heads, None)
     # MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O
     y = rearrange(heads, "... h l k -> ... l (h k)") @ rearrange(params["o"]["weight"], "h k d -> (h k) d")
-    return y + params["o"]["bias"] if "bias" in params["o"] else y
+    y = y + params["o"]["bias"] if "bias" in params["o"] else y
+    return (y, probs) if return_probs else y

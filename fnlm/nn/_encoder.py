@@ -34,7 +34,8 @@ def encoder_block(
     key: random.Key | None = None,
     train: bool = False,
     queries: slice | None = None,
-) -> Tensor:
+    return_attention: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """One encoder layer, ``x: [*batch, len, d_model] -> same``.
 
     Post-LN (paper, BERT)::
@@ -47,6 +48,10 @@ def encoder_block(
     ``queries``: compute the outputs at these positions only (``slice(0, 1)``: the [CLS] token),
     ``[*batch, len(queries), d_model]``. Every position is still a key and value, so the rows
     computed are exactly those of the full block; the others' attention and FFN are skipped.
+
+    ``return_attention=True``: ``(x, P)`` with ``P: [*batch, n_heads, len_q, len]`` the
+    self-attention probabilities this block used (computed with the reference formula, see
+    :func:`~fnlm.nn.multi_head_attention`'s ``return_probs``).
     """
     k_attn, k_drop1, k_drop2 = random.split_or_none(key, 3)
     residual = dict(norm_first=cfg.norm_first, eps=cfg.layer_norm_eps, rate=cfg.dropout, train=train)
@@ -58,17 +63,24 @@ def encoder_block(
     def rows(h):  # the positions whose outputs are computed
         return h if queries is None else h[..., queries, :]
 
+    probs = []  # filled by self_attention when return_attention
+
     def self_attention(h):
-        return multi_head_attention(
+        y = multi_head_attention(
             params["attn"], rows(h), h, key_padding_mask=key_padding_mask, mask=mask, bias=bias,
-            dropout=cfg.attention_dropout, key=k_attn, train=train,
+            dropout=cfg.attention_dropout, key=k_attn, train=train, return_probs=return_attention,
         )
+        if return_attention:
+            y, p = y
+            probs.append(p)
+        return y
 
     def ffn(h):
         return feed_forward(params["ffn"], h, cfg.activation)
 
     x = sublayer(params["norm1"], x, self_attention, key=k_drop1, residual=rows(x), **residual)
-    return sublayer(params["norm2"], x, ffn, key=k_drop2, **residual)
+    x = sublayer(params["norm2"], x, ffn, key=k_drop2, **residual)
+    return (x, probs[0]) if return_attention else x
 
 
 def _rows(m: Tensor | None, queries: slice, x: Tensor) -> Tensor | None:
@@ -100,13 +112,22 @@ def encoder(
     key: random.Key | None = None,
     train: bool = False,
     last_queries: slice | None = None,
-) -> Tensor:
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, tuple[Tensor, ...]]]:
     """``N`` encoder blocks (then a final LayerNorm for pre-LN stacks). With
     ``cfg.positional == 'relative'``, one T5 relative bias is shared by all layers.
 
     ``last_queries``: the positions whose final outputs are wanted, e.g. ``slice(0, 1)`` when only
     the [CLS] vector is read (a classifier). The last block then computes just those rows (see
     :func:`encoder_block`'s ``queries``): same values, most of one block's work saved.
+
+    Intermediates, the pure way (as Flax's ``capture_intermediates``, no hooks): with
+    ``output_hidden_states`` and/or ``output_attentions`` the result is ``(x, intermediates)``,
+    ``intermediates = {'hidden_states': (x_0, ..., x_N), 'attentions': (P_1, ..., P_N)}`` (only
+    the keys asked for), ``x_0`` the input and ``x_i`` block ``i``'s output (before a final
+    LayerNorm), ``P_i: [*batch, n_heads, len, len]`` block ``i``'s attention probabilities. When
+    neither is asked for nothing extra is computed or kept (the fused attention kernel runs).
     """
     bias = None
     if "relative_bias" in params:
@@ -114,10 +135,23 @@ def encoder(
         bias = relative_bias(params["relative_bias"], n, n, bidirectional=True,
                              max_distance=cfg.relative_max_distance)
     layers = params["layers"]
+    hidden, attentions = [x], []
     for i, (layer, k) in enumerate(zip(layers, random.split_or_none(key, len(layers)))):
         queries = last_queries if i == len(layers) - 1 else None
         x = encoder_block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train,
-                          queries=queries)
+                          queries=queries, return_attention=output_attentions)
+        if output_attentions:
+            x, p = x
+            attentions.append(p)
+        if output_hidden_states:
+            hidden.append(x)
     if "norm" in params:
         x = layer_norm(params["norm"], x, cfg.layer_norm_eps)
-    return x
+    if not (output_hidden_states or output_attentions):
+        return x
+    intermediates = {}
+    if output_hidden_states:
+        intermediates["hidden_states"] = tuple(hidden)
+    if output_attentions:
+        intermediates["attentions"] = tuple(attentions)
+    return x, intermediates
