@@ -112,3 +112,68 @@ def tree_map_with_name(f: Callable[[str, Any], Any], tree: PyTree, sep: str = ".
     """``tree_map`` whose function also receives each leaf's dotted name (for masks, e.g. weight decay)."""
     flat, spec = pytree.tree_flatten_with_path(tree)
     return tree_unflatten([f(sep.join(_key_str(k) for k in path), leaf) for path, leaf in flat], spec)
+
+
+# ----------------------------------------------------------------------------- selecting leaves
+#: What selects leaves by name: a glob pattern over dotted names (``fnmatch``: ``*`` matches any
+#: run of characters, dots included, so ``'*.attn.q.*'`` matches every layer's query projection),
+#: a sequence of such patterns (a leaf is selected if any matches), or a predicate
+#: ``(name, leaf) -> bool``.
+Spec = Any
+
+
+def _spec_predicate(spec: Spec, names: list[str], what: str) -> Callable[[str, Any], bool]:
+    import fnmatch
+
+    if callable(spec):
+        return spec
+    patterns = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{what}: expected a glob pattern, a list of patterns or a predicate (name, leaf) -> bool, "
+                        f"got {spec!r}")
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            example = ", ".join(repr(n) for n in names[:3])
+            raise ValueError(f"{what}: pattern {p!r} matches no leaf (names look like {example}, ...)")
+    return lambda name, leaf: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def mask(tree: PyTree, spec: Spec) -> PyTree:
+    """A tree of Python bools with ``tree``'s structure: True where ``spec`` selects the leaf.
+
+    ``spec``: a glob pattern over the dotted names of :func:`flatten_names` (``fnmatch``, ``*``
+    crosses dots: ``'classifier.*'``, ``'*.attn.[qv].weight'``), a list of patterns (any may
+    match), or a predicate ``(name, leaf) -> bool``. A pattern that matches no leaf is an error.
+    """
+    names = list(flatten_names(tree))
+    pred = _spec_predicate(spec, names, "mask")
+    return tree_map_with_name(lambda name, leaf: bool(pred(name, leaf)), tree)
+
+
+def partition(tree: PyTree, spec: Spec) -> tuple[Params, Params]:
+    """``(selected, rest)``: the leaves that ``spec`` selects and the others, as two trees that
+    keep the leaves' dotted names (Equinox's ``partition``). ``spec`` as in :func:`mask`.
+
+    Each part holds only its own leaves (a list with gaps becomes a dict keyed ``'0'``, ``'3'``,
+    ..., so names do not change); :func:`combine` puts them back together. Typical use: freeze
+    everything but the head, ``trainable, frozen = partition(params, 'classifier.*')``.
+    """
+    names = list(flatten_names(tree))
+    pred = _spec_predicate(spec, names, "partition")
+    selected: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for name, leaf in flatten_names(tree).items():
+        (selected if pred(name, leaf) else rest)[name] = leaf
+    return unflatten_names(selected) if selected else {}, unflatten_names(rest) if rest else {}
+
+
+def combine(*parts: PyTree) -> Params:
+    """The inverse of :func:`partition`: one tree holding every leaf of ``parts`` (a leaf's name
+    must appear in exactly one part)."""
+    flat: dict[str, Any] = {}
+    for part in parts:
+        for name, leaf in flatten_names(part).items():
+            if name in flat:
+                raise ValueError(f"combine: {name!r} is in more than one part")
+            flat[name] = leaf
+    return unflatten_names(flat)

@@ -3,6 +3,7 @@
 ensembles) and data parallel (:mod:`fnlm.train.distributed`, also reachable as ``fnlm.distributed``).
 Optimizers live in :mod:`fnlm.optim`."""
 from fnlm.train import distributed
+from fnlm.train._frozen import with_frozen
 from fnlm.train._checkpoint import load_train_state, save_train_state
 from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunState, digest
 from fnlm.train._step import (
@@ -30,4 +31,5 @@ __all__ = [
     "load_train_state",
     "make_dp_sgd_step", "make_ensemble_step", "make_eval_step", "make_train_step", "nonfinite_message",
     "param_group", "per_example_grad_norms", "per_example_grads", "save_train_state", "train_step_fn",
+    "with_frozen",
 ]
