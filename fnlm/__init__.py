@@ -23,6 +23,7 @@ from fnlm.models import (
     bert,
     bert_classifier,
     bert_mlm,
+    bert_pretraining,
     classifier_loss,
     decode,
     embed,
@@ -35,6 +36,7 @@ from fnlm.models import (
     load_bert,
     mask_tokens,
     mlm_loss,
+    pretraining_loss,
     save_bert,
     sentence_embedding,
     transformer,
@@ -94,6 +96,10 @@ from fnlm.train import (
     save_train_state,
 )
 
+from fnlm.models import load_lora, save_lora
+from fnlm.nn import LoraConfig, init_lora, merge_lora
+from fnlm.train import with_frozen
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -110,10 +116,13 @@ __all__ = [
     # fnlm.models
     "BertConfig", "bert", "bert_classifier", "bert_mlm", "classifier_loss", "decode", "embed", "encode",
     "greedy_decode", "init_bert", "init_bert_classifier", "init_bert_mlm", "init_transformer", "load_bert",
-    "mask_tokens", "mlm_loss", "save_bert", "sentence_embedding", "transformer",
+    "mask_tokens", "mlm_loss", "save_bert", "sentence_embedding", "transformer", "bert_pretraining",
+    "pretraining_loss",
     # fnlm.train
     "COMPILE_OPTIONS", "compile_fn", "dp_aggregate", "load_train_state", "make_dp_sgd_step", "make_ensemble_step",
     "make_eval_step", "make_train_step", "per_example_grad_norms", "per_example_grads", "save_train_state",
     # fnlm.data
     "load_tokenizer",
+    # fine-tuning that fits: LoRA adapters, frozen parameters
+    "LoraConfig", "init_lora", "load_lora", "merge_lora", "save_lora", "with_frozen",
 ]

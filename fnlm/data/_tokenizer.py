@@ -193,6 +193,18 @@ class WordPieceTokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tk.id_to_token(i)
 
+    def word_starts(self, input_ids) -> torch.Tensor:
+        """Bool tensor, the shape of ``input_ids``: True where a token begins a word (every token
+        except WordPiece continuations ``##...``), for whole-word masking
+        (:func:`fnlm.models.mask_tokens`'s ``word_starts``)."""
+        if getattr(self, "_continuation", None) is None:
+            table = torch.zeros(self.vocab_size, dtype=torch.bool)
+            for tok, i in self.get_vocab().items():
+                table[i] = tok.startswith("##")
+            self._continuation = table
+        ids = torch.as_tensor(input_ids)
+        return ~self._continuation.to(ids.device)[ids]
+
     def tokenize(self, text: str) -> list[str]:
         """Word pieces of one text, without special tokens."""
         if not isinstance(text, str):

@@ -7,16 +7,22 @@ from fnlm.models._bert import (
     bert_classifier,
     bert_embeddings,
     bert_mlm,
+    bert_pretraining,
     classifier_loss,
     init_bert,
     init_bert_classifier,
     init_bert_embeddings,
     init_bert_mlm,
+    init_bert_pretraining,
     init_classifier_head,
     init_mlm_head,
+    init_nsp_head,
+    init_pretraining_heads,
     mask_tokens,
     mlm_loss,
+    pretraining_loss,
 )
+from fnlm.models._lora_peft import load_lora, read_lora_config, save_lora
 from fnlm.models._bert_hf import (
     bert_config_from_hf,
     bert_config_to_hf,
@@ -29,7 +35,9 @@ from fnlm.models._pooling import COMBINES, POOLINGS, combine_layers, pool, sente
 from fnlm.models._transformer import decode, embed, encode, greedy_decode, init_transformer, transformer
 
 __all__ = [
+    "load_lora", "read_lora_config", "save_lora",
     "COMBINES", "POOLINGS", "combine_layers", "pool", "sentence_embedding",
+    "bert_pretraining", "init_bert_pretraining", "init_nsp_head", "init_pretraining_heads", "pretraining_loss",
     "BertConfig", "bert", "bert_classifier", "bert_config_from_hf", "bert_config_to_hf", "bert_embeddings",
     "bert_mlm", "classifier_loss", "decode", "embed", "encode", "greedy_decode", "init_bert",
     "init_bert_classifier", "init_bert_embeddings", "init_bert_mlm", "init_classifier_head", "init_mlm_head",

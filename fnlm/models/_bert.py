@@ -10,8 +10,9 @@ so :func:`bert` only adds what is specific to BERT around :func:`fnlm.nn.encoder
 * embeddings: ``x_t = Dropout(LN(E[w_t] + S[s_t] + P[t]))`` (word, segment/token-type and
   learned absolute position tables, no ``sqrt(d_model)`` scaling);
 * the pooler: ``pooled = tanh(h_[CLS] W_p + b_p)`` on the first token;
-* heads: sequence classification ``logits = Dropout(pooled) W_c + b_c`` and masked-LM
-  ``logits = LN(act(h W_t + b_t)) E^T + b`` (decoder tied to the word embeddings).
+* heads: sequence classification ``logits = Dropout(pooled) W_c + b_c``, masked-LM
+  ``logits = LN(act(h W_t + b_t)) E^T + b`` (decoder tied to the word embeddings) and, for
+  pretraining, next-sentence prediction ``logits = pooled W_s + b_s`` (2 classes).
 
 Params are plain pytrees (layout in :func:`init_bert`); hyper-parameters live in the frozen,
 hashable :class:`BertConfig`. :mod:`fnlm.models._bert_hf` maps Hugging Face checkpoints (and ``config.json``) onto
@@ -40,8 +41,9 @@ from fnlm.nn._positional import check_length, init_learned_positional, learned_p
 
 #: ``hidden_act`` values understood both by fnlm and by Hugging Face's ``ACT2FN``.
 HF_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
-#: ``head`` names: a bare encoder, sequence classification, masked language modelling.
-HEADS = ("none", "classifier", "mlm")
+#: ``head`` names: a bare encoder, sequence classification, masked language modelling, and
+#: BERT's pretraining heads together (MLM + next-sentence prediction, ``BertForPreTraining``).
+HEADS = ("none", "classifier", "mlm", "pretraining")
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size", "num_labels")
@@ -190,6 +192,18 @@ def init_mlm_head(key: random.Key, cfg: BertConfig) -> Params:
     }
 
 
+def init_nsp_head(key: random.Key, cfg: BertConfig) -> Params:
+    """Next-sentence prediction: ``{'weight': [H, 2] ~ N(0, initializer_range^2), 'bias': zeros [2]}``
+    (HF's ``cls.seq_relationship``; class 0 = B follows A, 1 = B is a random sentence)."""
+    return init_linear(key, cfg.hidden_size, 2, std=float(cfg.initializer_range))
+
+
+def init_pretraining_heads(key: random.Key, cfg: BertConfig) -> Params:
+    """``{'mlm': init_mlm_head(...), 'nsp': init_nsp_head(...)}``: the heads of ``BertForPreTraining``."""
+    km, kn = random.split(key)
+    return {"mlm": init_mlm_head(km, cfg), "nsp": init_nsp_head(kn, cfg)}
+
+
 def init_bert_classifier(key: random.Key, cfg: BertConfig, num_labels: int | None = None) -> Params:
     """``{'bert': init_bert(...), 'classifier': {'weight' [H, C], 'bias' [C]}}``, ``C = num_labels``
     (default ``cfg.num_labels``), as ``BertForSequenceClassification``."""
@@ -204,6 +218,13 @@ def init_bert_mlm(key: random.Key, cfg: BertConfig) -> Params:
     _check_config(cfg)
     kb, km = random.split(key)
     return {"bert": init_bert(kb, cfg, pooler=False), "mlm": init_mlm_head(km, cfg)}
+
+
+def init_bert_pretraining(key: random.Key, cfg: BertConfig) -> Params:
+    """``{'bert': init_bert(...) (with pooler), 'mlm': ..., 'nsp': ...}``, as ``BertForPreTraining``."""
+    _check_config(cfg)
+    kb, kh = random.split(key)
+    return {"bert": init_bert(kb, cfg), **init_pretraining_heads(kh, cfg)}
 
 
 # ----------------------------------------------------------------------------- apply
@@ -338,11 +359,36 @@ def bert_mlm(
     with ``E`` the word embedding table (tied decoder, as ``BertForMaskedLM``)."""
     h, _ = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
                 token_type_ids=token_type_ids, key=key, train=train)
+    return _mlm_head(params, h, cfg)
+
+
+def _mlm_head(params: Params, h: Tensor, cfg: BertConfig) -> Tensor:
+    """``LN(act(h W_t + b_t)) E^T + b``, ``E`` = ``params['bert']``'s word embeddings."""
     head = params["mlm"]
     t = get_activation(cfg.hidden_act)(linear(head["transform"], h))
     t = layer_norm(head["norm"], t, cfg.layer_norm_eps)
     E = params["bert"]["embeddings"]["word"]["weight"]
     return linear({"weight": E.mT, "bias": head["bias"]}, t)
+
+
+def bert_pretraining(
+    params: Params,
+    input_ids: Tensor,
+    cfg: BertConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(mlm_logits [*batch, len, V], nsp_logits [*batch, 2])`` of ``BertForPreTraining``:
+    the MLM head of :func:`bert_mlm` on every position, ``nsp = pooled W_s + b_s`` on the pooled
+    [CLS] vector (no dropout, as HF). ``token_type_ids`` mark sentence B (1) in a pair."""
+    if "pooler" not in params["bert"]:
+        raise ValueError("bert_pretraining needs a pooler (NSP reads the pooled [CLS] vector): params['bert'] has none")
+    h, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
+                     token_type_ids=token_type_ids, key=key, train=train)
+    return _mlm_head(params, h, cfg), linear(params["nsp"], pooled)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -392,6 +438,25 @@ def mlm_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
     return loss, {"accuracy": accuracy(logits, labels)}
 
 
+def pretraining_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
+                     key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """``L = L_MLM + L_NSP`` (``BertForPreTraining``'s loss): ``L_MLM`` the mean cross-entropy over
+    positions whose ``labels`` are not -100, ``L_NSP`` the mean cross-entropy of
+    ``next_sentence_label`` ``[B]`` (0 = B follows A, 1 = random B; -100 ignored).
+
+    Aux: ``mlm_loss``, ``nsp_loss``, ``mlm_accuracy``, ``nsp_accuracy``.
+    """
+    mlm_logits, nsp_logits = bert_pretraining(params, batch["input_ids"], cfg,
+                                              attention_mask=batch.get("attention_mask"),
+                                              token_type_ids=batch.get("token_type_ids"), key=key, train=train)
+    labels, nsp_labels = batch["labels"], batch["next_sentence_label"]
+    _check_labels(labels, mlm_logits.shape[-1], mlm_logits.shape[:-1], "one per token")
+    _check_labels(nsp_labels, 2, nsp_logits.shape[:-1], "one per sequence pair")
+    l_mlm, l_nsp = cross_entropy(mlm_logits, labels), cross_entropy(nsp_logits, nsp_labels)
+    return l_mlm + l_nsp, {"mlm_loss": l_mlm, "nsp_loss": l_nsp, "mlm_accuracy": accuracy(mlm_logits, labels),
+                           "nsp_accuracy": accuracy(nsp_logits, nsp_labels)}
+
+
 def mask_tokens(
     key: random.Key,
     input_ids: Tensor,
@@ -400,12 +465,19 @@ def mask_tokens(
     vocab_size: int,
     special_ids: Iterable[int] | Tensor = (),
     prob: float = 0.15,
+    *,
+    word_starts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """BERT's masking (Devlin et al. 2019, §3.1), from an explicit key: ``(masked_ids, labels)``.
 
     Each real (``attention_mask`` = 1), non-special token is selected with probability ``prob``;
     ``labels`` holds the original id at selected positions and -100 elsewhere. Of the selected
     tokens 80% become ``mask_id``, 10% a uniformly random id in ``[0, vocab_size)``, 10% stay.
+
+    Whole-word masking (``word_starts``: bool ``[*batch, len]``, True where a token begins a word,
+    i.e. a WordPiece not starting with ``##``; see ``WordPieceTokenizer.word_starts``): each word
+    is selected with probability ``prob`` and then all of its pieces are, or none (as HF's
+    ``DataCollatorForWholeWordMask``; the 80/10/10 replacement stays per token).
     """
     _check_ids(input_ids)
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
@@ -422,7 +494,17 @@ def mask_tokens(
         _check_same_shape("attention_mask", attention_mask, input_ids)
         candidates = candidates & attention_mask.bool()
     k_sel, k_mask, k_rand, k_word = random.split(key, 4)
-    selected = random.bernoulli(k_sel, prob, shape, device=dev) & candidates
+    draw = random.bernoulli(k_sel, prob, shape, device=dev)
+    if word_starts is not None:
+        _check_same_shape("word_starts", word_starts, input_ids)
+        # every token takes its word's draw: the draw at the last word start at or before it
+        # (non-candidates start words of their own, so no word spans a special or padding token)
+        starts = word_starts.bool() | ~candidates
+        starts[..., 0] = True
+        pos = torch.arange(shape[-1], device=dev).expand(shape)
+        first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(-1).values
+        draw = draw.gather(-1, first)
+    selected = draw & candidates
     to_mask = random.bernoulli(k_mask, 0.8, shape, device=dev) & selected
     to_random = random.bernoulli(k_rand, 0.5, shape, device=dev) & selected & ~to_mask
     words = (random.bits(k_word, shape, device=dev) % vocab_size).to(input_ids.dtype)

@@ -30,22 +30,23 @@ from torch import Tensor
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
 from fnlm.models._hf import owned, read_checkpoint, short, weight_files
-from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head
+from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_bert` when ``tokenizer_dir`` is given.
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 #: Checkpoint entries that are not parameters of any fnlm BERT model and are always skipped:
-#: the position-id buffer and the next-sentence-prediction head of ``BertForPreTraining``.
-IGNORED_KEYS = ("embeddings.position_ids", "cls.seq_relationship.weight", "cls.seq_relationship.bias")
+#: the position-id buffer. (Other heads' entries are skipped when loading a different head.)
+IGNORED_KEYS = ("embeddings.position_ids",)
 
 _DIM_NAMES = {"V": "vocab_size", "H": "hidden_size", "P": "max_position_embeddings", "T": "type_vocab_size",
               "I": "intermediate_size", "C": "num_labels"}
 
 
 # ----------------------------------------------------------------------------- config.json
-ARCHITECTURES = {"none": "BertModel", "classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
+ARCHITECTURES = {"none": "BertModel", "classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM",
+                 "pretraining": "BertForPreTraining"}
 
 
 def bert_config_from_hf(d: Mapping[str, Any]) -> BertConfig:
@@ -183,6 +184,12 @@ _MLM = [  # the decoder weight is tied to the word embeddings and so not listed
 ]
 
 
+_NSP = [  # next-sentence prediction (BertForPreTraining): two classes
+    ("cls.seq_relationship.weight", "nsp.weight", "linear", ("2", "H")),
+    ("cls.seq_relationship.bias", "nsp.bias", "copy", ("2",)),
+]
+
+
 def param_mapping(cfg: BertConfig, head: str = "none", *, pooler: bool = True) -> list[Entry]:
     """The HF <-> fnlm table for a model (entries in the order of fnlm's init trees)."""
     if head not in HEADS:
@@ -194,12 +201,12 @@ def param_mapping(cfg: BertConfig, head: str = "none", *, pooler: bool = True) -
     if pooler:
         body += _POOLER
     table = [Entry(h, pre + f, k, s, True) for h, f, k, s in body]
-    extra = {"none": [], "classifier": _CLASSIFIER, "mlm": _MLM}[head]
+    extra = {"none": [], "classifier": _CLASSIFIER, "mlm": _MLM, "pretraining": _MLM + _NSP}[head]
     return table + [Entry(h, f, k, s, False) for h, f, k, s in extra]
 
 
 def _dims(cfg: BertConfig) -> dict[str, int]:
-    return {sym: getattr(cfg, name) for sym, name in _DIM_NAMES.items()}
+    return {sym: getattr(cfg, name) for sym, name in _DIM_NAMES.items()} | {"2": 2}
 
 
 def _hf_shape(e: Entry, cfg: BertConfig) -> tuple[int, ...]:
@@ -214,7 +221,7 @@ def _fnlm_shape(e: Entry, cfg: BertConfig) -> tuple[int, ...]:
 
 
 def _shape_text(e: Entry, cfg: BertConfig) -> str:
-    return f"{_hf_shape(e, cfg)} [{', '.join(_DIM_NAMES[s] for s in e.shape)}]"
+    return f"{_hf_shape(e, cfg)} [{', '.join(_DIM_NAMES.get(s, s) for s in e.shape)}]"
 
 
 def _to_fnlm(kind: str, t: Tensor, cfg: BertConfig) -> Tensor:
@@ -293,8 +300,9 @@ def load_bert(
     ``path``: a directory with ``config.json`` and ``model.safetensors`` (or shards listed in
     ``model.safetensors.index.json``), or one ``.safetensors`` file (config from ``config=`` or a
     ``config.json`` beside it). ``head``: ``'none'`` (tree of :func:`~fnlm.models.bert.init_bert`),
-    ``'classifier'`` (:func:`~fnlm.models.bert.init_bert_classifier`) or ``'mlm'``
-    (:func:`~fnlm.models.bert.init_bert_mlm`). Names with or without ``bert.``, legacy LayerNorm
+    ``'classifier'`` (:func:`~fnlm.models.bert.init_bert_classifier`), ``'mlm'``
+    (:func:`~fnlm.models.bert.init_bert_mlm`) or ``'pretraining'`` (MLM + NSP,
+    :func:`~fnlm.models.init_bert_pretraining`, ``BertForPreTraining``). Names with or without ``bert.``, legacy LayerNorm
     ``gamma``/``beta`` are accepted. ``pooler``: ``None`` = as the HF class for ``head`` (required
     for ``'none'``/``'classifier'``, not loaded for ``'mlm'``), ``True`` = required, ``False`` =
     not loaded. Entries of other heads (``classifier.*``, ``cls.predictions.*``) and
@@ -326,7 +334,9 @@ def load_bert(
         ignored |= {h for h, *_ in _POOLER}
     if head != "classifier":
         ignored |= {h for h, *_ in _CLASSIFIER}
-    if head != "mlm":
+    if head != "pretraining":
+        ignored |= {h for h, *_ in _NSP}
+    if head not in ("mlm", "pretraining"):
         ignored |= {k for k in raw if k.startswith("cls.predictions.")}
     elif "cls.predictions.bias" not in raw and "cls.predictions.decoder.bias" in raw:
         raw["cls.predictions.bias"] = raw.pop("cls.predictions.decoder.bias")
@@ -347,7 +357,7 @@ def load_bert(
         else:
             flat[e.fnlm] = _to_fnlm(e.kind, t, cfg)
 
-    if head == "mlm":  # tied / duplicated entries of the MLM decoder
+    if head in ("mlm", "pretraining"):  # tied / duplicated entries of the MLM decoder
         word = flat.get("bert.embeddings.word.weight")
         for name, ref, what in (("cls.predictions.decoder.weight", word, "the word embeddings"),
                                 ("cls.predictions.decoder.bias", flat.get("mlm.bias"), "cls.predictions.bias")):
@@ -362,7 +372,9 @@ def load_bert(
     all_head_missing = head != "none" and len(head_entries) == len([e for e in table if not e.body])
     if all_head_missing and head_key is not None:
         random._check_key(head_key)
-        head_params = init_classifier_head(head_key, cfg) if head == "classifier" else init_mlm_head(head_key, cfg)
+        head_params = {"classifier": lambda: {"classifier": init_classifier_head(head_key, cfg)},
+                       "mlm": lambda: {"mlm": init_mlm_head(head_key, cfg)},
+                       "pretraining": lambda: init_pretraining_heads(head_key, cfg)}[head]()
         missing = [e for e in missing if e.body]
 
     unexpected = sorted(f"{orig} (in {f.name})" for c, (_, f, orig) in raw.items() if c not in ignored)
@@ -385,17 +397,19 @@ def load_bert(
 
     params = unflatten_names(flat)
     if head_params is not None:
-        params[head] = head_params
+        params.update(head_params)
     params = cast(params, dtype=dtype, device=device)
     return params, cfg
 
 
 # ----------------------------------------------------------------------------- save
 def infer_head(params: Params) -> str:
-    """``'classifier'``, ``'mlm'`` or ``'none'`` from the shape of the tree."""
+    """``'classifier'``, ``'mlm'``, ``'pretraining'`` or ``'none'`` from the shape of the tree."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict, got {type(params).__name__}")
     if "bert" in params:
+        if "mlm" in params and "nsp" in params:
+            return "pretraining"
         if "classifier" in params:
             return "classifier"
         if "mlm" in params:

@@ -22,6 +22,7 @@ from fnlm.nn._embedding import check_token_ids, embedding, init_embedding
 from fnlm.nn._encoder import encoder, encoder_block, init_encoder, init_encoder_block
 from fnlm.nn._feedforward import ACTIVATIONS, feed_forward, gelu, gelu_tanh, get_activation, init_feed_forward
 from fnlm.nn._linear import init_linear, linear
+from fnlm.nn._lora import LoraConfig, init_lora, lora_targets, merge_lora
 from fnlm.nn._losses import accuracy, cross_entropy
 from fnlm.nn._norm import init_layer_norm, layer_norm, layer_norm_reference
 from fnlm.nn._positional import (
@@ -37,11 +38,12 @@ from fnlm.nn._positional import (
 from fnlm.nn._sublayer import init_stack, sublayer
 
 __all__ = [
+    "LoraConfig", "lora_targets", "merge_lora",
     "ACTIVATIONS", "TransformerConfig", "accuracy", "attention_reference", "causal_mask", "check_length",
     "check_token_ids", "cross_entropy", "decoder", "decoder_block", "dropout", "embedding", "encoder",
     "encoder_block", "feed_forward", "gelu", "gelu_tanh", "get_activation", "init_decoder", "init_decoder_block",
     "init_embedding", "init_encoder", "init_encoder_block", "init_feed_forward", "init_layer_norm",
-    "init_learned_positional", "init_linear", "init_multi_head_attention", "init_relative_bias", "init_stack",
+    "init_learned_positional", "init_linear", "init_lora", "init_multi_head_attention", "init_relative_bias", "init_stack",
     "layer_norm", "layer_norm_reference", "learned_positional", "linear", "multi_head_attention", "padding_mask",
     "relative_bias", "relative_position_bucket", "scaled_dot_product_attention", "sinusoidal_encoding",
     "sinusoidal_table", "sublayer",
