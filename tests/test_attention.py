@@ -320,3 +320,23 @@ def test_qkv_shape_mismatch_and_bad_impl():
         fnlm.scaled_dot_product_attention(q, q, torch.zeros(2, 6, 4))
     with pytest.raises(ValueError, match="impl must be"):
         fnlm.scaled_dot_product_attention(q, q, q, impl="flash")
+
+
+def test_attention_reference_is_the_literal_formula():
+    """eq. 1 with bias and mask, written out element by element in float64:
+    out[i] = sum_j softmax_j(q_i . k_j / sqrt(d_k) + B_ij + M_ij) v_j."""
+    n_q, n_k, d_k, d_v = 3, 4, 5, 2
+    q, k, v = randn(n_q, d_k, seed=1, dtype=torch.float64), randn(n_k, d_k, seed=2, dtype=torch.float64), \
+        randn(n_k, d_v, seed=3, dtype=torch.float64)
+    bias = randn(n_q, n_k, seed=4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.zeros(n_q, d_v, dtype=torch.float64)
+    for i in range(n_q):
+        logits = [float(q[i] @ k[j]) / d_k ** 0.5 + float(bias[i, j]) for j in range(n_k) if mask[i, j]]
+        js = [j for j in range(n_k) if mask[i, j]]
+        z = sum(pow(2.718281828459045, x) for x in logits)
+        for x, j in zip(logits, js):
+            expected[i] += pow(2.718281828459045, x) / z * v[j]
+    out = fnlm.attention_reference(q, k, v, mask, bias)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fnlm.scaled_dot_product_attention(q, k, v, mask, bias), expected, atol=1e-12, rtol=1e-12)

@@ -315,3 +315,32 @@ def test_full_model_rejects_bad_token_ids_and_long_sequences():
         fnlm.transformer(params, src, ids((2, 10), TGT_V, 3), cfg)
     with pytest.raises(ValueError, match=r"key_padding_mask has shape \(2, 4\), expected \[\*batch, len_k\] = \[2, 5\]"):
         fnlm.transformer(params, src, tgt, cfg, src_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_sublayer_is_either_residual_order(norm_first):
+    """post-LN: LN(x + Dropout(f(x)));  pre-LN: x + Dropout(f(LN(x))); LN and dropout written out."""
+    x = randn(2, 5, D, seed=1, dtype=torch.float64)
+    norm = {"gamma": randn(D, seed=2, dtype=torch.float64), "beta": randn(D, seed=3, dtype=torch.float64)}
+    w = randn(D, D, seed=4, dtype=torch.float64)
+    rate, key, eps = 0.25, random.key(7), 1e-5
+
+    def f(h):
+        return torch.tanh(h @ w)
+
+    def ln(h):
+        mu = h.mean(-1, keepdim=True)
+        var = ((h - mu) ** 2).mean(-1, keepdim=True)
+        return norm["gamma"] * (h - mu) / torch.sqrt(var + eps) + norm["beta"]
+
+    keep = (~random.bernoulli(key, rate, x.shape)).to(x.dtype)  # the mask fnlm.nn.dropout draws from this key
+
+    def drop(h):
+        return h * keep / (1 - rate)
+
+    expected = x + drop(f(ln(x))) if norm_first else ln(x + drop(f(x)))
+    out = fnlm.nn.sublayer(norm, x, f, norm_first=norm_first, eps=eps, rate=rate, key=key, train=True)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    no_drop = x + f(ln(x)) if norm_first else ln(x + f(x))
+    torch.testing.assert_close(fnlm.nn.sublayer(norm, x, f, norm_first=norm_first, eps=eps, rate=rate), no_drop,
+                               atol=1e-12, rtol=1e-12)

@@ -14,6 +14,7 @@ from fnlm.nn._positional import init_relative_bias, relative_bias
 
 
 def init_encoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
+    """``{attn, norm1, ffn, norm2}``: self-attention, feed-forward and their two LayerNorms."""
     k_attn, k_ffn = random.split(key)
     return {
         "attn": init_multi_head_attention(k_attn, cfg.d_model, cfg.n_heads, std=cfg.init_std),

@@ -33,6 +33,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation function called ``name`` (one of :data:`ACTIVATIONS`); a clear error otherwise."""
     try:
         return ACTIVATIONS[name]
     except KeyError:

@@ -45,6 +45,7 @@ def init_learned_positional(key: random.Key, max_len: int, d_model: int, *, std:
 
 
 def check_length(length: int, max_len: int, what: str = "sequence") -> None:
+    """Raise a one-line error when a ``length``-token sequence does not fit a ``max_len`` position table."""
     if length > max_len:
         raise ValueError(
             f"{what} length {length} is longer than the position table ({max_len} positions); "
