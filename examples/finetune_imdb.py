@@ -217,21 +217,20 @@ def load_data(args) -> dict:
     if args.train_size > len(pool):
         raise CliError(f"--train-size {args.train_size}: {path} has only {len(pool)} train reviews")
     n_val = args.val_size if args.val_size is not None else default_val_size(args.train_size or len(pool))
-    train = subset(pool, args.train_size, seed=args.seed) if args.train_size else None
-    # validation: from the training reviews not in the training subset (all of them for --train-size 0)
-    taken = set(train.ids and zip(train.ids, train.labels)) if train is not None else set()
-    rest = [i for i, key in enumerate(zip(pool.ids, pool.labels)) if key not in taken]
+    # subset() of (index, label) pairs picks the very indices it picks from the IMDb split itself
+    pairs = list(zip(range(len(pool)), pool.labels))
+    train_idx = [i for i, _ in subset(pairs, args.train_size, seed=args.seed)] if args.train_size else []
+    taken = set(train_idx)
+    rest = [(i, lab) for i, lab in pairs if i not in taken]  # validation comes from the reviews not trained on
     try:
-        val_idx = [rest[i] for i in subset(list(zip(rest, [pool.labels[i] for i in rest])),
-                                           n_val, seed=args.seed + 1)] if n_val else []
+        val_idx = [i for i, _ in subset(rest, n_val, seed=args.seed + 1)]
     except ValueError:
         raise CliError(f"--val-size {n_val}: only {len(rest)} training reviews are left beside the "
                        f"--train-size {args.train_size} subset for a label-balanced validation slice") from None
-    val_idx = sorted(val_idx)
-    val = pool.select(val_idx)
-    if train is None:
+    if not args.train_size:  # all the others
         chosen = set(val_idx)
-        train = pool.select([i for i in range(len(pool)) if i not in chosen])
+        train_idx = [i for i in range(len(pool)) if i not in chosen]
+    train, val = pool.select(train_idx), pool.select(val_idx)
     test = subset(splits["test"], args.test_size, seed=args.seed) if args.test_size else splits["test"]
     return {"train": train, "val": val, "test": test}
 
@@ -469,7 +468,7 @@ def train(args) -> int:
             batches = make_batches(ids["train"], data["train"].labels, args.batch_size, buckets, shuffle=True,
                                    seed=args.seed, epoch=epoch, pad_id=tokenizer.pad_id)
             seen_shapes, t_epoch = set(), time.time() - e["train_s"]
-            bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", dynamic_ncols=True,
+            bar = tqdm(desc=f"epoch {epoch}/{args.epochs}", unit="batch", dynamic_ncols=True,
                        initial=log["batch"], total=len(batches))
             for i, b in enumerate(batches[log["batch"]:], start=log["batch"]):
                 t = time.time()
@@ -520,6 +519,10 @@ def train(args) -> int:
             log["epoch_so_far"] = {"losses": [], "n_done": 0, "train_s": 0.0, "first_call_s": 0.0, "steady_s": 0.0,
                                    "steady_n": 0}
             checkpoint()
+            if stop.requested and log["epoch"] <= args.epochs:
+                print(f"stopped by {stop.requested} at step {step} of {total_steps}, checkpoint written; "
+                      f"resume with: {resume_hint(args, out)}", file=sys.stderr, flush=True)
+                return 130
 
     # The test set, once, on the kept parameters.
     keep_best = args.keep == "best" and log["best"] is not None
