@@ -97,6 +97,7 @@ from fnlm.train import (
 )
 
 from fnlm.models import load_lora, save_lora
+from fnlm.models import GPT2Config, generate, gpt2, init_gpt2, lm_loss, load_gpt2, save_gpt2
 from fnlm.nn import LoraConfig, init_lora, merge_lora
 from fnlm.train import with_frozen
 
@@ -114,6 +115,7 @@ __all__ = [
     "linear", "multi_head_attention", "padding_mask", "relative_bias", "relative_position_bucket",
     "scaled_dot_product_attention", "sinusoidal_encoding", "sinusoidal_table",
     # fnlm.models
+    "GPT2Config", "generate", "gpt2", "init_gpt2", "lm_loss", "load_gpt2", "save_gpt2",
     "BertConfig", "bert", "bert_classifier", "bert_mlm", "classifier_loss", "decode", "embed", "encode",
     "greedy_decode", "init_bert", "init_bert_classifier", "init_bert_mlm", "init_transformer", "load_bert",
     "mask_tokens", "mlm_loss", "save_bert", "sentence_embedding", "transformer", "bert_pretraining",

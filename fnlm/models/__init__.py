@@ -31,11 +31,40 @@ from fnlm.models._bert_hf import (
     read_bert_config,
     save_bert,
 )
+from fnlm.models._generate import filter_logits, generate, left_pad, sample_logits
+from fnlm.models._gpt2 import (
+    GPT2Config,
+    decode_step,
+    gpt2,
+    gpt2_block,
+    gpt2_cached,
+    gpt2_hidden,
+    init_gpt2,
+    init_gpt2_block,
+    init_gpt2_cache,
+    lm_head,
+    lm_loss,
+    prefill,
+)
+from fnlm.models._gpt2_hf import gpt2_config_from_hf, gpt2_config_to_hf, load_gpt2, read_gpt2_config, save_gpt2
 from fnlm.models._pooling import COMBINES, POOLINGS, combine_layers, pool, sentence_embedding
-from fnlm.models._transformer import decode, embed, encode, greedy_decode, init_transformer, transformer
+from fnlm.models._transformer import (
+    decode,
+    decode_cached,
+    embed,
+    encode,
+    greedy_decode,
+    init_decoder_cache,
+    init_transformer,
+    transformer,
+)
 
 __all__ = [
     "load_lora", "read_lora_config", "save_lora",
+    "GPT2Config", "decode_step", "filter_logits", "generate", "gpt2", "gpt2_block", "gpt2_cached",
+    "gpt2_config_from_hf", "gpt2_config_to_hf", "gpt2_hidden", "init_gpt2", "init_gpt2_block", "init_gpt2_cache",
+    "left_pad", "lm_head", "lm_loss", "load_gpt2", "prefill", "read_gpt2_config", "sample_logits", "save_gpt2",
+    "decode_cached", "init_decoder_cache",
     "COMBINES", "POOLINGS", "combine_layers", "pool", "sentence_embedding",
     "bert_pretraining", "init_bert_pretraining", "init_nsp_head", "init_pretraining_heads", "pretraining_loss",
     "BertConfig", "bert", "bert_classifier", "bert_config_from_hf", "bert_config_to_hf", "bert_embeddings",

@@ -16,7 +16,17 @@ from fnlm.nn._attention import (
     scaled_dot_product_attention,
 )
 from fnlm.nn._config import TransformerConfig
-from fnlm.nn._decoder import decoder, decoder_block, init_decoder, init_decoder_block
+from fnlm.nn._decoder import decoder, decoder_block, decoder_cached, init_decoder, init_decoder_block
+from fnlm.nn._kv_cache import (
+    cache_capacity,
+    cache_mask,
+    cache_positions,
+    cache_slots,
+    cached_attention,
+    cached_cross_attention,
+    cross_kv,
+    init_kv_cache,
+)
 from fnlm.nn._dropout import dropout
 from fnlm.nn._embedding import check_token_ids, embedding, init_embedding
 from fnlm.nn._encoder import encoder, encoder_block, init_encoder, init_encoder_block
@@ -39,6 +49,8 @@ from fnlm.nn._sublayer import init_stack, sublayer
 
 __all__ = [
     "LoraConfig", "lora_targets", "merge_lora",
+    "cache_capacity", "cache_mask", "cache_positions", "cache_slots", "cached_attention", "cached_cross_attention",
+    "cross_kv", "decoder_cached", "init_kv_cache",
     "ACTIVATIONS", "TransformerConfig", "accuracy", "attention_reference", "causal_mask", "check_length",
     "check_token_ids", "cross_entropy", "decoder", "decoder_block", "dropout", "embedding", "encoder",
     "encoder_block", "feed_forward", "gelu", "gelu_tanh", "get_activation", "init_decoder", "init_decoder_block",
