@@ -23,7 +23,8 @@ from fnlm.data import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_imdb.py"
-MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "metrics.json", "training.png")
+MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "metrics.json", "errors.tsv",
+               "training.png")
 
 POS = ["a wonderful, moving film with superb acting", "great fun from start to finish, I loved it",
        "the best movie I have seen this year<br /><br />ten stars", "brilliant script and a beautiful score",
@@ -80,7 +81,7 @@ def check_run_dir(out: Path, texts: list[str], labels: list[int], max_len: int) 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["max_len"] == max_len and len(metrics["epochs"]) == metrics["args"]["epochs"]
     for e in metrics["epochs"]:
-        assert set(e) >= {"train_loss", "test_accuracy", "train_seconds", "train_examples_per_s"}
+        assert set(e) >= {"train_loss", "val_loss", "val_accuracy", "train_seconds", "train_examples_per_s"}
     assert len(metrics["train_loss_per_step"]) == metrics["steps"]
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -130,7 +131,9 @@ def test_finetune_small_archive_end_to_end(small_archive, minilm_dir, tmp_path):
 
     test = load_imdb(small_archive, "test")
     metrics = check_run_dir(out, test.texts, test.labels, 64)
-    assert metrics["train_size"] == 24 and metrics["test_size"] == 24 and metrics["steps"] == 6
+    # a tenth of the 24 training reviews is the validation slice (not trained on)
+    assert metrics["train_size"] == 22 and metrics["val_size"] == 2 and metrics["test_size"] == 24
+    assert metrics["steps"] == 6 and [e["step"] for e in metrics["evals"]] == [2, 3, 4, 6]  # every 2 steps + epoch ends
 
 
 def test_same_seed_same_result(small_archive, minilm_dir, tmp_path):
