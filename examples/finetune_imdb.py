@@ -52,7 +52,8 @@ from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_bucke
                        load_imdb_splits, load_tokenizer, make_batches, subset)
 from fnlm.io import CheckpointError, atomic_dir, ensure_minilm, write_json
 from fnlm.models import bert_classifier, bert_config_to_hf, classifier_loss, load_bert, save_bert
-from fnlm.train import GracefulStop, ResumeError, RunCheckpoints, digest, make_eval_step, make_train_step
+from fnlm.train import (GracefulStop, ResumeError, RunCheckpoints, autocast_dtype, digest, make_eval_step,
+                        make_train_step)
 from fnlm.tree import cast, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="head init, data order and dropout all derive from it")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="bf16 = autocast with fp32 master weights; auto = bf16 on GPU, fp32 on CPU")
+                   help="bf16 = autocast with fp32 master weights; auto = bf16 where the device multiplies bf16 "
+                   "natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp32")
     g.add_argument("--no-compile", action="store_true", help="run the steps eagerly (no torch.compile)")
     g.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible compiled steps (torch deterministic algorithms): the same --seed "
@@ -372,7 +374,7 @@ def train(args) -> int:
     if args.resume is not None:
         adopt_settings(args, partial)
     device = pick_device(args.device)
-    autocast = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else None
+    autocast = autocast_dtype(args.dtype, device)
     max_len = args.max_len or DEFAULT_MAX_LEN
     if out.exists() and not args.overwrite:
         raise CliError(f"--out {out} already exists (pass --overwrite to replace it, or choose another --out)")

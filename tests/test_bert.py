@@ -1,4 +1,4 @@
-"""fnlm.models.bert against Hugging Face transformers (the independent reference).
+"""fnlm.models (BERT) against Hugging Face transformers (the independent reference).
 
 * real weights: all-MiniLM-L6-v2 through fnlm and through ``transformers.BertModel``;
 * tiny random BERTs built by transformers: classifier logits / loss / gradients, MLM logits / loss;

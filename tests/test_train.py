@@ -117,7 +117,7 @@ def test_compiled_transformer_step_matches_torch_optim_and_does_not_recompile():
 
 
 def test_compiled_bert_classifier_step_matches_torch_optim_and_does_not_recompile():
-    bert = pytest.importorskip("fnlm.models.bert")
+    bert = fnlm.models
     cfg = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                           intermediate_size=32, max_position_embeddings=16, num_labels=3)
     params = bert.init_bert_classifier(random.key(2), cfg, 3)
