@@ -19,6 +19,7 @@ from fnlm.models import (
     export_classifier_program,
     init_bert_classifier,
     load_classifier_package,
+    text_classifier,
 )
 from fnlm.nn import dequantize_int8, quantize_int8, with_int8_weights
 from fnlm.tree import flatten_names
@@ -119,6 +120,14 @@ def test_exported_program_equals_eager(params, packages):
     assert "bert__encoder__layers__1__ffn__w2__weight" in names  # parameters bound as named buffers
 
 
+def test_text_classifier_batches_by_length_and_keeps_order(params, tokenizer):
+    """predict_proba sorts by length into batches of 2 and puts the rows back in the given order."""
+    ref = torch.softmax(eager_logits(params, tokenizer, TEXTS, 32), -1)
+    clf = text_classifier(params, CFG, tokenizer, max_len=32)
+    torch.testing.assert_close(clf.predict_proba(TEXTS, batch_size=2), ref, atol=1e-6, rtol=0)
+    assert clf.labels == ("neg", "pos")
+
+
 def test_export_errors(params, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="position table"):
         export_classifier_program(params, CFG, max_len=41)
@@ -172,3 +181,41 @@ def test_aoti_package_in_fresh_process(params, tokenizer, tmp_path):
     path = export_classifier(params, CFG, tokenizer, tmp_path / "pkg", max_len=32, form="aoti")
     assert (path / "model.pt2").is_file()
     check_packages([(path, False)], params, tokenizer)
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: a short MiniLM fine-tune, then 500 test reviews twice
+def test_int8_accuracy_on_imdb_within_half_a_point(minilm_dir, imdb_archive):
+    """A briefly fine-tuned MiniLM (600 training reviews, 128 tokens): int8 accuracy on 500 test
+    reviews (256 tokens) within 0.5 points of float32."""
+    from fnlm import optim
+    from fnlm.data import html_clean, load_imdb_splits, make_batches, subset
+    from fnlm.models import classifier_loss, load_bert
+    from fnlm.train import make_train_step
+
+    splits = load_imdb_splits(imdb_archive)
+    train, test = subset(splits["train"], 600, seed=0), subset(splits["test"], 500, seed=0)
+    params, cfg = load_bert(minilm_dir, head="classifier", num_labels=2, head_key=fnlm.random.key(0))
+    tok = load_tokenizer(minilm_dir)
+    train_ids = tok.encode_ids([html_clean(t) for t in train.texts], max_len=128)
+    batches = make_batches(train_ids, train.labels, 16, [128], seed=0, pad_id=tok.pad_id)
+    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr=5e-5, weight_decay=0.01))
+    step = make_train_step(lambda p, b, k: classifier_loss(p, b, cfg, key=k, train=True), opt, compile=False)
+    state = opt.init(params)
+    for i, batch in enumerate(batches):
+        params, state, _ = step(params, state, {k: v for k, v in batch.items() if k != "index"}, fnlm.random.key(i))
+
+    test_ids = tok.encode_ids([html_clean(t) for t in test.texts], max_len=256)
+    labels = torch.tensor(test.labels)
+    int8_forward = with_int8_weights(bert_classifier)
+    q = quantize_int8(params)
+    preds = {"float32": [], "int8": []}
+    with torch.no_grad():
+        for batch in make_batches(test_ids, None, 32, [256], shuffle=False, pad_id=tok.pad_id):
+            keep = batch["weight"] > 0
+            ids, mask = batch["input_ids"][keep], batch["attention_mask"][keep]
+            preds["float32"].append(bert_classifier(params, ids, cfg, attention_mask=mask).argmax(-1))
+            preds["int8"].append(int8_forward(q, ids, cfg, attention_mask=mask).argmax(-1))
+    acc = {k: float((torch.cat(v) == labels).float().mean()) for k, v in preds.items()}
+    print(f"accuracy on 500 test reviews: {acc}")
+    assert acc["float32"] > 0.75, acc  # it did learn
+    assert abs(acc["int8"] - acc["float32"]) <= 0.005 + 1e-9, acc

@@ -23,10 +23,11 @@ from fnlm.models._bert import (
     pretraining_loss,
 )
 from fnlm.models._export import (
-    ExportedClassifier,
+    TextClassifier,
     export_classifier,
     export_classifier_program,
     load_classifier_package,
+    text_classifier,
 )
 from fnlm.models._lora_peft import load_lora, read_lora_config, save_lora
 from fnlm.models._bert_hf import (
@@ -66,7 +67,7 @@ from fnlm.models._transformer import (
 )
 
 __all__ = [
-    "ExportedClassifier", "export_classifier", "export_classifier_program", "load_classifier_package",
+    "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
     "load_lora", "read_lora_config", "save_lora",
     "GPT2Config", "decode_step", "filter_logits", "generate", "gpt2", "gpt2_block", "gpt2_cached",
     "gpt2_config_from_hf", "gpt2_config_to_hf", "gpt2_hidden", "init_gpt2", "init_gpt2_block", "init_gpt2_cache",

@@ -12,9 +12,10 @@ the config::
     program.pt2          the ExportedProgram (program: no C++ compile, runs through torch's interpreter)
     vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
-:func:`load_classifier_package` reads it back as an :class:`ExportedClassifier`
+:func:`load_classifier_package` reads it back as a :class:`TextClassifier`
 (``.logits(input_ids, attention_mask)`` and ``.predict_proba(texts)``, which sorts the texts by
-length so each batch pads little).
+length so each batch pads little); :func:`text_classifier` is the same object over the eager (or
+``torch.compile``-d) pure forward, so every form batches and tokenizes alike.
 """
 from __future__ import annotations
 
@@ -138,9 +139,11 @@ def export_classifier(params: Params, cfg: BertConfig, tokenizer: Any, path: str
 
 
 @dataclass
-class ExportedClassifier:
-    """A loaded package: ``logits(input_ids, attention_mask)`` runs the compiled (or exported)
-    graph; ``predict_proba(texts)`` tokenizes as at export time and returns ``[n, num_labels]``."""
+class TextClassifier:
+    """Raw text in, probabilities out: ``logits(input_ids, attention_mask)`` runs ``run`` (a loaded
+    package's graph, or the pure forward); ``predict_proba(texts)`` tokenizes as at export time and
+    returns ``[n, num_labels]``. ``meta``: the package's ``export.json`` (``{'form': 'eager'}`` or
+    ``'compiled'`` for :func:`text_classifier`)."""
 
     run: Callable[[Tensor, Tensor], Tensor]
     tokenizer: Any
@@ -179,7 +182,23 @@ class ExportedClassifier:
         return out
 
 
-def load_classifier_package(path: str | Path) -> ExportedClassifier:
+def text_classifier(params: Params, cfg: BertConfig, tokenizer: Any, *, max_len: int = 512, truncation: str = "head",
+                    head_tokens: int | None = None, compile: bool = False) -> TextClassifier:
+    """A :class:`TextClassifier` over ``bert_classifier(params, ...)`` itself (no export):
+    eager, or with ``compile=True`` under ``torch.compile(dynamic=True)`` (one graph for all
+    lengths; the first two batches pay the compilation)."""
+    _check_config(cfg)
+    forward = _classifier_forward(cfg)
+
+    def run(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return forward(params, input_ids, attention_mask)
+
+    return TextClassifier(run=torch.compile(run, dynamic=True) if compile else run, tokenizer=tokenizer,
+                          labels=cfg.labels, max_len=max_len, truncation=truncation, head_tokens=head_tokens,
+                          meta={"form": "compiled" if compile else "eager"})
+
+
+def load_classifier_package(path: str | Path) -> TextClassifier:
     """Load a directory written by :func:`export_classifier` (one-line errors if it is not one)."""
     from fnlm.data._tokenizer import load_tokenizer
 
@@ -199,6 +218,6 @@ def load_classifier_package(path: str | Path) -> ExportedClassifier:
         run = torch._inductor.aoti_load_package(str(file))
     else:
         run = torch.export.load(str(file)).module()
-    return ExportedClassifier(run=run, tokenizer=load_tokenizer(d), labels=tuple(meta["labels"]),
+    return TextClassifier(run=run, tokenizer=load_tokenizer(d), labels=tuple(meta["labels"]),
                               max_len=int(meta["max_len"]), truncation=meta["truncation"],
                               head_tokens=meta.get("head_tokens"), meta=meta)
