@@ -207,13 +207,15 @@ def lm_loss(
     train: bool = False,
 ) -> Tensor:
     """``L = -(1/N) sum_t log p(w_{t+1} | w_{<=t})`` over targets ``w_{t+1}`` that are real tokens
-    (``attention_mask`` 1); ``ids: [batch, len]``. Equals HF's loss with ``labels = ids``
-    (``-100`` at padding)."""
-    logits = gpt2(params, ids, cfg, attention_mask=attention_mask, key=key, train=train)
-    labels = ids[:, 1:]
+    (``attention_mask`` 1); ``ids: [batch, len]``, so a window of ``n_positions + 1`` tokens
+    trains every position. The model reads ``ids[:, :-1]`` (the last token is only a target).
+    Equals HF's loss with ``labels = ids`` (``-100`` at padding)."""
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    mask = None if attention_mask is None else attention_mask[:, :-1]
+    logits = gpt2(params, inputs, cfg, attention_mask=mask, key=key, train=train)
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
-    return cross_entropy(logits[:, :-1], labels)
+    return cross_entropy(logits, labels)
 
 
 # ----------------------------------------------------------------------------- KV-cache decoding
