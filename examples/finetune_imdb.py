@@ -15,6 +15,11 @@ compiled training step per sequence-length bucket, and a fine-tuned model that H
     python examples/finetune_imdb.py --model runs/imdb-20250101-120000 \\
         --predict "A wonderful, moving film." "Two hours I will never get back."
 
+    # fast inference: export the model as a compiled package (MODEL/export), then classify a file of
+    # reviews (one per line) with it; --predict and --predict-file use MODEL/export when it is there
+    python examples/finetune_imdb.py --model runs/imdb-20250101-120000 --export
+    python examples/finetune_imdb.py --model runs/imdb-20250101-120000 --predict-file reviews.txt
+
     # an interrupted run (Ctrl-C, SIGTERM, a killed process) continues where its last checkpoint was
     python examples/finetune_imdb.py --resume runs/imdb-20250101-120000
 
@@ -51,7 +56,8 @@ from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, html_clean,
                        load_imdb_splits, load_tokenizer, make_batches, subset)
 from fnlm.io import CheckpointError, atomic_dir, ensure_minilm, write_json
-from fnlm.models import bert_classifier, bert_config_to_hf, classifier_loss, load_bert, save_bert
+from fnlm.models import (bert_classifier, bert_config_to_hf, classifier_loss, export_classifier,
+                         load_bert, load_classifier_package, save_bert, text_classifier)
 from fnlm.train import (GracefulStop, ResumeError, RunCheckpoints, autocast_dtype, digest, make_eval_step,
                         make_train_step)
 from fnlm.tree import cast, num_params
@@ -60,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "weights" / "all-MiniLM-L6-v2"
 LABELS = ("neg", "pos")  # label 0 = negative review (rating <= 4), 1 = positive (rating >= 7)
 DEFAULT_MAX_LEN = 256
+EXPORT_DTYPES = ("fp32", "bf16", "int8")
 
 
 class CliError(Exception):
@@ -127,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     g = ap.add_argument_group("prediction")
     g.add_argument("--predict", nargs="+", metavar="TEXT", help="classify these reviews and exit")
-    g.add_argument("--model", type=Path, help="a fine-tuned run directory (for --predict)")
+    g.add_argument("--predict-file", type=Path, metavar="FILE",
+                   help="classify every non-empty line of FILE (one review per line) and exit")
+    g.add_argument("--model", type=Path, help="a fine-tuned run directory (for --predict, --predict-file, --export)")
+    g.add_argument("--export", nargs="?", const="fp32", choices=EXPORT_DTYPES, metavar="{fp32,bf16,int8}",
+                   help="write MODEL/export: the classifier compiled ahead of time (torch.export + AOTInductor) "
+                   "with its tokenizer, in float32 (default), bf16 or weight-only int8; after a fine-tuning run, "
+                   "or for --model; --predict/--predict-file then use it")
     return ap
 
 
@@ -157,10 +170,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--resume RUN_DIR continues that run in place; leave out --out")
     if not 0.0 <= args.warmup < 1.0:
         ap.error(f"--warmup must be in [0, 1), got {args.warmup}")
-    if args.model is not None and not args.predict:
-        ap.error("--model is for --predict; to fine-tune a checkpoint pass it as --weights")
-    if args.predict and args.model is None:
-        ap.error("--predict needs --model DIR (a directory written by a fine-tuning run)")
+    if args.predict and args.predict_file is not None:
+        ap.error("give either --predict TEXT... or --predict-file FILE, not both")
+    if args.model is not None and not (args.predict or args.predict_file or args.export):
+        ap.error("--model is for --predict, --predict-file or --export; to fine-tune a checkpoint pass it as --weights")
+    if (args.predict or args.predict_file) and args.model is None:
+        ap.error("--predict/--predict-file need --model DIR (a directory written by a fine-tuning run)")
     return args
 
 
@@ -571,6 +586,8 @@ def train(args) -> int:
     print(f"test accuracy {test_acc:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {n_test} reviews, {n_wrong} wrong) with the "
           f"{metrics['kept']['which']} parameters (step {kept_step}); wrote {out}/ in {metrics['wall_seconds']:.0f}s "
           f"(model.safetensors, config.json, tokenizer, metrics.json, errors.tsv, training.png)")
+    if args.export:
+        export_model(out, args.export, max_len, args.truncation)
     return 0
 
 
@@ -607,35 +624,80 @@ def plot(metrics: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- prediction
-def predict(args) -> int:
-    device = pick_device(args.device)
-    max_len = args.max_len
-    if max_len is None:  # the length the model was fine-tuned with
-        try:
-            max_len = json.loads((args.model / "metrics.json").read_text())["args"]["max_len"]
-        except (OSError, ValueError, KeyError, TypeError):
-            max_len = DEFAULT_MAX_LEN
-    params, cfg, tokenizer = load_checkpoint(args.model, max_len=max_len)
+def model_max_len(args) -> int:
+    """--max-len, else the length the model was fine-tuned with (its metrics.json)."""
+    if args.max_len is not None:
+        return args.max_len
+    try:
+        return json.loads((args.model / "metrics.json").read_text())["args"]["max_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_MAX_LEN
+
+
+def export_model(model: Path, kind: str, max_len: int, truncation: str) -> Path:
+    """Write ``model/export``: the AOTInductor package of the classifier (``kind``: fp32, bf16, int8)."""
+    params, cfg, tokenizer = load_checkpoint(model, max_len=max_len)
     if "classifier" not in params:
-        raise CliError(f"{args.model}: no classification head; fine-tune it first (pass it as --weights)")
-    batch = tokenizer.encode([html_clean(t) for t in args.predict], max_len=max_len, truncation=args.truncation)
-    with torch.no_grad():
-        logits = bert_classifier(cast(params, device=device), batch["input_ids"].to(device), cfg,
-                                 attention_mask=batch["attention_mask"].to(device),
-                                 token_type_ids=batch["token_type_ids"].to(device))
-    probs = torch.softmax(logits.float(), -1).cpu()
-    for text, p in zip(args.predict, probs):
+        raise CliError(f"{model}: no classification head; fine-tune it first (pass it as --weights)")
+    print(f"exporting {model} ({kind}, up to {max_len} tokens) with torch.export + AOTInductor ...", flush=True)
+    t0 = time.time()
+    path = export_classifier(params, cfg, tokenizer, model / "export", max_len=max_len, truncation=truncation,
+                             int8=kind == "int8", dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
+    print(f"wrote {path}/ in {time.time() - t0:.0f}s", flush=True)
+    return path
+
+
+def predict(args) -> int:
+    """Classify --predict texts or --predict-file lines with the fastest form there is: the exported
+    package MODEL/export when present (and compatible), else the pure forward (compiled for a file)."""
+    texts = args.predict
+    if args.predict_file is not None:
+        try:
+            texts = [ln for ln in args.predict_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--predict-file {args.predict_file}: {e}") from None
+        if not texts:
+            raise CliError(f"--predict-file {args.predict_file}: no reviews (it has no non-empty line)")
+    max_len = model_max_len(args)
+    package = args.model / "export"
+    clf = None
+    if (package / "export.json").is_file() and pick_device(args.device).type == "cpu":
+        meta = json.loads((package / "export.json").read_text())
+        if (meta.get("max_len"), meta.get("truncation")) == (max_len, args.truncation):
+            clf = load_classifier_package(package)
+        else:
+            print(f"note: {package} was exported for {meta.get('max_len')} tokens ({meta.get('truncation')}), "
+                  f"not {max_len} ({args.truncation}); using the model directly", file=sys.stderr)
+    if clf is None:
+        device = pick_device(args.device)
+        params, cfg, tokenizer = load_checkpoint(args.model, max_len=max_len)
+        if "classifier" not in params:
+            raise CliError(f"{args.model}: no classification head; fine-tune it first (pass it as --weights)")
+        clf = text_classifier(cast(params, device=device), cfg, tokenizer, max_len=max_len,
+                              truncation=args.truncation, compile=len(texts) > 4 * args.batch_size and not args.no_compile)
+        if device.type != "cpu":
+            run = clf.run
+            clf.run = lambda ids, mask: run(ids.to(device), mask.to(device)).cpu()
+    t0 = time.time()
+    probs = clf.predict_proba([html_clean(t) for t in texts], batch_size=args.batch_size)
+    print(f"{len(texts)} reviews classified in {time.time() - t0:.1f}s ({clf.meta.get('form')}"
+          f"{', int8' if clf.meta.get('int8') else ''}{', ' + clf.meta['dtype'] if 'dtype' in clf.meta else ''})",
+          file=sys.stderr)
+    for text, p in zip(texts, probs):
         i = int(p.argmax())
         excerpt = " ".join(text.split())
         excerpt = excerpt if len(excerpt) <= 70 else excerpt[:67] + "..."
-        print(f"{cfg.labels[i]}\t{float(p[i]):.4f}\t{excerpt}")
+        print(f"{clf.labels[i]}\t{float(p[i]):.4f}\t{excerpt}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return predict(args) if args.predict else train(args)
+        if args.model is not None and args.export:
+            export_model(args.model, args.export, model_max_len(args), args.truncation)
+            return predict(args) if args.predict or args.predict_file else 0
+        return predict(args) if args.predict or args.predict_file else train(args)
     except (CliError, DatasetError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

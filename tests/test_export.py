@@ -2,9 +2,11 @@
 (fnlm.models.export_classifier / load_classifier_package), against the eager pure forward."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from fnlm.models import (
     export_classifier_program,
     init_bert_classifier,
     load_classifier_package,
+    save_bert,
     text_classifier,
 )
 from fnlm.nn import dequantize_int8, quantize_int8, with_int8_weights
@@ -219,3 +222,67 @@ def test_int8_accuracy_on_imdb_within_half_a_point(minilm_dir, imdb_archive):
     print(f"accuracy on 500 test reviews: {acc}")
     assert acc["float32"] > 0.75, acc  # it did learn
     assert abs(acc["int8"] - acc["float32"]) <= 0.005 + 1e-9, acc
+
+
+# ----------------------------------------------------------------------------- examples/finetune_imdb.py
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune_imdb.py"
+
+
+@pytest.fixture(scope="module")
+def model_dir(params, tokenizer, tmp_path_factory):
+    """A 'fine-tuned run directory' of the tiny model: HF layout + metrics.json's max_len."""
+    d = tmp_path_factory.mktemp("run") / "model"
+    tok_dir = tokenizer.save(d.parent / "tok")
+    save_bert(params, CFG, d, head="classifier", tokenizer_dir=tok_dir)
+    (d / "metrics.json").write_text(json.dumps({"args": {"max_len": 32}}))
+    return d
+
+
+def run_example(*args, timeout=300):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("finetune_imdb_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_predict_file(model_dir, params, tokenizer, tmp_path, form, capsys=None):
+    """--predict-file prints one line per non-empty line of the file, as the eager forward says;
+    in-process through main() when ``capsys`` is given (fast), else in a subprocess."""
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_text("\n".join(TEXTS[:3]) + "\n\n" + "\n".join(TEXTS[3:]) + "\n")  # a blank line is skipped
+    argv = ["--model", model_dir, "--predict-file", reviews, "--truncation", "head", "--batch-size", 2]
+    if capsys is not None:
+        assert load_example().main(list(map(str, argv))) == 0
+        out, err = capsys.readouterr()
+    else:
+        proc = run_example(*argv)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out, err = proc.stdout, proc.stderr
+    assert f"({form}" in err, err[-500:]
+    lines = [ln.split("\t") for ln in out.strip().splitlines()]
+    probs = torch.softmax(eager_logits(params, tokenizer, TEXTS, 32), -1)
+    assert len(lines) == len(TEXTS)
+    for (label, p, excerpt), pr, text in zip(lines, probs, TEXTS):
+        i = int(pr.argmax())
+        assert label == CFG.labels[i] and float(p) == pytest.approx(float(pr[i]), abs=1e-4)
+        assert excerpt[:15] == " ".join(text.split())[:15]
+
+
+def test_example_predict_file_without_package(model_dir, params, tokenizer, tmp_path, capsys):
+    check_predict_file(model_dir, params, tokenizer, tmp_path, "eager", capsys)
+    with pytest.raises(SystemExit):
+        load_example().parse_args(["--model", str(model_dir), "--predict", "x", "--predict-file", "f"])
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # AOTInductor compile of the tiny model (~60 s on 2 shared cores)
+def test_example_export_then_predict_file_uses_it(model_dir, params, tokenizer, tmp_path):
+    proc = run_example("--model", model_dir, "--export", "--truncation", "head", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((model_dir / "export" / "export.json").read_text())["form"] == "aoti"
+    check_predict_file(model_dir, params, tokenizer, tmp_path, "aoti")
