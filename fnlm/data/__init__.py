@@ -12,10 +12,11 @@ from fnlm.data._imdb import (
     load_imdb_splits,
     subset,
 )
+from fnlm.data._packing import pack_rows, pack_sequences
 from fnlm.data._tokenizer import WordPieceTokenizer, build_bert_tokenizer, load_tokenizer
 
 __all__ = [
     "IMDB_SHA256", "IMDB_URL", "DatasetError", "DownloadError", "IMDb", "WordPieceTokenizer", "bucket_lengths",
     "build_bert_tokenizer", "choose_buckets", "download_imdb", "html_clean", "load_imdb", "load_imdb_splits",
-    "load_tokenizer", "make_batches", "padding_efficiency", "subset",
+    "load_tokenizer", "make_batches", "pack_rows", "pack_sequences", "padding_efficiency", "subset",
 ]

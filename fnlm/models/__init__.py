@@ -29,6 +29,7 @@ from fnlm.models._export import (
     load_classifier_package,
     text_classifier,
 )
+from fnlm.models._packed import bert_classifier_packed, packed_attention_mask, packed_classifier_loss
 from fnlm.models._lora_peft import load_lora, read_lora_config, save_lora
 from fnlm.models._bert_hf import (
     bert_config_from_hf,
@@ -67,6 +68,7 @@ from fnlm.models._transformer import (
 )
 
 __all__ = [
+    "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
     "load_lora", "read_lora_config", "save_lora",
     "GPT2Config", "decode_step", "filter_logits", "generate", "gpt2", "gpt2_block", "gpt2_cached",
