@@ -281,6 +281,7 @@ def bert(
     pooled_only: bool = False,
     output_hidden_states: bool = False,
     output_attentions: bool = False,
+    remat: str | list[str | None] | None = None,
 ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, dict[str, tuple[Tensor, ...]]]:
     """``(last_hidden [*batch, len, H], pooled [*batch, H])``.
 
@@ -299,6 +300,9 @@ def bert(
     ``L + 1`` tensors ``[*batch, len, H]`` after the embeddings and after each layer, and
     ``intermediates['attentions']`` the ``L`` attention probabilities ``[*batch, heads, len, len]``
     (see :func:`fnlm.nn.encoder`). Not asked: the default path, unchanged.
+
+    ``remat``: recompute the layers' activations in the backward pass, a policy for every layer
+    (``'nothing'``, ``'matmuls'``) or one entry per layer (see :func:`fnlm.nn.encoder`).
     """
     _check_config(cfg)
     _check_ids(input_ids)
@@ -315,7 +319,7 @@ def bert(
     x = bert_embeddings(params["embeddings"], input_ids, cfg, token_type_ids=token_type_ids, key=k_emb, train=train)
     h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=mask, key=k_enc, train=train,
                 last_queries=slice(0, 1) if pooled_only else None,
-                output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions, remat=remat)
     h, intermediates = h if capture else (h, None)
     pooled = torch.tanh(linear(params["pooler"], h[..., 0, :])) if "pooler" in params else None
     return (h, pooled, intermediates) if capture else (h, pooled)
@@ -331,14 +335,17 @@ def bert_classifier(
     key: random.Key | None = None,
     train: bool = False,
     pooled_only: bool = True,
+    remat: str | list[str | None] | None = None,
 ) -> Tensor:
     """``logits = Dropout(pooled) W_c + b_c``: ``[*batch, num_labels]`` (``BertForSequenceClassification``;
     the dropout rate is ``classifier_dropout``, else ``hidden_dropout_prob``). Only the [CLS] row
     reaches the logits, so the last layer computes that row alone (``bert(..., pooled_only=True)``);
-    ``pooled_only=False`` runs it at every position, as HF does: same logits, more work."""
+    ``pooled_only=False`` runs it at every position, as HF does: same logits, more work.
+    ``remat``: as :func:`bert`'s."""
     k_bert, k_drop = random.split_or_none(key, 2)
     _, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, key=k_bert, train=train, pooled_only=pooled_only)
+                     token_type_ids=token_type_ids, key=k_bert, train=train, pooled_only=pooled_only,
+                     remat=remat)
     if pooled is None:
         raise ValueError("bert_classifier needs a pooler: params['bert'] has no 'pooler'")
     p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
@@ -407,15 +414,17 @@ def _check_labels(labels: Any, n_classes: int, shape: tuple[int, ...], what: str
 
 
 def classifier_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
-                    key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+                    key: random.Key | None = None, train: bool = False,
+                    remat: str | list[str | None] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """``(L, {'accuracy': acc})`` with ``L = sum_n w_n (-log softmax(z_n)[y_n]) / sum_n w_n``.
 
     ``batch``: ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels`` ``[B]``
     and optional ``weight`` ``[B]`` (0 for rows that only pad the batch). Works under
     ``torch.func.grad_and_value(..., has_aux=True)`` and ``torch.compile(fullgraph=True)``.
+    ``remat``: recompute the encoder's activations in the backward pass (see :func:`bert`).
     """
     logits = bert_classifier(params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"),
-                             token_type_ids=batch.get("token_type_ids"), key=key, train=train)
+                             token_type_ids=batch.get("token_type_ids"), key=key, train=train, remat=remat)
     labels, weight = batch["labels"], batch.get("weight")
     _check_labels(labels, logits.shape[-1], logits.shape[:-1], "one per sequence")
     loss = cross_entropy(logits, labels, weight=weight)

@@ -11,6 +11,7 @@ from fnlm.nn._feedforward import feed_forward, init_feed_forward
 from fnlm.nn._norm import init_layer_norm, layer_norm
 from fnlm.nn._sublayer import init_stack, sublayer
 from fnlm.nn._positional import init_relative_bias, relative_bias
+from fnlm.nn._remat import layer_policies, remat as rematerialise
 
 
 def init_encoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -115,6 +116,7 @@ def encoder(
     last_queries: slice | None = None,
     output_hidden_states: bool = False,
     output_attentions: bool = False,
+    remat: str | list[str | None] | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, tuple[Tensor, ...]]]:
     """``N`` encoder blocks (then a final LayerNorm for pre-LN stacks). With
     ``cfg.positional == 'relative'``, one T5 relative bias is shared by all layers.
@@ -129,6 +131,10 @@ def encoder(
     the keys asked for), ``x_0`` the input and ``x_i`` block ``i``'s output (before a final
     LayerNorm), ``P_i: [*batch, n_heads, len, len]`` block ``i``'s attention probabilities. When
     neither is asked for nothing extra is computed or kept (the fused attention kernel runs).
+
+    ``remat``: recompute blocks' activations in the backward pass (:func:`fnlm.nn.remat`): a
+    policy (``'nothing'``, ``'matmuls'``) for every block, or a list with one entry per block
+    (``None`` = keep that block's activations). Same values and gradients, less memory.
     """
     bias = None
     if "relative_bias" in params:
@@ -137,9 +143,13 @@ def encoder(
                              max_distance=cfg.relative_max_distance)
     layers = params["layers"]
     hidden, attentions = [x], []
+    policies = layer_policies(remat, len(layers))
+    if output_attentions and any(policies):
+        raise ValueError("remat and output_attentions do not combine (a remat block returns one tensor)")
     for i, (layer, k) in enumerate(zip(layers, random.split_or_none(key, len(layers)))):
         queries = last_queries if i == len(layers) - 1 else None
-        x = encoder_block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train,
+        block = encoder_block if policies[i] is None else rematerialise(encoder_block, policies[i])
+        x = block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train,
                           queries=queries, return_attention=output_attentions)
         if output_attentions:
             x, p = x
