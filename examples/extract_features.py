@@ -202,9 +202,14 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, *, steps: int = 300, lr: float
     optimizer = optim.adam(lr)
     state = optimizer.init(params)
     grad_fn = torch.func.grad(loss_fn)
-    for _ in range(steps):
-        updates, state = optimizer.update(grad_fn(params), state, params)
-        params = optim.apply_updates(params, updates)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny steps: thread hand-offs would cost more than they save
+    try:
+        for _ in range(steps):
+            updates, state = optimizer.update(grad_fn(params), state, params)
+            params = optim.apply_updates(params, updates)
+    finally:
+        torch.set_num_threads(threads)
     return {**params, "mean": mean, "std": std}
 
 
