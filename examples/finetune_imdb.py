@@ -20,6 +20,13 @@ compiled training step per sequence-length bucket, and a fine-tuned model that H
     python examples/finetune_imdb.py --model runs/imdb-20250101-120000 --export
     python examples/finetune_imdb.py --model runs/imdb-20250101-120000 --predict-file reviews.txt
 
+    # LoRA (Hu et al. 2021): train rank-8 adapters on the attention query/value maps and the classifier
+    # only (~1% of the weights); RUN is a peft adapter directory (PeftModel.from_pretrained loads it),
+    # --merge also writes RUN/merged, a plain checkpoint; --predict takes either. --remat recomputes
+    # each layer's activations in the backward pass (less memory for longer sequences / bigger batches)
+    python examples/finetune_imdb.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --lora-rank 8 --merge
+    python examples/finetune_imdb.py --model runs/imdb-20250101-120000 --predict "A wonderful, moving film."
+
     # an interrupted run (Ctrl-C, SIGTERM, a killed process) continues where its last checkpoint was
     python examples/finetune_imdb.py --resume runs/imdb-20250101-120000
 
@@ -60,13 +67,18 @@ from fnlm.models import (bert_classifier, bert_config_to_hf, classifier_loss, ex
                          load_bert, load_classifier_package, save_bert, text_classifier)
 from fnlm.train import (GracefulStop, ResumeError, RunCheckpoints, autocast_dtype, digest, make_eval_step,
                         make_train_step)
-from fnlm.tree import cast, num_params
+from fnlm.models import load_lora, save_lora
+from fnlm.models._bert_hf import TOKENIZER_FILES
+from fnlm.nn import LoraConfig, init_lora, lora_targets, merge_lora
+from fnlm.tree import cast, combine, num_params, partition
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "weights" / "all-MiniLM-L6-v2"
 LABELS = ("neg", "pos")  # label 0 = negative review (rating <= 4), 1 = positive (rating >= 7)
 DEFAULT_MAX_LEN = 256
 EXPORT_DTYPES = ("fp32", "bf16", "int8")
+REMAT_POLICIES = ("nothing", "matmuls")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class CliError(Exception):
@@ -76,7 +88,8 @@ class CliError(Exception):
 # Settings a run's result depends on: stored in its checkpoints, taken from there by --resume, and an
 # error if given on the resuming command line with another value.
 SETTINGS = ("data", "weights", "train_size", "val_size", "test_size", "max_len", "truncation", "buckets", "epochs",
-            "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "dtype", "eval_every", "keep")
+            "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "dtype", "eval_every", "keep",
+            "lora_rank", "lora_alpha", "lora_targets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 = autocast with fp32 master weights; auto = bf16 where the device multiplies bf16 "
                    "natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp32")
     g.add_argument("--no-compile", action="store_true", help="run the steps eagerly (no torch.compile)")
+    g.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="train LoRA adapters of rank R (+ the classifier) instead of every weight; the run directory "
+                   "is then a peft adapter directory (0 = full fine-tuning)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (update x alpha/R); default 2R")
+    g.add_argument("--lora-targets", default="*.attn.q,*.attn.v",
+                   help="comma-separated glob patterns over fnlm's linear-map names (e.g. '*.attn.q,*.attn.v,*.ffn.*')")
+    g.add_argument("--merge", action="store_true",
+                   help="with --lora-rank: also write RUN/merged, a plain Hugging Face checkpoint with the adapters "
+                   "folded into the weights")
+    g.add_argument("--remat", nargs="?", const="nothing", choices=REMAT_POLICIES, default=None,
+                   help="recompute each layer's activations in the backward pass (less memory, more compute); "
+                   "'matmuls' (keep matrix products) runs with --no-compile only")
     g.add_argument("--deterministic", action="store_true",
                    help="bitwise-reproducible compiled steps (torch deterministic algorithms): the same --seed "
                    "gives the very same run; steps 0-15%% slower on CPU, and every run compiles (no compile cache). Without it "
@@ -164,6 +189,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("train_size", "test_size", "val_size", "eval_every", "save_every"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0 (0 = all), got {getattr(args, name)}")
+    if args.lora_rank < 0:
+        ap.error(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.lora_rank == 0 and ({"lora_alpha", "lora_targets", "merge"} & args.explicit):
+        ap.error("--lora-alpha, --lora-targets and --merge go with --lora-rank R")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        ap.error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if args.export and args.lora_rank and not args.merge and args.model is None:
+        ap.error("--export after a LoRA run exports the merged model: add --merge")
+    if args.remat == "matmuls" and not args.no_compile:
+        ap.error("--remat matmuls runs eagerly only: add --no-compile, or use --remat (policy 'nothing')")
     if args.keep_checkpoints < 1:
         ap.error(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     if args.resume is not None and args.out is not None:
@@ -216,6 +251,49 @@ def load_checkpoint(path: Path, *, max_len: int, head_key=None):
         raise CliError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but config.json says "
                        f"vocab_size={cfg.vocab_size}")
     return params, cfg, tokenizer
+
+
+def load_model(path: Path, *, max_len: int):
+    """``(params, cfg, tokenizer)`` of a fine-tuned model: a Hugging Face checkpoint, or a LoRA run's peft
+    adapter directory (its base checkpoint, ``base_model_name_or_path``, with the adapters merged in)."""
+    if not (path / ADAPTER_FILES[0]).is_file():
+        return load_checkpoint(path, max_len=max_len)
+    try:
+        base = Path(json.loads((path / ADAPTER_FILES[0]).read_text()).get("base_model_name_or_path") or "")
+    except (OSError, ValueError) as e:
+        raise CliError(f"{path / ADAPTER_FILES[0]}: {e}") from None
+    if not (base / "config.json").is_file():
+        raise CliError(f"{path}: its base model {str(base) or '(none named)'} (base_model_name_or_path in "
+                       f"{ADAPTER_FILES[0]}) is not a checkpoint directory here")
+    params, cfg, tokenizer = load_checkpoint(base, max_len=max_len, head_key=random.key(0))
+    try:
+        adapters, lora_cfg, head = load_lora(path, params, cfg)
+    except (CheckpointError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if head is None:
+        raise CliError(f"{path}: the adapter has no classifier (modules_to_save); it cannot classify")
+    if (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(path)
+    cfg = dataclasses.replace(cfg, id2label=LABELS)
+    return merge_lora(dict(params, classifier=head), adapters, lora_cfg), cfg, tokenizer
+
+
+def lora_split(args, params, key):
+    """``(LoraConfig, frozen, trainable)`` for ``--lora-rank``: adapters on ``--lora-targets`` and the
+    classifier are trained, every other weight is frozen."""
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    try:
+        lora_cfg = LoraConfig(rank=args.lora_rank, alpha=alpha, targets=targets)
+        adapters = init_lora(key, params, lora_cfg)
+    except ValueError as e:
+        raise CliError(f"--lora-rank/--lora-targets: {e}") from None
+    head, frozen = partition(params, "classifier.*")
+    trainable = {"head": head, "lora": adapters}
+    n, total = num_params(trainable), num_params(params)
+    print(f"LoRA r={lora_cfg.rank} alpha={lora_cfg.alpha:g} on {len(lora_targets(params, lora_cfg))} linear maps "
+          f"({', '.join(targets)}): training {n} of {total} parameters ({100 * n / total:.2f}%)", flush=True)
+    return lora_cfg, frozen, trainable
 
 
 def default_val_size(n_train: int) -> int:
@@ -276,10 +354,11 @@ def adopt_settings(args, partial: Path) -> None:
         if (out / "metrics.json").is_file():
             raise CliError(f"--resume {args.resume}: {out} is a finished run, there is nothing to resume")
         raise CliError(f"--resume {args.resume}: no unfinished run there (no {partial})")
-    saved = RunCheckpoints.saved_config(partial)
-    if saved is None:
+    peeked = RunCheckpoints.peek(partial)
+    if peeked is None:
         raise CliError(f"--resume {args.resume}: {partial} holds no checkpoint yet (the run stopped before its "
                        f"first); start it again with --overwrite")
+    saved, extra = peeked
     for name in SETTINGS:
         flag = "--" + name.replace("_", "-")
         if flag not in saved:
@@ -290,6 +369,9 @@ def adopt_settings(args, partial: Path) -> None:
                            f"{now} now); leave it out to use the run's, or start a new run")
         value = saved[flag]
         setattr(args, name, Path(value) if name in ("data", "weights") and value is not None else value)
+    for name, value in extra.get("options", {}).items():  # how the run checkpoints: may be changed on resuming
+        if name not in args.explicit:
+            setattr(args, name, value)
 
 
 def setting_value(args, name: str):
@@ -431,14 +513,22 @@ def train(args) -> int:
     optimizer = optim.chain(optim.clip_by_global_norm(args.clip),
                             optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=args.weight_decay))
     params = cast(params, device=device)
+    n_model = num_params(params)
+    lora_cfg, frozen = None, None
+    if args.lora_rank:  # train {'head': classifier, 'lora': adapters}; the rest is frozen and closed over
+        lora_cfg, frozen, params = lora_split(args, params, random.fold_in(k_head, 1))
     opt_state = optimizer.init(params)
 
+    def model(p):
+        """The classifier's params from the trained ones (LoRA: the adapters merged into the frozen base)."""
+        return p if lora_cfg is None else merge_lora(combine(p["head"], frozen), p["lora"], lora_cfg)
+
     def loss_fn(p, batch, key):
-        return classifier_loss(p, batch, cfg, key=key, train=True)
+        return classifier_loss(model(p), batch, cfg, key=key, train=True, remat=args.remat)
 
     def logits_fn(p, batch):
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            return bert_classifier(p, batch["input_ids"], cfg, attention_mask=batch["attention_mask"],
+            return bert_classifier(model(p), batch["input_ids"], cfg, attention_mask=batch["attention_mask"],
                                    token_type_ids=batch["token_type_ids"]).float()
 
     compile_ = not args.no_compile
@@ -448,12 +538,14 @@ def train(args) -> int:
 
     # The run's state beyond (params, opt_state, step, key): where the data is, and what was logged.
     log = {"epoch": 1, "batch": 0, "history": [], "evals": [], "step_losses": [], "best": None,
+           "options": {"save_every": args.save_every, "keep_checkpoints": args.keep_checkpoints},
            "epoch_so_far": {"losses": [], "n_done": 0, "train_s": 0.0, "first_call_s": 0.0, "steady_s": 0.0,
                             "steady_n": 0}}
     step, best_params, resumed_from = 0, None, None
     state = ckpts.restore(device=device) if args.resume is not None else None
     if state is not None:
         params, opt_state, step, log = state.params, state.opt_state, state.step, state.extra
+        log["options"] = {"save_every": args.save_every, "keep_checkpoints": args.keep_checkpoints}
         best_params, resumed_from = state.best_params, state.path.name
         print(f"resumed from {state.path} (step {step} of {total_steps})", flush=True)
     elif args.resume is not None:  # checkpoints listed but removed meanwhile
@@ -567,6 +659,10 @@ def train(args) -> int:
         "train_loss_per_step": log["step_losses"],
         "checkpoint_seconds": ckpts.seconds,
         "resumed_from": resumed_from,
+        "trainable_params": num_params(params), "model_params": n_model,
+        "lora": None if lora_cfg is None else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                                               "targets": list(lora_cfg.targets)},
+        "remat": args.remat,
         "wall_seconds": time.time() - t_start,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "explicit"}
         | {"max_len": max_len, "eval_every": eval_every},
@@ -578,16 +674,28 @@ def train(args) -> int:
     }
     with atomic_dir(out) as tmp:
         # save_bert builds its directory atomically too: here it fills the (empty) temporary one
-        save_bert(cast(kept, device="cpu"), cfg, tmp, head="classifier", tokenizer_dir=args.weights)
+        if lora_cfg is None:
+            save_bert(cast(kept, device="cpu"), cfg, tmp, head="classifier", tokenizer_dir=args.weights)
+        else:  # a peft adapter directory (+ tokenizer); --merge: and RUN/merged, a plain checkpoint
+            kept_cpu = cast(kept, device="cpu")
+            save_lora(tmp, kept_cpu["lora"], lora_cfg, cfg, head=kept_cpu["head"]["classifier"],
+                      base_model_name_or_path=str(args.weights.resolve()))
+            for name in TOKENIZER_FILES:
+                if (args.weights / name).is_file():
+                    shutil.copyfile(args.weights / name, tmp / name)
+            if args.merge:
+                save_bert(cast(model(kept), device="cpu"), cfg, tmp / "merged", head="classifier",
+                          tokenizer_dir=args.weights)
         write_json(metrics, tmp / "metrics.json")
         n_wrong = write_errors(tmp / "errors.tsv", probs, data["test"])
         plot(metrics, tmp / "training.png")
     shutil.rmtree(partial, ignore_errors=True)  # the checkpoints: the run is complete
     print(f"test accuracy {test_acc:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {n_test} reviews, {n_wrong} wrong) with the "
           f"{metrics['kept']['which']} parameters (step {kept_step}); wrote {out}/ in {metrics['wall_seconds']:.0f}s "
-          f"(model.safetensors, config.json, tokenizer, metrics.json, errors.tsv, training.png)")
+          f"({'adapter_config.json, adapter_model.safetensors' if lora_cfg else 'model.safetensors, config.json'}"
+          f"{', merged/' if lora_cfg and args.merge else ''}, tokenizer, metrics.json, errors.tsv, training.png)")
     if args.export:
-        export_model(out, args.export, max_len, args.truncation)
+        export_model(out / "merged" if lora_cfg else out, args.export, max_len, args.truncation)
     return 0
 
 
@@ -670,7 +778,7 @@ def predict(args) -> int:
                   f"not {max_len} ({args.truncation}); using the model directly", file=sys.stderr)
     if clf is None:
         device = pick_device(args.device)
-        params, cfg, tokenizer = load_checkpoint(args.model, max_len=max_len)
+        params, cfg, tokenizer = load_model(args.model, max_len=max_len)
         if "classifier" not in params:
             raise CliError(f"{args.model}: no classification head; fine-tune it first (pass it as --weights)")
         clf = text_classifier(cast(params, device=device), cfg, tokenizer, max_len=max_len,

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-checkpoints", type=int, default=2)
     ap.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     args = ap.parse_args(argv)
+    peeked = RunCheckpoints.peek(args.resume) if args.resume is not None else None
+    if peeked is not None:  # the run's settings become the defaults; one given with another value is refused
+        ap.set_defaults(**{k[2:].replace("-", "_"): v for k, v in peeked[0].items()})
+        args = ap.parse_args(argv)
     log_every = args.log_every or max(1, args.steps // 10)
     if args.resume is not None and args.out is not None:
         ap.error("--resume RUN_DIR continues that run in place; leave out --out")

@@ -2,16 +2,26 @@
 examples that use them (finetune_imdb.py, hello_fnlm.py) killed and resumed as a user would."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
+import time
 import warnings
+from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fnlm import optim, random
 from fnlm.train import GracefulStop, ResumeError, RunCheckpoints, digest
+from test_finetune_imdb import ROOT, SCRIPT, fnlm_logits, run_script, write_imdb_archive
 
 
 def _state(seed: int = 0):
@@ -39,7 +49,7 @@ def test_save_restore_keeps_last_k(tmp_path):
     assert torch.equal(st.key, random.fold_in(random.key(0), 30))
     assert torch.equal(st.params["layers"][0]["b"], params["layers"][0]["b"])
     assert type(st.opt_state) is type(opt_state) and torch.equal(st.opt_state.count, opt_state.count)
-    assert RunCheckpoints.saved_config(tmp_path / "run") == {"lr": 1e-3}
+    assert RunCheckpoints.peek(tmp_path / "run") == ({"lr": 1e-3}, {"pos": 3})
     assert len(run.seconds) == 3 and all(s > 0 for s in run.seconds)
 
 
@@ -118,3 +128,263 @@ def test_graceful_stop_first_signal_flags_second_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is old
+
+
+# ============================================================================= the examples, killed and resumed
+# 16 training reviews in batches of 4 for 2 epochs = 8 steps, a checkpoint and a validation evaluation after
+# each, on a tiny random BERT with MiniLM's vocabulary; this lr makes the best evaluation an early one (step 2)
+TINY = ("--train-size", 16, "--test-size", 8, "--val-size", 4, "--eval-every", 1, "--max-len", 32,
+        "--batch-size", 4, "--epochs", 2, "--lr", "3e-2", "--warmup", 0, "--dtype", "fp32", "--no-compile",
+        "--save-every", 1)
+SAME = ("confusion_matrix", "evals", "final_test_accuracy", "kept", "per_class", "steps", "test_accuracy_95ci",
+        "train_loss_per_step")
+
+
+def load_example(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ex = load_example(SCRIPT)
+
+
+def popen(script: Path, *args) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.communicate()[1][-2000:]}"
+        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
+        time.sleep(0.01)
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for m in (ma, mb):  # timings differ, of course
+        m["evals"] = [{k: v for k, v in e.items() if k != "seconds"} for e in m["evals"]]
+    for k in SAME:
+        assert ma[k] == mb[k], k
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return write_imdb_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(minilm_dir, tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT in Hugging Face layout with MiniLM's tokenizer (fast steps, small checkpoints)."""
+    import transformers
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(d)
+    for f in minilm_dir.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference_run(archive, tiny_bert, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_script("--data", archive, "--weights", tiny_bert, *TINY, "--out", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_sigint_then_sigkill_then_corrupted_checkpoint_resume_to_the_uninterrupted_result(
+        archive, tiny_bert, reference_run, tmp_path):
+    out, ck = tmp_path / "run", tmp_path / ".run.partial" / "checkpoints"
+    # SIGINT: the step finishes, a checkpoint is written, one line says how to resume
+    p = popen(SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--out", out)
+    wait_for(ck / "step-00000001", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and re.search(rf"resume with: .* --resume {re.escape(str(out))} --no-compile$",
+                                                err.strip().splitlines()[-1])
+    stopped = int(sorted(ck.glob("step-*"))[-1].name[5:])
+    assert 1 <= stopped < 8 and not out.exists()
+    # resumed, then SIGKILLed after its next checkpoint: no chance to clean up
+    p = popen(SCRIPT, "--resume", out, "--no-compile")
+    wait_for(ck / f"step-{stopped + 1:08d}", p)
+    p.kill()
+    p.communicate()
+    newest = sorted(ck.glob("step-*"))[-1]
+    assert not out.exists() and int(newest.name[5:]) < 8
+    # the newest checkpoint corrupted: the previous one is used, with a warning
+    _corrupt(newest / "tensors.safetensors")
+    proc = run_script("--resume", out, "--no-compile", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping checkpoint {newest.name}" in proc.stderr and "checksum mismatch" in proc.stderr
+    assert not ck.parent.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
+    assert_same_model(reference_run, out)  # bitwise: eager CPU steps are deterministic
+
+
+@pytest.fixture(scope="module")
+def stopped_run(archive, tiny_bert, tmp_path_factory) -> tuple[Path, Path]:
+    """An unfinished run (stopped by SIGTERM) whose data archive the test may change: (out, data)."""
+    d = tmp_path_factory.mktemp("stopped")
+    data = d / "data.tar.gz"
+    shutil.copy(archive, data)
+    out = d / "run"
+    p = popen(SCRIPT, "--data", data, "--weights", tiny_bert, *TINY, "--out", out)
+    wait_for(d / ".run.partial" / "checkpoints" / "step-00000001", p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "stopped by SIGTERM" in err, err[-2000:]
+    return out, data
+
+
+def _files(d: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in d.rglob("*")}
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "2e-3"), ("--max-len", "64"), ("--train-size", "12"),
+                                         ("--weights", "/elsewhere/bert"), ("--data", "/elsewhere/imdb.tar.gz")])
+def test_resume_with_another_setting_names_it(stopped_run, flag, value, capsys):
+    out, _ = stopped_run
+    before = _files(out.with_name(".run.partial"))
+    assert ex.main(["--resume", str(out), flag, value, "--no-compile"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --resume") and f"{flag} differs" in err, err
+    assert _files(out.with_name(".run.partial")) == before and not out.exists()
+
+
+def test_resume_with_changed_data_contents_names_it(stopped_run, capsys):
+    out, data = stopped_run
+    original = data.read_bytes()
+    try:
+        write_imdb_archive(data, n_per_class=13)
+        assert ex.main(["--resume", str(out), "--no-compile"]) == 2
+    finally:
+        data.write_bytes(original)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot resume") and "--data (contents) differs" in err[-1], err
+
+
+def check_validation_split(path, train_size, val_size, test_size) -> dict:
+    args = Namespace(data=path, train_size=train_size, val_size=val_size, test_size=test_size, seed=0)
+    data = ex.load_data(args)
+    train, val, test = data["train"], data["val"], data["test"]
+    key = lambda d: set(zip(d.ids, d.labels))  # noqa: E731  (a review's identity within its split)
+    assert val.split == train.split == "train" and test.split == "test"
+    assert not key(train) & key(val), "validation reviews were trained on"
+    n_val = val_size if val_size is not None else ex.default_val_size(train_size or len(train) + len(val))
+    assert len(val) == n_val and val.counts() == {0: n_val // 2, 1: n_val // 2}
+    if train_size:  # the same training subset as before validation existed
+        assert len(train) == train_size and train.counts() == {0: train_size // 2, 1: train_size // 2}
+    return data
+
+
+def test_validation_slice_is_balanced_and_disjoint(archive):
+    from fnlm.data import load_imdb, subset
+
+    for train_size, val_size in ((16, 4), (0, None), (10, 6), (0, 8)):
+        data = check_validation_split(archive, train_size, val_size, 8)
+        if train_size:
+            assert data["train"].texts == subset(load_imdb(archive, "train"), train_size, seed=0).texts
+        else:
+            assert len(data["train"]) + len(data["val"]) == 24
+    with pytest.raises(ex.CliError, match="--val-size 10: only 8 training reviews are left"):
+        ex.load_data(Namespace(data=archive, train_size=16, val_size=10, test_size=8, seed=0))
+
+
+@pytest.mark.slow
+def test_validation_slice_on_real_reviews(imdb_archive):
+    """The default subset of the real archive: no validation review's text is a test review's."""
+    data = check_validation_split(imdb_archive, 2000, None, 1000)
+    assert len(data["val"]) == 200 and not set(data["val"].texts) & set(data["test"].texts)
+
+
+def test_keep_best_saves_the_best_validation_evaluation(reference_run, archive):
+    metrics = json.loads((reference_run / "metrics.json").read_text())
+    evals = metrics["evals"]
+    assert [e["step"] for e in evals] == list(range(1, 9))
+    best = max(evals, key=lambda e: (e["val_accuracy"], -e["val_loss"]))
+    assert metrics["kept"] == {"which": "best", "step": best["step"], "val_accuracy": best["val_accuracy"]}
+    # the saved parameters give the logged validation loss of that evaluation (and not the last one's)
+    data = ex.load_data(Namespace(data=archive, train_size=16, val_size=4, test_size=8, seed=0))
+    probs = torch.softmax(fnlm_logits(reference_run, data["val"].texts, 32), -1)
+    loss, acc = ex.loss_and_accuracy(probs, data["val"].labels)
+    assert loss == pytest.approx(best["val_loss"], abs=1e-5) and acc == best["val_accuracy"]
+    assert best["step"] != evals[-1]["step"] and abs(loss - evals[-1]["val_loss"]) > 1e-4, \
+        "this configuration must have its best evaluation before the last step, else the test proves nothing"
+
+
+def test_classification_metrics_equal_sklearn(reference_run, archive):
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    g = torch.Generator().manual_seed(0)
+    for y_true, y_pred in [(torch.randint(0, 2, (200,), generator=g).tolist(),
+                            torch.randint(0, 2, (200,), generator=g).tolist()),
+                           ([0, 0, 1, 1], [1, 1, 1, 1])]:  # no prediction of label 0: precision 0 (sklearn's zero_division=0)
+        report = ex.classification_report(y_true, y_pred, 2)
+        assert report["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
+        p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1], zero_division=0)
+        for k, name in enumerate(("neg", "pos")):
+            got = report["per_class"][name]
+            assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[k], r[k], f[k], s[k]))
+    # the run's metrics.json, on the predictions of the saved model
+    metrics = json.loads((reference_run / "metrics.json").read_text())
+    test = ex.load_data(Namespace(data=archive, train_size=16, val_size=4, test_size=8, seed=0))["test"]
+    y_pred = fnlm_logits(reference_run, test.texts, 32).argmax(-1).tolist()
+    assert metrics["confusion_matrix"] == confusion_matrix(test.labels, y_pred, labels=[0, 1]).tolist()
+    p, r, f, s = precision_recall_fscore_support(test.labels, y_pred, labels=[0, 1], zero_division=0)
+    assert [metrics["per_class"][n]["f1"] for n in ("neg", "pos")] == pytest.approx(f.tolist())
+
+
+def test_confidence_interval_and_errors_file(tmp_path):
+    from scipy.stats import binomtest
+
+    for k, n in ((869, 1000), (8, 8), (0, 5), (23013, 25000)):
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert ex.wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-6)
+    test = Namespace(texts=["great<br />film", "awful\tstuff " * 40, "fine", "meh"], labels=[0, 1, 1, 0],
+                     ids=[10, 11, 12, 13])
+    probs = torch.tensor([[0.2, 0.8], [0.95, 0.05], [0.1, 0.9], [0.4, 0.6]])
+    assert ex.write_errors(tmp_path / "e.tsv", probs, test, chars=30) == 3
+    rows = [r.split("\t") for r in (tmp_path / "e.tsv").read_text().splitlines()]
+    assert rows[0] == ["probability", "predicted", "label", "id", "text"]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows[1:]] == [("0.9500", "neg", "pos", "11"), ("0.8000", "pos", "neg", "10"),
+                                                            ("0.6000", "pos", "neg", "13")]
+    assert rows[1][4] == "awful stuff awful stuff awful " and rows[2][4] == "great film"
+
+
+def test_hello_resumed_from_an_earlier_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
+    """hello_fnlm.py through the same RunCheckpoints: a run cut back to its step-4 checkpoint (as if killed
+    between steps 4 and 8) and resumed ends with bitwise the same train state."""
+    hello = ROOT / "examples" / "hello_fnlm.py"
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(hello), *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+
+    ref = run("--steps", 12, "--save-every", 4, "--keep-checkpoints", 3, "--no-compile", "--min-accuracy", 0,
+              "--batch-size", 16, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    shutil.copytree(tmp_path / "ref", tmp_path / "run")
+    for name in ("step-00000008", "step-00000012"):
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / name)
+    res = run("--resume", tmp_path / "run", "--no-compile", "--min-accuracy", 0)
+    assert res.returncode == 0 and "resumed from" in res.stdout and "at step 4" in res.stdout, res.stderr
+    a, b = (tmp_path / d / "checkpoints" / "step-00000012" / "tensors.safetensors" for d in ("ref", "run"))
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    held_out = [ln for ln in ref.stdout.splitlines() if ln.startswith("held-out")]
+    assert held_out and held_out == [ln for ln in res.stdout.splitlines() if ln.startswith("held-out")]
+    # a different setting is refused, naming it
+    bad = run("--resume", tmp_path / "run", "--no-compile", "--lr", 1e-2)
+    assert bad.returncode == 2 and "--lr differs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

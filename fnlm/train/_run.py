@@ -146,15 +146,24 @@ class RunCheckpoints:
         return [p for _, p in self._dirs(_STEP_DIR)]
 
     @staticmethod
-    def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-        """The configuration stored in the newest checkpoint of ``run_dir`` whose metadata reads
-        (no tensors are read or verified here; :meth:`restore` does that), or None if there is none."""
+    def peek(run_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``(config, extra)`` of the newest checkpoint of ``run_dir`` whose metadata reads, or None if
+        there is none: what a command line resuming it needs first (no tensors are read or verified
+        here; :meth:`restore` does that)."""
         for _, p in reversed(RunCheckpoints(run_dir, {})._dirs(_STEP_DIR)):
             try:
-                return json.loads((p / META).read_text())["extra"]["run"]["config"]
-            except (OSError, ValueError, KeyError, TypeError):
+                extra = json.loads((p / META).read_text())["extra"]
+                run = extra.pop("run")
+                return run["config"], extra
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
         return None
+
+    @staticmethod
+    def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+        """The ``config`` half of :meth:`peek` (None if there is no checkpoint)."""
+        peeked = RunCheckpoints.peek(run_dir)
+        return None if peeked is None else peeked[0]
 
     # ------------------------------------------------------------------ saving
     def save(self, params: Params, opt_state: PyTree, step: int, key: Tensor, extra: dict[str, Any] | None = None,
