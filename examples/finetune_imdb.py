@@ -88,8 +88,11 @@ class CliError(Exception):
 # Settings a run's result depends on: stored in its checkpoints, taken from there by --resume, and an
 # error if given on the resuming command line with another value.
 SETTINGS = ("data", "weights", "train_size", "val_size", "test_size", "max_len", "truncation", "buckets", "epochs",
-            "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "dtype", "eval_every", "keep",
+            "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "dtype", "eval_every",
             "lora_rank", "lora_alpha", "lora_targets")
+# How the run checkpoints and which parameters it keeps: taken from the run too, but may be changed on resuming
+# (e.g. --resume RUN --keep last after a run's training is done but before its test evaluation).
+OPTIONS = ("save_every", "keep_checkpoints", "keep")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,8 +372,8 @@ def adopt_settings(args, partial: Path) -> None:
                            f"{now} now); leave it out to use the run's, or start a new run")
         value = saved[flag]
         setattr(args, name, Path(value) if name in ("data", "weights") and value is not None else value)
-    for name, value in extra.get("options", {}).items():  # how the run checkpoints: may be changed on resuming
-        if name not in args.explicit:
+    for name, value in extra.get("options", {}).items():
+        if name in OPTIONS and name not in args.explicit:
             setattr(args, name, value)
 
 
@@ -538,14 +541,14 @@ def train(args) -> int:
 
     # The run's state beyond (params, opt_state, step, key): where the data is, and what was logged.
     log = {"epoch": 1, "batch": 0, "history": [], "evals": [], "step_losses": [], "best": None,
-           "options": {"save_every": args.save_every, "keep_checkpoints": args.keep_checkpoints},
+           "options": {name: getattr(args, name) for name in OPTIONS},
            "epoch_so_far": {"losses": [], "n_done": 0, "train_s": 0.0, "first_call_s": 0.0, "steady_s": 0.0,
                             "steady_n": 0}}
     step, best_params, resumed_from = 0, None, None
     state = ckpts.restore(device=device) if args.resume is not None else None
     if state is not None:
         params, opt_state, step, log = state.params, state.opt_state, state.step, state.extra
-        log["options"] = {"save_every": args.save_every, "keep_checkpoints": args.keep_checkpoints}
+        log["options"] = {name: getattr(args, name) for name in OPTIONS}
         best_params, resumed_from = state.best_params, state.path.name
         print(f"resumed from {state.path} (step {step} of {total_steps})", flush=True)
     elif args.resume is not None:  # checkpoints listed but removed meanwhile
