@@ -25,6 +25,7 @@ large square matmul in the step's dtype, timed in the same run).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -119,6 +120,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation included)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     ap.add_argument("--only", default="compiled,eager,hf", help="comma-separated subset of variants")
+    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    ap.add_argument("--backend", default="inductor",
+                    help="torch.compile backend of the compiled variants (aot_eager: trace only, for smoke runs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -147,7 +151,8 @@ def main(argv=None):
         if name not in variants:
             continue
         step = make_train_step(loss_full if name == "compiled-full" else loss_fn, opt,
-                               compile=name.startswith("compiled"), autocast_dtype=autocast)
+                               compile=(True if args.backend == "inductor" else args.backend)
+                               if name.startswith("compiled") else False, autocast_dtype=autocast)
         state = {"p": params, "s": opt.init(params), "k": random.key(1)}
 
         def run(step=step, state=state):
@@ -214,6 +219,14 @@ def main(argv=None):
         print(f"compiled fnlm, full last layer / HF: {results[hf_key][0] / results['fnlm compiled-full'][0]:.2f}x")
     if "fnlm eager" in results and hf_key in results:
         print(f"eager fnlm / HF eager throughput:    {results[hf_key][0] / results['fnlm eager'][0]:.2f}x")
+    table = {name: {"s_per_step": sec, "samples_per_s": args.batch / sec, "gflop_per_step": flops[name] / 1e9,
+                    "tflops": flops[name] / sec / 1e12, "mfu": flops[name] / sec / 1e12 / peak, "warmup_s": warm}
+             for name, (sec, warm) in results.items()}
+    out = {"device": where, "dtype": args.dtype, "model": args.model, "batch": args.batch, "seq": args.seq,
+           "peak_tflops": peak, "variants": table}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":
