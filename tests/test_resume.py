@@ -388,3 +388,20 @@ def test_hello_resumed_from_an_earlier_checkpoint_ends_as_the_uninterrupted_run(
     # a different setting is refused, naming it
     bad = run("--resume", tmp_path / "run", "--no-compile", "--lr", 1e-2)
     assert bad.returncode == 2 and "--lr differs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compiled_deterministic_run_killed_and_resumed_is_bitwise_the_same(archive, tiny_bert, tmp_path):
+    """The compiled steps (train and eval) with --deterministic: SIGKILL after a checkpoint, --resume,
+    and the saved model and metrics are bitwise those of the uninterrupted run."""
+    args = [a for a in TINY if a != "--no-compile"] + ["--deterministic"]
+    ref = run_script("--data", archive, "--weights", tiny_bert, *args, "--out", tmp_path / "ref", timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out, ck = tmp_path / "run", tmp_path / ".run.partial" / "checkpoints"
+    p = popen(SCRIPT, "--data", archive, "--weights", tiny_bert, *args, "--out", out)
+    wait_for(ck / "step-00000003", p, timeout=900)
+    p.kill()
+    p.communicate()
+    proc = run_script("--resume", out, "--deterministic", timeout=900)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    assert_same_model(tmp_path / "ref", out)
