@@ -117,15 +117,15 @@ def test_bad_input_is_one_line(tiny_bert, minilm_dir, archive, tmp_path, capsys)
 def test_pretrain_minilm_briefly_then_finetune(imdb_archive, minilm_dir, tmp_path):
     """MiniLM's fresh MLM head learns in-domain (held-out loss falls), and finetune_imdb.py fine-tunes the result."""
     env_run = lambda script, *a: subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, a)],
-                                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+                                                cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = tmp_path / "mlm"
-    p = env_run("pretrain_mlm.py", "--data", imdb_archive, "--weights", minilm_dir, "--steps", 30, "--batch-size", 8,
-                "--max-len", 64, "--train-size", 1000, "--eval-size", 32, "--eval-every", 30, "--lr", 5e-4,
+    p = env_run("pretrain_mlm.py", "--data", imdb_archive, "--weights", minilm_dir, "--steps", 15, "--batch-size", 8,
+                "--max-len", 64, "--train-size", 1000, "--eval-size", 32, "--eval-every", 15, "--lr", 5e-4,
                 "--no-compile", "--out", out)
     assert p.returncode == 0, p.stderr[-2000:]
     hist = json.loads((out / "metrics.json").read_text())["history"]
     assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"] - 1.0
-    f = env_run("finetune_imdb.py", "--data", imdb_archive, "--weights", out, "--train-size", 300, "--test-size", 200,
+    f = env_run("finetune_imdb.py", "--data", imdb_archive, "--weights", out, "--train-size", 200, "--test-size", 200,
                 "--max-len", 64, "--no-compile", "--out", tmp_path / "ft")
     assert f.returncode == 0, f.stderr[-2000:]
     acc = float(re.search(r"test accuracy (\d\.\d+)", f.stdout)[1])
