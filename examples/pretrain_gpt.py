@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-reviews", type=int, default=0, help="training reviews (0 = all but the validation ones)")
     g.add_argument("--val-reviews", type=int, default=1000, help="held-out training reviews for validation")
     g.add_argument("--val-tokens", type=int, default=65536, help="validation tokens evaluated (at most)")
-    g.add_argument("--vocab-size", type=int, default=2048, help="byte-level BPE vocabulary")
+    g.add_argument("--vocab-size", type=int, default=512, help="byte-level BPE vocabulary")
     g = ap.add_argument_group("model and training")
     g.add_argument("--n-layer", type=int, default=4)
     g.add_argument("--n-head", type=int, default=4)

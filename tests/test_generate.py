@@ -67,6 +67,20 @@ def test_cached_equals_full_forward_at_every_position(hf_and_fnlm):
     assert int(cache["pos"]) == seq.shape[1]
 
 
+def test_decode_step_is_pure_and_the_inplace_variant_agrees(hf_and_fnlm):
+    _, params, cfg = hf_and_fnlm
+    ids, start = left_pad([[3, 4, 5], [7]])
+    cache = init_gpt2_cache(cfg, 2, 8, start=start)
+    _, cache = prefill(params, cache, ids, cfg)
+    before = fnlm.tree.tree_map(torch.clone, cache)
+    tok = torch.tensor([9, 10])
+    logits, new = decode_step(params, cache, tok, cfg)
+    assert fnlm.tree.tree_allclose(cache, before, atol=0, rtol=0)  # the input cache is untouched
+    logits_ip, new_ip = decode_step(params, cache, tok, cfg, inplace=True)
+    assert torch.equal(logits_ip, logits) and fnlm.tree.tree_allclose(new_ip, new, atol=0, rtol=0)
+    assert new_ip["layers"][0]["k"] is cache["layers"][0]["k"]  # written into the caller's buffers
+
+
 def test_one_compiled_graph_for_100_decode_steps():
     from torch._dynamo.utils import counters
 

@@ -74,7 +74,7 @@ def _step_fn(cfg: GPT2Config, temperature: float, top_k: int | None, top_p: floa
     from fnlm.train._step import compile_fn  # fnlm.train imports fnlm.models
 
     def step(params, cache, tokens, key):
-        logits, cache = decode_step(params, cache, tokens, cfg)
+        logits, cache = decode_step(params, cache, tokens, cfg, inplace=True)  # generate owns the cache
         return sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
     return compile_fn(step, compile=compile, max_shapes=8)
@@ -171,7 +171,7 @@ def generate(
     step = _step_fn(cfg, float(temperature), top_k, top_p, compile)
     with torch.no_grad():
         cache = init_gpt2_cache(cfg, batch, cache_len, start=start, dtype=dtype, device=device)
-        logits, cache = prefill(params, cache, ids.to(device), cfg)
+        logits, cache = prefill(params, cache, ids.to(device), cfg, inplace=True)
         tokens = sample_logits(logits, keys[0], temperature=temperature, top_k=top_k, top_p=top_p)
         out = [tokens.cpu()]
         stop, done = stop.to(device), torch.zeros(batch, dtype=torch.bool, device=device)

@@ -125,6 +125,7 @@ def gpt2_block(
     mask: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    inplace: bool = False,
 ) -> tuple[Tensor, Params | None]:
     """One pre-LN block, ``x: [batch, len, d] -> ([batch, len, d], layer cache)``::
 
@@ -133,7 +134,8 @@ def gpt2_block(
 
     With ``cache`` (one layer of :func:`fnlm.nn.init_kv_cache`), ``x`` holds the new tokens only:
     their K/V go into ``slots`` and they attend under ``mask`` (:func:`fnlm.nn.cache_mask`);
-    the updated layer cache is returned (else ``None``).
+    the updated layer cache is returned (else ``None``); ``inplace``: see
+    :func:`fnlm.nn.cached_attention`.
     """
     k_attn, k_drop1, k_drop2 = random.split_or_none(key, 3)
     residual = dict(norm_first=True, eps=cfg.layer_norm_epsilon, rate=cfg.resid_pdrop, train=train)
@@ -143,7 +145,7 @@ def gpt2_block(
         if cache is None:
             return multi_head_attention(params["attn"], h, causal=True, key_padding_mask=key_padding_mask,
                                         dropout=cfg.attn_pdrop, key=k_attn, train=train)
-        y, layer = cached_attention(params["attn"], h, cache, slots, mask)
+        y, layer = cached_attention(params["attn"], h, cache, slots, mask, inplace=inplace)
         new_cache.append(layer)
         return y
 
@@ -229,11 +231,14 @@ def init_gpt2_cache(cfg: GPT2Config, batch: int, max_len: int, *, start: Tensor 
     return init_kv_cache(cfg.n_layer, batch, cfg.n_head, max_len, cfg.d_k, start=start, dtype=dtype, device=device)
 
 
-def gpt2_cached(params: Params, ids: Tensor, cache: Params, cfg: GPT2Config) -> tuple[Tensor, Params]:
+def gpt2_cached(params: Params, ids: Tensor, cache: Params, cfg: GPT2Config, *,
+                inplace: bool = False) -> tuple[Tensor, Params]:
     """Run new tokens ``ids: [batch, n_new]`` (slots ``pos .. pos+n_new-1``) through the model,
     attending to everything cached: ``(logits [batch, n_new, vocab], new cache)``.
 
     Equals :func:`gpt2` on the whole sequence at these positions (position ids ``slot - start``).
+    ``inplace=True``: K/V are written into ``cache``'s tensors (see :func:`fnlm.nn.cached_attention`);
+    the default leaves ``cache`` untouched.
     """
     n_new = ids.shape[-1]
     slots = cache_slots(cache, n_new)
@@ -241,27 +246,31 @@ def gpt2_cached(params: Params, ids: Tensor, cache: Params, cfg: GPT2Config) -> 
     x = embedding(params["tok_embed"], ids) + embedding(params["pos_embed"], cache_positions(cache, n_new))
     layers = []
     for layer, layer_cache in zip(params["layers"], cache["layers"]):
-        x, layer_cache = gpt2_block(layer, x, cfg, cache=layer_cache, slots=slots, mask=mask)
+        x, layer_cache = gpt2_block(layer, x, cfg, cache=layer_cache, slots=slots, mask=mask, inplace=inplace)
         layers.append(layer_cache)
     h = layer_norm(params["norm"], x, cfg.layer_norm_epsilon)
     return lm_head(params, h), {**cache, "layers": layers, "pos": cache["pos"] + n_new}
 
 
-def prefill(params: Params, cache: Params, ids: Tensor, cfg: GPT2Config) -> tuple[Tensor, Params]:
+def prefill(params: Params, cache: Params, ids: Tensor, cfg: GPT2Config, *,
+            inplace: bool = False) -> tuple[Tensor, Params]:
     """The prompt ``ids: [batch, len]`` (left-padded; ``cache["start"]`` marks each row's first
     real token) into an empty cache: ``(logits of the last position [batch, vocab], cache)``."""
     if ids.ndim != 2 or ids.shape[-1] == 0:
         raise ValueError(f"prefill needs a non-empty [batch, len] prompt, got shape {tuple(ids.shape)}")
     if ids.shape[-1] > cache_capacity(cache):
         raise ValueError(f"prompt of {ids.shape[-1]} tokens does not fit the cache ({cache_capacity(cache)} slots)")
-    logits, cache = gpt2_cached(params, ids, cache, cfg)
+    logits, cache = gpt2_cached(params, ids, cache, cfg, inplace=inplace)
     return logits[:, -1], cache
 
 
-def decode_step(params: Params, cache: Params, tokens: Tensor, cfg: GPT2Config) -> tuple[Tensor, Params]:
+def decode_step(params: Params, cache: Params, tokens: Tensor, cfg: GPT2Config, *,
+                inplace: bool = False) -> tuple[Tensor, Params]:
     """One token per row, ``tokens: [batch]``, at slot ``cache["pos"]``: ``(logits [batch, vocab], cache)``.
 
     Pure and shape-static (the slot is a tensor), so one compiled graph serves every position.
+    ``inplace=True`` (for a caller that owns the cache, as :func:`fnlm.models.generate`) writes the
+    new K/V into ``cache``'s tensors instead of copying them.
     """
-    logits, cache = gpt2_cached(params, tokens[:, None], cache, cfg)
+    logits, cache = gpt2_cached(params, tokens[:, None], cache, cfg, inplace=inplace)
     return logits[:, 0], cache
