@@ -5,6 +5,7 @@ One mechanism everywhere: ``torch.utils._pytree``, the same registry that ``torc
 """
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Callable
 
 import torch
@@ -123,8 +124,6 @@ Spec = Any
 
 
 def _spec_predicate(spec: Spec, names: list[str], what: str) -> Callable[[str, Any], bool]:
-    import fnmatch
-
     if callable(spec):
         return spec
     patterns = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
