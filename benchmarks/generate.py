@@ -136,7 +136,7 @@ def bench_train(args) -> None:
         torch_opt.step()
         sched.step()
         torch_opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(2):  # warm-up (compilation)
         run_fnlm(), run_hf()
