@@ -120,13 +120,13 @@ def test_pretrain_minilm_briefly_then_finetune(imdb_archive, minilm_dir, tmp_pat
                                                 cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = tmp_path / "mlm"
     p = env_run("pretrain_mlm.py", "--data", imdb_archive, "--weights", minilm_dir, "--steps", 15, "--batch-size", 8,
-                "--max-len", 64, "--train-size", 1000, "--eval-size", 32, "--eval-every", 15, "--lr", 5e-4,
+                "--max-len", 64, "--train-size", 1000, "--eval-size", 32, "--eval-every", 15, "--lr", 1e-4,
                 "--no-compile", "--out", out)
     assert p.returncode == 0, p.stderr[-2000:]
     hist = json.loads((out / "metrics.json").read_text())["history"]
-    assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"] - 1.0
-    f = env_run("finetune_imdb.py", "--data", imdb_archive, "--weights", out, "--train-size", 200, "--test-size", 200,
+    assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"] - 0.5
+    f = env_run("finetune_imdb.py", "--data", imdb_archive, "--weights", out, "--train-size", 1000, "--test-size", 200,
                 "--max-len", 64, "--no-compile", "--out", tmp_path / "ft")
     assert f.returncode == 0, f.stderr[-2000:]
     acc = float(re.search(r"test accuracy (\d\.\d+)", f.stdout)[1])
-    assert acc >= 0.65, f.stdout[-1000:]
+    assert acc >= 0.70, f.stdout[-1000:]  # chance 0.5; MiniLM itself reaches >= 0.80 on 1,000 at 256 tokens
