@@ -84,6 +84,8 @@ class _Remat(torch.autograd.Function):
     def backward(ctx, grad_out):
         tensors = [t.detach() for t in ctx.saved_tensors]
         grad_out = grad_out.detach()
+        if torch.compiler.is_compiling():
+            tensors = _after(tensors, grad_out)
         wrt = [i for i, t in enumerate(tensors) if t.is_floating_point()]
 
         def rerun(*floats):
@@ -101,6 +103,27 @@ class _Remat(torch.autograd.Function):
         for i, g in zip(wrt, grads):
             out[i] = g
         return None, None, *out
+
+
+def _after(tensors: list[Tensor], grad_out: Tensor) -> list[Tensor]:
+    """``t + 0`` for every float/int tensor, where the 0 is computed from the incoming gradient.
+
+    Inside one compiled graph the recomputation would otherwise be the very same operations on the
+    very same inputs as the forward pass: common-subexpression elimination merges them (and keeps
+    the forward's activations alive, undoing remat), and nothing stops the scheduler from running
+    them early. A data dependency on ``grad_out`` prevents both (jax.checkpoint's
+    ``optimization_barrier``). The 0 is exactly 0 even when the gradient is not finite.
+    """
+    g = grad_out.reshape(-1)[:1].sum()
+    zero = torch.where(torch.isfinite(g), g * 0, torch.zeros_like(g))
+    out = []
+    for t in tensors:
+        if t.is_floating_point():
+            t = t + zero.to(t.dtype)
+        elif t.dtype in (torch.int32, torch.int64, torch.uint8, torch.int16, torch.int8):
+            t = t + zero.to(t.dtype)
+        out.append(t)
+    return out
 
 
 def remat(f: Callable[..., Tensor], policy: str = "nothing") -> Callable[..., Tensor]:
