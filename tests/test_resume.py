@@ -385,9 +385,6 @@ def test_hello_resumed_from_an_earlier_checkpoint_ends_as_the_uninterrupted_run(
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     held_out = [ln for ln in ref.stdout.splitlines() if ln.startswith("held-out")]
     assert held_out and held_out == [ln for ln in res.stdout.splitlines() if ln.startswith("held-out")]
-    # a different setting is refused, naming it
-    bad = run("--resume", tmp_path / "run", "--no-compile", "--lr", 1e-2)
-    assert bad.returncode == 2 and "--lr differs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
