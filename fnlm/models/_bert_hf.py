@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
-from fnlm.models._hf import owned, read_checkpoint, short, weight_files
+from fnlm.models._hf import owned, read_checkpoint, resolve_config, short, weight_files
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
@@ -266,20 +266,6 @@ def _canonical(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- files
-def _resolve_config(config: Any, path: Path) -> tuple[BertConfig, str]:
-    if isinstance(config, BertConfig):
-        return config, "the given config"
-    if isinstance(config, Mapping):
-        return bert_config_from_hf(config), "the given config"
-    if isinstance(config, (str, os.PathLike)):
-        return read_bert_config(config), str(config)
-    if config is not None:
-        raise TypeError(f"config must be a BertConfig, a dict or a path to config.json, got {type(config).__name__}")
-    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: no config.json found at {cfg_path}; pass config=BertConfig(...) "
-                              "or config='path/to/config.json'")
-    return read_bert_config(cfg_path), str(cfg_path)
 
 
 # ----------------------------------------------------------------------------- load
@@ -320,7 +306,7 @@ def load_bert(
     dtype = torch_dtype(dtype)
     path = Path(path)
     files = weight_files(path)
-    cfg, cfg_src = _resolve_config(config, path)
+    cfg, cfg_src = resolve_config(config, path, BertConfig, bert_config_from_hf, read_bert_config)
     if head == "classifier" and num_labels is not None and num_labels != cfg.num_labels:
         cfg = dataclasses.replace(cfg, num_labels=num_labels, id2label=None)
     where = files[0] if len(files) == 1 else path

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
 from fnlm.models._gpt2 import GPT2Config
-from fnlm.models._hf import owned, read_checkpoint, short, weight_files
+from fnlm.models._hf import owned, read_checkpoint, resolve_config, short, weight_files
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_gpt2` when ``tokenizer_dir`` is given.
@@ -187,20 +187,6 @@ def _shape_text(e: Entry, cfg: GPT2Config) -> str:
 
 
 # ----------------------------------------------------------------------------- load
-def _resolve_config(config: Any, path: Path) -> tuple[GPT2Config, str]:
-    if isinstance(config, GPT2Config):
-        return config, "the given config"
-    if isinstance(config, Mapping):
-        return gpt2_config_from_hf(config), "the given config"
-    if isinstance(config, (str, os.PathLike)):
-        return read_gpt2_config(config), str(config)
-    if config is not None:
-        raise TypeError(f"config must be a GPT2Config, a dict or a path to config.json, got {type(config).__name__}")
-    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: no config.json found at {cfg_path}; pass config=GPT2Config(...) "
-                              "or config='path/to/config.json'")
-    return read_gpt2_config(cfg_path), str(cfg_path)
 
 
 def load_gpt2(
@@ -222,7 +208,7 @@ def load_gpt2(
     dtype = torch_dtype(dtype)
     path = Path(path)
     files = weight_files(path)
-    cfg, cfg_src = _resolve_config(config, path)
+    cfg, cfg_src = resolve_config(config, path, GPT2Config, gpt2_config_from_hf, read_gpt2_config)
     where = files[0] if len(files) == 1 else path
     raw = read_checkpoint(path, files, _canonical, device=str(device))
 

@@ -11,8 +11,10 @@ mapping (:mod:`fnlm.models._bert_hf`, :mod:`fnlm.models._gpt2_hf`).
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -22,6 +24,26 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 #: canonical name -> (tensor, file it came from, name in that file)
 Raw = dict[str, tuple[Tensor, Path, str]]
+
+
+def resolve_config(config: Any, path: Path, config_class: type, from_hf: Callable[[Mapping], Any],
+                   read: Callable[[Any], Any]) -> tuple[Any, str]:
+    """``(cfg, where it came from)``: ``config`` itself (a ``config_class``), a ``config.json`` dict
+    (``from_hf``) or path (``read``), or else the ``config.json`` beside the weights ``path``."""
+    if isinstance(config, config_class):
+        return config, "the given config"
+    if isinstance(config, Mapping):
+        return from_hf(config), "the given config"
+    if isinstance(config, (str, os.PathLike)):
+        return read(config), str(config)
+    name = config_class.__name__
+    if config is not None:
+        raise TypeError(f"config must be a {name}, a dict or a path to config.json, got {type(config).__name__}")
+    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json found at {cfg_path}; pass config={name}(...) "
+                              "or config='path/to/config.json'")
+    return read(cfg_path), str(cfg_path)
 
 
 def weight_files(path: Path) -> list[Path]:
