@@ -16,7 +16,6 @@ Layouts (the transposes and per-head reshapes live only in :func:`_to_fnlm` / :f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import warnings
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
-from fnlm.models._hf import owned, read_checkpoint, resolve_config, short, weight_files
+from fnlm.models._hf import owned, read_checkpoint, read_config_json, resolve_config, short, weight_files
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
@@ -89,19 +88,11 @@ def bert_config_from_hf(d: Mapping[str, Any]) -> BertConfig:
         kw["id2label"] = None  # HF's defaults: keep the config canonical
     return BertConfig(**kw)
 
+
 def read_bert_config(path: str | os.PathLike) -> BertConfig:
-    """Read a Hugging Face ``config.json``; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON config file ({e})") from None
-    try:
-        return bert_config_from_hf(d)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{path}: {e}") from None
+    """Read a Hugging Face BERT ``config.json``; errors name the file."""
+    return read_config_json(path, bert_config_from_hf)
+
 
 def bert_config_to_hf(cfg: BertConfig, head: str = "none") -> dict[str, Any]:
     """A ``config.json`` dict that ``transformers`` loads (``model_type: bert``, ``architectures``

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
 from fnlm.models._gpt2 import GPT2Config
-from fnlm.models._hf import owned, read_checkpoint, resolve_config, short, weight_files
+from fnlm.models._hf import owned, read_checkpoint, read_config_json, resolve_config, short, weight_files
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_gpt2` when ``tokenizer_dir`` is given.
@@ -67,17 +67,7 @@ def gpt2_config_from_hf(d: Mapping[str, Any]) -> GPT2Config:
 
 def read_gpt2_config(path: str | os.PathLike) -> GPT2Config:
     """Read a Hugging Face GPT-2 ``config.json``; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON config file ({e})") from None
-    try:
-        return gpt2_config_from_hf(d)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{path}: {e}") from None
+    return read_config_json(path, gpt2_config_from_hf)
 
 
 def gpt2_config_to_hf(cfg: GPT2Config) -> dict[str, Any]:

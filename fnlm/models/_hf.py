@@ -26,6 +26,21 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 Raw = dict[str, tuple[Tensor, Path, str]]
 
 
+def read_config_json(path: str | os.PathLike, from_hf: Callable[[Mapping], Any]) -> Any:
+    """``from_hf(json.load(path))`` for a Hugging Face ``config.json``; every error names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON config file ({e})") from None
+    try:
+        return from_hf(d)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
 def resolve_config(config: Any, path: Path, config_class: type, from_hf: Callable[[Mapping], Any],
                    read: Callable[[Any], Any]) -> tuple[Any, str]:
     """``(cfg, where it came from)``: ``config`` itself (a ``config_class``), a ``config.json`` dict
