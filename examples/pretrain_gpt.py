@@ -30,7 +30,6 @@ what the Transformer bought.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -228,7 +227,6 @@ def sample_texts(params, cfg, tok, prompts, *, max_new_tokens, seed, temperature
 def train(args) -> int:
     t_start = time.time()
     out = args.resume if args.resume is not None else args.out
-    ckpt_dir = out / "checkpoints"
     if args.resume is not None:
         saved = RunCheckpoints.saved_config(out)
         if saved is None:

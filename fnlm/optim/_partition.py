@@ -37,7 +37,7 @@ def _labels_by_name(labels: Labels, params: PyTree, transforms: Mapping) -> dict
     l_flat = flatten_names(tree)
     if list(l_flat) != p_names:
         missing = [n for n in p_names if n not in l_flat][:3]
-        raise ValueError(f"multi_transform: labels must have the structure of params"
+        raise ValueError("multi_transform: labels must have the structure of params"
                          + (f"; no label for {missing}" if missing else ""))
     unknown = sorted({repr(v) for v in l_flat.values() if v not in transforms})
     if unknown:

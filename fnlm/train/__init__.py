@@ -28,7 +28,7 @@ from fnlm.train._vmap import (
 )
 
 __all__ = [
-    "COMPILE_OPTIONS", "Step", "autocast_dtype", "compile_fn", "distributed", "dp_aggregate", "finite_flags", "keep_if_finite",
+    "COMPILE_OPTIONS", "GracefulStop", "ResumeError", "RunCheckpoints", "RunState", "Step", "autocast_dtype", "compile_fn", "distributed", "digest", "dp_aggregate", "finite_flags", "keep_if_finite",
     "load_train_state",
     "make_dp_sgd_step", "native_bf16", "make_ensemble_step", "make_eval_step", "make_train_step", "nonfinite_message",
     "param_group", "per_example_grad_norms", "per_example_grads", "save_train_state", "train_step_fn",
