@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the validation slice every N steps (and at each epoch's end); default: twice "
                    "per epoch; 0 = at epochs' ends only")
     g.add_argument("--keep", choices=("best", "last"), default="best",
-                   help="the saved model: the parameters of the best validation evaluation (highest accuracy, then "
-                   "lowest loss) or of the last step")
+                   help="the saved model: the parameters of the best validation evaluation (lowest loss, then "
+                   "highest accuracy, as transformers.Trainer's default) or of the last step")
     g.add_argument("--save-every", type=int, default=200,
                    help="write a train-state checkpoint every N steps (also at each epoch's end); 0 = epochs' ends only")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
@@ -568,7 +568,7 @@ def train(args) -> int:
                  "seconds": time.time() - t}
         log["evals"].append(entry)
         b = log["best"]
-        if b is None or (val_acc, -val_loss) > (b["val_accuracy"], -b["val_loss"]):
+        if b is None or (val_loss, -val_acc) < (b["val_loss"], -b["val_accuracy"]):  # as HF's default metric
             log["best"], best_params = dict(entry), params  # params are never mutated: a reference suffices
         return entry
 

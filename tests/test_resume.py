@@ -313,7 +313,7 @@ def test_keep_best_saves_the_best_validation_evaluation(reference_run, archive):
     metrics = json.loads((reference_run / "metrics.json").read_text())
     evals = metrics["evals"]
     assert [e["step"] for e in evals] == list(range(1, 9))
-    best = max(evals, key=lambda e: (e["val_accuracy"], -e["val_loss"]))
+    best = min(evals, key=lambda e: (e["val_loss"], -e["val_accuracy"]))
     assert metrics["kept"] == {"which": "best", "step": best["step"], "val_accuracy": best["val_accuracy"]}
     # the saved parameters give the logged validation loss of that evaluation (and not the last one's)
     data = ex.load_data(Namespace(data=archive, train_size=16, val_size=4, test_size=8, seed=0))
