@@ -1,4 +1,4 @@
-"""fnlm.models.bert_hf: Hugging Face checkpoints -> fnlm params -> Hugging Face checkpoints.
+"""fnlm.models._bert_hf: Hugging Face checkpoints -> fnlm params -> Hugging Face checkpoints.
 
 The reference is always transformers itself: checkpoints written by ``save_pretrained`` are
 loaded by fnlm and must reproduce transformers' outputs; checkpoints written by fnlm are loaded by
@@ -30,7 +30,7 @@ from fnlm.models import (
     load_bert,
     save_bert,
 )
-from fnlm.models import _bert_hf as bert_hf
+from fnlm.models import _hf as hf_io
 from fnlm.tree import flatten_names, tree_leaves, tree_map, tree_structure
 
 transformers = pytest.importorskip("transformers")
@@ -440,7 +440,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(bert_hf, "write_json", boom)  # after model.safetensors is written
+    monkeypatch.setattr(hf_io, "write_json", boom)  # after model.safetensors is written
     with pytest.raises(OSError, match="simulated"):
         save_bert(params, cfg, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -448,7 +448,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_bert(params, cfg, tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    monkeypatch.setattr(bert_hf, "write_json", boom)
+    monkeypatch.setattr(hf_io, "write_json", boom)
     with pytest.raises(OSError):
         save_bert(init_bert(random.key(1), cfg), cfg, tmp_path / "out")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

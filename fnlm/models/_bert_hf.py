@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,9 @@ import torch
 from torch import Tensor
 
 from fnlm import random
-from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
-from fnlm.models._hf import owned, read_checkpoint, read_config_json, resolve_config, short, weight_files
+from fnlm.io._safetensors import CheckpointError, torch_dtype
+from fnlm.models._hf import (owned, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
+                             weight_files, write_checkpoint)
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
@@ -444,20 +444,5 @@ def save_bert(
         raise ValueError(f"cannot save to {out_dir}: params do not match a BERT model with head={head!r}:\n  "
                          + "\n  ".join(problems))
 
-    tok_files: list[Path] = []
-    if tokenizer_dir is not None:
-        tok_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()]
-        if not tok_files:
-            raise ValueError(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
-
-    hf_config = bert_config_to_hf(cfg, head)
-    float_dtypes = {t.dtype for t in tensors.values()}
-    if len(float_dtypes) == 1:
-        hf_config["dtype"] = str(next(iter(float_dtypes))).removeprefix("torch.")
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        write_json(hf_config, tmp / "config.json")
-        for f in tok_files:
-            shutil.copyfile(f, tmp / f.name)
-    return out_dir
+    tok_files = tokenizer_files(tokenizer_dir, TOKENIZER_FILES)
+    return write_checkpoint(out_dir, tensors, bert_config_to_hf(cfg, head), tok_files)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from fnlm.io._safetensors import CheckpointError, atomic_dir, torch_dtype, write_json, write_safetensors
+from fnlm.io._safetensors import CheckpointError, torch_dtype
 from fnlm.models._gpt2 import GPT2Config
-from fnlm.models._hf import owned, read_checkpoint, read_config_json, resolve_config, short, weight_files
+from fnlm.models._hf import (owned, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
+                             weight_files, write_checkpoint)
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_gpt2` when ``tokenizer_dir`` is given.
@@ -269,19 +269,5 @@ def save_gpt2(params: Params, cfg: GPT2Config, out_dir: str | os.PathLike, *,
         raise ValueError(f"cannot save to {out_dir}: params do not match a GPT-2 model with this config:\n  "
                          + "\n  ".join(problems[:20]))
 
-    tok_files: list[Path] = []
-    if tokenizer_dir is not None:
-        tok_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()]
-        if not tok_files:
-            raise ValueError(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
-    hf_config = gpt2_config_to_hf(cfg)
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1:
-        hf_config["dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        write_json(hf_config, tmp / "config.json")
-        for f in tok_files:
-            shutil.copyfile(f, tmp / f.name)
-    return out_dir
+    tok_files = tokenizer_files(tokenizer_dir, TOKENIZER_FILES)
+    return write_checkpoint(out_dir, tensors, gpt2_config_to_hf(cfg), tok_files)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import Tensor
 
-from fnlm.io._safetensors import CheckpointError, read_safetensors
+from fnlm.io._safetensors import CheckpointError, atomic_dir, read_safetensors, write_json, write_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -130,3 +131,29 @@ def owned(t: Tensor) -> Tensor:
     if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
         t = t.clone()
     return t
+
+
+def tokenizer_files(tokenizer_dir: str | os.PathLike | None, names: tuple[str, ...]) -> list[Path]:
+    """The files among ``names`` that ``tokenizer_dir`` holds (none asked: ``[]``; none there: an error)."""
+    if tokenizer_dir is None:
+        return []
+    found = [Path(tokenizer_dir) / n for n in names if (Path(tokenizer_dir) / n).is_file()]
+    if not found:
+        raise ValueError(f"tokenizer_dir {tokenizer_dir} holds none of {names}")
+    return found
+
+
+def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, Tensor], hf_config: dict,
+                     tok_files: list[Path]) -> Path:
+    """``out_dir`` with ``model.safetensors``, ``config.json`` (its ``dtype`` set when every tensor
+    has the same one) and the tokenizer files, appearing atomically (a crash leaves nothing new)."""
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:
+        hf_config = {**hf_config, "dtype": str(next(iter(dtypes))).removeprefix("torch.")}
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_json(hf_config, tmp / "config.json")
+        for f in tok_files:
+            shutil.copyfile(f, tmp / f.name)
+    return out_dir
