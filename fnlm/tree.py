@@ -115,6 +115,50 @@ def tree_map_with_name(f: Callable[[str, Any], Any], tree: PyTree, sep: str = ".
     return tree_unflatten([f(sep.join(_key_str(k) for k in path), leaf) for path, leaf in flat], spec)
 
 
+def ravel(tree: PyTree, group: Callable[[str], str] | None = None) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], PyTree]]:
+    """``v_g = concat(vec(x_i) for leaves i labelled g)``: ``(vectors, unravel)`` with one 1-D vector
+    per label, as ``jax.flatten_util.ravel_pytree`` with groups.
+
+    ``group(name) -> label`` (default: every leaf in ``'all'``) sorts the leaves by dotted name;
+    the leaves of one label must share dtype and device. ``unravel(vectors)`` gives a tree of
+    ``tree``'s structure whose leaves are *views* of the vectors (no copy), so a function of the
+    tree is a function of the vectors, and its gradient is a handful of vectors instead of one
+    tensor per leaf (what :func:`fnlm.optim.flatten` uses). ``ravel`` itself copies once (``cat``).
+    """
+    flat, spec = pytree.tree_flatten_with_path(tree)
+    if not flat:
+        raise ValueError("ravel: the tree has no leaves")
+    labels, shapes = [], []
+    members: dict[str, list[Tensor]] = {}
+    for path, leaf in flat:
+        name = ".".join(_key_str(k) for k in path)
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"ravel: leaf {name!r} is a {type(leaf).__name__}, not a tensor")
+        label = "all" if group is None else group(name)
+        first = members.setdefault(label, [leaf])[0]
+        if first is not leaf:
+            if (leaf.dtype, leaf.device) != (first.dtype, first.device):
+                raise ValueError(f"ravel: group {label!r} mixes {first.dtype} on {first.device} and {leaf.dtype} on "
+                                 f"{leaf.device} (leaf {name!r}); give them different labels")
+            members[label].append(leaf)
+        labels.append(label)
+        shapes.append(leaf.shape)
+    vectors = {g: torch.cat([x.reshape(-1) for x in xs]) for g, xs in members.items()}
+    sizes = {g: [x.numel() for x in xs] for g, xs in members.items()}
+
+    def unravel(vecs: dict[str, Tensor]) -> PyTree:
+        if set(vecs) != set(sizes):
+            raise ValueError(f"unravel: expected vectors {sorted(sizes)}, got {sorted(vecs)}")
+        parts = {}
+        for g, v in vecs.items():
+            if v.shape != (sum(sizes[g]),):
+                raise ValueError(f"unravel: vector {g!r} has shape {tuple(v.shape)}, expected ({sum(sizes[g])},)")
+            parts[g] = iter(torch.split(v, sizes[g]))
+        return tree_unflatten([next(parts[g]).view(shape) for g, shape in zip(labels, shapes)], spec)
+
+    return vectors, unravel
+
+
 # ----------------------------------------------------------------------------- selecting leaves
 #: What selects leaves by name: a glob pattern over dotted names (``fnmatch``: ``*`` matches any
 #: run of characters, dots included, so ``'*.attn.q.*'`` matches every layer's query projection),

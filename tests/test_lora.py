@@ -161,6 +161,8 @@ def test_bad_input_is_a_one_line_error(base_dir, tmp_path):
         (lambda: init_lora(random.key(0), params, LoraConfig(rank=17)), ValueError,
          r"LoRA rank 17 is above the width of bert\.encoder\.layers\.0\.attn\.q"),
         (lambda: LoraConfig(rank=0), ValueError, "rank must be a positive int"),
+        (lambda: init_lora(random.key(0), params, LoraConfig(dropout=0.1)), ValueError,
+         r"LoraConfig.dropout=0.1: dropout on the adapter input is not implemented"),
     ]
     lcfg = LoraConfig(rank=2)
     save_lora(tmp_path / "ad", init_lora(random.key(1), params, lcfg), lcfg, CFG)

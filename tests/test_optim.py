@@ -449,3 +449,76 @@ def test_inject_hyperparams_float_lr_lives_in_the_state():
     torch.testing.assert_close(u["w"], torch.full((2,), -0.25))
     with pytest.raises(TypeError, match="lr"):
         optim.inject_hyperparams(optim.sgd)(momentum=0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# flatten: the same optimizer over one vector per group (fnlm.tree.ravel)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ravel_round_trip_gives_views_of_the_vectors():
+    from fnlm.optim import decay_groups
+    from fnlm.tree import ravel
+
+    p0 = init_model(7)
+    vectors, unravel = ravel(p0, decay_groups)
+    assert sorted(vectors) == ["other", "weight"]
+    names = flatten_names(p0)
+    assert vectors["weight"].numel() == sum(x.numel() for n, x in names.items() if n.endswith("weight"))
+    back = unravel(vectors)
+    assert tree_flatten(back)[1] == tree_flatten(p0)[1]
+    for n, x in flatten_names(back).items():
+        assert torch.equal(x, names[n]) and x.shape == names[n].shape
+        assert x.untyped_storage().data_ptr() == vectors[decay_groups(n)].untyped_storage().data_ptr()  # a view
+
+
+def test_ravel_errors():
+    from fnlm.tree import ravel
+
+    with pytest.raises(ValueError, match="group 'all' mixes torch.float32 .* and torch.bfloat16"):
+        ravel({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.bfloat16)})
+    vectors, unravel = ravel({"a": torch.zeros(2, 3), "b": torch.zeros(4)})
+    with pytest.raises(ValueError, match=r"vector 'all' has shape \(9,\), expected \(10,\)"):
+        unravel({"all": torch.zeros(9)})
+    with pytest.raises(ValueError, match=r"expected vectors \['all'\], got \['x'\]"):
+        unravel({"x": torch.zeros(10)})
+    with pytest.raises(TypeError, match="leaf 'a' is a int"):
+        ravel({"a": 3})
+
+
+def test_flatten_clip_adamw_matches_torch_param_groups():
+    """flatten(chain(clip, adamw)) over the 'weight' / 'other' vectors: the default decay mask
+    decays exactly the leaves named weight, as torch's two param groups."""
+    p0 = init_model(8)
+    norms = [torch.nn.utils.get_total_norm(tree_leaves(grad_fn(p0, t))).item() for t in BATCHES[:10]]
+    opt = optim.chain(optim.clip_by_global_norm(min(norms)), optim.adamw(1e-2, weight_decay=0.1))
+    ours = run_fnlm(optim.flatten(opt), p0)
+    ref = run_torch(lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=False), p0, groups=decay_groups(0.1),
+                    clip=min(norms))
+    assert_matches(ours, ref, p0, rtol=1e-5)  # the global norm sums in another order: a few ulps
+    state = optim.flatten(opt).init(p0)
+    assert [tuple(x.shape) for x in tree_leaves(state.inner[1].mu)] == [(D * H + H * D + V * D + D * V,),
+                                                                       (2 * D + H + D + V,)]
+
+
+def test_flatten_in_the_compiled_step_equals_the_tree_step_and_does_not_recompile():
+    from fnlm.train import make_train_step
+
+    p0 = init_model(9)
+    opt = optim.chain(optim.clip_by_global_norm(1.0),
+                      optim.inject_hyperparams(optim.adamw)(lr=optim.linear_warmup_linear_decay(1e-2, 3, 20)))
+
+    def loss(p, tokens, key):
+        return loss_fn(p, tokens), {}
+
+    tree_step = make_train_step(loss, opt, compile=False)
+    flat_step = make_train_step(loss, optim.flatten(opt))
+    a, sa = p0, opt.init(p0)
+    b, sb = p0, optim.flatten(opt).init(p0)
+    torch._dynamo.utils.counters.clear()
+    for i, tokens in enumerate(BATCHES[:20]):
+        a, sa, ma = tree_step(a, sa, tokens, random.key(i))
+        b, sb, mb = flat_step(b, sb, tokens, random.key(i))
+        assert torch.allclose(ma["lr"], mb["lr"]) and torch.allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    assert_matches(b, a, p0, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

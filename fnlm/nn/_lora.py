@@ -16,8 +16,9 @@ Attention weights ``[d_model, n_heads, d_k]`` are adapted as the ``[d_model, n_h
 matrix they are (and ``W^O: [n_heads, d_v, d_model]`` as ``[n_heads*d_v, d_model]``).
 
 Dropout on the adapter's input (peft's ``lora_dropout``) has no place in a merged weight and is
-not implemented: :class:`LoraConfig` keeps the value so that adapters round-trip with peft, whose
-dropout only acts while training.
+not implemented: :func:`init_lora` refuses a config with ``dropout > 0`` (training would silently
+go without it), while :class:`LoraConfig` keeps a loaded adapter's value so that adapters
+round-trip with peft, whose dropout acts only while training.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class LoraConfig:
     """``rank`` r, ``alpha`` (the update is scaled by ``alpha / r``), ``targets``: glob patterns
     (``fnmatch``, ``*`` crosses dots) over the dotted names of the linear maps to adapt, i.e. the
     dicts that hold a ``weight`` (``'*.attn.q'``, ``'*.ffn.w1'``, ``'bert.encoder.layers.5.attn.*'``).
-    ``dropout``: peft's ``lora_dropout``, recorded only (see the module docstring)."""
+    ``dropout``: peft's ``lora_dropout``, recorded for loaded adapters only (see the module docstring)."""
 
     rank: int = 8
     alpha: float = 8.0
@@ -111,6 +112,9 @@ def init_lora(key: random.Key, params: Params, cfg: LoraConfig) -> Params:
     1/sqrt(d_in)), 'lora_B': zeros [r, d_out]}}`` with the modules' dotted names."""
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a LoraConfig, got {type(cfg).__name__}")
+    if cfg.dropout > 0:
+        raise ValueError(f"LoraConfig.dropout={cfg.dropout}: dropout on the adapter input is not implemented (fnlm "
+                         "merges adapters into the weights, where it has no place); train with dropout=0.0")
     targets = lora_targets(params, cfg)
     flat: dict[str, Tensor] = {}
     for (m, (d_in, d_out)), k in zip(targets.items(), random.split(key, len(targets))):

@@ -64,7 +64,7 @@ from torch.func import grad_and_value
 
 from fnlm import random
 from fnlm.optim._inject import find_hyperparam
-from fnlm.optim._transforms import GradientTransformation, apply_updates, global_norm
+from fnlm.optim._transforms import GradientTransformation, apply_updates
 from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map, tree_unstack
 
 LossFn = Callable[[PyTree, Any, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
@@ -175,8 +175,8 @@ def train_step_fn(
             aux = _mean_tree([la[1] for _, la in parts])
         if grad_sync is not None:  # one all-reduce for gradients and the metrics that go with them
             grads, loss, aux = grad_sync((grads, loss, aux))
-        finite, grads_finite = finite_flags(loss, grads)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads), "finite": finite, "grads_finite": grads_finite}
+        finite, grads_finite, grad_norm = _flags_and_norm(loss, grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "grads_finite": grads_finite}
         updates, new_state = optimizer.update(grads, opt_state, params)
         lr = find_hyperparam(new_state, "lr")  # the lr this update used (optim.inject_hyperparams)
         if lr is not None:
@@ -262,8 +262,17 @@ class Step:
 def finite_flags(loss: Tensor, grads: PyTree) -> tuple[Tensor, Tensor]:
     """``(finite, grads_finite)``: one flag for the loss and all gradients, one per gradient leaf
     (flatten order), computed in the graph without data-dependent control flow."""
-    grads_finite = torch.stack([torch.isfinite(g).all() for g in tree_leaves(grads)])
-    return torch.isfinite(loss).all() & grads_finite.all(), grads_finite
+    return _flags_and_norm(loss, grads)[:2]
+
+
+def _flags_and_norm(loss: Tensor, grads: PyTree) -> tuple[Tensor, Tensor, Tensor]:
+    """``(finite, grads_finite, ||g||_2)`` from one reduction per leaf: ``n_i = ||g_i||_2`` is finite
+    exactly when every element of ``g_i`` is (and its square sum does not overflow, i.e. no
+    element is beyond ~1e19: flagged too), and ``||g||_2 = ||(n_1, ..., n_k)||_2``, as
+    :func:`fnlm.optim.global_norm` computes it."""
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in tree_leaves(grads)])
+    grads_finite = torch.isfinite(norms)
+    return torch.isfinite(loss).all() & grads_finite.all(), grads_finite, torch.linalg.vector_norm(norms)
 
 
 def keep_if_finite(finite: Tensor, new: PyTree, old: PyTree) -> PyTree:
