@@ -12,7 +12,8 @@ Variants: ``compiled`` (the whole step in one ``torch.compile`` graph), ``eager`
 step, not compiled), ``hf`` (``BertForSequenceClassification`` + ``torch.optim.AdamW``) and, with
 ``--only``, ``compiled-full``: the compiled step with the last layer computed at every position, as
 HF does, instead of at [CLS] only (the pooler reads nothing else), to show what that part is worth;
-and ``compiled-flat``: the compiled step with the optimizer over two long vectors
+``compiled-bf16``: the compiled step under bf16 autocast whatever ``--dtype`` says (the bf16 / fp32
+ratio from one run); and ``compiled-flat``: the compiled step with the optimizer over two long vectors
 (:func:`fnlm.optim.flatten`), whose cold compile is shorter (``--steps 1 --warmup 1`` with an empty
 ``TORCHINDUCTOR_CACHE_DIR`` measures it: the warm-up column).
 
@@ -147,16 +148,18 @@ def main(argv=None):
 
     runners, flops = {}, {}
     variants = args.only.split(",")
-    unknown = set(variants) - {"compiled", "compiled-flat", "compiled-full", "eager", "hf"}
+    unknown = set(variants) - {"compiled", "compiled-bf16", "compiled-flat", "compiled-full", "eager", "hf"}
     if unknown:
         ap.error(f"--only: unknown variants {sorted(unknown)}")
-    for name in ("compiled", "compiled-flat", "compiled-full", "eager"):
+    v_dtype = {}  # each variant's autocast dtype (None: float32), for its MFU
+    for name in ("compiled", "compiled-bf16", "compiled-flat", "compiled-full", "eager"):
         if name not in variants:
             continue
         v_opt = optim.flatten(opt) if name == "compiled-flat" else opt
+        v_dtype[f"fnlm {name}"] = torch.bfloat16 if name == "compiled-bf16" else autocast
         step = make_train_step(loss_full if name == "compiled-full" else loss_fn, v_opt,
                                compile=(True if args.backend == "inductor" else args.backend)
-                               if name.startswith("compiled") else False, autocast_dtype=autocast)
+                               if name.startswith("compiled") else False, autocast_dtype=v_dtype[f"fnlm {name}"])
         state = {"p": params, "s": v_opt.init(params), "k": random.key(1)}
 
         def run(step=step, state=state):
@@ -191,6 +194,7 @@ def main(argv=None):
             sched.step()
 
         runners[HF] = run_hf
+        v_dtype[HF] = autocast
         flops[HF] = count_flops(run_hf)  # one extra optimizer step before the timed ones, as a warm-up
 
     warm = {}
@@ -205,27 +209,36 @@ def main(argv=None):
             times[name].append(timed(run, dev))
     results = {name: (statistics.median(t), warm[name]) for name, t in times.items()}
 
-    peak = matmul_peak_tflops(dev, autocast or torch.float32)
+    peaks = {dt: matmul_peak_tflops(dev, dt or torch.float32) for dt in set(v_dtype.values()) | {autocast}}
+    peak = peaks[autocast]
     where = torch.cuda.get_device_name() if dev.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"\nmodel={args.model} ({n_params / 1e6:.1f}M params) device={dev} dtype={args.dtype} "
           f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} "
           f"median of {args.steps} interleaved timed steps per variant (after {args.warmup} warm-up)")
     print(f"measured matrix peak ({args.dtype} matmul, {where}): {peak:.3f} TFLOP/s; GFLOP/step = counted "
           f"matrix-product FLOPs of the variant's own step")
+    if peaks.get(torch.bfloat16) and autocast is None:
+        print(f"measured bf16 matrix peak: {peaks[torch.bfloat16]:.3f} TFLOP/s (the MFU of compiled-bf16)")
     print(f"{'variant':<28}{'s/step':>9}{'samples/s':>11}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>7}{'warm-up s':>11}")
     for name, (sec, warm) in results.items():
         f = flops[name]
         print(f"{name:<28}{sec:>9.3f}{args.batch / sec:>11.1f}{f / 1e9:>12.1f}{f / sec / 1e12:>9.3f}"
-              f"{f / sec / 1e12 / peak:>7.1%}{warm:>11.1f}")
+              f"{f / sec / 1e12 / peaks[v_dtype[name]]:>7.1%}{warm:>11.1f}")
     hf_key = HF
     if "fnlm compiled" in results and hf_key in results:
         print(f"\ncompiled fnlm / HF eager throughput: {results[hf_key][0] / results['fnlm compiled'][0]:.2f}x")
+    if "fnlm compiled" in results and "fnlm compiled-bf16" in results:
+        print(f"compiled fnlm, bf16 autocast / fp32:  {results['fnlm compiled'][0] / results['fnlm compiled-bf16'][0]:.2f}x")
+    if "fnlm compiled" in results and "fnlm compiled-flat" in results:
+        print(f"compiled fnlm, flat optimizer / tree: {results['fnlm compiled'][0] / results['fnlm compiled-flat'][0]:.2f}x "
+              f"throughput, warm-up {results['fnlm compiled-flat'][1]:.1f} s vs {results['fnlm compiled'][1]:.1f} s")
     if "fnlm compiled-full" in results and hf_key in results:
         print(f"compiled fnlm, full last layer / HF: {results[hf_key][0] / results['fnlm compiled-full'][0]:.2f}x")
     if "fnlm eager" in results and hf_key in results:
         print(f"eager fnlm / HF eager throughput:    {results[hf_key][0] / results['fnlm eager'][0]:.2f}x")
     table = {name: {"s_per_step": sec, "samples_per_s": args.batch / sec, "gflop_per_step": flops[name] / 1e9,
-                    "tflops": flops[name] / sec / 1e12, "mfu": flops[name] / sec / 1e12 / peak, "warmup_s": warm}
+                    "tflops": flops[name] / sec / 1e12, "mfu": flops[name] / sec / 1e12 / peaks[v_dtype[name]],
+                    "warmup_s": warm}
              for name, (sec, warm) in results.items()}
     out = {"device": where, "dtype": args.dtype, "model": args.model, "batch": args.batch, "seq": args.seq,
            "peak_tflops": peak, "variants": table}

@@ -36,6 +36,7 @@ from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_bucke
 from fnlm.io import CheckpointError, ensure_minilm, read_safetensors, write_safetensors
 from fnlm.models import COMBINES, POOLINGS, load_bert, sentence_embedding
 from fnlm.nn import accuracy, cross_entropy
+from fnlm.train import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "weights" / "all-MiniLM-L6-v2"
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--combine", choices=COMBINES, default="concat", help="how --layers are combined")
     g.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation")
     g.add_argument("--no-compile", action="store_true", help="run the forward pass eagerly")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32: the embeddings sentence-transformers computes (to 1e-5); bf16: matrix products under "
+                   "bf16 autocast, ~2x faster on CPUs with AVX512-BF16/AMX, embeddings within cosine 0.999 of fp32's; "
+                   "auto: bf16 where the CPU multiplies bf16 natively")
     g.add_argument("--out", type=Path, help="safetensors file (default: embeddings.safetensors, or "
                    "runs/imdb-embeddings.safetensors with --imdb)")
     g = ap.add_argument_group("uses (with --imdb)")
@@ -146,10 +151,16 @@ def make_embedder(params, cfg, args):
             raise CliError(f"--layers: layer index {bad[0]} is out of range: the model has {n} hidden states "
                            f"(embeddings + {n - 1} layers), valid indices {-n}..{n - 1}")
 
+    dtype = autocast_dtype(args.dtype, "cpu")
+
     def embed(p, batch):
-        return sentence_embedding(p, batch["input_ids"], cfg, attention_mask=batch["attention_mask"],
-                                  token_type_ids=batch["token_type_ids"], pooling=args.pooling, layers=args.layers,
-                                  combine=args.combine, normalize=not args.no_normalize)
+        kw = dict(attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                  pooling=args.pooling, layers=args.layers, combine=args.combine)
+        if dtype is None:
+            return sentence_embedding(p, batch["input_ids"], cfg, normalize=not args.no_normalize, **kw)
+        with torch.autocast("cpu", dtype=dtype):
+            e = sentence_embedding(p, batch["input_ids"], cfg, normalize=False, **kw).float()
+        return e if args.no_normalize else torch.nn.functional.normalize(e, dim=-1)  # in float32
 
     step = fnlm.make_eval_step(embed, compile=not args.no_compile)
     return lambda batch: step(params, batch)
@@ -181,7 +192,8 @@ def embed_texts(embedder, tokenizer, texts: list[str], args, desc: str = "embedd
 def write_embeddings(path: Path, tensors: dict[str, torch.Tensor], args) -> None:
     meta = {"model": str(args.weights), "pooling": args.pooling, "max_len": str(args.max_len),
             "layers": ",".join(map(str, args.layers)) if args.layers else "last", "combine": args.combine,
-            "normalized": str(not args.no_normalize), "size": str(args.size), "fnlm": fnlm.__version__}
+            "normalized": str(not args.no_normalize), "size": str(args.size), "dtype": args.dtype,
+            "fnlm": fnlm.__version__}
     write_safetensors(tensors, path, metadata=meta)
 
 

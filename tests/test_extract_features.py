@@ -67,6 +67,21 @@ def test_texts_and_file(minilm, minilm_dir, tmp_path, capsys):
         assert fh.metadata()["pooling"] == "max"
 
 
+def test_bf16_embeddings_stay_within_cosine_0999_of_float32(minilm, minilm_dir, tmp_path, capsys):
+    texts = ["A wonderful film.", "Two hours I will never get back, sadly.", "The plot made no sense at all but the "
+             "acting was superb and the music unforgettable."]
+    out = tmp_path / "e.safetensors"
+    rc, o, _ = run("--texts", *texts, "--weights", minilm_dir, "--no-compile", "--dtype", "bf16", "--out", out,
+                   capsys=capsys)
+    assert rc == 0, o
+    e, ref = load_file(out)["embeddings"], reference(minilm, texts)
+    assert e.dtype == torch.float32 and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-6)
+    cos = (e * ref).sum(-1)
+    assert cos.min() >= 0.999 and (e - ref).abs().max() > 1e-5  # close, and really computed in bf16
+    with safe_open(out, "pt") as fh:
+        assert fh.metadata()["dtype"] == "bf16"
+
+
 def test_imdb_probe_then_similar(minilm, minilm_dir, tmp_path, capsys):
     archive = write_imdb_archive(tmp_path / "aclImdb_v1.tar.gz", n_per_class=6)
     out = tmp_path / "imdb.safetensors"

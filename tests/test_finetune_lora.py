@@ -59,3 +59,15 @@ def test_lora_bad_flags_are_one_line_errors(small_archive, minilm_dir, tmp_path)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = run_script("--merge", "--out", tmp_path / "y", timeout=60)
     assert proc.returncode == 2 and "go with --lora-rank" in proc.stderr
+
+
+def test_lora_gets_its_own_default_learning_rate():
+    """Adapters start at B = 0 with 0.3% of the parameters: the full fine-tuning lr (1e-4) left the
+    default LoRA run at chance, so --lora-rank has its own default; an explicit --lr wins."""
+    from test_resume import SCRIPT, load_example
+
+    ex = load_example(SCRIPT)
+    assert ex.LORA_LR > ex.FULL_LR
+    assert ex.parse_args([]).lr == ex.FULL_LR
+    assert ex.parse_args(["--lora-rank", "8"]).lr == ex.LORA_LR
+    assert ex.parse_args(["--lora-rank", "8", "--lr", "5e-4"]).lr == 5e-4

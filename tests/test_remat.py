@@ -92,3 +92,40 @@ def test_remat_of_any_function_and_bad_specs():
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="remat policy must be one of"):
         remat(f, "everything")
+
+
+@pytest.mark.parametrize("model", ["gpt2", "transformer"])
+def test_gpt2_and_encoder_decoder_remat_same_loss_and_grads(model):
+    """The per-layer switch of the other models: GPT-2's blocks (lm_loss(remat=)) and the
+    encoder-decoder Transformer's encoder and decoder blocks (transformer(remat=)), with dropout."""
+    g = torch.Generator().manual_seed(1)
+    if model == "gpt2":
+        cfg = fnlm.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=3, n_head=2, resid_pdrop=0.2,
+                              embd_pdrop=0.2, attn_pdrop=0.2)
+        params = fnlm.models.init_gpt2(random.key(0), cfg)
+        ids = torch.randint(0, 40, (3, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 9:] = 0
+
+        def loss(p, key, spec):
+            return fnlm.models.lm_loss(p, ids, cfg, attention_mask=mask, key=key, train=True, remat=spec)
+    else:
+        cfg = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, src_vocab_size=30,
+                                     tgt_vocab_size=30, max_len=16, dropout=0.2)
+        params = fnlm.init_transformer(random.key(0), cfg)
+        src, tgt = torch.randint(0, 30, (3, 10), generator=g), torch.randint(0, 30, (3, 8), generator=g)
+
+        def loss(p, key, spec):
+            logits = fnlm.transformer(p, src, tgt[:, :-1], cfg, key=key, train=True, remat=spec)
+            return fnlm.cross_entropy(logits, tgt[:, 1:])
+
+    key = random.key(3)
+    g_ref, l_ref = grad_and_value(loss)(params, key, None)
+    ref = flatten_names(g_ref)
+    n_layers = 3 if model == "gpt2" else 2
+    for spec in ("nothing", "matmuls", ["nothing"] + [None] * (n_layers - 1)):
+        g_r, l_r = grad_and_value(loss)(params, key, spec)
+        assert torch.equal(l_r, l_ref), spec
+        for n, x in flatten_names(g_r).items():
+            torch.testing.assert_close(x, ref[n], rtol=1e-5, atol=1e-6, msg=f"{spec}: {n}")
+    assert not torch.equal(grad_and_value(loss)(params, random.key(4), "nothing")[1], l_ref)  # keys are followed

@@ -31,6 +31,7 @@ from fnlm.nn._kv_cache import cache_capacity, cache_mask, cache_positions, cache
 from fnlm.nn._losses import cross_entropy
 from fnlm.nn._norm import init_layer_norm, layer_norm
 from fnlm.nn._positional import check_length
+from fnlm.nn._remat import layer_policies, remat as rematerialise
 from fnlm.nn._sublayer import init_stack, sublayer
 from fnlm.tree import Params
 
@@ -166,12 +167,15 @@ def gpt2_hidden(
     position_ids: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    remat: str | list[str | None] | None = None,
 ) -> Tensor:
     """``LN_f(h_L)``: ``ids: [batch, len]`` -> ``[batch, len, n_embd]``.
 
     ``attention_mask: [batch, len]`` (1 = real token, 0 = padding): padded keys get no
     attention. ``position_ids: [batch, len]`` (default ``0 .. len-1``; left-padded rows want
-    ``cumsum(mask) - 1``, as Hugging Face ``generate`` passes).
+    ``cumsum(mask) - 1``, as Hugging Face ``generate`` passes). ``remat``: recompute the blocks'
+    activations in the backward pass (:func:`fnlm.nn.remat`), one policy for every block or a
+    list with one entry (``None`` or a policy) per block.
     """
     if ids.ndim != 2:
         raise ValueError(f"ids must be [batch, len] token ids, got shape {tuple(ids.shape)}")
@@ -183,9 +187,16 @@ def gpt2_hidden(
     k_emb, k_layers = random.split_or_none(key, 2)
     x = embedding(params["tok_embed"], ids) + embedding(params["pos_embed"], position_ids)
     x = dropout(x, cfg.embd_pdrop, key=k_emb, train=train)
-    for layer, k in zip(params["layers"], random.split_or_none(k_layers, len(params["layers"]))):
-        x, _ = gpt2_block(layer, x, cfg, key_padding_mask=attention_mask, key=k, train=train)
+    layers = params["layers"]
+    for layer, k, policy in zip(layers, random.split_or_none(k_layers, len(layers)), layer_policies(remat, len(layers))):
+        block = _block_output if policy is None else rematerialise(_block_output, policy)
+        x = block(layer, x, cfg, key_padding_mask=attention_mask, key=k, train=train)
     return layer_norm(params["norm"], x, cfg.layer_norm_epsilon)
+
+
+def _block_output(layer: Params, x: Tensor, cfg: GPT2Config, **kw) -> Tensor:
+    """:func:`gpt2_block`'s output without a cache (one tensor, what :func:`fnlm.nn.remat` wraps)."""
+    return gpt2_block(layer, x, cfg, **kw)[0]
 
 
 def lm_head(params: Params, h: Tensor) -> Tensor:
@@ -207,14 +218,15 @@ def lm_loss(
     attention_mask: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    remat: str | list[str | None] | None = None,
 ) -> Tensor:
     """``L = -(1/N) sum_t log p(w_{t+1} | w_{<=t})`` over targets ``w_{t+1}`` that are real tokens
     (``attention_mask`` 1); ``ids: [batch, len]``, so a window of ``n_positions + 1`` tokens
     trains every position. The model reads ``ids[:, :-1]`` (the last token is only a target).
-    Equals HF's loss with ``labels = ids`` (``-100`` at padding)."""
+    Equals HF's loss with ``labels = ids`` (``-100`` at padding). ``remat``: as :func:`gpt2_hidden`'s."""
     inputs, labels = ids[:, :-1], ids[:, 1:]
     mask = None if attention_mask is None else attention_mask[:, :-1]
-    logits = gpt2(params, inputs, cfg, attention_mask=mask, key=key, train=train)
+    logits = gpt2(params, inputs, cfg, attention_mask=mask, key=key, train=train, remat=remat)
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
     return cross_entropy(logits, labels)

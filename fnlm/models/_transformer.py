@@ -66,21 +66,21 @@ def embed(params: Params, ids: Tensor, cfg: TransformerConfig, side: str, *,
 
 
 def encode(params: Params, src: Tensor, cfg: TransformerConfig, *, src_padding_mask: Tensor | None = None,
-           key: random.Key | None = None, train: bool = False) -> Tensor:
+           key: random.Key | None = None, train: bool = False, remat: str | list[str | None] | None = None) -> Tensor:
     """``memory = Encoder(Embed(src))``: ``src: [*batch, len_s]`` ids -> ``[*batch, len_s, d_model]``."""
     k_emb, k_enc = random.split_or_none(key, 2)
     x = embed(params, src, cfg, "src", key=k_emb, train=train)
-    return encoder(params["encoder"], x, cfg, key_padding_mask=src_padding_mask, key=k_enc, train=train)
+    return encoder(params["encoder"], x, cfg, key_padding_mask=src_padding_mask, key=k_enc, train=train, remat=remat)
 
 
 def decode(params: Params, tgt: Tensor, memory: Tensor, cfg: TransformerConfig, *,
            tgt_padding_mask: Tensor | None = None, memory_padding_mask: Tensor | None = None,
-           key: random.Key | None = None, train: bool = False) -> Tensor:
+           key: random.Key | None = None, train: bool = False, remat: str | list[str | None] | None = None) -> Tensor:
     """Logits over the target vocabulary, ``Decoder(Embed(tgt), memory) W_out``: ``[*batch, len_t, tgt_vocab]``."""
     k_emb, k_dec = random.split_or_none(key, 2)
     y = embed(params, tgt, cfg, "tgt", key=k_emb, train=train)
     y = decoder(params["decoder"], y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
-                memory_padding_mask=memory_padding_mask, key=k_dec, train=train)
+                memory_padding_mask=memory_padding_mask, key=k_dec, train=train, remat=remat)
     if cfg.tie_output:
         return y @ params["tgt_embed"]["weight"].T
     return linear(params["out"], y)
@@ -88,12 +88,15 @@ def decode(params: Params, tgt: Tensor, memory: Tensor, cfg: TransformerConfig, 
 
 def transformer(params: Params, src: Tensor, tgt: Tensor, cfg: TransformerConfig, *,
                 src_padding_mask: Tensor | None = None, tgt_padding_mask: Tensor | None = None,
-                key: random.Key | None = None, train: bool = False) -> Tensor:
-    """Teacher-forced forward pass: ``logits[t] = p(y_{t+1} | y_{<=t}, src)``, shape ``[*batch, len_t, tgt_vocab]``."""
+                key: random.Key | None = None, train: bool = False,
+                remat: str | list[str | None] | None = None) -> Tensor:
+    """Teacher-forced forward pass: ``logits[t] = p(y_{t+1} | y_{<=t}, src)``, shape ``[*batch, len_t, tgt_vocab]``.
+    ``remat``: recompute the blocks' activations in the backward pass, the same policy (or per-layer
+    list) for the encoder's and the decoder's blocks (:func:`fnlm.nn.remat`)."""
     k_enc, k_dec = random.split_or_none(key, 2)
-    memory = encode(params, src, cfg, src_padding_mask=src_padding_mask, key=k_enc, train=train)
+    memory = encode(params, src, cfg, src_padding_mask=src_padding_mask, key=k_enc, train=train, remat=remat)
     return decode(params, tgt, memory, cfg, tgt_padding_mask=tgt_padding_mask,
-                  memory_padding_mask=src_padding_mask, key=k_dec, train=train)
+                  memory_padding_mask=src_padding_mask, key=k_dec, train=train, remat=remat)
 
 
 def init_decoder_cache(params: Params, memory: Tensor, cfg: TransformerConfig, max_len: int) -> Params:

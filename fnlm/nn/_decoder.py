@@ -12,6 +12,7 @@ from fnlm.nn._kv_cache import cache_capacity, cache_mask, cache_slots, cached_at
 from fnlm.nn._norm import init_layer_norm, layer_norm
 from fnlm.nn._sublayer import init_stack, sublayer
 from fnlm.nn._positional import init_relative_bias, relative_bias
+from fnlm.nn._remat import layer_policies, remat as rematerialise
 
 
 def init_decoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -107,16 +108,21 @@ def decoder(
     memory_padding_mask: Tensor | None = None,
     key: random.Key | None = None,
     train: bool = False,
+    remat: str | list[str | None] | None = None,
 ) -> Tensor:
-    """``N`` decoder blocks over the encoder's ``memory`` (then a final LayerNorm for pre-LN)."""
+    """``N`` decoder blocks over the encoder's ``memory`` (then a final LayerNorm for pre-LN).
+    ``remat``: recompute the blocks' activations in the backward pass (:func:`fnlm.nn.remat`),
+    one policy for every block or one entry (``None`` or a policy) per block."""
     self_bias = None
     if "relative_bias" in params:
         n = y.shape[-2]
         self_bias = relative_bias(params["relative_bias"], n, n, bidirectional=False,
                                   max_distance=cfg.relative_max_distance)
-    for layer, k in zip(params["layers"], random.split_or_none(key, len(params["layers"]))):
-        y = decoder_block(layer, y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
-                          memory_padding_mask=memory_padding_mask, self_bias=self_bias, key=k, train=train)
+    layers = params["layers"]
+    for layer, k, policy in zip(layers, random.split_or_none(key, len(layers)), layer_policies(remat, len(layers))):
+        block = decoder_block if policy is None else rematerialise(decoder_block, policy)
+        y = block(layer, y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
+                  memory_padding_mask=memory_padding_mask, self_bias=self_bias, key=k, train=train)
     if "norm" in params:
         y = layer_norm(params["norm"], y, cfg.layer_norm_eps)
     return y
