@@ -12,6 +12,8 @@ Variants: ``compiled`` (the whole step in one ``torch.compile`` graph), ``eager`
 step, not compiled), ``hf`` (``BertForSequenceClassification`` + ``torch.optim.AdamW``) and, with
 ``--only``, ``compiled-full``: the compiled step with the last layer computed at every position, as
 HF does, instead of at [CLS] only (the pooler reads nothing else), to show what that part is worth;
+``compiled-fused``: attention dropout inside the fused SDPA kernel (``fused_attention_dropout``, masks
+from the global generator seeded per step from the key) instead of the keyed written-out formula;
 ``compiled-bf16``: the compiled step under bf16 autocast whatever ``--dtype`` says (the bf16 / fp32
 ratio from one run); and ``compiled-flat``: the compiled step with the optimizer over two long vectors
 (:func:`fnlm.optim.flatten`), whose cold compile is shorter (``--steps 1 --warmup 1`` with an empty
@@ -29,6 +31,7 @@ large square matmul in the step's dtype, timed in the same run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -148,18 +151,25 @@ def main(argv=None):
 
     runners, flops = {}, {}
     variants = args.only.split(",")
-    unknown = set(variants) - {"compiled", "compiled-bf16", "compiled-flat", "compiled-full", "eager", "hf"}
+    unknown = set(variants) - {"compiled", "compiled-bf16", "compiled-flat", "compiled-fused", "compiled-full", "eager",
+                               "hf"}
     if unknown:
         ap.error(f"--only: unknown variants {sorted(unknown)}")
     v_dtype = {}  # each variant's autocast dtype (None: float32), for its MFU
-    for name in ("compiled", "compiled-bf16", "compiled-flat", "compiled-full", "eager"):
+    cfg_fused = dataclasses.replace(cfg, fused_attention_dropout=True)
+
+    def loss_fused(p, b, key):  # attention dropout inside the fused kernel, masks from the seeded global generator
+        return classifier_loss(p, b, cfg_fused, key=key, train=True)
+
+    for name in ("compiled", "compiled-bf16", "compiled-flat", "compiled-fused", "compiled-full", "eager"):
         if name not in variants:
             continue
         v_opt = optim.flatten(opt) if name == "compiled-flat" else opt
         v_dtype[f"fnlm {name}"] = torch.bfloat16 if name == "compiled-bf16" else autocast
-        step = make_train_step(loss_full if name == "compiled-full" else loss_fn, v_opt,
-                               compile=(True if args.backend == "inductor" else args.backend)
-                               if name.startswith("compiled") else False, autocast_dtype=v_dtype[f"fnlm {name}"])
+        v_loss = {"compiled-full": loss_full, "compiled-fused": loss_fused}.get(name, loss_fn)
+        step = make_train_step(v_loss, v_opt, compile=(True if args.backend == "inductor" else args.backend)
+                               if name.startswith("compiled") else False, autocast_dtype=v_dtype[f"fnlm {name}"],
+                               seed_global_rng=name == "compiled-fused")
         state = {"p": params, "s": v_opt.init(params), "k": random.key(1)}
 
         def run(step=step, state=state):
@@ -229,6 +239,10 @@ def main(argv=None):
         print(f"\ncompiled fnlm / HF eager throughput: {results[hf_key][0] / results['fnlm compiled'][0]:.2f}x")
     if "fnlm compiled" in results and "fnlm compiled-bf16" in results:
         print(f"compiled fnlm, bf16 autocast / fp32:  {results['fnlm compiled'][0] / results['fnlm compiled-bf16'][0]:.2f}x")
+    if "fnlm compiled" in results and "fnlm compiled-fused" in results:
+        print(f"compiled fnlm, fused attention dropout / keyed: "
+              f"{results['fnlm compiled'][0] / results['fnlm compiled-fused'][0]:.2f}x throughput, "
+              f"warm-up {results['fnlm compiled-fused'][1]:.1f} s vs {results['fnlm compiled'][1]:.1f} s")
     if "fnlm compiled" in results and "fnlm compiled-flat" in results:
         print(f"compiled fnlm, flat optimizer / tree: {results['fnlm compiled'][0] / results['fnlm compiled-flat'][0]:.2f}x "
               f"throughput, warm-up {results['fnlm compiled-flat'][1]:.1f} s vs {results['fnlm compiled'][1]:.1f} s")

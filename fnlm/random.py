@@ -33,6 +33,7 @@ _M32 = 0xFFFFFFFF
 _SPLIT = 0x9E3779B9  # domain separation: split / fold_in / bits never share a counter stream
 _FOLD = 0x85EBCA6B
 _BITS = 0xC2B2AE35
+_SEED = 0x27D4EB2F
 
 
 # Both multipliers are below 2**31, so for x < 2**32 the product x * c stays below 2**63: exact in
@@ -72,6 +73,17 @@ def key(seed: int) -> Key:
     s = int(seed) & (2**64 - 1)
     words = torch.tensor([s & _M32, (s >> 32) & _M32], dtype=torch.int64)
     return torch.stack([_hash32(words[0] ^ _SPLIT), _hash32(words[1] ^ _hash32(words[0] ^ _FOLD) ^ _BITS)])
+
+
+def seed_of(key: Key) -> int:
+    """A 63-bit integer derived from ``key`` (its own stream, separate from every draw of
+    :func:`bits`), to seed torch's global generator for the kernels that draw from it, such as
+    fused attention dropout. Reads the key's value (a host sync on an accelerator)."""
+    _check_key(key)
+    if key.ndim != 1:
+        raise ValueError(f"seed_of: expected one key of shape [2], got shape {tuple(key.shape)}")
+    hi, lo = (int(w) for w in _mix(key.cpu(), torch.arange(2, dtype=torch.int64), _SEED).tolist())
+    return ((hi << 32) | lo) & (2**63 - 1)
 
 
 def split(key: Key, num: int = 2) -> Tensor:

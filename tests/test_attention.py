@@ -262,6 +262,24 @@ def test_attention_dropout_is_keyed_and_off_in_eval():
 
 
 # ----------------------------------------------------------------------------- bad input
+def test_fused_dropout_of_impl_sdpa_draws_from_the_global_generator():
+    """impl='sdpa' keeps the fused kernel under attention dropout: reproducible per global seed,
+    inverted dropout (its mean over masks is the dropout-free output), off when not training."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.tensor([True, True, True, False, False]).expand(5, 5)
+
+    def fused(seed, train=True):
+        torch.manual_seed(seed)
+        return fnlm.scaled_dot_product_attention(q, k, v, mask, dropout=0.3, train=train, impl="sdpa")
+
+    plain = fnlm.scaled_dot_product_attention(q, k, v, mask)
+    assert torch.equal(fused(1), fused(1)) and not torch.equal(fused(1), fused(2))
+    assert not torch.allclose(fused(1), plain) and torch.equal(fused(1, train=False), plain)
+    mean = torch.stack([fused(s) for s in range(2000)]).mean(0)
+    assert (mean - plain).abs().max() < 0.1 < (fused(1) - plain).abs().max()
+
+
 def test_mismatched_d_model_is_named():
     p = mha_params()
     with pytest.raises(ValueError, match=r"x_q has shape \(2, 5, 12\).*d_model=16"):

@@ -399,3 +399,34 @@ def test_non_finite_checks_are_shared_by_train_ensemble_and_dp_sgd_steps():
         p, s, _ = make_dp_sgd_step(lambda p, b: loss_fn(p, b)[0], opt, clip_norm=1.0, noise_multiplier=0.0,
                                    compile=False, nonfinite="skip")(params, state, batch, random.key(0))
     assert torch.equal(p["layers"][0]["weight"], params["layers"][0]["weight"]) and int(s.count) == 0
+
+
+def test_seed_global_rng_makes_fused_attention_dropout_a_function_of_the_key():
+    """fused_attention_dropout=True: the fused kernel's masks come from torch's global generator,
+    which the step seeds from the key (and restores): same key, same step; another key, another
+    step; the caller's global RNG stream is untouched. Eager and traced agree."""
+    cfg = fnlm.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.3, fused_attention_dropout=True)
+    params = fnlm.init_bert_classifier(random.key(0), cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 50, (4, 10), generator=g), "attention_mask": torch.ones(4, 10, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    opt = optim.sgd(0.1)
+
+    def loss_fn(p, b, key):
+        return fnlm.classifier_loss(p, b, cfg, key=key, train=True)
+
+    losses = {}
+    for compile in (False, "aot_eager"):
+        step = fnlm.make_train_step(loss_fn, opt, compile=compile, seed_global_rng=True)
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        runs = [step(params, opt.init(params), batch, random.key(i))[2]["loss"] for i in (1, 1, 2)]
+        assert torch.equal(torch.get_rng_state(), before)  # forked and restored
+        assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+        losses[compile] = runs[0]
+    torch.testing.assert_close(losses[False], losses["aot_eager"])
+    # a training switch: not written to config.json
+    assert fnlm.models.bert_config_to_hf(cfg).get("fused_attention_dropout") is None
+    assert random.seed_of(random.key(1)) == random.seed_of(random.key(1)) != random.seed_of(random.key(2))

@@ -57,6 +57,9 @@ class BertConfig:
 
     ``classifier_dropout`` (``None``: use ``hidden_dropout_prob``) and ``id2label`` (label names,
     ``None``: ``LABEL_0 .. LABEL_{n-1}``) only matter for the classification head.
+    ``fused_attention_dropout`` (fnlm's, not written to ``config.json``): attention dropout inside
+    the fused kernel, masks from torch's global generator seeded per step from the key
+    (:class:`fnlm.TransformerConfig`, ``make_train_step(seed_global_rng=True)``).
     """
 
     vocab_size: int = 30522
@@ -75,6 +78,7 @@ class BertConfig:
     num_labels: int = 2
     classifier_dropout: float | None = None
     id2label: tuple[str, ...] | None = None
+    fused_attention_dropout: bool = False
 
     def __post_init__(self):
         for name in _INT_FIELDS:
@@ -115,6 +119,7 @@ class BertConfig:
             norm_first=False, final_norm=False, layer_norm_eps=float(self.layer_norm_eps),
             max_len=self.max_position_embeddings, init_std=float(self.initializer_range),
             positional="learned", scale_embeddings=False, src_vocab_size=self.vocab_size,
+            fused_attention_dropout=bool(self.fused_attention_dropout),
         ))
 
     def transformer_config(self) -> TransformerConfig:

@@ -65,7 +65,7 @@ def bert_config_from_hf(d: Mapping[str, Any]) -> BertConfig:
             raise ValueError(f"{flag}=true is not supported: fnlm's BERT is an encoder only")
     kw: dict[str, Any] = {}
     for f in dataclasses.fields(BertConfig):
-        if f.name in ("id2label", "num_labels"):
+        if f.name in ("id2label", "num_labels", "fused_attention_dropout"):
             continue
         if f.name in d and not (f.name == "classifier_dropout" and d[f.name] is None):
             kw[f.name] = d[f.name]
@@ -108,7 +108,7 @@ def bert_config_to_hf(cfg: BertConfig, head: str = "none") -> dict[str, Any]:
         "tie_word_embeddings": True,
     }
     for f in dataclasses.fields(cfg):
-        if f.name not in ("id2label", "num_labels"):
+        if f.name not in ("id2label", "num_labels", "fused_attention_dropout"):  # the last is a training switch
             d[f.name] = getattr(cfg, f.name)
     d["num_labels"] = cfg.num_labels
     d["id2label"] = {str(i): name for i, name in enumerate(cfg.labels)}

@@ -93,7 +93,10 @@ def scaled_dot_product_attention(
     memory-efficient kernels on GPU; ``is_causal`` without other masks takes the flash path).
     Attention dropout while training uses the reference formula instead, because the fused
     kernel draws its dropout mask from torch's global RNG and fnlm's randomness comes only from
-    explicit keys. ``impl="reference"`` forces the formula. ``return_probs=True`` also forces it
+    explicit keys. ``impl="sdpa"`` keeps the fused kernel even then: its dropout mask comes from
+    torch's global generator, which :func:`fnlm.train.make_train_step` (``seed_global_rng=True``)
+    seeds from the step's key, so masks are reproducible per key and device but are not the
+    explicit-key masks of the formula. ``impl="reference"`` forces the formula. ``return_probs=True`` also forces it
     and returns ``(output, P)`` (see :func:`attention_reference`): the probabilities come from
     the very computation that produced the output.
     """
@@ -113,18 +116,20 @@ def scaled_dot_product_attention(
         check_broadcast("bias", bias, target, "*batch, len_q, len_k")
     if is_causal:
         causal = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-        if mask is not None or bias is not None or impl == "reference" or (train and dropout > 0) or return_probs:
+        keyed_dropout = train and dropout > 0 and impl != "sdpa"
+        if mask is not None or bias is not None or impl == "reference" or keyed_dropout or return_probs:
             mask = causal if mask is None else mask & causal
             is_causal = False
 
-    if impl == "reference" or (train and dropout > 0.0) or return_probs:
+    if impl == "reference" or (train and dropout > 0.0 and impl != "sdpa") or return_probs:
         return attention_reference(q, k, v, mask, bias, dropout=dropout, key=key, train=train,
                                    return_probs=return_probs)
 
     attn_mask = mask
     if bias is not None:
         attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          dropout_p=dropout if train else 0.0)
 
 
 # ----------------------------------------------------------------------------- multi-head

@@ -35,6 +35,10 @@ class TransformerConfig:
     scale_embeddings: bool = True  # E[t] * sqrt(d_model), §3.4
     tie_output: bool = False  # output projection = target embedding^T (§3.4)
     init_std: float | None = None  # None: Xavier uniform; else N(0, std^2) (BERT: 0.02)
+    # attention dropout inside the fused SDPA kernel, its mask drawn from torch's global generator
+    # (make_train_step(seed_global_rng=True) seeds it from the step's key), instead of explicit-key
+    # masks in the written-out formula: faster where the kernel is (flash attention on GPUs)
+    fused_attention_dropout: bool = False
 
     def __post_init__(self):
         for name in ("d_model", "n_heads", "d_ff", "n_layers", "max_len"):

@@ -69,14 +69,16 @@ def decoder_block(
             new_self.append(layer)
             return out
         return multi_head_attention(params["self_attn"], h, causal=True, key_padding_mask=tgt_padding_mask,
-                                    bias=self_bias, dropout=cfg.attention_dropout, key=ks[0], train=train)
+                                    bias=self_bias, dropout=cfg.attention_dropout, key=ks[0], train=train,
+                                    impl="sdpa" if cfg.fused_attention_dropout else "auto")
 
     def cross_attention(h):
         if cache is not None:
             mask = None if memory_padding_mask is None else padding_mask(memory_padding_mask)
             return cached_cross_attention(params["cross_attn"], h, cache["cross"], mask)
         return multi_head_attention(params["cross_attn"], h, memory, key_padding_mask=memory_padding_mask,
-                                    dropout=cfg.attention_dropout, key=ks[1], train=train)
+                                    dropout=cfg.attention_dropout, key=ks[1], train=train,
+                                    impl="sdpa" if cfg.fused_attention_dropout else "auto")
 
     def ffn(h):
         return feed_forward(params["ffn"], h, cfg.activation)

@@ -71,6 +71,7 @@ def encoder_block(
         y = multi_head_attention(
             params["attn"], rows(h), h, key_padding_mask=key_padding_mask, mask=mask, bias=bias,
             dropout=cfg.attention_dropout, key=k_attn, train=train, return_probs=return_attention,
+            impl="sdpa" if cfg.fused_attention_dropout else "auto",
         )
         if return_attention:
             y, p = y

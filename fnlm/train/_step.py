@@ -218,11 +218,12 @@ class Step:
 
     def __init__(self, pure: Callable, compiled: Callable, *, check_args: Callable | None = None,
                  nonfinite: str = "ignore", members: bool = False, deterministic: bool = False,
-                 no_grad: bool = False):
+                 no_grad: bool = False, seed_from: int | None = None):
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.pure, self.compiled, self.check_args = pure, compiled, check_args
         self.nonfinite, self.members, self.deterministic, self.no_grad = nonfinite, members, deterministic, no_grad
+        self.seed_from = seed_from  # index of the key argument that seeds torch's global generator, or None
         self.calls = 0
 
     def __call__(self, *args, **kwargs):
@@ -234,6 +235,11 @@ class Step:
                 stack.enter_context(_Deterministic())
             if self.no_grad:
                 stack.enter_context(torch.no_grad())
+            if self.seed_from is not None:  # the global generator, seeded from the key, restored after
+                key = args[self.seed_from]
+                cuda = [key.device] if key.device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=cuda))
+                torch.manual_seed(random.seed_of(key))
             out = self.compiled(*args, **kwargs)
         if self.nonfinite != "ignore":
             self._check_finite(calls, args[0], args[1], out[2])
@@ -310,6 +316,7 @@ def make_train_step(
     compile_options: Mapping[str, Any] | None = None,
     max_shapes: int = 16,
     deterministic: bool = False,
+    seed_global_rng: bool = False,
 ) -> Step:
     """A training step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
@@ -321,7 +328,10 @@ def make_train_step(
     compile and run under ``torch.use_deterministic_algorithms(True, warn_only=True)``, so that
     the same inputs give bitwise the same result every time (Inductor otherwise sums repeated
     token ids' embedding gradients with parallel atomic adds). Its steps measured 0–15% slower
-    on CPU here, and it bypasses Inductor's compile cache (every run compiles). See the module docstring.
+    on CPU here, and it bypasses Inductor's compile cache (every run compiles). ``seed_global_rng=True``:
+    every call seeds torch's global generator from the key (:func:`fnlm.random.seed_of`, outside the
+    compiled graph) and restores it afterwards, for kernels that draw from it: fused attention
+    dropout (``fused_attention_dropout=True`` in the model's config). See the module docstring.
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -343,7 +353,8 @@ def make_train_step(
                                      f"micro-batch axis of size {accum_steps}, got shape "
                                      f"{tuple(getattr(x, 'shape', ()))}")
 
-    return Step(pure, compiled, check_args=check_args, nonfinite=nonfinite, deterministic=deterministic)
+    return Step(pure, compiled, check_args=check_args, nonfinite=nonfinite, deterministic=deterministic,
+                seed_from=3 if seed_global_rng else None)
 
 
 def make_eval_step(fn: Callable, compile: bool | str | Callable = True, *, dynamic: bool = False,
