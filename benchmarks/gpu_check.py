@@ -7,7 +7,8 @@ Stages (each in its own process, so one failure does not hide the others):
 
 1. ``tests``: ``tests/test_device.py`` on the device: BERT parity against float64 on the CPU, the
    compiled bf16 step (float32 master weights), one-process NCCL collectives.
-2. ``step``: ``benchmarks/train_step.py`` — BERT-base, 16 x 512, bf16 autocast: compiled fnlm vs
+2. ``step``: ``benchmarks/train_step.py`` — BERT-base, 16 x 512, bf16 autocast: compiled fnlm (with
+   keyed attention dropout, and with dropout inside the fused flash kernel: ``compiled-fused``) vs
    Hugging Face eager bf16, samples/s and MFU against the measured bf16 matmul peak.
 3. ``cold compile``: the same compiled step's first call with an empty Inductor/Triton cache.
 4. ``imdb``: ``examples/finetune_imdb.py`` on the full data (25k/25k, one epoch, MiniLM, 256 tokens):
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         step_args = (["--model", "minilm", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
                       "--only", "eager,hf"] if smoke else
                      ["--model", "bert-base", "--batch", "16", "--seq", "512", "--dtype", "bf16", "--steps", "10",
-                      "--warmup", "2", "--only", "compiled,hf"])
+                      "--warmup", "2", "--only", "compiled,compiled-fused,hf"])
         if "step" not in skip:
             out = tmp / "step.json"
             r = run("step", [py, "benchmarks/train_step.py", "--device", args.device, *step_args, "--json", str(out)])
