@@ -123,7 +123,8 @@ def ravel(tree: PyTree, group: Callable[[str], str] | None = None) -> tuple[dict
     the leaves of one label must share dtype and device. ``unravel(vectors)`` gives a tree of
     ``tree``'s structure whose leaves are *views* of the vectors (no copy), so a function of the
     tree is a function of the vectors, and its gradient is a handful of vectors instead of one
-    tensor per leaf (what :func:`fnlm.optim.flatten` uses). ``ravel`` itself copies once (``cat``).
+    tensor per leaf. ``ravel`` itself copies once (``cat``). :func:`fnlm.optim.flatten` runs an
+    optimizer in this layout.
     """
     flat, spec = pytree.tree_flatten_with_path(tree)
     if not flat:
