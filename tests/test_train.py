@@ -404,7 +404,8 @@ def test_non_finite_checks_are_shared_by_train_ensemble_and_dp_sgd_steps():
 def test_seed_global_rng_makes_fused_attention_dropout_a_function_of_the_key():
     """fused_attention_dropout=True: the fused kernel's masks come from torch's global generator,
     which the step seeds from the key (and restores): same key, same step; another key, another
-    step; the caller's global RNG stream is untouched. Eager and traced agree."""
+    step; the caller's global RNG stream is untouched. Eager and traced agree, in float32 and
+    under bf16 autocast."""
     cfg = fnlm.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.3, fused_attention_dropout=True)
@@ -418,15 +419,17 @@ def test_seed_global_rng_makes_fused_attention_dropout_a_function_of_the_key():
         return fnlm.classifier_loss(p, b, cfg, key=key, train=True)
 
     losses = {}
-    for compile in (False, "aot_eager"):
-        step = fnlm.make_train_step(loss_fn, opt, compile=compile, seed_global_rng=True)
+    for compile, dtype in ((False, None), ("aot_eager", None), (False, torch.bfloat16), ("aot_eager", torch.bfloat16)):
+        step = fnlm.make_train_step(loss_fn, opt, compile=compile, seed_global_rng=True, autocast_dtype=dtype)
         torch.manual_seed(123)
         before = torch.get_rng_state()
         runs = [step(params, opt.init(params), batch, random.key(i))[2]["loss"] for i in (1, 1, 2)]
         assert torch.equal(torch.get_rng_state(), before)  # forked and restored
         assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-        losses[compile] = runs[0]
-    torch.testing.assert_close(losses[False], losses["aot_eager"])
+        losses[compile, dtype] = runs[0]
+    torch.testing.assert_close(losses[False, None], losses["aot_eager", None])
+    torch.testing.assert_close(losses[False, torch.bfloat16], losses["aot_eager", torch.bfloat16])
+    torch.testing.assert_close(losses[False, torch.bfloat16], losses[False, None], rtol=0.02, atol=0.02)
     # a training switch: not written to config.json
     assert fnlm.models.bert_config_to_hf(cfg).get("fused_attention_dropout") is None
     assert random.seed_of(random.key(1)) == random.seed_of(random.key(1)) != random.seed_of(random.key(2))

@@ -128,6 +128,15 @@ def scaled_dot_product_attention(
     attn_mask = mask
     if bias is not None:
         attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    device = q.device.type
+    if train and dropout > 0.0 and torch.is_autocast_enabled(device):
+        # autocast's own cast, done by hand: torch.func.grad through the kernel's dropout under
+        # autocast fails on CPU ("expected scalar type Float but found BFloat16", torch 2.13)
+        dt = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            attn_mask = attn_mask.to(dt) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+            return F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=attn_mask,
+                                                  is_causal=is_causal, dropout_p=dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           dropout_p=dropout if train else 0.0)
 
