@@ -189,12 +189,15 @@ def embed_texts(embedder, tokenizer, texts: list[str], args, desc: str = "embedd
     return out
 
 
-def write_embeddings(path: Path, tensors: dict[str, torch.Tensor], args) -> None:
-    meta = {"model": str(args.weights), "pooling": args.pooling, "max_len": str(args.max_len),
+def embedding_settings(args) -> dict[str, str]:
+    """What the vectors depend on, as the file's metadata records it."""
+    return {"model": str(args.weights), "pooling": args.pooling, "max_len": str(args.max_len),
             "layers": ",".join(map(str, args.layers)) if args.layers else "last", "combine": args.combine,
-            "normalized": str(not args.no_normalize), "size": str(args.size), "dtype": args.dtype,
-            "fnlm": fnlm.__version__}
-    write_safetensors(tensors, path, metadata=meta)
+            "normalized": str(not args.no_normalize), "size": str(args.size), "dtype": args.dtype}
+
+
+def write_embeddings(path: Path, tensors: dict[str, torch.Tensor], args) -> None:
+    write_safetensors(tensors, path, metadata={**embedding_settings(args), "fnlm": fnlm.__version__})
 
 
 # ----------------------------------------------------------------------------- probe and search
@@ -233,8 +236,7 @@ def imdb_embeddings(args, splits=None, chosen=None) -> dict[str, torch.Tensor]:
     """Embed the chosen IMDb reviews (or reuse ``--out`` when it holds them) and write ``--out``."""
     if args.out.is_file():
         tensors, meta = read_safetensors(args.out)
-        same = all(meta.get(k) == v for k, v in (("model", str(args.weights)), ("pooling", args.pooling),
-                                                  ("max_len", str(args.max_len)), ("size", str(args.size))))
+        same = all(meta.get(k, "fp32" if k == "dtype" else None) == v for k, v in embedding_settings(args).items())
         if same and {"train", "test"} <= set(map(_split_of, tensors)):
             print(f"using the embeddings in {args.out}", flush=True)
             return tensors
@@ -281,6 +283,7 @@ def similar(args) -> None:
     args.weights, args.pooling, args.max_len = Path(meta["model"]), meta["pooling"], int(meta["max_len"])
     args.layers = None if meta["layers"] == "last" else [int(i) for i in meta["layers"].split(",")]
     args.combine, args.no_normalize = meta["combine"], meta["normalized"] != "True"
+    args.dtype = meta.get("dtype", "fp32")  # the query is embedded as the reviews were
     params, cfg, tokenizer = load_model(args.weights)
     args.no_compile = True  # one query: compiling would cost more than it saves
     q = embed_texts(make_embedder(params, cfg, args), tokenizer, [args.similar], args, desc="query")[0]

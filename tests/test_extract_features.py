@@ -97,6 +97,12 @@ def test_imdb_probe_then_similar(minilm, minilm_dir, tmp_path, capsys):
     test = load_imdb(archive, "test")
     i = int(t["test.index"][7])
     assert (t["test.embeddings"][7] - reference(minilm, [html_clean(test.texts[i])], 32)[0]).abs().max() <= 1e-5
+    rc, o, _ = run(*common, "--probe", capsys=capsys)  # the same settings: the file is reused
+    assert rc == 0 and f"using the embeddings in {out}" in o
+    rc, o, _ = run(*common, "--probe", "--layers=-2,-1", capsys=capsys)  # other vectors: embedded anew
+    assert rc == 0 and "using the embeddings" not in o and "embedded 24 reviews" in o
+    rc, o, _ = run(*common, "--probe", capsys=capsys)
+    assert rc == 0 and "using the embeddings" not in o  # back to the last layer: the file held --layers=-2,-1
     rc, o, _ = run(*common, "--similar", "a wonderful and moving film", "--top-k", 3, capsys=capsys)
     lines = o.strip().splitlines()
     assert rc == 0 and len(lines) == 3
