@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 norm) of N IMDb training
 * sentence-transformers: ``SentenceTransformer.encode(texts, normalize_embeddings=True)`` (it sorts
   by length and pads each batch to its longest text);
 * fnlm: ``tokenizer.encode_ids`` -> length-sorted ``make_batches`` over the buckets of
-  ``choose_buckets`` -> ``make_eval_step(sentence_embedding)`` compiled (one graph per bucket;
+  ``choose_buckets`` -> ``examples/extract_features.py``'s embedder (``make_eval_step(sentence_embedding)``) compiled (one graph per bucket;
   compilation is timed separately, on one batch per bucket, before the timed pass) and eager; and
   compiled under bf16 autocast (``examples/extract_features.py --dtype bf16``), with the smallest
   cosine similarity of its embeddings to sentence-transformers' (both are unit vectors).
@@ -19,6 +19,7 @@ compiled again) and the ratio is taken within the run. The embeddings are compar
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import time
 from pathlib import Path
@@ -28,10 +29,12 @@ import torch
 import fnlm
 from fnlm.data import choose_buckets, html_clean, load_imdb, load_tokenizer, make_batches, subset
 from fnlm.io import ensure_minilm
-from fnlm.models import load_bert, sentence_embedding
-from fnlm.train import make_eval_step
+from fnlm.models import load_bert
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("extract_features", ROOT / "examples" / "extract_features.py")
+ef = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ef)  # the example's embedder: what a user of --dtype fp32 / bf16 runs
 
 
 def main() -> None:
@@ -55,18 +58,12 @@ def main() -> None:
     params, cfg = load_bert(args.weights, pooler=False)
     tok = load_tokenizer(args.weights)
 
-    def embed(p, b):
-        return sentence_embedding(p, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                                  token_type_ids=b["token_type_ids"])
+    def embedder(dtype: str, compile: bool):
+        opts = argparse.Namespace(pooling="mean", layers=None, combine="concat", no_normalize=False, dtype=dtype,
+                                  no_compile=not compile)
+        return ef.make_embedder(params, cfg, opts)
 
-    def embed_bf16(p, b):  # examples/extract_features.py --dtype bf16: autocast, pooled and normalised in float32
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            e = sentence_embedding(p, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                                   token_type_ids=b["token_type_ids"], normalize=False).float()
-        return torch.nn.functional.normalize(e, dim=-1)
-
-    compiled, eager = make_eval_step(embed, compile=True), make_eval_step(embed, compile=False)
-    compiled_bf16 = make_eval_step(embed_bf16, compile=True)
+    compiled, eager, compiled_bf16 = embedder("fp32", True), embedder("fp32", False), embedder("bf16", True)
 
     def fnlm_encode(step, xs):
         ids = tok.encode_ids(xs, max_len=args.max_len, truncation="head")
@@ -75,7 +72,7 @@ def main() -> None:
         out = torch.empty(len(ids), cfg.hidden_size)
         for b in make_batches([ids[i] for i in order], None, args.batch_size, buckets, shuffle=False,
                               pad_id=tok.pad_id):
-            e = step(params, {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+            e = step({k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
             real = b["index"] >= 0
             out[torch.tensor(order)[b["index"][real]]] = e[real]
         return out, buckets

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=float, default=argparse.SUPPRESS,  # resolved in parse_args: it depends on --lora-rank
                    help=f"peak learning rate (AdamW); default {FULL_LR:g}, with --lora-rank {LORA_LR:g}")
     g.add_argument("--warmup", type=float, default=0.1, help="linear warm-up, as a fraction of all steps")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for action in explicit._actions:
         action.default = argparse.SUPPRESS
     args.explicit = set(vars(explicit.parse_args(argv)))
-    if args.lr is None:  # adapters start at B = 0 and have few parameters: they want a larger step
+    if "lr" not in args:  # adapters start at B = 0 and have few parameters: they want a larger step
         args.lr = LORA_LR if args.lora_rank else FULL_LR
     if args.buckets != "auto":
         try:
