@@ -2,9 +2,11 @@
 
 Decoding: the GPT-2-small shape (124M parameters, random weights), a 32-token prompt, 128 new
 tokens, greedy, batch 1 and 8. fnlm's ``generate`` (eager prefill, then one ``torch.compile``-d
-pure ``decode_step`` + argmax per token over a preallocated KV cache) vs ``GPT2LMHeadModel.generate``
-(eager, its own KV cache). Each generates exactly 128 tokens (no stop token); tokens/s counts the
-new tokens of all rows over the whole call (prefill included); compilation happens in an untimed
+pure ``decode_step`` + argmax per token over a preallocated KV cache; at batch 1 on a CPU its
+matrix-vector kernels, ``fnlm.models._matvec``, and for comparison the same with the BLAS's
+products, ``matvec=False``) vs ``GPT2LMHeadModel.generate`` (eager, its own KV cache). Each
+generates exactly 128 tokens (no stop token); tokens/s counts the new tokens of all rows over
+the whole call (prefill and the matvec weight copy included); compilation happens in an untimed
 warm-up call. Both must produce the same tokens (checked).
 
 The memory-bandwidth bound: a decode step reads every weight once (the tied LM head included),
@@ -74,13 +76,13 @@ def bench_decode(args) -> None:
     print(f"GPT-2 small: {n_params / 1e6:.1f}M parameters ({param_bytes / 1e6:.0f} MB in {args.dtype}); "
           f"measured copy bandwidth {bw:.1f} GB/s; {args.prompt}-token prompt, {args.new} new tokens, greedy; "
           f"device {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'fnlm compiled tok/s':>20} {'HF generate tok/s':>18} {'fnlm / HF':>9} "
-          f"{'bound tok/s':>11} {'fnlm / bound':>12}")
+    print(f"{'batch':>5} {'fnlm compiled tok/s':>20} {'(BLAS products)':>16} {'HF generate tok/s':>18} "
+          f"{'fnlm / HF':>9} {'bound tok/s':>11} {'fnlm / bound':>12}")
     for batch in args.batches:
         prompt = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
 
-        def run_fnlm():
-            return generate(params, cfg, prompt.to(args.device), max_new_tokens=args.new, compile=True)
+        def run_fnlm(matvec=None):
+            return generate(params, cfg, prompt.to(args.device), max_new_tokens=args.new, compile=True, matvec=matvec)
 
         def run_hf():
             with torch.no_grad():
@@ -89,11 +91,14 @@ def bench_decode(args) -> None:
                                   pad_token_id=0, eos_token_id=None, use_cache=True)
             return out[:, args.prompt:].tolist()
 
-        ours, theirs = run_fnlm(), run_hf()  # warm-up: compiles fnlm's decode step
-        same = ours == theirs
-        times = {"fnlm": [], "hf": []}
+        runners = {"fnlm": run_fnlm, "hf": run_hf}
+        if batch == 1 and args.device == "cpu":
+            runners["blas"] = lambda: run_fnlm(matvec=False)
+        outs = {name: fn() for name, fn in runners.items()}  # warm-up: compiles fnlm's decode steps
+        same = all(out == outs["hf"] for out in outs.values())
+        times = {name: [] for name in runners}
         for _ in range(args.reps):  # interleaved
-            for name, fn in (("fnlm", run_fnlm), ("hf", run_hf)):
+            for name, fn in runners.items():
                 sync(args.device)
                 t = time.perf_counter()
                 fn()
@@ -101,7 +106,8 @@ def bench_decode(args) -> None:
                 times[name].append(time.perf_counter() - t)
         tps = {k: batch * args.new / statistics.median(v) for k, v in times.items()}
         bound = batch * bw * 1e9 / param_bytes
-        print(f"{batch:>5} {tps['fnlm']:>20.1f} {tps['hf']:>18.1f} {tps['fnlm'] / tps['hf']:>8.2f}x "
+        blas = f"{tps['blas']:>16.1f}" if "blas" in tps else f"{'':>16}"
+        print(f"{batch:>5} {tps['fnlm']:>20.1f} {blas} {tps['hf']:>18.1f} {tps['fnlm'] / tps['hf']:>8.2f}x "
               f"{bound:>11.1f} {tps['fnlm'] / bound:>11.1%}" + ("" if same else "   (tokens DIFFER from HF)"))
 
 

@@ -94,6 +94,52 @@ def test_one_compiled_graph_for_100_decode_steps():
     assert compiled == eager
 
 
+def test_matvec_layout_keeps_values_and_stores_inputs_innermost(hf_and_fnlm):
+    from fnlm.models import input_axes_innermost, matvec_layout
+
+    _, params, cfg = hf_and_fnlm
+    w = torch.randn(4, 3, 5)
+    t = input_axes_innermost(w, 2)  # inputs (4, 3), output 5
+    assert torch.equal(t, w) and t.stride() == (3, 1, 12)
+    laid = matvec_layout(params)
+    assert fnlm.tree.tree_allclose(laid, params, atol=0, rtol=0)
+    q, o = laid["layers"][0]["attn"]["q"]["weight"], laid["layers"][0]["attn"]["o"]["weight"]
+    assert q.stride(0) == 1 and o.stride(1) == 1 and laid["layers"][1]["ffn"]["w2"]["weight"].stride(0) == 1
+
+
+def test_matvec_pass_rewrites_every_product_and_keeps_logits_and_tokens(hf_and_fnlm):
+    from torch._dynamo.utils import counters
+
+    from fnlm.models import matvec_layout, matvec_pass
+    from fnlm.train import compile_fn
+
+    hf, params, cfg = hf_and_fnlm
+    prompt = [PROMPTS[1]]
+    cache = init_gpt2_cache(cfg, 1, 12)
+    _, cache = prefill(params, cache, torch.tensor(prompt), cfg)
+    tok = torch.tensor([9])
+    ref, _ = decode_step(params, cache, tok, cfg)
+    counters.clear()
+    step = compile_fn(lambda p, c, t: decode_step(p, c, t, cfg), compile_options={
+        "post_grad_custom_post_pass": matvec_pass(), "fx_graph_cache": False})  # so the pass runs
+    with torch.no_grad():
+        logits, _ = step(matvec_layout(params), cache, tok)
+    # q, k, v, o, W_1, W_2 per layer and the tied LM head (E^T, input-contiguous without a copy)
+    assert counters["inductor"]["fnlm_matvec"] == 6 * cfg.n_layer + 1
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    # compiled on a CPU: the matvec path by default for one row; matvec=True for 4 rows: the layout, BLAS products
+    for prompts, matvec in ((prompt, None), (PROMPTS, True)):
+        counters.clear()
+        out = generate(params, cfg, prompts, max_new_tokens=33, matvec=matvec)
+        assert counters["inductor"]["fnlm_matvec"] in (0, 6 * cfg.n_layer + 1)  # 0: Inductor's cache had it
+        ids, start = left_pad(prompts)
+        mask = (torch.arange(ids.shape[1])[None] >= start[:, None]).long()
+        with torch.no_grad():
+            want = hf.generate(ids, attention_mask=mask, max_new_tokens=33, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[:, ids.shape[1]:].tolist()
+        assert out == want and all(len(set(row)) > 3 for row in want)
+
+
 def test_sampling_is_keyed_and_temperature_zero_is_greedy(hf_and_fnlm):
     _, params, cfg = hf_and_fnlm
     kw = dict(max_new_tokens=12, compile=False)
