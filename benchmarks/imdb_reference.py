@@ -192,7 +192,7 @@ def main() -> int:
     results: dict = {"settings": {k: getattr(args, k) for k in SHARED}, "threads": torch.get_num_threads(),
                      "torch": torch.__version__}
     data = ft.load_data(argparse.Namespace(data=args.data, train_size=args.train_size, test_size=args.test_size,
-                                           seed=args.seed))
+                                           val_size=None, seed=args.seed))  # the example's default split
     if "tfidf" not in args.skip:
         results["tfidf_logreg"] = run_tfidf(data)
         print("TF-IDF + logistic regression:", results["tfidf_logreg"], flush=True)

@@ -548,8 +548,8 @@ def train(args) -> int:
     # The run's state beyond (params, opt_state, step, key): where the data is, and what was logged.
     log = {"epoch": 1, "batch": 0, "history": [], "evals": [], "step_losses": [], "best": None,
            "options": {name: getattr(args, name) for name in OPTIONS},
-           "epoch_so_far": {"losses": [], "n_done": 0, "train_s": 0.0, "first_call_s": 0.0, "steady_s": 0.0,
-                            "steady_n": 0}}
+           "epoch_so_far": {"losses": [], "n_done": 0, "train_s": 0.0, "val_s": 0.0, "first_call_s": 0.0,
+                            "steady_s": 0.0, "steady_n": 0}}
     step, best_params, resumed_from = 0, None, None
     state = ckpts.restore(device=device) if args.resume is not None else None
     if state is not None:
@@ -585,7 +585,9 @@ def train(args) -> int:
             epoch, e = log["epoch"], log["epoch_so_far"]
             batches = make_batches(ids["train"], data["train"].labels, args.batch_size, buckets, shuffle=True,
                                    seed=args.seed, epoch=epoch, pad_id=tokenizer.pad_id)
+            # t_epoch: the epoch's start; its wall time minus e["val_s"] (mid-epoch validations) is training time
             seen_shapes, t_epoch = set(), time.time() - e["train_s"]
+            e.setdefault("val_s", 0.0)  # (a checkpoint written before validations were timed apart)
             bar = tqdm(desc=f"epoch {epoch}/{args.epochs}", unit="batch", dynamic_ncols=True,
                        initial=log["batch"], total=len(batches))
             for i, b in enumerate(batches[log["batch"]:], start=log["batch"]):
@@ -604,10 +606,11 @@ def train(args) -> int:
                 log["step_losses"].append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(e['losses'][-20:]) / len(e['losses'][-20:]):.4f}",
-                                lr=f"{float(m['lr']):.2e}", ex_s=f"{e['n_done'] / (time.time() - t_epoch):.1f}")
+                                lr=f"{float(m['lr']):.2e}",
+                                ex_s=f"{e['n_done'] / (time.time() - t_epoch - e['val_s']):.1f}")
                 last = i + 1 == len(batches)
                 if not last and n_val and eval_every and step % eval_every == 0:
-                    validate(epoch)
+                    e["val_s"] += validate(epoch)["seconds"]
                 if stop.requested or (not last and args.save_every and step % args.save_every == 0):
                     e["train_s"] = time.time() - t_epoch
                     checkpoint()
@@ -617,12 +620,13 @@ def train(args) -> int:
                           f"resume with: {resume_hint(args, out)}", file=sys.stderr, flush=True)
                     return 130
             bar.close()
-            train_s = time.time() - t_epoch
+            train_s = time.time() - t_epoch - e["val_s"]  # validations are not training time
             v = validate(epoch) if n_val else None
+            eval_s = v["seconds"] + e["val_s"] if v else None
             log["history"].append({
                 "epoch": epoch, "train_loss": sum(e["losses"]) / len(e["losses"]),
                 "val_loss": v and v["val_loss"], "val_accuracy": v and v["val_accuracy"],
-                "train_seconds": train_s, "eval_seconds": v and v["seconds"],
+                "train_seconds": train_s, "eval_seconds": eval_s,
                 "train_examples_per_s": e["n_done"] / train_s,
                 "train_examples_per_s_after_compile": e["steady_n"] / e["steady_s"] if e["steady_s"] else None,
                 "first_call_per_shape_seconds": e["first_call_s"],
@@ -632,10 +636,10 @@ def train(args) -> int:
                   + (f", validation loss {v['val_loss']:.4f} accuracy {v['val_accuracy']:.4f} ({n_val} reviews)"
                      if v else "")
                   + f", train {train_s:.0f}s ({e['n_done'] / train_s:.1f} ex/s)"
-                  + (f", validation {v['seconds']:.1f}s" if v else ""), flush=True)
+                  + (f", validation {eval_s:.1f}s" if v else ""), flush=True)
             log["epoch"], log["batch"] = epoch + 1, 0
-            log["epoch_so_far"] = {"losses": [], "n_done": 0, "train_s": 0.0, "first_call_s": 0.0, "steady_s": 0.0,
-                                   "steady_n": 0}
+            log["epoch_so_far"] = {"losses": [], "n_done": 0, "train_s": 0.0, "val_s": 0.0, "first_call_s": 0.0,
+                                   "steady_s": 0.0, "steady_n": 0}
             checkpoint()
             if stop.requested and log["epoch"] <= args.epochs:
                 print(f"stopped by {stop.requested} at step {step} of {total_steps}, checkpoint written; "
