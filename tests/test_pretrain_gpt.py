@@ -126,7 +126,7 @@ def test_bad_input(example, archive, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pretraining_on_imdb_beats_the_bigram_baseline(example, imdb_archive, tmp_path):
-    """The default configuration, shortened to 800 of its 1500 steps and run eagerly (the compiled
+    """The default configuration, shortened to 800 of its 6000 steps and run eagerly (the compiled
     step is tested elsewhere) to fit the slow-test budget, on the real IMDb train split."""
     out = tmp_path / "gpt"
     assert example.main(["--data", str(imdb_archive), "--out", str(out), "--steps", "800", "--eval-every", "400",

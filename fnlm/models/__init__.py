@@ -54,8 +54,8 @@ from fnlm.models._gpt2 import (
     lm_loss,
     prefill,
 )
-from fnlm.models._matvec import input_axes_innermost, matvec_layout, matvec_pass
 from fnlm.models._gpt2_hf import gpt2_config_from_hf, gpt2_config_to_hf, load_gpt2, read_gpt2_config, save_gpt2
+from fnlm.models._matvec import input_axes_innermost, matvec_layout, matvec_pass
 from fnlm.models._pooling import COMBINES, POOLINGS, combine_layers, pool, sentence_embedding
 from fnlm.models._transformer import (
     decode,

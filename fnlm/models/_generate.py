@@ -129,7 +129,7 @@ def generate(
     copy of the block weights stored input-axis innermost (:mod:`fnlm.models._matvec`; the same
     tokens, faster on a CPU, one more copy of the block weights in memory during the call);
     ``None`` (default): when one row is decoded on a CPU with Inductor (the 124M GPT-2 decoded
-    1.8x faster on this project's CPU, ``benchmarks/generate.py``). Every argument is checked
+    1.86x faster on this project's CPU, ``benchmarks/generate.py``). Every argument is checked
     before any compute.
     """
     _check_sampling(temperature, top_k, top_p)

@@ -100,4 +100,3 @@ def matvec_pass():
             return hashlib.sha256(inspect.getsource(inspect.getmodule(_is_matvec)).encode()).hexdigest()
 
     return MatvecPass()
-

@@ -51,8 +51,8 @@ flatten order), **aux}``.
   hash still fuses into one kernel). They also cap Inductor's fusion search: a buffer read by many
   kernels (the clip factor, the step count: every optimizer update reads them) made it try up to 64
   pairings per kernel; 4 cut the cold compile of the MiniLM step from 89 s to 76 s here with the
-  same step time (empty cache, one process per setting; README, "bf16 and the cold compile"). :func:`compile_fn` applies them; use it for your
-  own code too.
+  same step time (empty cache, one process per setting; README, "bf16 and the cold compile").
+  :func:`compile_fn` applies them; use it for your own code too.
 """
 from __future__ import annotations
 
