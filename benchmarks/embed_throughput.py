@@ -6,8 +6,9 @@ all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 norm) of N IMDb training
 * sentence-transformers: ``SentenceTransformer.encode(texts, normalize_embeddings=True)`` (it sorts
   by length and pads each batch to its longest text);
 * fnlm: ``tokenizer.encode_ids`` -> length-sorted ``make_batches`` over the buckets of
-  ``choose_buckets`` -> ``examples/extract_features.py``'s embedder (``make_eval_step(sentence_embedding)``) compiled (one graph per bucket;
-  compilation is timed separately, on one batch per bucket, before the timed pass) and eager; and
+  ``choose_buckets`` -> ``examples/extract_features.py``'s embedder
+  (``make_eval_step(sentence_embedding)``) compiled (one graph per bucket; compilation is timed
+  separately, on one batch per bucket, before the timed pass) and eager; and
   compiled under bf16 autocast (``examples/extract_features.py --dtype bf16``), with the smallest
   cosine similarity of its embeddings to sentence-transformers' (both are unit vectors).
 

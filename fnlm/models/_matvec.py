@@ -11,7 +11,8 @@ streamed them at 32-43 GB/s (a plain read: 46 GB/s). Two pieces make decoding us
 * :func:`matvec_pass`: an Inductor graph pass that writes ``mm(x, W)`` with one row ``x`` and such a
   ``W`` as ``(W^T[:, None, :] * x[None]).sum(-1)^T``, which Inductor lowers to one reduction kernel
   per product (``torch._dynamo.utils.counters["inductor"]["fnlm_matvec"]`` counts them). Other
-  products are left to the BLAS.
+  products are left to the BLAS. (Inductor's own ``decompose_mem_bound_mm`` pass rewrites products
+  the same way, but on a CPU only when every size is at most 2048, whatever the layout.)
 
 Batches of 2-8 rows are left to the BLAS too: the same rewrite ran 2x faster than MKL for 8 rows
 of one product alone, but inside GPT-2's decode step Inductor fused the products with their
@@ -77,6 +78,7 @@ def matvec_pass():
     from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
 
     patterns = PatternMatcherPass(pass_name="fnlm_matvec")
+    source_hash = hashlib.sha256(inspect.getsource(inspect.getmodule(_is_matvec)).encode()).hexdigest()
 
     @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=patterns)
     def mm(match, x, w):
@@ -97,6 +99,6 @@ def matvec_pass():
             patterns.apply(graph)
 
         def uuid(self) -> str:  # part of Inductor's cache key: changes with this file
-            return hashlib.sha256(inspect.getsource(inspect.getmodule(_is_matvec)).encode()).hexdigest()
+            return source_hash
 
     return MatvecPass()

@@ -9,8 +9,8 @@ The update is the same arithmetic; only its layout changes::
 
 Why: inside a compiled step, AdamW over 105 separate tensors is 105 copies of the same small
 kernel chain that the compiler schedules and fuses one by one; over two vectors it is two. The
-MiniLM step's cold compile on a 2-core CPU went from 76.6 s to 54.4 s (``benchmarks/train_step.py``
-``compiled-flat``). The price is a concatenation of the gradients (and, for weight decay, the
+MiniLM step's cold compile on a 2-core CPU went from 69.7 s to 53.4 s (``benchmarks/train_step.py``
+``compiled-flat``, empty Inductor cache). The price is a concatenation of the gradients (and, for weight decay, the
 parameters) at every step: 0.87-0.94x the tree step's throughput there, so it pays for short runs
 only. The optimizer state holds the vectors (``mu``/``nu`` as ``{'weight': [n_w], 'other': [n_o]}``).
 
@@ -36,7 +36,7 @@ def decay_groups(name: str) -> str:
 class FlattenState(NamedTuple):
     """The inner transformation's state, over the vectors."""
 
-    inner: Any  # the inner transformation's state over the vectors
+    inner: Any
 
 
 def flatten(inner: GradientTransformation, group: Callable[[str], str] = decay_groups) -> GradientTransformation:
