@@ -16,7 +16,7 @@ The package follows the architecture, bottom up:
 
 The most used names are re-exported here (``fnlm.multi_head_attention``, ``fnlm.load_bert``).
 """
-from fnlm import data, io, models, nn, optim, random, train, tree
+from fnlm import config, data, io, models, nn, optim, random, train, tree
 from fnlm.data import load_tokenizer
 from fnlm.models import (
     BertConfig,
@@ -105,7 +105,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # subpackages
-    "data", "distributed", "io", "models", "nn", "optim", "random", "train", "tree",
+    "config", "data", "distributed", "io", "models", "nn", "optim", "random", "train", "tree",
     # fnlm.nn
     "TransformerConfig", "accuracy", "attention_reference", "causal_mask", "check_token_ids", "cross_entropy",
     "decoder", "decoder_block", "dropout", "embedding", "encoder", "encoder_block", "feed_forward", "gelu",

@@ -218,11 +218,14 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> GradientTrans
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """``g <- g * min(1, max_norm / (||g||_2 + 1e-6))``, exactly ``torch.nn.utils.clip_grad_norm_``.
 
+    ``max_norm`` 0 or ``inf`` means no clipping (the identity), as ``transformers``' ``max_grad_norm=0``.
     Branch-free (a ``clamp``, no Python ``if``), so it compiles; under ``vmap`` each ensemble
     member is clipped by its own norm.
     """
     _check_float("max_norm", max_norm, 0.0, math.inf)
     max_norm = float(max_norm)
+    if max_norm == 0.0 or math.isinf(max_norm):
+        return identity()
 
     def update(grads, state, params=None):
         coef = torch.clamp(max_norm / (global_norm(grads) + 1e-6), max=1.0)

@@ -51,3 +51,17 @@ def autocast_dtype(choice: str, device: str | torch.device = "cpu", *, cpu_flags
     if choice == "auto":
         return torch.bfloat16 if native_bf16(device, cpu_flags=cpu_flags) else None
     return torch.bfloat16 if choice == "bf16" else None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``'auto'`` (cuda when available, else cpu), ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ... as a
+    ``torch.device``; a name that is not a device, or CUDA where there is none, is a ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
