@@ -41,9 +41,11 @@ class ConfigError(ValueError):
     """A setting is out of range, unknown or malformed (one line, naming the flag or file)."""
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None) -> Any:
-    """A config field: its ``default``, a one-line ``help`` and, optionally, the allowed ``choices``."""
-    meta = {"help": help, "choices": choices, "metavar": metavar}
+def option(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None,
+           const: Any = None) -> Any:
+    """A config field: its ``default``, a one-line ``help`` and, optionally, the allowed ``choices``
+    and ``const``, the value of the flag given without one (``--remat`` = ``--remat nothing``)."""
+    meta = {"help": help, "choices": choices, "metavar": metavar, "const": const}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default (config fields are immutable)")
     return dataclasses.field(default=default, metadata=meta)
@@ -183,7 +185,7 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
 
 def _help(f: dataclasses.Field, shown_default: Any) -> str:
     text = f.metadata.get("help", "")
-    if shown_default is None or shown_default is False:
+    if shown_default is None or shown_default is False or shown_default == ():
         return text
     if isinstance(shown_default, tuple):
         shown_default = ",".join(shown_default)
@@ -212,6 +214,8 @@ def build_parser(cls, description: str, *, epilog: str | None = None) -> argpars
         if f.metadata.get("choices") is not None:
             kw["choices"] = f.metadata["choices"]
             kw.pop("metavar")
+        if f.metadata.get("const") is not None:
+            kw["nargs"], kw["const"] = "?", f.metadata["const"]
         ap.add_argument(flag(f.name), **kw)
     return ap
 

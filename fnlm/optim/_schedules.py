@@ -59,6 +59,24 @@ def linear_warmup_linear_decay(peak_lr: float, warmup_steps: int, total_steps: i
     return schedule
 
 
+def linear_warmup_constant(peak_lr: float, warmup_steps: int) -> Schedule:
+    """HF ``get_constant_schedule_with_warmup``::
+
+        lr(s) = peak * s / warmup      for s < warmup
+        lr(s) = peak                   otherwise
+    """
+    _check_lr("peak_lr", peak_lr)
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
+    peak, warmup = float(peak_lr), int(warmup_steps)
+
+    def schedule(step: Tensor) -> Tensor:
+        s = _step_f64(step)
+        return peak * torch.clamp(s / float(max(1, warmup)), max=1.0)
+
+    return schedule
+
+
 def cosine(peak_lr: float, total_steps: int, warmup_steps: int = 0, final_lr: float = 0.0) -> Schedule:
     """Linear warmup then half-cosine decay from ``peak_lr`` to ``final_lr`` (HF
     ``get_cosine_schedule_with_warmup`` / ``get_cosine_with_min_lr_schedule_with_warmup``)::

@@ -10,6 +10,7 @@ from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunState,
 from fnlm.train._lifecycle import Run
 from fnlm.train._progress import Progress
 from fnlm.train._record import EnvironmentRecord, model_card
+from fnlm.train._report import plot_training, write_errors
 from fnlm.train._step import (
     COMPILE_OPTIONS,
     Step,
@@ -31,8 +32,9 @@ from fnlm.train._vmap import (
 )
 
 __all__ = [
-    "COMPILE_OPTIONS", "EnvironmentRecord", "GracefulStop", "Progress", "Run", "model_card", "ResumeError", "RunCheckpoints", "RunState", "Step", "autocast_dtype", "compile_fn", "distributed", "digest", "dp_aggregate", "finite_flags", "keep_if_finite",
-    "load_train_state",
+    "COMPILE_OPTIONS", "EnvironmentRecord", "GracefulStop", "Progress", "ResumeError", "Run", "RunCheckpoints",
+    "RunState", "Step", "autocast_dtype", "compile_fn", "digest", "distributed", "dp_aggregate", "finite_flags",
+    "keep_if_finite", "load_train_state", "model_card", "plot_training", "write_errors",
     "make_dp_sgd_step", "native_bf16", "make_ensemble_step", "make_eval_step", "make_train_step", "nonfinite_message",
     "param_group", "pick_device", "per_example_grad_norms", "per_example_grads", "save_train_state", "train_step_fn",
     "with_frozen",

@@ -80,8 +80,10 @@ class Run:
     """One run directory (see the module docstring). Build it with :meth:`open`."""
 
     def __init__(self, config, *, out: Path, partial: Path, resuming: bool, explicit: set[str],
-                 per_session: tuple[str, ...], compared: tuple[str, ...], report_to: str | None, script: str):
+                 per_session: tuple[str, ...], compared: tuple[str, ...], report_to: str | None, script: str,
+                 repeat: tuple[str, ...] = ()):
         self.config, self.out, self.dir, self.resuming = config, out, partial, resuming
+        self.repeat = repeat
         self.explicit, self.per_session, self.compared = explicit, per_session, compared
         self.script = script
         self.environment = EnvironmentRecord(script).start()
@@ -94,12 +96,23 @@ class Run:
     @classmethod
     def open(cls, config, explicit: set[str], *, out: Path | None, resume: Path | None, overwrite: bool = False,
              name: str = "run-%Y%m%d-%H%M%S", may_change: tuple[str, ...] = (), per_session: tuple[str, ...] = (),
-             extendable: tuple[str, ...] = ("epochs", "steps"), report_to: str | None = None,
-             script: str | None = None) -> "Run":
+             extendable: tuple[str, ...] = ("epochs", "steps"), repeat: tuple[str, ...] = (),
+             report_to: str | None = None, script: str | None = None) -> "Run":
         """Start a new run in ``out`` (default ``runs/<name>`` with ``name`` passed to ``time.strftime``),
         or continue ``resume``. Checks, before anything is loaded, that the directory can be written
-        and that a resumed run's stored config agrees with the flags given (``explicit``)."""
+        and that a resumed run's stored config agrees with the flags given (``explicit``).
+
+        ``may_change``: settings a resumed run takes from the command line when given (else the run's);
+        ``per_session``: never the stored run's (e.g. ``out``); ``repeat``: flags the resume hint
+        repeats. Use it as ``with Run.open(...) as run:``: a new run that fails before its first
+        checkpoint is removed, so the same command can run again."""
         script = script or sys.argv[0]
+        if report_to == "tensorboard":
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+                                  "(or fnlm[tensorboard])") from None
         fields = [f.name for f in dataclasses.fields(config)]
         compared = tuple(n for n in fields if n not in may_change and n not in per_session)
         if resume is not None:
@@ -109,7 +122,7 @@ class Run:
             config = cls._resumed_config(config, explicit, final, partial, resume, may_change, per_session,
                                          extendable)
             run = cls(config, out=final, partial=partial, resuming=True, explicit=explicit, per_session=per_session,
-                      compared=compared, report_to=report_to, script=script)
+                      compared=compared, report_to=report_to, script=script, repeat=repeat)
             return run
         final, partial = run_paths(Path(out) if out is not None else Path("runs") / time.strftime(name))
         if final.exists() and not overwrite:
@@ -124,7 +137,7 @@ class Run:
         partial.mkdir(parents=True)
         write_json(config_to_dict(config), partial / RUN_CONFIG)
         return cls(config, out=final, partial=partial, resuming=False, explicit=explicit, per_session=per_session,
-                   compared=compared, report_to=report_to, script=script)
+                   compared=compared, report_to=report_to, script=script, repeat=repeat)
 
     @staticmethod
     def _resumed_config(config, explicit, final: Path, partial: Path, resume: Path, may_change, per_session,
@@ -247,18 +260,28 @@ class Run:
         return GracefulStop()
 
     def resume_command(self) -> str:
-        """The command that continues this run: its settings come from the run; this session's
-        per-session flags are repeated."""
+        """The command that continues this run: its settings come from the run; the flags of
+        ``repeat`` (how this process ran, e.g. ``--no-compile``) given on this command line are repeated."""
         cfg = config_to_dict(self.config)
         extra = []
-        for name in self.per_session:
-            if name in self.explicit and name not in ("out", "resume", "overwrite", "config"):
+        for name in self.repeat:
+            if name in self.explicit:
                 v = cfg[name]
-                if v is True:
-                    extra.append(flag(name))
-                elif v is not False and v is not None:
+                if isinstance(v, bool):
+                    extra.append(flag(name) if v else "--no-" + flag(name)[2:])
+                elif v is not None:
                     extra += [flag(name), str(v)]
         return " ".join(["python", self.script, "--resume", str(self.out)] + extra)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A new run that fails before its first checkpoint leaves nothing behind (nothing to resume)."""
+        self.close()
+        if exc_type is not None and not self.resuming and self.dir.is_dir() \
+                and not RunCheckpoints(self.dir, {}).checkpoints():
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def stopped(self, step: int, total: int, why: str) -> int:
         """Report a stop with a checkpoint written; the exit status (130)."""
