@@ -39,3 +39,21 @@ def imdb_archive() -> Path:
     if not SHARED_IMDB.exists():
         pytest.skip(f"shared IMDb archive not found at {SHARED_IMDB}")
     return SHARED_IMDB
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(minilm_dir, tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT in Hugging Face layout with MiniLM's tokenizer (fast steps, small checkpoints)."""
+    import shutil
+
+    import transformers
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(d)
+    for f in minilm_dir.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            shutil.copy(f, d / f.name)
+    return d

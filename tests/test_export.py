@@ -2,7 +2,6 @@
 (fnlm.models.export_classifier / load_classifier_package), against the eager pure forward."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -224,17 +223,17 @@ def test_int8_accuracy_on_imdb_within_half_a_point(minilm_dir, imdb_archive):
     assert abs(acc["int8"] - acc["float32"]) <= 0.005 + 1e-9, acc
 
 
-# ----------------------------------------------------------------------------- examples/finetune_imdb.py
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune_imdb.py"
+# ----------------------------------------------------------------------------- examples/classify.py
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "classify.py"
 
 
 @pytest.fixture(scope="module")
 def model_dir(params, tokenizer, tmp_path_factory):
-    """A 'fine-tuned run directory' of the tiny model: HF layout + metrics.json's max_len."""
+    """A 'fine-tuned run directory' of the tiny model: HF layout + the run's stored config (max_len)."""
     d = tmp_path_factory.mktemp("run") / "model"
     tok_dir = tokenizer.save(d.parent / "tok")
     save_bert(params, CFG, d, head="classifier", tokenizer_dir=tok_dir)
-    (d / "metrics.json").write_text(json.dumps({"args": {"max_len": 32}}))
+    (d / "run_config.json").write_text(json.dumps({"max_len": 32}))
     return d
 
 
@@ -243,27 +242,15 @@ def run_example(*args, timeout=300):
                           timeout=timeout)
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("finetune_imdb_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def check_predict_file(model_dir, params, tokenizer, tmp_path, form, capsys=None):
-    """--predict-file prints one line per non-empty line of the file, as the eager forward says;
-    in-process through main() when ``capsys`` is given (fast), else in a subprocess."""
+def check_predict_file(model_dir, params, tokenizer, tmp_path, form, *flags):
+    """--predict-file prints one line per non-empty line of the file, as the eager forward says."""
     reviews = tmp_path / "reviews.txt"
     reviews.write_text("\n".join(TEXTS[:3]) + "\n\n" + "\n".join(TEXTS[3:]) + "\n")  # a blank line is skipped
-    argv = ["--model", model_dir, "--predict-file", reviews, "--truncation", "head", "--batch-size", 2]
-    if capsys is not None:
-        assert load_example().main(list(map(str, argv))) == 0
-        out, err = capsys.readouterr()
-    else:
-        proc = run_example(*argv)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        out, err = proc.stdout, proc.stderr
-    assert f"({form}" in err, err[-500:]
+    proc = run_example("--model", model_dir, "--predict-file", reviews, "--truncation", "head", "--batch-size", 2,
+                       *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, err = proc.stdout, proc.stderr
+    assert f"({form})" in err, err[-500:]
     lines = [ln.split("\t") for ln in out.strip().splitlines()]
     probs = torch.softmax(eager_logits(params, tokenizer, TEXTS, 32), -1)
     assert len(lines) == len(TEXTS)
@@ -271,18 +258,24 @@ def check_predict_file(model_dir, params, tokenizer, tmp_path, form, capsys=None
         i = int(pr.argmax())
         assert label == CFG.labels[i] and float(p) == pytest.approx(float(pr[i]), abs=1e-4)
         assert excerpt[:15] == " ".join(text.split())[:15]
+    return err
 
 
-def test_example_predict_file_without_package(model_dir, params, tokenizer, tmp_path, capsys):
-    check_predict_file(model_dir, params, tokenizer, tmp_path, "eager", capsys)
-    with pytest.raises(SystemExit):
-        load_example().parse_args(["--model", str(model_dir), "--predict", "x", "--predict-file", "f"])
-    assert "not both" in capsys.readouterr().err
+def test_example_predict_file_without_package(model_dir, params, tokenizer, tmp_path):
+    check_predict_file(model_dir, params, tokenizer, tmp_path, "eager")
+    proc = run_example("--model", model_dir, "--predict", "x", "--predict-file", "f", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: give one of --predict, --predict-file and --evaluate"
+    proc = run_example("--predict", "great film", timeout=60)
+    assert proc.returncode == 2 and "--model RUN_DIR is required" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_example("--predict", "great film", "--model", tmp_path / "none", timeout=60)
+    assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr
 
 
 @pytest.mark.slow  # AOTInductor compile of the tiny model (~60 s on 2 shared cores)
-def test_example_export_then_predict_file_uses_it(model_dir, params, tokenizer, tmp_path):
+def test_example_export_then_predict_file_uses_it_only_with_consent(model_dir, params, tokenizer, tmp_path):
     proc = run_example("--model", model_dir, "--export", "--truncation", "head", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((model_dir / "export" / "export.json").read_text())["form"] == "aoti"
-    check_predict_file(model_dir, params, tokenizer, tmp_path, "aoti")
+    err = check_predict_file(model_dir, params, tokenizer, tmp_path, "eager")  # no consent: the weights
+    assert f"note: skipped {model_dir / 'export'}" in err
+    check_predict_file(model_dir, params, tokenizer, tmp_path, "aoti", "--trust-package")

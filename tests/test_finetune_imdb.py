@@ -23,8 +23,9 @@ from fnlm.data import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_imdb.py"
+CLASSIFY = ROOT / "examples" / "classify.py"
 MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "metrics.json", "errors.tsv",
-               "training.png")
+               "training.png", "README.md", "metrics.jsonl", "run_config.json", "environment.json")
 
 POS = ["a wonderful, moving film with superb acting", "great fun from start to finish, I loved it",
        "the best movie I have seen this year<br /><br />ten stars", "brilliant script and a beautiful score",
@@ -34,10 +35,10 @@ NEG = ["a dull, boring mess that wastes its cast", "awful acting and a terrible,
        "lazy writing, ugly sets and no laughs at all", "a tedious, badly edited disappointment"]
 
 
-def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(*args: str, timeout: float = 600, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -90,9 +91,9 @@ def check_run_dir(out: Path, texts: list[str], labels: list[int], max_len: int) 
     correct = int((logits.argmax(-1) == torch.tensor(labels)).sum())
     assert correct == round(metrics["final_test_accuracy"] * len(labels))
 
-    # --predict prints label and probability per review, as a direct computation gives them
+    # classify.py --predict prints label and probability per review, as a direct computation gives them
     shown = texts[:3]
-    proc = run_script("--model", out, "--predict", *shown, timeout=120)
+    proc = run_script("--model", out, "--predict", *shown, timeout=120, script=CLASSIFY)
     assert proc.returncode == 0, proc.stderr
     lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
     assert len(lines) == len(shown)
@@ -212,13 +213,6 @@ def test_max_len_above_position_table(small_archive, minilm_dir, tmp_path):
     out = tmp_path / "runs" / "x"
     proc = run_script("--data", small_archive, "--weights", minilm_dir, "--max-len", 1024, "--out", out, timeout=120)
     assert_clean_failure(proc, out, "--max-len 1024", "max_position_embeddings=512")
-
-
-def test_predict_needs_a_model(tmp_path):
-    proc = run_script("--predict", "great film", timeout=60)
-    assert proc.returncode == 2 and "--model" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("--predict", "great film", "--model", tmp_path / "none", timeout=60)
-    assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- real fine-tuning

@@ -9,7 +9,7 @@ import torch
 
 from fnlm.data import load_imdb, load_tokenizer
 from fnlm.models import bert_classifier, load_bert
-from test_finetune_imdb import run_script, small_archive  # noqa: F401  (the fixture)
+from test_finetune_imdb import CLASSIFY, run_script, small_archive  # noqa: F401  (the fixture)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -42,8 +42,8 @@ def test_lora_rank_4_end_to_end_and_peft_reloads(small_archive, minilm_dir, tmp_
     correct = int((theirs.argmax(-1) == torch.tensor(test.labels)).sum())
     assert correct == round(metrics["final_test_accuracy"] * len(texts))
 
-    # --predict on the adapter directory: the probabilities peft gives
-    proc = run_script("--model", out, "--predict", *test.texts[:2], timeout=120)
+    # classify.py --predict on the adapter directory: the probabilities peft gives
+    proc = run_script("--model", out, "--predict", *test.texts[:2], timeout=120, script=CLASSIFY)
     assert proc.returncode == 0, proc.stderr
     probs = torch.softmax(theirs[:2], -1)
     for line, p in zip(proc.stdout.strip().splitlines(), probs):
@@ -64,13 +64,12 @@ def test_lora_bad_flags_are_one_line_errors(small_archive, minilm_dir, tmp_path)
 def test_lora_gets_its_own_default_learning_rate():
     """Adapters start at B = 0 with 0.3% of the parameters: the full fine-tuning lr (1e-4) left the
     default LoRA run at chance, so --lora-rank has its own default; an explicit --lr wins."""
-    from test_resume import SCRIPT, load_example
+    def lr(*flags):
+        proc = run_script(*flags, "--print-config", timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["lr"]
 
-    ex = load_example(SCRIPT)
-    assert ex.LORA_LR > ex.FULL_LR
-    assert ex.parse_args([]).lr == ex.FULL_LR
-    assert ex.parse_args(["--lora-rank", "8"]).lr == ex.LORA_LR
-    assert ex.parse_args(["--lora-rank", "8", "--lr", "5e-4"]).lr == 5e-4
+    assert lr() == 1e-4 and lr("--lora-rank", "8") == 3e-3 and lr("--lora-rank", "8", "--lr", "5e-4") == 5e-4
 
 
 @pytest.mark.slow

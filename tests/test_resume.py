@@ -2,7 +2,6 @@
 examples that use them (finetune_imdb.py, hello_fnlm.py) killed and resumed as a user would."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -12,8 +11,8 @@ import subprocess
 import sys
 import time
 import warnings
-from argparse import Namespace
 from pathlib import Path
+from types import SimpleNamespace as Namespace
 
 import pytest
 import torch
@@ -140,16 +139,6 @@ SAME = ("confusion_matrix", "evals", "final_test_accuracy", "kept", "per_class",
         "train_loss_per_step")
 
 
-def load_example(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ex = load_example(SCRIPT)
-
-
 def popen(script: Path, *args) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -178,22 +167,6 @@ def assert_same_model(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     return write_imdb_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(minilm_dir, tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide random BERT in Hugging Face layout with MiniLM's tokenizer (fast steps, small checkpoints)."""
-    import transformers
-
-    d = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(d)
-    for f in minilm_dir.iterdir():
-        if f.name.startswith(("vocab", "tokenizer", "special")):
-            shutil.copy(f, d / f.name)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -254,35 +227,50 @@ def _files(d: Path) -> dict:
 
 @pytest.mark.parametrize("flag, value", [("--lr", "2e-3"), ("--max-len", "64"), ("--train-size", "12"),
                                          ("--weights", "/elsewhere/bert"), ("--data", "/elsewhere/imdb.tar.gz")])
-def test_resume_with_another_setting_names_it(stopped_run, flag, value, capsys):
+def test_resume_with_another_setting_names_it(stopped_run, flag, value):
     out, _ = stopped_run
     before = _files(out.with_name(".run.partial"))
-    assert ex.main(["--resume", str(out), flag, value, "--no-compile"]) == 2
-    err = capsys.readouterr().err.strip()
+    proc = run_script("--resume", str(out), flag, value, "--no-compile", timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: --resume") and f"{flag} differs" in err, err
     assert _files(out.with_name(".run.partial")) == before and not out.exists()
 
 
-def test_resume_with_changed_data_contents_names_it(stopped_run, capsys):
+def test_resume_with_changed_data_contents_names_it(stopped_run):
     out, data = stopped_run
     original = data.read_bytes()
     try:
         write_imdb_archive(data, n_per_class=13)
-        assert ex.main(["--resume", str(out), "--no-compile"]) == 2
+        proc = run_script("--resume", str(out), "--no-compile", timeout=300)
+        assert proc.returncode == 2
     finally:
         data.write_bytes(original)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: cannot resume") and "--data (contents) differs" in err[-1], err
 
 
+def load_data(path, train_size, val_size, test_size, seed=0) -> dict:
+    """The main job's split (examples/finetune_imdb.py, step 2) through the library's functions."""
+    from fnlm.data import default_val_size, load_imdb_splits, subset, train_val_split
+
+    splits = load_imdb_splits(path, ("train", "test"))
+    pool = splits["train"]
+    n_val = val_size if val_size is not None else default_val_size(train_size or len(pool))
+    train_idx, val_idx = train_val_split(pool.labels, train_size, n_val, seed=seed)
+    test = subset(splits["test"], test_size, seed=seed) if test_size else splits["test"]
+    return {"train": pool.select(train_idx), "val": pool.select(val_idx), "test": test}
+
+
 def check_validation_split(path, train_size, val_size, test_size) -> dict:
-    args = Namespace(data=path, train_size=train_size, val_size=val_size, test_size=test_size, seed=0)
-    data = ex.load_data(args)
+    from fnlm.data import default_val_size
+
+    data = load_data(path, train_size, val_size, test_size)
     train, val, test = data["train"], data["val"], data["test"]
     key = lambda d: set(zip(d.ids, d.labels))  # noqa: E731  (a review's identity within its split)
     assert val.split == train.split == "train" and test.split == "test"
     assert not key(train) & key(val), "validation reviews were trained on"
-    n_val = val_size if val_size is not None else ex.default_val_size(train_size or len(train) + len(val))
+    n_val = val_size if val_size is not None else default_val_size(train_size or len(train) + len(val))
     assert len(val) == n_val and val.counts() == {0: n_val // 2, 1: n_val // 2}
     if train_size:  # the same training subset as before validation existed
         assert len(train) == train_size and train.counts() == {0: train_size // 2, 1: train_size // 2}
@@ -298,8 +286,8 @@ def test_validation_slice_is_balanced_and_disjoint(archive):
             assert data["train"].texts == subset(load_imdb(archive, "train"), train_size, seed=0).texts
         else:
             assert len(data["train"]) + len(data["val"]) == 24
-    with pytest.raises(ex.CliError, match="--val-size 10: only 8 training reviews are left"):
-        ex.load_data(Namespace(data=archive, train_size=16, val_size=10, test_size=8, seed=0))
+    with pytest.raises(ValueError, match="--val-size 10: only 8 examples are left"):
+        load_data(archive, 16, 10, 8)
 
 
 @pytest.mark.slow
@@ -316,9 +304,11 @@ def test_keep_best_saves_the_best_validation_evaluation(reference_run, archive):
     best = min(evals, key=lambda e: (e["val_loss"], -e["val_accuracy"]))
     assert metrics["kept"] == {"which": "best", "step": best["step"], "val_accuracy": best["val_accuracy"]}
     # the saved parameters give the logged validation loss of that evaluation (and not the last one's)
-    data = ex.load_data(Namespace(data=archive, train_size=16, val_size=4, test_size=8, seed=0))
+    from fnlm.metrics import loss_and_accuracy
+
+    data = load_data(archive, 16, 4, 8)
     probs = torch.softmax(fnlm_logits(reference_run, data["val"].texts, 32), -1)
-    loss, acc = ex.loss_and_accuracy(probs, data["val"].labels)
+    loss, acc = loss_and_accuracy(probs, torch.tensor(data["val"].labels))
     assert loss == pytest.approx(best["val_loss"], abs=1e-5) and acc == best["val_accuracy"]
     assert best["step"] != evals[-1]["step"] and abs(loss - evals[-1]["val_loss"]) > 1e-4, \
         "this configuration must have its best evaluation before the last step, else the test proves nothing"
@@ -327,11 +317,13 @@ def test_keep_best_saves_the_best_validation_evaluation(reference_run, archive):
 def test_classification_metrics_equal_sklearn(reference_run, archive):
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+    from fnlm.metrics import classification_report
+
     g = torch.Generator().manual_seed(0)
     for y_true, y_pred in [(torch.randint(0, 2, (200,), generator=g).tolist(),
                             torch.randint(0, 2, (200,), generator=g).tolist()),
                            ([0, 0, 1, 1], [1, 1, 1, 1])]:  # no prediction of label 0: precision 0 (sklearn's zero_division=0)
-        report = ex.classification_report(y_true, y_pred, 2)
+        report = classification_report(y_true, y_pred, ("neg", "pos"))
         assert report["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
         p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1], zero_division=0)
         for k, name in enumerate(("neg", "pos")):
@@ -339,7 +331,7 @@ def test_classification_metrics_equal_sklearn(reference_run, archive):
             assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[k], r[k], f[k], s[k]))
     # the run's metrics.json, on the predictions of the saved model
     metrics = json.loads((reference_run / "metrics.json").read_text())
-    test = ex.load_data(Namespace(data=archive, train_size=16, val_size=4, test_size=8, seed=0))["test"]
+    test = load_data(archive, 16, 4, 8)["test"]
     y_pred = fnlm_logits(reference_run, test.texts, 32).argmax(-1).tolist()
     assert metrics["confusion_matrix"] == confusion_matrix(test.labels, y_pred, labels=[0, 1]).tolist()
     p, r, f, s = precision_recall_fscore_support(test.labels, y_pred, labels=[0, 1], zero_division=0)
@@ -349,13 +341,18 @@ def test_classification_metrics_equal_sklearn(reference_run, archive):
 def test_confidence_interval_and_errors_file(tmp_path):
     from scipy.stats import binomtest
 
+    from fnlm.data import html_clean
+    from fnlm.metrics import wilson_interval
+    from fnlm.train import write_errors
+
     for k, n in ((869, 1000), (8, 8), (0, 5), (23013, 25000)):
         ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert ex.wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-6)
+        assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-6)
     test = Namespace(texts=["great<br />film", "awful\tstuff " * 40, "fine", "meh"], labels=[0, 1, 1, 0],
                      ids=[10, 11, 12, 13])
     probs = torch.tensor([[0.2, 0.8], [0.95, 0.05], [0.1, 0.9], [0.4, 0.6]])
-    assert ex.write_errors(tmp_path / "e.tsv", probs, test, chars=30) == 3
+    texts = [html_clean(t) for t in test.texts]
+    assert write_errors(tmp_path / "e.tsv", probs, test.labels, texts, test.ids, ("neg", "pos"), chars=30) == 3
     rows = [r.split("\t") for r in (tmp_path / "e.tsv").read_text().splitlines()]
     assert rows[0] == ["probability", "predicted", "label", "id", "text"]
     assert [(r[0], r[1], r[2], r[3]) for r in rows[1:]] == [("0.9500", "neg", "pos", "11"), ("0.8000", "pos", "neg", "10"),
