@@ -4,8 +4,10 @@ runs (metrics.jsonl), its model card and environment, extending a finished run, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -176,13 +178,20 @@ def test_metrics_jsonl_grows_while_the_run_goes_and_the_outputs_describe_it(arch
 def test_report_to_tensorboard(archive, tiny_bert, tmp_path):
     proc = run_script("--data", archive, "--weights", tiny_bert, *TINY, "--report-to", "tensorboard",
                       "--out", tmp_path / "run", timeout=300)
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        assert "pip install tensorboard" in one_error_line(proc)
-        return
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_report_to_tensorboard_without_it_installed(tmp_path):
+    shadow = tmp_path / "shadow" / "tensorboard"  # an import of tensorboard fails, as where it is not installed
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *NOWHERE, "--report-to", "tensorboard", "--out",
+                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    assert "pip install tensorboard" in one_error_line(proc)
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
 
 
 def test_no_test_or_benchmark_loads_an_example_by_path():
