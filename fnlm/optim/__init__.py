@@ -4,8 +4,8 @@ See ``_transforms.py`` for the conventions that let a whole step compile and ``v
 from fnlm.optim._flatten import FlattenState, decay_groups, flatten
 from fnlm.optim._inject import InjectHyperparamsState, find_hyperparam, inject_hyperparams
 from fnlm.optim._partition import MultiTransformState, masked, multi_transform, set_to_zero
-from fnlm.optim._schedules import ScalarOrSchedule, Schedule, constant, cosine, linear_warmup_constant,
-                                   linear_warmup_linear_decay
+from fnlm.optim._schedules import (ScalarOrSchedule, Schedule, constant, cosine, linear_warmup_constant,
+                                   linear_warmup_linear_decay)
 from fnlm.optim._transforms import (
     AdamState,
     EmptyState,
