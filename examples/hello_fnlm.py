@@ -6,7 +6,7 @@ training step, loss + gradient (``torch.func.grad_and_value``) + Adam update, is
 function that ``torch.compile`` turns into one graph (through ``fnlm.compile_fn``, which
 adds the Inductor options that keep compiling fnlm's key-based dropout fast).
 
-    python examples/hello_fnlm.py                 # ~1 minute on 2 CPU cores
+    python examples/hello_fnlm.py                 # 500 compiled steps
     python examples/hello_fnlm.py --steps 100 --no-compile
     python examples/hello_fnlm.py --out runs/hello    # checkpoints every --save-every steps; Ctrl-C, then
     python examples/hello_fnlm.py --resume runs/hello # ... continues exactly where it stopped

@@ -6,7 +6,7 @@ initialised from a key, the compiled training step (AdamW, warm-up + cosine, gra
 validation loss and perplexity on held-out training reviews at intervals, and samples from a few
 prompts at the end. The IMDb *test* split is never read.
 
-    # 2 CPU cores: 10 minutes here (6000 steps; validation perplexity 16.0 vs the bigram's 43.9)
+    # the default run: 6000 steps of 16 x 128 tokens, evaluated and checkpointed every 500
     python examples/pretrain_gpt.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
 
     # sample from a trained run (a run directory or its model/ folder)
@@ -137,16 +137,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- data and tokenizer
-def load_reviews(args) -> tuple[list[str], list[str]]:
+def load_reviews(cfg) -> tuple[list[str], list[str]]:
     """Shuffled IMDb *training* reviews: (training texts, held-out validation texts)."""
-    texts = [html_clean(t) for t in load_imdb_splits(args.data, ("train",))["train"].texts]
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    texts = [html_clean(t) for t in load_imdb_splits(cfg.data, ("train",))["train"].texts]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     texts = [texts[i] for i in order]
-    if args.val_reviews >= len(texts):
-        raise ValueError(f"--val-reviews {args.val_reviews} leaves no training reviews (the split has {len(texts)})")
-    val, train = texts[: args.val_reviews], texts[args.val_reviews:]
-    if args.train_reviews:
-        train = train[: args.train_reviews]
+    if cfg.val_reviews >= len(texts):
+        raise ValueError(f"--val-reviews {cfg.val_reviews} leaves no training reviews (the split has {len(texts)})")
+    val, train = texts[: cfg.val_reviews], texts[cfg.val_reviews:]
+    if cfg.train_reviews:
+        train = train[: cfg.train_reviews]
     return train, val
 
 
