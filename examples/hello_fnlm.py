@@ -6,20 +6,22 @@ training step, loss + gradient (``torch.func.grad_and_value``) + Adam update, is
 function that ``torch.compile`` turns into one graph (through ``fnlm.compile_fn``, which
 adds the Inductor options that keep compiling fnlm's key-based dropout fast).
 
-    python examples/hello_fnlm.py                 # ~1 minute on 2 CPU cores
+    python examples/hello_fnlm.py                 # 500 compiled steps
     python examples/hello_fnlm.py --steps 100 --no-compile
     python examples/hello_fnlm.py --out runs/hello    # checkpoints every --save-every steps; Ctrl-C, then
     python examples/hello_fnlm.py --resume runs/hello # ... continues exactly where it stopped
+    python examples/hello_fnlm.py --resume runs/hello --steps 800   # a finished run, trained further
 
 Task: ``src = 3 1 4 1 5 9 2 6`` -> ``tgt = 6 2 9 5 1 4 1 3``. Exits with status 1 if the
-held-out sequence accuracy after training is below ``--min-accuracy``.
+held-out sequence accuracy after training is below ``--min-accuracy``. The run directory
+(``fnlm.train.Run``, default ``runs/hello-<timestamp>``) holds ``run_config.json``, ``metrics.jsonl``
+and the checkpoints; the finished one also ``metrics.json``, ``README.md`` and ``environment.json``.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,12 +29,37 @@ import torch
 import fnlm
 import fnlm.optim as optim
 from fnlm import random
-from fnlm.io import CheckpointError
-from fnlm.train import GracefulStop, RunCheckpoints
+from fnlm.config import check, cli_main, config_to_dict, option, parse_config
+from fnlm.io import write_json
+from fnlm.train import Run, model_card
 
 PAD, BOS, EOS, DIGIT0 = 0, 1, 2, 3  # token ids; digit d is DIGIT0 + d
 VOCAB = DIGIT0 + 10
 SEQ_LEN = 8
+
+
+@dataclass(frozen=True)
+class HelloConfig:
+    steps: int = option(500, "training steps (a larger value on --resume trains a run further)")
+    seed: int = option(0, "init, data and dropout all derive from it")
+    batch_size: int = option(64, "sequences per step")
+    lr: float = option(2e-3, "Adam's learning rate")
+    log_every: int | None = option(None, "print the loss every N steps; default: a tenth of --steps")
+    compile: bool = option(True, "compile the step with torch.compile (--no-compile: eager)")
+    min_accuracy: float = option(0.9, "exit 1 if held-out sequence accuracy ends below this")
+    save_every: int = option(100, "write a checkpoint every N steps (and at the last)")
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    out: Path | None = option(None, "run directory (default runs/hello-<timestamp>)")
+    resume: Path | None = option(None, "continue the run in RUN_DIR from its last checkpoint (a finished one "
+                                 "with a larger --steps)", metavar="RUN_DIR")
+    overwrite: bool = option(False, "replace an existing --out")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "save_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
+        check(self.log_every is None or self.log_every >= 1, "--log-every must be >= 1, got {}", self.log_every)
+        check(self.lr > 0, "--lr must be > 0, got {}", self.lr)
+        check(0 <= self.min_accuracy <= 1, "--min-accuracy must be in [0, 1], got {}", self.min_accuracy)
 
 
 def make_batch(key: random.Key, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,31 +72,17 @@ def make_batch(key: random.Key, batch_size: int) -> tuple[torch.Tensor, torch.Te
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--log-every", type=int, default=None, help="default: steps // 10")
-    ap.add_argument("--no-compile", action="store_true", help="run the step eagerly")
-    ap.add_argument("--min-accuracy", type=float, default=0.9,
-                    help="exit 1 if held-out sequence accuracy ends below this")
-    ap.add_argument("--out", type=Path, help="run directory for train-state checkpoints (default: none)")
-    ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (with --out/--resume)")
-    ap.add_argument("--keep-checkpoints", type=int, default=2)
-    ap.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    args = ap.parse_args(argv)
-    peeked = RunCheckpoints.peek(args.resume) if args.resume is not None else None
-    if peeked is not None:  # the run's settings become the defaults; one given with another value is refused
-        ap.set_defaults(**{k[2:].replace("-", "_"): v for k, v in peeked[0].items()})
-        args = ap.parse_args(argv)
-    log_every = args.log_every or max(1, args.steps // 10)
-    if args.resume is not None and args.out is not None:
-        ap.error("--resume RUN_DIR continues that run in place; leave out --out")
-    if args.save_every < 1 or args.keep_checkpoints < 1:
-        ap.error("--save-every and --keep-checkpoints must be >= 1")
-    run_dir = args.resume or args.out
+    cfg, explicit = parse_config(HelloConfig, argv, description=__doc__.split("\n\n")[0])
+    # Adam's rate is constant, so --steps only says where to stop: a resumed run may raise it.
+    with Run.open(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="hello-%Y%m%d-%H%M%S",
+                  may_change=("steps", "log_every", "min_accuracy", "save_every", "keep_checkpoints"),
+                  per_session=("out", "resume", "overwrite", "compile"), repeat=("compile",)) as run:
+        return train(run, run.config)
 
+
+def train(run: Run, args: HelloConfig) -> int:
+    print(f"run directory: {run.dir}", flush=True)
+    log_every = args.log_every or max(1, args.steps // 10)
     cfg = fnlm.TransformerConfig(
         d_model=64, n_heads=4, d_ff=128, n_layers=2, dropout=0.1,
         src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, max_len=SEQ_LEN + 2,
@@ -90,51 +103,37 @@ def main(argv: list[str] | None = None) -> int:
         return optim.apply_updates(params, updates), opt_state, loss
 
     # fnlm.compile_fn(f) = torch.compile(f, fullgraph=True) + fnlm's Inductor options (see fnlm.train)
-    step_fn = train_step if args.no_compile else fnlm.compile_fn(train_step)
+    step_fn = fnlm.compile_fn(train_step) if args.compile else train_step
 
-    # Checkpoints (fnlm.train.RunCheckpoints): the data of step s is a function of fold_in(k_data, s),
-    # so (params, opt_state, step) is the whole train state and a resumed run equals an uninterrupted one.
-    ckpts, start, log = None, 0, {"first_loss": None, "last_loss": None}
-    if run_dir is not None:
-        config = {"--steps": args.steps, "--seed": args.seed, "--batch-size": args.batch_size, "--lr": args.lr}
-        ckpts = RunCheckpoints(run_dir, config, keep=args.keep_checkpoints)
-        if args.resume is None and ckpts.checkpoints():
-            print(f"error: {run_dir} already holds checkpoints; continue with --resume {run_dir}", file=sys.stderr)
-            return 2
-        try:
-            state = ckpts.restore() if args.resume is not None else None
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if args.resume is not None and state is None:
-            print(f"error: --resume {run_dir}: no checkpoint there", file=sys.stderr)
-            return 2
-        if state is not None:
-            params, opt_state, start, log = state.params, state.opt_state, state.step, state.extra
-            print(f"resumed from {state.path} at step {start}")
+    # Checkpoints (fnlm.train.Run): the data of step s is a function of fold_in(k_data, s), so
+    # (params, opt_state, step) is the whole train state and a resumed run equals an uninterrupted one.
+    ckpts = run.checkpoints(keep=args.keep_checkpoints)
+    start, log = 0, {"first_loss": None, "last_loss": None}
+    if (state := run.restore(ckpts)) is not None:
+        params, opt_state, start, log = state.params, state.opt_state, state.step, state.extra
+        print(f"resumed from {state.path} at step {start}")
 
     t0 = time.perf_counter()
-    stop = GracefulStop() if ckpts is not None else None
-    with stop or contextlib.nullcontext():
+    with run.stop_guard() as stop:
         for step in range(start, args.steps):
             k_batch, k_drop = random.split(random.fold_in(k_data, step))
             src, tgt_in, tgt_out = make_batch(k_batch, args.batch_size)
+            if step == start and args.compile:
+                print("compiling the training step (its first call)...", flush=True)
             params, opt_state, loss = step_fn(params, opt_state, src, tgt_in, tgt_out, k_drop)
-            if step == start and not args.no_compile:
+            if step == start and args.compile:
                 print(f"compiled the training step (loss + grad + Adam) in {time.perf_counter() - t0:.1f}s")
             if step == 0:
                 log["first_loss"] = loss.item()
+            run.log({"step": step + 1, "loss": loss.item()})
             if step % log_every == 0 or step == args.steps - 1:
                 log["last_loss"] = loss.item()
                 print(f"step {step:5d}  loss {log['last_loss']:.4f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
             done = step + 1
-            if ckpts is not None and (done % args.save_every == 0 or done == args.steps or stop.requested):
+            if done % args.save_every == 0 or done == args.steps or stop.requested:
                 ckpts.save(params, opt_state, done, k_data, log)
-                if stop.requested:
-                    print(f"stopped by {stop.requested} at step {done}, checkpoint written; resume with: "
-                          f"python {sys.argv[0]} --resume {run_dir}{' --no-compile' if args.no_compile else ''}",
-                          file=sys.stderr)
-                    return 130
+            if stop.requested and done < args.steps:
+                return run.stopped(done, args.steps, stop.requested)
     train_s = time.perf_counter() - t0
     first_loss, last_loss = log["first_loss"], log["last_loss"]
 
@@ -155,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{mark}] {show(src[i])}  ->  {show(out[i])}")
     print(f"\nfirst loss {first_loss:.4f}, final loss {last_loss:.4f}; training took {train_s:.1f}s")
     print(f"held-out accuracy: sequences {seq_acc:.1%}, tokens {tok_acc:.1%}")
+    settings = {k: v for k, v in config_to_dict(args).items() if k not in ("out", "resume", "overwrite", "compile")}
+    with run.finish(ckpts) as tmp:  # the trained parameters are the kept checkpoint's
+        write_json({"steps": args.steps, "first_loss": first_loss, "final_loss": last_loss, "sequence_accuracy": seq_acc,
+                    "token_accuracy": tok_acc, "train_seconds": train_s}, tmp / "metrics.json")
+        (tmp / "README.md").write_text(model_card(
+            name=run.out.name, base_model=None, dataset="synthetic-digit-reversal", task="text2text-generation",
+            metrics={"sequence_accuracy": seq_acc, "token_accuracy": tok_acc}, hyperparameters=settings,
+            description=f"A {fnlm.tree.num_params(params):,}-parameter encoder-decoder Transformer trained with fnlm "
+                        f"to reverse {SEQ_LEN} digits (examples/hello_fnlm.py)."), encoding="utf-8")
     if seq_acc < args.min_accuracy:
         print(f"FAIL: sequence accuracy {seq_acc:.1%} < --min-accuracy {args.min_accuracy:.0%}")
         return 1
@@ -162,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -6,130 +6,147 @@ initialised from a key, the compiled training step (AdamW, warm-up + cosine, gra
 validation loss and perplexity on held-out training reviews at intervals, and samples from a few
 prompts at the end. The IMDb *test* split is never read.
 
-    # 2 CPU cores: 10 minutes here (6000 steps; validation perplexity 16.0 vs the bigram's 43.9)
+    # the default run: 6000 steps of 16 x 128 tokens, evaluated and checkpointed every 500
     python examples/pretrain_gpt.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
 
     # sample from a trained run (a run directory or its model/ folder)
     python examples/pretrain_gpt.py --model runs/gpt-imdb --generate "This movie was" "I expected"
 
-    # an interrupted run (Ctrl-C, SIGTERM, a killed process) continues exactly from its last checkpoint
+    # an interrupted run (Ctrl-C, SIGTERM, a killed process) continues exactly from its last checkpoint;
+    # a finished one trains further with a larger --steps (the cosine is re-planned over the new total)
     python examples/pretrain_gpt.py --resume runs/gpt-imdb
+    python examples/pretrain_gpt.py --resume runs/gpt-imdb --steps 8000
+
+    # settings from a JSON (or TOML) file, flags on top; --print-config shows the result
+    python examples/pretrain_gpt.py --config gpt.json --steps 3000 --print-config
 
 Batches are random windows of ``--block-size + 1`` tokens of the concatenated training reviews
 (separated by ``<|endoftext|>``); the window offsets of step ``s`` are drawn from
 ``fold_in(data_key, s)``, so a resumed run sees exactly the batches it would have seen.
 
-The run directory (``--out``, default ``runs/gpt-imdb``) holds ``tokenizer/``, ``checkpoints/``
-(train state every ``--save-every`` steps and on SIGINT/SIGTERM; ``--resume`` continues from it) and,
-once training is complete: ``model/`` (Hugging Face layout: ``config.json``, ``model.safetensors``,
-tokenizer files; ``GPT2LMHeadModel.from_pretrained`` loads it), ``curves.png`` (training and
-validation loss, validation perplexity), ``samples.txt`` and ``metrics.json`` (written last). The
+The run directory (``--out``, default ``runs/gpt-imdb``; ``fnlm.train.Run``) is ``.<name>.partial``
+while unfinished: ``run_config.json``, ``metrics.jsonl`` (a line per step and evaluation),
+``tokenizer/`` and ``checkpoints/`` (every ``--save-every`` steps and on SIGINT/SIGTERM). The finished
+one holds ``model/`` (Hugging Face layout: ``GPT2LMHeadModel.from_pretrained`` loads it),
+``tokenizer/``, ``curves.png`` (training and validation loss, validation perplexity), ``samples.txt``,
+``metrics.json``, ``README.md`` (model card), ``environment.json`` and the last checkpoint. The
 validation perplexity of an add-one bigram model on the same tokens is printed beside the GPT's:
 what the Transformer bought.
 """
 from __future__ import annotations
 
-import argparse
 import math
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import fnlm
 from fnlm import optim, random
-from fnlm.data import DatasetError, html_clean, load_imdb_splits
-from fnlm.io import atomic_dir, atomic_path, write_json
+from fnlm.config import check, cli_main, config_to_dict, option, parse_config
+from fnlm.data import html_clean, load_imdb_splits
+from fnlm.io import atomic_dir, write_json
 from fnlm.models import GPT2Config, generate, init_gpt2, lm_loss, load_gpt2, save_gpt2
-from fnlm.train import GracefulStop, ResumeError, RunCheckpoints, digest, make_eval_step, make_train_step
+from fnlm.train import Progress, Run, digest, make_eval_step, make_train_step, model_card
 from fnlm.tree import num_params
 
 EOT = "<|endoftext|>"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "aclImdb_v1_labelled.tar.gz"
 PROMPTS = ("This movie was", "I have never seen", "The acting in this film", "My favourite scene")
-#: settings a resumed run must share with the run it continues
-SETTINGS = ("train_reviews", "val_reviews", "val_tokens", "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
-            "batch_size", "steps", "lr", "min_lr", "warmup", "weight_decay", "clip", "dropout", "seed")
 
 
-class CliError(Exception):
-    """A problem with the command line or its inputs: printed as one line, exit status 2."""
+@dataclass(frozen=True)
+class GptConfig:
+    # data and tokenizer
+    data: Path = option(DEFAULT_DATA, "aclImdb_v1 archive or folder (its train split is used)")
+    train_reviews: int = option(0, "training reviews (0 = all but the validation ones)")
+    val_reviews: int = option(1000, "held-out training reviews for validation")
+    val_tokens: int = option(65536, "validation tokens evaluated (at most)")
+    vocab_size: int = option(512, "byte-level BPE vocabulary")
+    # model and training
+    n_layer: int = option(4, "Transformer blocks")
+    n_head: int = option(4, "attention heads per block")
+    n_embd: int = option(128, "model width (d_model)")
+    block_size: int = option(128, "context length (n_positions)")
+    batch_size: int = option(16, "windows per step")
+    steps: int = option(6000, "training steps (a larger value on --resume trains a run further)")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = option(2e-4, "learning rate at the end of the cosine")
+    warmup: int = option(100, "linear warm-up steps")
+    weight_decay: float = option(0.1, "AdamW's decoupled weight decay")
+    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
+    dropout: float = option(0.0, "embedding/residual/attention dropout")
+    seed: int = option(0, "init, batches and dropout all derive from it")
+    # how this process runs (a resumed run takes these from its command line)
+    compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
+    stop_after: int | None = option(None, "stop (with a checkpoint) after this many steps of this session; "
+                                    "--resume continues")
+    # evaluation, checkpoints and output
+    eval_every: int = option(500, "validation loss every N steps (and at the last)")
+    save_every: int = option(500, "write a checkpoint every N steps (and at the last)")
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    report_to: str | None = option(None, "also log the scalars for TensorBoard", choices=("tensorboard",))
+    out: Path | None = option(None, "run directory (default runs/gpt-imdb)")
+    resume: Path | None = option(None, "continue this run: a stopped one from its last checkpoint, a finished "
+                                 "one with a larger --steps", metavar="RUN_DIR")
+    overwrite: bool = option(False, "replace an existing --out")
+    # generation (also the samples written at the end of training)
+    generate: tuple[str, ...] = option((), "sample continuations of these prompts and exit", metavar="PROMPT")
+    model: Path | None = option(None, "a run directory or its model/ folder (for --generate)")
+    max_new_tokens: int = option(60, "tokens sampled per prompt (at most)")
+    temperature: float = option(0.8, "softmax temperature; 0 = greedy")
+    top_k: int = option(50, "sample among the k most likely tokens; 0 = all")
+    top_p: float = option(0.95, "sample among the most likely tokens holding this probability (nucleus)")
+
+    def __post_init__(self):
+        for name in ("val_reviews", "val_tokens", "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
+                     "batch_size", "steps", "eval_every", "save_every", "keep_checkpoints", "max_new_tokens"):
+            check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
+        for name in ("train_reviews", "warmup", "top_k"):
+            check(getattr(self, name) >= 0, "--{} must be >= 0, got {}", name.replace("_", "-"), getattr(self, name))
+        check(self.stop_after is None or self.stop_after >= 1, "--stop-after must be >= 1, got {}", self.stop_after)
+        check(self.n_embd % self.n_head == 0, "--n-embd {} must be divisible by --n-head {}", self.n_embd, self.n_head)
+        check(self.lr > 0, "--lr must be > 0, got {}", self.lr)
+        check(0 <= self.min_lr <= self.lr, "--min-lr must be in [0, --lr], got {}", self.min_lr)
+        check(self.weight_decay >= 0, "--weight-decay must be >= 0, got {}", self.weight_decay)
+        check(self.clip >= 0, "--clip must be >= 0 (0 = no clipping), got {}", self.clip)
+        check(0 <= self.dropout < 1, "--dropout must be in [0, 1), got {}", self.dropout)
+        check(self.temperature >= 0, "--temperature must be >= 0 (0 = greedy), got {}", self.temperature)
+        check(0 < self.top_p <= 1, "--top-p must be in (0, 1], got {}", self.top_p)
+        check(not self.generate or self.model is not None, "--generate needs --model DIR (a run directory written "
+              "by this script)")
+        check(self.model is None or bool(self.generate), "--model is for --generate")
+        object.__setattr__(self, "data", self.data.expanduser().resolve())  # --resume from elsewhere: the same path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = ap.add_argument_group("data and tokenizer")
-    g.add_argument("--data", type=Path, default=DEFAULT_DATA, help="aclImdb_v1 archive or folder (train split used)")
-    g.add_argument("--train-reviews", type=int, default=0, help="training reviews (0 = all but the validation ones)")
-    g.add_argument("--val-reviews", type=int, default=1000, help="held-out training reviews for validation")
-    g.add_argument("--val-tokens", type=int, default=65536, help="validation tokens evaluated (at most)")
-    g.add_argument("--vocab-size", type=int, default=512, help="byte-level BPE vocabulary")
-    g = ap.add_argument_group("model and training")
-    g.add_argument("--n-layer", type=int, default=4)
-    g.add_argument("--n-head", type=int, default=4)
-    g.add_argument("--n-embd", type=int, default=128)
-    g.add_argument("--block-size", type=int, default=128, help="context length (n_positions)")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--steps", type=int, default=6000)
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--min-lr", type=float, default=2e-4, help="learning rate at the end of the cosine")
-    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global L2 norm")
-    g.add_argument("--dropout", type=float, default=0.0, help="embedding/residual/attention dropout")
-    g.add_argument("--seed", type=int, default=0, help="init, batches and dropout all derive from it")
-    g.add_argument("--no-compile", action="store_true", help="run the steps eagerly (no torch.compile)")
-    g = ap.add_argument_group("evaluation, checkpoints and output")
-    g.add_argument("--eval-every", type=int, default=500)
-    g.add_argument("--save-every", type=int, default=500)
-    g.add_argument("--stop-after", type=int, default=None,
-                   help="stop (with a checkpoint) after this many steps of this session; --resume continues")
-    g.add_argument("--out", type=Path, default=Path("runs/gpt-imdb"), help="run directory")
-    g.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    g = ap.add_argument_group("generation")
-    g.add_argument("--generate", nargs="+", metavar="PROMPT", help="sample continuations of these prompts and exit")
-    g.add_argument("--model", type=Path, help="a run directory or its model/ folder (for --generate)")
-    g.add_argument("--max-new-tokens", type=int, default=60)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=0.95)
-    return ap
+# Settings a resumed run takes from its command line (else the run's); every other one must agree.
+MAY_CHANGE = ("data", "steps", "eval_every", "save_every", "keep_checkpoints", "report_to", "max_new_tokens",
+              "temperature", "top_k", "top_p")
+PER_SESSION = ("out", "resume", "overwrite", "compile", "stop_after", "generate", "model")
 
 
-def parse_args(argv):
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    for name in ("val_reviews", "val_tokens", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                 "steps", "eval_every", "save_every", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.train_reviews < 0:
-        ap.error(f"--train-reviews must be >= 0 (0 = all), got {args.train_reviews}")
-    if args.n_embd % args.n_head:
-        ap.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
-    if args.generate and args.model is None:
-        ap.error("--generate needs --model DIR (a run directory written by this script)")
-    if args.model is not None and not args.generate:
-        ap.error("--model is for --generate")
-    return args
+def main(argv: list[str] | None = None) -> int:
+    cfg, explicit = parse_config(GptConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.generate:
+        return generate_cli(cfg)
+    with Run.open(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="gpt-imdb",
+                  may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",), report_to=cfg.report_to) as run:
+        return train(run, run.config)
 
 
 # ----------------------------------------------------------------------------- data and tokenizer
-def load_reviews(args) -> tuple[list[str], list[str]]:
+def load_reviews(cfg) -> tuple[list[str], list[str]]:
     """Shuffled IMDb *training* reviews: (training texts, held-out validation texts)."""
-    if not Path(args.data).exists():
-        raise CliError(f"--data {args.data}: no such file or folder (the IMDb archive aclImdb_v1.tar.gz)")
-    texts = [html_clean(t) for t in load_imdb_splits(args.data, ("train",))["train"].texts]
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    texts = [html_clean(t) for t in load_imdb_splits(cfg.data, ("train",))["train"].texts]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     texts = [texts[i] for i in order]
-    if args.val_reviews >= len(texts):
-        raise CliError(f"--val-reviews {args.val_reviews} leaves no training reviews (the split has {len(texts)})")
-    val, train = texts[: args.val_reviews], texts[args.val_reviews:]
-    if args.train_reviews:
-        train = train[: args.train_reviews]
+    if cfg.val_reviews >= len(texts):
+        raise ValueError(f"--val-reviews {cfg.val_reviews} leaves no training reviews (the split has {len(texts)})")
+    val, train = texts[: cfg.val_reviews], texts[cfg.val_reviews:]
+    if cfg.train_reviews:
+        train = train[: cfg.train_reviews]
     return train, val
 
 
@@ -152,7 +169,7 @@ def load_tokenizer(path: Path):
 
     f = Path(path) / "tokenizer.json"
     if not f.is_file():
-        raise CliError(f"{path}: no tokenizer.json (is it a run directory written by this script?)")
+        raise OSError(f"{path}: no tokenizer.json (is it a run directory written by this script?)")
     return Tokenizer.from_file(str(f))
 
 
@@ -175,7 +192,7 @@ def val_windows(stream: torch.Tensor, block: int, max_tokens: int) -> torch.Tens
     """Consecutive, non-overlapping windows of ``block + 1`` tokens (``block`` targets each)."""
     n = min(max_tokens // block, (len(stream) - 1) // block)
     if n < 1:
-        raise CliError(f"the validation reviews hold {len(stream)} tokens, fewer than one window of {block + 1}")
+        raise ValueError(f"the validation reviews hold {len(stream)} tokens, fewer than one window of {block + 1}")
     return torch.stack([stream[i * block: i * block + block + 1] for i in range(n)])
 
 
@@ -204,172 +221,161 @@ def plot_curves(path: Path, history: list[dict], evals: list[dict], bigram_ppl: 
     ax2.axhline(bigram_ppl, color="grey", ls="--", label="add-one bigram")
     ax2.set_yscale("log"), ax2.set_xlabel("step"), ax2.set_ylabel("validation perplexity"), ax2.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
-def sample_texts(params, cfg, tok, prompts, *, max_new_tokens, seed, temperature=0.8, top_k=50, top_p=0.95,
-                 compile=True) -> list[str]:
+def sample_texts(params, cfg: GPT2Config, tok, prompts: list[str], s: GptConfig, *, compile: bool) -> list[str]:
+    """Continuations of ``prompts`` sampled with the settings of ``s`` (temperature, top-k, top-p, seed)."""
     eot = tok.token_to_id(EOT)
     ids = [tok.encode(p).ids for p in prompts]
     if any(not x for x in ids):
-        raise CliError("every prompt needs at least one token (got an empty prompt)")
+        raise ValueError("every prompt needs at least one token (got an empty prompt)")
     # a prompt as long as the context keeps only its last half (a sliding window); the continuation
     # stops where the context is full
     ids = [x if len(x) < cfg.n_positions else x[-(cfg.n_positions // 2):] for x in ids]
     room = cfg.n_positions - max(len(x) for x in ids)
-    out = generate(params, cfg, ids, max_new_tokens=min(max_new_tokens, room), key=random.key(seed),
-                   temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=[eot], compile=compile)
+    out = generate(params, cfg, ids, max_new_tokens=min(s.max_new_tokens, room), key=random.key(s.seed),
+                   temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p, stop_tokens=[eot], compile=compile)
     return [p + tok.decode([t for t in new if t != eot]) for p, new in zip(prompts, out)]
 
 
-def train(args) -> int:
+def train(run: Run, cfg: GptConfig) -> int:
     t_start = time.time()
-    out = args.resume if args.resume is not None else args.out
-    if args.resume is not None:
-        saved = RunCheckpoints.saved_config(out)
-        if saved is None:
-            raise CliError(f"--resume {out}: no checkpoint found")
-        for name in SETTINGS:  # the run's own settings, so that `--resume DIR` alone suffices
-            setattr(args, name, saved["--" + name.replace("_", "-")])
-    elif out.exists():
-        if not args.overwrite:
-            raise CliError(f"--out {out} already exists (pass --overwrite to replace it, or --resume {out})")
-        import shutil
+    print(f"run directory: {run.dir}", flush=True)
+    if not cfg.data.exists():
+        raise OSError(f"--data {cfg.data}: no such file or folder (the IMDb archive aclImdb_v1.tar.gz)")
+    torch.manual_seed(cfg.seed)
 
-        shutil.rmtree(out)
-    torch.manual_seed(args.seed)
-
-    train_texts, val_texts = load_reviews(args)
-    tok_dir = out / "tokenizer"
+    # 1. The text and the tokenizer (trained on the training reviews; a resumed run reads its own).
+    train_texts, val_texts = load_reviews(cfg)
     t0 = time.time()
-    tok = load_tokenizer(tok_dir) if args.resume is not None else train_tokenizer(
-        train_texts, args.vocab_size, tok_dir, args.block_size)
+    if run.resuming:  # a finished run being extended keeps its tokenizer in the finished directory
+        tok_dir = next((d for d in (run.dir / "tokenizer", run.out / "tokenizer") if d.is_dir()), run.dir / "tokenizer")
+        tok = load_tokenizer(tok_dir)
+    else:
+        tok_dir = run.dir / "tokenizer"
+        tok = train_tokenizer(train_texts, cfg.vocab_size, tok_dir, cfg.block_size)
     train_ids, val_ids = token_stream(tok, train_texts), token_stream(tok, val_texts)
     vocab = tok.get_vocab_size()
-    windows = val_windows(val_ids, args.block_size, args.val_tokens)
+    windows = val_windows(val_ids, cfg.block_size, cfg.val_tokens)
     bigram_ppl = bigram_perplexity(train_ids, windows, vocab)
     print(f"{len(train_texts)} training / {len(val_texts)} validation reviews (IMDb train split); byte-level BPE "
           f"of {vocab} tokens; {len(train_ids):,} / {len(val_ids):,} tokens ({time.time() - t0:.1f}s)", flush=True)
     print(f"add-one bigram baseline: validation perplexity {bigram_ppl:.1f} on {windows[:, 1:].numel():,} tokens",
           flush=True)
 
-    cfg = GPT2Config(vocab_size=vocab, n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
-                     n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
-                     bos_token_id=tok.token_to_id(EOT), eos_token_id=tok.token_to_id(EOT))
-    k_init, k_data, k_train = random.split(random.key(args.seed), 3)
-    params = init_gpt2(k_init, cfg)
-    schedule = optim.cosine(args.lr, args.steps, warmup_steps=args.warmup, final_lr=args.min_lr)
-    optimizer = optim.chain(optim.clip_by_global_norm(args.clip),
-                            optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=args.weight_decay))
+    # 2. The model and the optimizer: clipping, then AdamW with warm-up and a cosine over --steps.
+    gcfg = GPT2Config(vocab_size=vocab, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                      bos_token_id=tok.token_to_id(EOT), eos_token_id=tok.token_to_id(EOT))
+    k_init, k_data, k_train = random.split(random.key(cfg.seed), 3)
+    params = init_gpt2(k_init, gcfg)
+    schedule = optim.cosine(cfg.lr, cfg.steps, warmup_steps=cfg.warmup, final_lr=cfg.min_lr)
+    optimizer = optim.chain(optim.clip_by_global_norm(cfg.clip),
+                            optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay))
     opt_state = optimizer.init(params)
-    print(f"GPT-2: {args.n_layer} layers, {args.n_head} heads, d_model {args.n_embd}, context {args.block_size}: "
-          f"{num_params(params) / 1e6:.2f}M parameters; {args.steps} steps of {args.batch_size} x {args.block_size} "
+    print(f"GPT-2: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, context {cfg.block_size}: "
+          f"{num_params(params) / 1e6:.2f}M parameters; {cfg.steps} steps of {cfg.batch_size} x {cfg.block_size} "
           "tokens", flush=True)
 
+    # 3. The steps: pure functions of the parameters, compiled once.
     def loss_fn(p, batch, key):
-        return lm_loss(p, batch, cfg, key=key, train=True), {}
+        return lm_loss(p, batch, gcfg, key=key, train=True), {}
 
     def eval_fn(p, batch):
-        return {"loss": lm_loss(p, batch, cfg)}
+        return {"loss": lm_loss(p, batch, gcfg)}
 
-    compile_ = not args.no_compile
-    train_step = make_train_step(loss_fn, optimizer, compile=compile_)
-    eval_step = make_eval_step(eval_fn, compile=compile_)
-    config = {"--" + n.replace("_", "-"): getattr(args, n) for n in SETTINGS}
-    config["tokenizer (contents)"] = digest({"ids": torch.tensor([i for _, i in sorted(tok.get_vocab().items())])})
-    config["data (contents)"] = digest({"train": train_ids, "val": val_ids})
-    ckpts = RunCheckpoints(out, config, keep=2)
+    train_step = make_train_step(loss_fn, optimizer, compile=cfg.compile)
+    eval_step = make_eval_step(eval_fn, compile=cfg.compile)
 
+    # 4. The run's state: checkpoints are restored only for the same tokenizer and data.
+    fingerprint = {"tokenizer (contents)": digest({"ids": torch.tensor([i for _, i in sorted(tok.get_vocab().items())])}),
+                   "data (contents)": digest({"train": train_ids, "val": val_ids})}
+    ckpts = run.checkpoints(fingerprint, keep=cfg.keep_checkpoints)
     log = {"history": [], "evals": [], "train_s": 0.0, "tokens": 0}
     step = 0
-    if args.resume is not None:
-        state = ckpts.restore()
+    if (state := run.restore(ckpts)) is not None:
         params, opt_state, step, log = state.params, state.opt_state, state.step, state.extra
-        print(f"resumed from {state.path} (step {step} of {args.steps})", flush=True)
+        print(f"resumed from {state.path} (step {step} of {cfg.steps})", flush=True)
 
     def validate() -> dict:
-        losses = [float(eval_step(params, windows[i: i + args.batch_size])["loss"])
-                  for i in range(0, len(windows), args.batch_size)]
-        sizes = [len(windows[i: i + args.batch_size]) for i in range(0, len(windows), args.batch_size)]
-        val_loss = sum(l * n for l, n in zip(losses, sizes)) / sum(sizes)
+        chunks = [windows[i: i + cfg.batch_size] for i in range(0, len(windows), cfg.batch_size)]
+        val_loss = sum(float(eval_step(params, c)["loss"]) * len(c) for c in chunks) / len(windows)
         entry = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
         log["evals"].append(entry)
+        run.log({"kind": "eval", **entry})
         return entry
 
-    from tqdm.auto import tqdm
-
+    # 5. The steps; SIGINT/SIGTERM (or --stop-after) finish the step and checkpoint.
     session_steps = 0
-    stop = GracefulStop()
-    with stop, tqdm(total=args.steps, initial=step, desc="pretraining", unit="step", dynamic_ncols=True,
-                    disable=None) as bar:
-        while step < args.steps:
-            batch = train_batch(train_ids, k_data, step, args.batch_size, args.block_size)
+    with run.stop_guard() as stop, Progress(cfg.steps, "pretraining", initial=step) as bar:
+        while step < cfg.steps:
+            batch = train_batch(train_ids, k_data, step, cfg.batch_size, cfg.block_size)
+            if session_steps == 0 and cfg.compile:
+                bar.compiling(f"{tuple(batch.shape)}")
             t = time.time()
             params, opt_state, metrics = train_step(params, opt_state, batch, random.fold_in(k_train, step))
             loss = float(metrics["loss"])
             if session_steps > 0:  # the first call of a session compiles: not counted in tokens/s
                 log["train_s"] += time.time() - t
                 log["tokens"] += batch[:, 1:].numel()
-            step += 1
-            session_steps += 1
+            step, session_steps = step + 1, session_steps + 1
             log["history"].append({"step": step, "loss": loss, "lr": float(metrics["lr"])})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if step % args.eval_every == 0 or step == args.steps:
+            run.log({"kind": "train", **log["history"][-1]})
+            bar.update(loss=f"{loss:.3f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
                 e = validate()
                 bar.write(f"step {step}: validation loss {e['val_loss']:.3f}, perplexity {e['val_ppl']:.1f} "
                           f"(bigram {bigram_ppl:.1f})")
-            stopping = stop.requested or (args.stop_after is not None and session_steps >= args.stop_after)
-            if step % args.save_every == 0 or step == args.steps or stopping:
+            why = stop.requested or ("--stop-after" if session_steps == cfg.stop_after else None)
+            if step % cfg.save_every == 0 or step == cfg.steps or why:
                 ckpts.save(params, opt_state, step, k_train, log)
-            if stopping and step < args.steps:
-                bar.write(f"stopped after step {step}; continue with: python {sys.argv[0]} --resume {out}")
-                return 0
+            if why and step < cfg.steps:
+                code = run.stopped(step, cfg.steps, why)
+                return code if stop.requested else 0
 
-    # ---- the finished run: model, curves, samples, metrics (last)
-    save_gpt2(params, cfg, out / "model", tokenizer_dir=tok_dir)
-    plot_curves(out / "curves.png", log["history"], log["evals"], bigram_ppl)
-    samples = sample_texts(params, cfg, tok, list(PROMPTS), max_new_tokens=args.max_new_tokens, seed=args.seed,
-                           compile=compile_)
-    with atomic_path(out / "samples.txt") as tmp:
-        tmp.write_text("\n\n".join(samples) + "\n")
-    print("\nsamples (temperature 0.8, top-k 50, top-p 0.95):")
-    for s in samples:
-        print(f"  {s!r}")
+    # 6. The finished run: model, tokenizer, curves, samples, metrics, model card.
+    samples = sample_texts(params, gcfg, tok, list(PROMPTS), cfg, compile=cfg.compile)
     final = log["evals"][-1]
     tokens_per_s = log["tokens"] / log["train_s"] if log["train_s"] else float("nan")
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in PER_SESSION}
     metrics = {"val_loss": final["val_loss"], "val_perplexity": final["val_ppl"], "bigram_val_perplexity": bigram_ppl,
                "steps": step, "train_tokens_per_s": tokens_per_s, "evals": log["evals"], "history": log["history"],
-               "params": num_params(params), "config": config, "wall_s": time.time() - t_start}
-    write_json(metrics, out / "metrics.json")
+               "params": num_params(params), "config": settings | fingerprint,
+               "wall_s": time.time() - t_start}
+    with run.finish(ckpts) as tmp:
+        shutil.copytree(tok_dir, tmp / "tokenizer")
+        save_gpt2(params, gcfg, tmp / "model", tokenizer_dir=tok_dir)
+        plot_curves(tmp / "curves.png", log["history"], log["evals"], bigram_ppl)
+        (tmp / "samples.txt").write_text("\n\n".join(samples) + "\n")
+        write_json(metrics, tmp / "metrics.json")
+        (tmp / "README.md").write_text(model_card(
+            name=run.out.name, base_model=None, dataset="imdb", task="text-generation",
+            metrics={"val_perplexity": final["val_ppl"], "val_loss": final["val_loss"],
+                     "bigram_val_perplexity": bigram_ppl},
+            hyperparameters=settings,
+            description=f"A {num_params(params) / 1e6:.2f}M-parameter GPT-2 pretrained from scratch with fnlm on "
+                        f"{len(train_texts)} IMDb training reviews ({step} steps); validation on {len(val_texts)} "
+                        "held-out training reviews."), encoding="utf-8")
+    print(f"\nsamples (temperature {cfg.temperature:g}, top-k {cfg.top_k}, top-p {cfg.top_p:g}):")
+    for s in samples:
+        print(f"  {s!r}")
     print(f"\nvalidation perplexity {final['val_ppl']:.1f} (add-one bigram: {bigram_ppl:.1f}); "
-          f"{tokens_per_s:,.0f} training tokens/s; model in {out / 'model'}", flush=True)
+          f"{tokens_per_s:,.0f} training tokens/s; model in {run.out / 'model'}", flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------------- generation
-def generate_cli(args) -> int:
-    model_dir = args.model / "model" if (args.model / "model" / "config.json").is_file() else args.model
+def generate_cli(cfg: GptConfig) -> int:
+    model_dir = cfg.model / "model" if (cfg.model / "model" / "config.json").is_file() else cfg.model
     if not (model_dir / "config.json").is_file():
-        raise CliError(f"--model {args.model}: no config.json (pass a finished run directory or its model/ folder)")
-    params, cfg = load_gpt2(model_dir)
-    tok = load_tokenizer(model_dir)
-    for text in sample_texts(params, cfg, tok, args.generate, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                             temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, compile=False):
+        raise OSError(f"--model {cfg.model}: no config.json (pass a finished run directory or its model/ folder)")
+    params, gcfg = load_gpt2(model_dir)
+    for text in sample_texts(params, gcfg, load_tokenizer(model_dir), list(cfg.generate), cfg, compile=False):
         print(text, end="\n\n")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return generate_cli(args) if args.generate else train(args)
-    except (CliError, DatasetError, ResumeError, fnlm.io.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -12,30 +12,38 @@ keeps the source's pooler), which ``examples/finetune_imdb.py --weights DIR`` fi
     python examples/pretrain_mlm.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --out runs/mlm
     python examples/finetune_imdb.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --weights runs/mlm
 
+    # a stopped run (Ctrl-C, SIGTERM, a killed process) continues exactly; a finished one trains further
+    python examples/pretrain_mlm.py --resume runs/mlm
+    python examples/pretrain_mlm.py --resume runs/mlm --steps 600
+
     # fill-mask with the result (or any BERT with an MLM head)
     python examples/pretrain_mlm.py --model runs/mlm --predict "the film was [MASK] ."
+
+The run directory (``fnlm.train.Run``) is ``.<name>.partial`` while unfinished (``run_config.json``,
+``metrics.jsonl``, ``checkpoints/``); the finished one also holds ``metrics.json``, ``README.md`` (model
+card), ``environment.json`` and its last checkpoint (for ``--resume`` with a larger ``--steps``).
 
 all-MiniLM-L6-v2 (the default ``--weights``) was distilled without an MLM head: the run then
 starts from a freshly initialised head tied to the word embeddings, and says so.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import fnlm
 from fnlm import optim, random
-from fnlm.data import (DatasetError, DownloadError, bucket_lengths, download_imdb, html_clean, load_imdb_splits,
-                       load_tokenizer, make_batches)
-from fnlm.io import CheckpointError, atomic_dir, ensure_minilm, write_json
+from fnlm.config import check, cli_main, config_to_dict, option, parse_config
+from fnlm.data import bucket_lengths, download_imdb, html_clean, load_imdb_splits, load_tokenizer, make_batches
+from fnlm.io import CheckpointError, ensure_minilm, write_json
 from fnlm.models import bert_mlm, load_bert, mask_tokens, mlm_loss, save_bert
-from fnlm.train import make_eval_step, make_train_step
+from fnlm.train import Progress, Run, digest, make_eval_step, make_train_step, model_card
 from fnlm.tree import num_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,53 +51,74 @@ DEFAULT_WEIGHTS = ROOT / "weights" / "all-MiniLM-L6-v2"
 TEXT_SPLITS = ("train", "unsup")  # the only IMDb text pretraining may read
 
 
-class CliError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
+@dataclass(frozen=True)
+class MlmConfig:
+    # data and model
+    data: Path | None = option(None, "IMDb archive or folder (default: download into ~/.cache/fnlm)")
+    splits: str = option("train,unsup", "IMDb text to pretrain on: train and/or unsup (unsup is used when the "
+                         "archive has it); the test split is refused")
+    train_size: int = option(0, "use only this many reviews (0 = all)")
+    eval_size: int = option(200, "training reviews held out for the MLM evaluation")
+    weights: Path = option(DEFAULT_WEIGHTS, "the BERT checkpoint to continue from")
+    max_len: int = option(128, "word pieces per review ([CLS], [SEP] included)")
+    # training
+    steps: int = option(300, "training steps (a larger value on --resume trains a run further)")
+    batch_size: int = option(16, "reviews per step")
+    lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up and decay)")
+    warmup: float = option(0.06, "warm-up, as a fraction of --steps")
+    weight_decay: float = option(0.01, "AdamW's decoupled weight decay")
+    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
+    mask_prob: float = option(0.15, "fraction of the word pieces masked at each step")
+    whole_word: bool = option(False, "mask all word pieces of a word together")
+    seed: int = option(0, "head init, data order, masks and dropout derive from it")
+    compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
+    # evaluation, checkpoints and output
+    eval_every: int = option(100, "held-out MLM loss / accuracy every N steps (and at the last)")
+    save_every: int = option(100, "write a checkpoint every N steps (and at the last)")
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    report_to: str | None = option(None, "also log the scalars for TensorBoard", choices=("tensorboard",))
+    out: Path | None = option(None, "output directory (default runs/mlm-<timestamp>)")
+    resume: Path | None = option(None, "continue this run: a stopped one from its last checkpoint, a finished "
+                                 "one with a larger --steps", metavar="RUN_DIR")
+    overwrite: bool = option(False, "replace an existing --out")
+    # fill-mask
+    predict: tuple[str, ...] = option((), "print the top-k fillers of each [MASK] and exit", metavar="TEXT")
+    model: Path | None = option(None, "an MLM checkpoint directory for --predict (default --weights)")
+    top_k: int = option(5, "fillers printed per [MASK]")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_len", "eval_every", "save_every", "keep_checkpoints", "top_k"):
+            check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
+        for name in ("train_size", "eval_size", "weight_decay"):
+            check(getattr(self, name) >= 0, "--{} must be >= 0, got {}", name.replace("_", "-"), getattr(self, name))
+        check(self.lr > 0, "--lr must be > 0, got {}", self.lr)
+        check(0 <= self.warmup < 1, "--warmup must be in [0, 1) (a fraction of --steps), got {}", self.warmup)
+        check(self.clip >= 0, "--clip must be >= 0 (0 = no clipping), got {}", self.clip)
+        check(0 < self.mask_prob < 1, "--mask-prob must be in (0, 1), got {}", self.mask_prob)
+        splits = [s.strip() for s in self.splits.split(",") if s.strip()]
+        check("test" not in splits, "--splits: refusing to pretrain on the IMDb test split's text (it is the "
+              "held-out evaluation set of the fine-tuning that follows); use train and/or unsup")
+        check(bool(splits) and set(splits) <= set(TEXT_SPLITS), "--splits must name train and/or unsup, got {!r}",
+              self.splits)
+        check(self.model is None or bool(self.predict), "--model is for --predict")
+        object.__setattr__(self, "splits", ",".join(splits))
+        for name in ("data", "weights"):  # absolute, so --resume from elsewhere compares the same paths
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, getattr(self, name).expanduser().resolve())
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = ap.add_argument_group("data and model")
-    g.add_argument("--data", type=Path, help="IMDb archive or folder (default: download into ~/.cache/fnlm)")
-    g.add_argument("--splits", default="train,unsup",
-                   help="IMDb text to pretrain on: train and/or unsup (unsup is used when the archive has it); "
-                   "the test split is refused")
-    g.add_argument("--train-size", type=int, default=0, help="use only this many reviews (0 = all)")
-    g.add_argument("--eval-size", type=int, default=200, help="training reviews held out for the MLM evaluation")
-    g.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="the BERT checkpoint to continue from")
-    g.add_argument("--max-len", type=int, default=128, help="word pieces per review ([CLS], [SEP] included)")
-    g = ap.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=300)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay)")
-    g.add_argument("--warmup", type=float, default=0.06, help="warm-up, as a fraction of --steps")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--mask-prob", type=float, default=0.15)
-    g.add_argument("--whole-word", action="store_true", help="mask all word pieces of a word together")
-    g.add_argument("--eval-every", type=int, default=100, help="held-out MLM loss / accuracy every N steps")
-    g.add_argument("--seed", type=int, default=0, help="head init, data order, masks and dropout derive from it")
-    g.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
-    g.add_argument("--out", type=Path, help="output directory (default runs/mlm-<timestamp>)")
-    g.add_argument("--overwrite", action="store_true")
-    g = ap.add_argument_group("fill-mask")
-    g.add_argument("--predict", nargs="+", metavar="TEXT", help='print the top-k fillers of each [MASK] and exit')
-    g.add_argument("--model", type=Path, help="an MLM checkpoint directory for --predict (default --weights)")
-    g.add_argument("--top-k", type=int, default=5)
-    args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "max_len", "eval_every", "top_k"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.train_size < 0 or args.eval_size < 0:
-        ap.error("--train-size and --eval-size must be >= 0")
-    if not 0.0 < args.mask_prob < 1.0:
-        ap.error(f"--mask-prob must be in (0, 1), got {args.mask_prob}")
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    bad = [s for s in splits if s not in TEXT_SPLITS + ("test",)]  # test: refused in load_texts, one line
-    if bad or not splits:
-        ap.error(f"--splits must name train and/or unsup, got {args.splits!r}")
-    args.splits = splits
-    return args
+# Settings a resumed run takes from its command line (else the run's); every other one must agree.
+MAY_CHANGE = ("data", "steps", "eval_every", "save_every", "keep_checkpoints", "report_to", "top_k")
+PER_SESSION = ("out", "resume", "overwrite", "compile", "predict", "model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, explicit = parse_config(MlmConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.predict:
+        return predict(cfg)
+    with Run.open(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="mlm-%Y%m%d-%H%M%S",
+                  may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",), report_to=cfg.report_to) as run:
+        return train(run, run.config)
 
 
 # ----------------------------------------------------------------------------- data
@@ -108,166 +137,188 @@ def read_unsup(path: Path) -> list[str] | None:
     return texts or None
 
 
-def load_texts(args) -> list[str]:
+def load_texts(cfg) -> list[str]:
     """Training-split review texts (+ unsup if asked and present); never the test split."""
-    path = args.data if args.data is not None else download_imdb()
+    path = cfg.data if cfg.data is not None else download_imdb()
+    splits = cfg.splits.split(",")
     texts: list[str] = []
-    if "train" in args.splits:
+    if "train" in splits:
         texts += load_imdb_splits(path, ("train",))["train"].texts
-    if "unsup" in args.splits:
+    if "unsup" in splits:
         unsup = read_unsup(Path(path))
         if unsup is None:
             print(f"note: {path} has no aclImdb/train/unsup reviews; pretraining on the train split only", flush=True)
         else:
             texts += unsup
     if not texts:
-        raise CliError(f"{path}: no training text found for --splits {','.join(args.splits)}")
+        raise ValueError(f"{path}: no training text found for --splits {cfg.splits}")
     return [html_clean(t) for t in texts]
 
 
 def load_model(path: Path, key):
-    """``(params, pooler, cfg, tokenizer, fresh_head)``: an MLM model, the source's pooler kept aside
-    (None if it has none) so the output can still be fine-tuned as a classifier."""
+    """``(params, pooler, cfg, tokenizer, fresh)``: an MLM model, the source's pooler kept aside
+    (None if it has none) so the output can still be fine-tuned as a classifier. What the checkpoint
+    holds is read from which load succeeds: with its MLM head (and pooler), else with a fresh head
+    initialised from ``key``."""
     if path == DEFAULT_WEIGHTS and not (path / "config.json").is_file():
         ensure_minilm(path)
     if not (path / "config.json").is_file():
-        raise CliError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
-
-    def attempt(pooler: bool):  # -> ((params, cfg), fresh head?)
+        raise OSError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
+    for head_key, pooler in ((None, True), (None, False), (key, True), (key, False)):
         try:
-            return load_bert(path, head="mlm", pooler=pooler), False
+            params, cfg = load_bert(path, head="mlm", pooler=pooler, head_key=head_key)
+            break
         except CheckpointError as e:
-            if "no mlm head" not in str(e):
-                raise
-        return load_bert(path, head="mlm", pooler=pooler, head_key=key), True
-
-    try:
-        try:
-            (params, cfg), fresh = attempt(True)
-        except CheckpointError as e:
-            if "pooler" not in str(e):
-                raise
-            (params, cfg), fresh = attempt(False)
-        tokenizer = load_tokenizer(path)
-    except (CheckpointError, ValueError, TypeError, OSError) as e:
-        raise CliError(str(e).splitlines()[0] + (" ..." if len(str(e).splitlines()) > 1 else "")) from None
+            error = e
+    else:
+        raise error
+    tokenizer = load_tokenizer(path)
     if tokenizer.mask_id is None:
-        raise CliError(f"{path}: the tokenizer has no [MASK] token")
+        raise ValueError(f"{path}: the tokenizer has no [MASK] token")
     pooler = params["bert"].pop("pooler", None)
-    return params, pooler, cfg, tokenizer, fresh
+    return params, pooler, cfg, tokenizer, head_key is not None
 
 
 # ----------------------------------------------------------------------------- masking
-def masked(batch: dict, key, tokenizer, vocab_size: int, args) -> dict:
+def masked(batch: dict, key, tokenizer, vocab_size: int, cfg) -> dict:
     """The batch with a fresh BERT mask drawn from ``key`` (dynamic masking): ``input_ids`` masked,
     ``labels`` the original ids at the selected positions, -100 elsewhere."""
     special = [tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id]
-    starts = tokenizer.word_starts(batch["input_ids"]) if args.whole_word else None
+    starts = tokenizer.word_starts(batch["input_ids"]) if cfg.whole_word else None
     ids, labels = mask_tokens(key, batch["input_ids"], batch["attention_mask"], tokenizer.mask_id, vocab_size,
-                              special, prob=args.mask_prob, word_starts=starts)
+                              special, prob=cfg.mask_prob, word_starts=starts)
     return {"input_ids": ids, "attention_mask": batch["attention_mask"], "token_type_ids": batch["token_type_ids"],
             "labels": labels}
 
 
 # ----------------------------------------------------------------------------- training
-def train(args) -> int:
+def train(run: Run, cfg: MlmConfig) -> int:
     t_start = time.time()
-    if "test" in args.splits:
-        raise CliError("--splits: refusing to pretrain on the IMDb test split's text (it is the held-out "
-                       "evaluation set of the fine-tuning that follows); use train and/or unsup")
-    out = args.out or Path("runs") / time.strftime("mlm-%Y%m%d-%H%M%S")
-    if out.exists() and not args.overwrite:
-        raise CliError(f"--out {out} already exists (pass --overwrite to replace it, or choose another --out)")
-    k_head, k_mask, k_drop, k_eval = random.split(random.key(args.seed), 4)
-    params, pooler, cfg, tokenizer, fresh = load_model(args.weights, k_head)
-    if args.max_len > cfg.max_position_embeddings:
-        raise CliError(f"--max-len {args.max_len} is longer than the model's position table "
-                       f"(max_position_embeddings={cfg.max_position_embeddings})")
+    print(f"run directory: {run.dir}", flush=True)
+
+    # 1. The model (a fresh MLM head where the checkpoint has none) and the text.
+    k_head, k_mask, k_drop, k_eval = random.split(random.key(cfg.seed), 4)
+    params, pooler, bcfg, tokenizer, fresh = load_model(cfg.weights, k_head)
+    if cfg.max_len > bcfg.max_position_embeddings:
+        raise ValueError(f"--max-len {cfg.max_len} is longer than the model's position table "
+                         f"(max_position_embeddings={bcfg.max_position_embeddings})")
     if fresh:
-        print(f"note: {args.weights} has no MLM head (cls.predictions); training a freshly initialised one, "
+        print(f"note: {cfg.weights} has no MLM head (cls.predictions); training a freshly initialised one, "
               "tied to the word embeddings", flush=True)
-    texts = load_texts(args)
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_eval = min(args.eval_size, len(texts) // 5)
+    texts = load_texts(cfg)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_eval = min(cfg.eval_size, len(texts) // 5)
     eval_texts = [texts[i] for i in order[:n_eval]]
     train_texts = [texts[i] for i in order[n_eval:]]
-    if args.train_size:
-        train_texts = train_texts[: args.train_size]
-    ids = tokenizer.encode_ids(train_texts, max_len=args.max_len)
-    eval_ids = tokenizer.encode_ids(eval_texts, max_len=args.max_len)
-    buckets = bucket_lengths(args.max_len, 2)
-    print(f"model {args.weights} ({num_params(params) / 1e6:.1f}M params), {len(ids)} training / {n_eval} "
-          f"held-out reviews, {args.steps} steps of {args.batch_size}, masking "
-          f"{'whole words' if args.whole_word else 'word pieces'} with p={args.mask_prob}", flush=True)
+    if cfg.train_size:
+        train_texts = train_texts[: cfg.train_size]
+    ids = tokenizer.encode_ids(train_texts, max_len=cfg.max_len)
+    eval_ids = tokenizer.encode_ids(eval_texts, max_len=cfg.max_len)
+    buckets = bucket_lengths(cfg.max_len, 2)
+    print(f"model {cfg.weights} ({num_params(params) / 1e6:.1f}M params), {len(ids)} training / {n_eval} "
+          f"held-out reviews, {cfg.steps} steps of {cfg.batch_size}, masking "
+          f"{'whole words' if cfg.whole_word else 'word pieces'} with p={cfg.mask_prob}", flush=True)
 
-    V = cfg.vocab_size
-    eval_batches = [masked(b, random.fold_in(k_eval, i), tokenizer, V, args) for i, b in enumerate(
-        make_batches(eval_ids, None, args.batch_size, buckets, shuffle=False, pad_id=tokenizer.pad_id))]
-    schedule = optim.linear_warmup_linear_decay(args.lr, round(args.warmup * args.steps), args.steps)
-    optimizer = optim.chain(optim.clip_by_global_norm(1.0),
-                            optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=args.weight_decay))
+    # 2. The optimizer and the steps; the held-out batches are masked once, from their own key.
+    V = bcfg.vocab_size
+    eval_batches = [masked(b, random.fold_in(k_eval, i), tokenizer, V, cfg) for i, b in enumerate(
+        make_batches(eval_ids, None, cfg.batch_size, buckets, shuffle=False, pad_id=tokenizer.pad_id))]
+    schedule = optim.linear_warmup_linear_decay(cfg.lr, round(cfg.warmup * cfg.steps), cfg.steps)
+    optimizer = optim.chain(optim.clip_by_global_norm(cfg.clip),
+                            optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay))
     opt_state = optimizer.init(params)
 
     def loss_fn(p, batch, key):
-        return mlm_loss(p, batch, cfg, key=key, train=True)
+        return mlm_loss(p, batch, bcfg, key=key, train=True)
 
     def eval_fn(p, batch):
-        loss, aux = mlm_loss(p, batch, cfg)
+        loss, aux = mlm_loss(p, batch, bcfg)
         return loss, aux["accuracy"]
 
-    train_step = make_train_step(loss_fn, optimizer, compile=not args.no_compile)
-    eval_step = make_eval_step(eval_fn, compile=not args.no_compile)
+    train_step = make_train_step(loss_fn, optimizer, compile=cfg.compile)
+    eval_step = make_eval_step(eval_fn, compile=cfg.compile)
 
-    def evaluate(p) -> dict:
+    def evaluate() -> None:
         tot_loss = tot_acc = n = 0.0
         for b in eval_batches:
             k = float((b["labels"] != -100).sum())
-            loss, acc = eval_step(p, b)
+            loss, acc = eval_step(params, b)
             tot_loss, tot_acc, n = tot_loss + float(loss) * k, tot_acc + float(acc) * k, n + k
-        return {"mlm_loss": tot_loss / max(n, 1.0), "mlm_accuracy": tot_acc / max(n, 1.0), "masked_tokens": int(n)}
-
-    from tqdm.auto import tqdm
-
-    history = [{"step": 0, **evaluate(params)}] if eval_batches else []
-    if history:
-        print(f"step 0: held-out MLM loss {history[0]['mlm_loss']:.4f}, accuracy {history[0]['mlm_accuracy']:.4f}",
+        entry = {"step": step, "mlm_loss": tot_loss / max(n, 1.0), "mlm_accuracy": tot_acc / max(n, 1.0),
+                 "masked_tokens": int(n)}
+        log["history"].append(entry)
+        run.log({"kind": "eval", **entry})
+        print(f"step {step}: held-out MLM loss {entry['mlm_loss']:.4f}, accuracy {entry['mlm_accuracy']:.4f}",
               flush=True)
-    losses, step, epoch = [], 0, 0
-    t_train = time.time()
-    bar = tqdm(total=args.steps, desc="pretraining", unit="step", dynamic_ncols=True, disable=None)
-    while step < args.steps:
-        epoch += 1
-        for b in make_batches(ids, None, args.batch_size, buckets, shuffle=True, seed=args.seed, epoch=epoch,
-                              pad_id=tokenizer.pad_id, drop_last=len(ids) >= args.batch_size):
-            batch = masked(b, random.fold_in(k_mask, step), tokenizer, V, args)  # this step's own mask
-            params, opt_state, m = train_step(params, opt_state, batch, random.fold_in(k_drop, step))
-            step += 1
-            losses.append(float(m["loss"]))
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{float(m['lr']):.1e}")
-            if eval_batches and (step % args.eval_every == 0 or step == args.steps):
-                history.append({"step": step, **evaluate(params)})
-                bar.write(f"step {step}: held-out MLM loss {history[-1]['mlm_loss']:.4f}, "
-                          f"accuracy {history[-1]['mlm_accuracy']:.4f}")
-            if step == args.steps:
-                break
-    bar.close()
-    train_s = time.time() - t_train
 
-    metrics = {"history": history, "train_loss_per_step": losses, "train_seconds": train_s,
-               "fresh_mlm_head": fresh, "source": str(args.weights), "texts": len(ids), "held_out": n_eval,
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "fnlm": fnlm.__version__}
+    # 3. The run's state: (params, opt_state, step) plus where the data is (epoch, batch) and the log.
+    fingerprint = {"--weights (contents)": digest(params | {"pooler": pooler or {}}),
+                   "--data (contents)": digest({"train": "\0".join(train_texts), "eval": "\0".join(eval_texts)})}
+    ckpts = run.checkpoints(fingerprint, keep=cfg.keep_checkpoints)
+    log = {"epoch": 1, "batch": 0, "history": [], "losses": [], "train_s": 0.0}
+    step = 0
+    if (state := run.restore(ckpts)) is not None:
+        params, opt_state, step, log = state.params, state.opt_state, state.step, state.extra
+        print(f"resumed from {state.path} (step {step} of {cfg.steps})", flush=True)
+    elif eval_batches:
+        evaluate()
+
+    cache: dict[int, list] = {}
+
+    def epoch_batches(epoch: int) -> list[dict]:
+        """The shuffled batches of ``epoch`` (the last one's only: an epoch is a pure function of its number)."""
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = make_batches(ids, None, cfg.batch_size, buckets, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                        pad_id=tokenizer.pad_id, drop_last=len(ids) >= cfg.batch_size)
+        return cache[epoch]
+
+    # 4. The steps: each masks its batch afresh from its own key; SIGINT/SIGTERM finish the step and checkpoint.
+    shapes = set()
+    with run.stop_guard() as stop, Progress(cfg.steps, "pretraining", initial=step) as bar:
+        while step < cfg.steps:
+            if log["batch"] == len(epoch_batches(log["epoch"])):
+                log["epoch"], log["batch"] = log["epoch"] + 1, 0
+            batch = masked(epoch_batches(log["epoch"])[log["batch"]], random.fold_in(k_mask, step), tokenizer, V, cfg)
+            if cfg.compile and batch["input_ids"].shape not in shapes:
+                bar.compiling(f"{tuple(batch['input_ids'].shape)}")
+            shapes.add(batch["input_ids"].shape)
+            t = time.time()
+            params, opt_state, m = train_step(params, opt_state, batch, random.fold_in(k_drop, step))
+            loss = float(m["loss"])
+            step, log["batch"], log["train_s"] = step + 1, log["batch"] + 1, log["train_s"] + time.time() - t
+            log["losses"].append(loss)
+            run.log({"kind": "train", "step": step, "epoch": log["epoch"], "loss": loss, "lr": float(m["lr"])})
+            bar.update(loss=f"{sum(log['losses'][-20:]) / len(log['losses'][-20:]):.3f}", lr=f"{float(m['lr']):.1e}")
+            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                evaluate()
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+                ckpts.save(params, opt_state, step, k_drop, log)
+            if stop.requested and step < cfg.steps:
+                return run.stopped(step, cfg.steps, stop.requested)
+
+    # 5. The outputs: a BertForMaskedLM checkpoint (with the source's pooler), metrics, model card.
+    history = log["history"]
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in PER_SESSION}
+    metrics = {"history": history, "train_loss_per_step": log["losses"], "train_seconds": log["train_s"],
+               "fresh_mlm_head": fresh, "source": str(cfg.weights), "texts": len(ids), "held_out": n_eval,
+               "args": settings, "fnlm": fnlm.__version__}
     if pooler is not None:
         params["bert"]["pooler"] = pooler
-    with atomic_dir(out) as tmp:
-        save_bert(params, cfg, tmp, head="mlm", tokenizer_dir=args.weights)
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    with run.finish(ckpts) as tmp:
+        save_bert(params, bcfg, tmp, head="mlm", tokenizer_dir=cfg.weights)
         write_json(metrics, tmp / "metrics.json")
-    last = history[-1] if history else {}
-    print(f"pretrained {step} steps in {train_s:.0f}s"
-          + (f"; held-out MLM loss {history[0]['mlm_loss']:.4f} -> {last['mlm_loss']:.4f}, accuracy "
-             f"{history[0]['mlm_accuracy']:.4f} -> {last['mlm_accuracy']:.4f}" if history else "")
-          + f"; wrote {out}/ (BertForMaskedLM layout) in {time.time() - t_start:.0f}s")
+        (tmp / "README.md").write_text(model_card(
+            name=run.out.name, base_model=str(cfg.weights), dataset="imdb", task="fill-mask",
+            metrics={k: last[k] for k in ("mlm_loss", "mlm_accuracy") if k in last}, hyperparameters=settings,
+            description=f"{cfg.weights.name} with {step} steps of continued masked-language-model pretraining "
+                        f"(fnlm) on {len(ids)} IMDb training reviews; evaluated on {n_eval} held-out ones."),
+            encoding="utf-8")
+    print(f"pretrained {step} steps in {log['train_s']:.0f}s"
+          + (f"; held-out MLM loss {first['mlm_loss']:.4f} -> {last['mlm_loss']:.4f}, accuracy "
+             f"{first['mlm_accuracy']:.4f} -> {last['mlm_accuracy']:.4f}" if history else "")
+          + f"; wrote {run.out}/ (BertForMaskedLM layout) in {time.time() - t_start:.0f}s")
     return 0
 
 
@@ -279,7 +330,7 @@ def fill_mask(params, cfg, tokenizer, text: str, top_k: int) -> list[list[tuple[
     ids = b["input_ids"][0]
     where = (ids == tokenizer.mask_id).nonzero().flatten().tolist()
     if not where:
-        raise CliError(f"no [MASK] token in {text!r}: write the word to predict as [MASK]")
+        raise ValueError(f"no [MASK] token in {text!r}: write the word to predict as [MASK]")
     with torch.no_grad():
         probs = torch.softmax(bert_mlm(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
                                        token_type_ids=b["token_type_ids"])[0].float(), -1)
@@ -295,38 +346,24 @@ def fill_mask(params, cfg, tokenizer, text: str, top_k: int) -> list[list[tuple[
     return out
 
 
-def predict(args) -> int:
-    path = args.model or args.weights
+def predict(cfg: MlmConfig) -> int:
+    path = cfg.model or cfg.weights
     if not (path / "config.json").is_file():
-        raise CliError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
+        raise OSError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
     try:
-        params, cfg = load_bert(path, head="mlm")
-        tokenizer = load_tokenizer(path)
-    except CheckpointError as e:
-        first = str(e).splitlines()
-        if "no mlm head" in str(e):
-            raise CliError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
-                           "(python examples/pretrain_mlm.py --weights ...)") from None
-        raise CliError(first[0]) from None
-    for text in args.predict:
-        for k, rows in enumerate(fill_mask(params, cfg, tokenizer, text, args.top_k)):
+        params, bcfg = load_bert(path, head="mlm")
+    except CheckpointError:
+        load_bert(path, head="mlm", head_key=random.key(0))  # a problem beyond the missing head raises here
+        raise CheckpointError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
+                              "(python examples/pretrain_mlm.py --weights ...)") from None
+    tokenizer = load_tokenizer(path)
+    for text in cfg.predict:
+        for k, rows in enumerate(fill_mask(params, bcfg, tokenizer, text, cfg.top_k)):
             print(f"{text}" + (f"  [MASK] #{k + 1}" if k else ""))
             for token, p, seq in rows:
                 print(f"  {p:.4f}\t{token}\t{seq}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return predict(args) if args.predict else train(args)
-    except (CliError, DatasetError, DownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output directory was written", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -27,9 +27,10 @@ def logged_losses(stdout: str) -> list[float]:
     return [float(x) for x in re.findall(r"^step\s+\d+\s+loss ([0-9.]+)", stdout, flags=re.M)]
 
 
-def test_hello_runs():
+def test_hello_runs(tmp_path):
     """A short eager run: exits 0, and the printed training loss falls."""
-    proc = run_hello("--steps", "80", "--seed", "1", "--no-compile", "--min-accuracy", "0", timeout=120)
+    proc = run_hello("--steps", "80", "--seed", "1", "--no-compile", "--min-accuracy", "0", "--out",
+                     str(tmp_path / "hello"), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = logged_losses(proc.stdout)
     assert len(losses) >= 5, proc.stdout
@@ -42,9 +43,9 @@ def test_hello_runs():
 
 
 @pytest.mark.slow
-def test_hello_compiled_learns_the_task():
+def test_hello_compiled_learns_the_task(tmp_path):
     """The full example as documented: compiled step, default steps, exits 0 only if it learned."""
-    proc = run_hello("--seed", "0", timeout=900)
+    proc = run_hello("--seed", "0", "--out", str(tmp_path / "hello"), timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "compiled the training step" in proc.stdout
     acc = float(re.search(r"sequences ([0-9.]+)%", proc.stdout)[1])

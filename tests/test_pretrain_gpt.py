@@ -1,36 +1,68 @@
-"""examples/pretrain_gpt.py end to end: a tiny configuration on a few hundred synthetic reviews
-(every output file, Hugging Face reload, exact resume, generation, bad input), and (slow) a real
-run on IMDb that beats the add-one bigram baseline."""
+"""examples/pretrain_gpt.py end to end, run as a user runs it (a subprocess): a tiny configuration on a
+few hundred synthetic reviews (every output file, Hugging Face reload, SIGINT then exact resume,
+extending a finished run, --config round trip, generation, one-line errors), and (slow) a real run
+on IMDb that beats the add-one bigram baseline."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import yaml
+from safetensors.torch import load_file
 
 from fnlm.models import gpt2, load_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "pretrain_gpt.py"
 WORDS = ("film movie plot actor scene great bad boring funny story music ending character director camera "
          "love hate watch again never best worst script twist cast").split()
 TEST_ONLY = "zyxwvtestonly"  # appears only in the test split: the tokenizer must never learn it
+TINY = ["--val-reviews", "40", "--val-tokens", "256", "--vocab-size", "300", "--n-layer", "1", "--n-head", "2",
+        "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--steps", "10", "--eval-every", "5",
+        "--save-every", "4", "--warmup", "2", "--max-new-tokens", "8", "--no-compile"]
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("pretrain_gpt", ROOT / "examples" / "pretrain_gpt.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
-@pytest.fixture(scope="module")
-def example():
-    return load_example()
+def run(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.communicate()[1][-2000:]}"
+        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
+        time.sleep(0.01)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bitwise the same model and the same per-step losses and evaluations."""
+    ta, tb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["history"] == mb["history"] and ma["evals"] == mb["evals"]
 
 
 @pytest.fixture(scope="module")
@@ -55,32 +87,36 @@ def archive(tmp_path_factory) -> Path:
     return path
 
 
-TINY = ["--val-reviews", "40", "--val-tokens", "256", "--vocab-size", "300", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-        "--block-size", "16", "--batch-size", "4", "--steps", "10", "--eval-every", "5", "--save-every", "4",
-        "--warmup", "2", "--max-new-tokens", "8", "--no-compile"]
-
-
 @pytest.fixture(scope="module")
-def tiny_run(example, archive, tmp_path_factory) -> Path:
+def tiny_run(archive, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "gpt"
-    assert example.main(["--data", str(archive), "--out", str(out), *TINY]) == 0
+    p = run("--data", archive, "--out", out, *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
     return out
 
 
-def test_tiny_run_writes_every_output(tiny_run, example):
+def test_tiny_run_writes_every_output(tiny_run):
     out = tiny_run
     for f in ("tokenizer/tokenizer.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json",
-              "model/tokenizer_config.json", "curves.png", "samples.txt", "metrics.json"):
+              "model/tokenizer_config.json", "curves.png", "samples.txt", "metrics.json", "metrics.jsonl",
+              "run_config.json", "environment.json", "README.md"):
         assert (out / f).is_file(), f
+    assert not (out.parent / ".gpt.partial").exists()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (out / "samples.txt").read_text().split("\n\n")
-    assert [s.split(" ")[0] for s in samples] == [p.split(" ")[0] for p in example.PROMPTS]
+    assert [s.split(" ")[0] for s in samples] == ["This", "I", "The", "My"]  # the script's four prompts
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 10 and [e["step"] for e in m["evals"]] == [5, 10]
     assert m["val_perplexity"] == pytest.approx(torch.tensor(m["val_loss"]).exp().item())
     assert 1 < m["bigram_val_perplexity"] < 300 and m["val_perplexity"] > 1
     vocab = json.loads((out / "tokenizer/tokenizer.json").read_text())["model"]["vocab"]
     assert not any("zyx" in t or "testonly" in t for t in vocab)  # the test split's text was never read
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 11))
+    assert [r["val_loss"] for r in lines if r["kind"] == "eval"] == [e["val_loss"] for e in m["evals"]]
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["pipeline_tag"] == "text-generation" and front["datasets"] == ["imdb"]
+    assert json.loads((out / "environment.json").read_text())["torch"] == torch.__version__
 
 
 def test_model_loads_in_transformers_with_the_same_logits(tiny_run):
@@ -93,43 +129,102 @@ def test_model_loads_in_transformers_with_the_same_logits(tiny_run):
     assert tok.decode(ids[0]) == "great film, boring plot"
 
 
-def test_resume_is_exact(example, archive, tiny_run, tmp_path):
+def test_sigint_then_resume_is_exact(archive, tmp_path):
+    """SIGINT mid-run: the step finishes, a checkpoint is written, exit 130 with the resume command;
+    --resume then ends bitwise as the uninterrupted run (eager CPU steps are deterministic)."""
+    longer = [a if a != "10" else "300" for a in TINY]  # 300 steps: time to interrupt after step 4
+    ref = tmp_path / "ref"
+    p = run("--data", archive, "--out", ref, *longer)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out, ck = tmp_path / "gpt", tmp_path / ".gpt.partial" / "checkpoints"
+    p = popen("--data", archive, "--out", out, *longer)
+    wait_for(ck / "step-00000004", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"--resume {out} --no-compile")
+    assert not out.exists() and 4 <= int(sorted(ck.glob("step-*"))[-1].name[5:]) < 300
+    res = run("--resume", out, "--no-compile")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    assert not ck.parent.exists()
+    assert_same_run(ref, out)
+
+
+def test_stop_after_then_resume_with_more_steps_extends_the_run(archive, tiny_run, tmp_path):
+    """--stop-after 6, then --resume with --steps 10 (the run's own); then the finished run extended
+    with --steps 14: the step count given on resume is the one trained to."""
     out = tmp_path / "gpt"
-    assert example.main(["--data", str(archive), "--out", str(out), *TINY, "--stop-after", "6"]) == 0
-    assert not (out / "model").exists() and (out / "checkpoints").is_dir()
-    assert example.main(["--resume", str(out), "--data", str(archive), "--no-compile"]) == 0
-    a, _ = load_gpt2(tiny_run / "model")
-    b, _ = load_gpt2(out / "model")
-    assert all(torch.equal(x, y) for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)))
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tiny_run, out))
-    assert ma["history"] == mb["history"] and ma["evals"] == mb["evals"]
+    p = run("--data", archive, "--out", out, *TINY, "--stop-after", "6")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not out.exists() and (tmp_path / ".gpt.partial" / "checkpoints" / "step-00000006").is_dir()
+    p = run("--resume", out, "--steps", "10", "--no-compile")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert_same_run(tiny_run, out)
+    p = run("--resume", out, "--steps", "14", "--no-compile")
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 14 and [h["step"] for h in m["history"]] == list(range(1, 15))
+    assert json.loads((out / "run_config.json").read_text())["steps"] == 14
+    p = run("--resume", out, "--steps", "12", "--no-compile")
+    assert p.returncode == 2 and "--steps can only be raised" in p.stderr
+    p = run("--resume", out, "--steps", "20", "--lr", "1e-3", "--no-compile")
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "--lr differs" in p.stderr
 
 
-def test_generate_from_a_run(example, tiny_run, capsys):
-    assert example.main(["--model", str(tiny_run), "--generate", "great film", "the", "--max-new-tokens", "5"]) == 0
-    printed = capsys.readouterr().out.strip().split("\n\n")
+def test_config_file_plus_a_flag_is_what_print_config_shows_and_the_run_stores(archive, tmp_path):
+    cfg_file = tmp_path / "gpt.json"
+    cfg_file.write_text(json.dumps({"data": str(archive), "steps": 3, "eval_every": 3, "save_every": 3,
+                                    "val_reviews": 40, "val_tokens": 256, "vocab_size": 300, "n_layer": 1,
+                                    "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 4,
+                                    "max_new_tokens": 4, "compile": False, "lr": 0.01}))
+    out = tmp_path / "gpt"
+    printed = run("--config", cfg_file, "--lr", "0.005", "--out", out, "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    shown = json.loads(printed.stdout)
+    assert shown["lr"] == 0.005 and shown["steps"] == 3 and not out.exists()
+    p = run("--config", cfg_file, "--lr", "0.005", "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / "run_config.json").read_text()) == shown
+
+
+def test_generate_from_a_run(tiny_run):
+    p = run("--model", tiny_run, "--generate", "great film", "the", "--max-new-tokens", "5")
+    assert p.returncode == 0, p.stderr
+    printed = p.stdout.strip().split("\n\n")
     assert len(printed) == 2 and printed[0].startswith("great film") and printed[1].startswith("the")
 
 
-def test_bad_input(example, archive, tmp_path, capsys):
-    assert example.main(["--data", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path / "o")]) == 2
-    assert "no such file" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-    assert example.main(["--resume", str(tmp_path / "empty")]) == 2
-    assert "no checkpoint found" in capsys.readouterr().err
-    assert example.main(["--model", str(tmp_path), "--generate", "hi"]) == 2
-    assert "no config.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        example.main(["--generate", "hi"])
-    assert "--generate needs --model" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, names", [
+    (("--dropout", "1.5"), "--dropout"),
+    (("--lr", "-1e-4"), "--lr"),
+    (("--weight-decay", "-1"), "--weight-decay"),
+    (("--top-p", "0"), "--top-p"),
+    (("--generate", "hi"), "--generate needs --model"),
+    (("--data", "nope.tar.gz"), "--data"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(argv, names, tmp_path):
+    out = tmp_path / "runs" / "gpt"
+    p = run(*argv, "--out", out, *TINY, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and names in lines[0], p.stderr
+    assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+
+
+def test_bad_resume_and_model_are_one_line(tmp_path):
+    for argv, msg in ((("--resume", tmp_path / "empty"), "no run there"),
+                      (("--model", tmp_path, "--generate", "hi"), "no config.json")):
+        p = run(*argv, timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], p.stderr
 
 
 @pytest.mark.slow
-def test_pretraining_on_imdb_beats_the_bigram_baseline(example, imdb_archive, tmp_path):
+def test_pretraining_on_imdb_beats_the_bigram_baseline(imdb_archive, tmp_path):
     """The default configuration, shortened to 800 of its 6000 steps and run eagerly (the compiled
     step is tested elsewhere) to fit the slow-test budget, on the real IMDb train split."""
     out = tmp_path / "gpt"
-    assert example.main(["--data", str(imdb_archive), "--out", str(out), "--steps", "800", "--eval-every", "400",
-                         "--no-compile"]) == 0
+    p = run("--data", imdb_archive, "--out", out, "--steps", "800", "--eval-every", "400", "--no-compile",
+            timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["val_perplexity"] < m["bigram_val_perplexity"], m

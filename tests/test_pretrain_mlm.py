@@ -1,38 +1,61 @@
-"""examples/pretrain_mlm.py: continued MLM pretraining end to end on a tiny model and archive
-(in-process, eager), the HF BertForMaskedLM output, fill-mask equal to transformers' pipeline,
-the test split never read, one-line errors; slow: pretrain MiniLM briefly, then fine-tune it."""
+"""examples/pretrain_mlm.py run as a user runs it (a subprocess), on a tiny model and archive (eager):
+the HF BertForMaskedLM output, fill-mask equal to transformers' pipeline, the test split never read,
+SIGINT then exact resume, the --config round trip, one-line errors; slow: pretrain MiniLM briefly,
+then fine-tune it."""
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fnlm import random
 from fnlm.data import load_tokenizer
 from fnlm.models import bert_mlm, load_bert
-from test_finetune_imdb import write_imdb_archive
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pretrain_mlm", ROOT / "examples" / "pretrain_mlm.py")
-pm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pm)
+SCRIPT = ROOT / "examples" / "pretrain_mlm.py"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+WORDS = ("the film movie plot actor scene great bad boring funny story music ending character director love hate "
+         "watch again never best worst script twist cast").split()
 
 
-def run(*argv, capsys):
-    rc = pm.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run(*args, script: Path = SCRIPT, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.communicate()[1][-2000:]}"
+        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -49,26 +72,44 @@ def tiny_bert(tmp_path_factory, minilm_dir):
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    return write_imdb_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz", n_per_class=6)
+def archive(tmp_path_factory) -> Path:
+    """An aclImdb look-alike whose test reviews are not UTF-8: reading them at all would fail the run."""
+    base = tmp_path_factory.mktemp("imdb")
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for sent, rating in (("pos", 8), ("neg", 2)):
+            d = base / "aclImdb" / split / sent
+            d.mkdir(parents=True)
+            for i in range(10):
+                text = " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (14,), generator=g).tolist()) + "."
+                (d / f"{i}_{rating}.txt").write_bytes(text.encode() if split == "train" else b"\xff\xfe test \x80")
+    path = base / "aclImdb_v1.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(base / "aclImdb", arcname="aclImdb")
+    shutil.rmtree(base / "aclImdb")
+    return path
 
 
-def test_pretrain_then_fill_mask_equals_the_hf_pipeline(tiny_bert, archive, tmp_path, capsys, monkeypatch):
-    read = []
-    real_load = pm.load_imdb_splits
-    monkeypatch.setattr(pm, "load_imdb_splits", lambda p, splits: read.append(tuple(splits)) or real_load(p, splits))
+def tiny(archive, tiny_bert, steps: int = 4) -> list:
+    return ["--data", archive, "--weights", tiny_bert, "--steps", steps, "--batch-size", 4, "--max-len", 32,
+            "--eval-every", 2, "--eval-size", 4, "--whole-word", "--no-compile", "--lr", 1e-3]
+
+
+def test_pretrain_then_fill_mask_equals_the_hf_pipeline(tiny_bert, archive, tmp_path):
     out = tmp_path / "mlm"
-    rc, o, err = run("--data", archive, "--weights", tiny_bert, "--steps", 4, "--batch-size", 4, "--max-len", 32,
-                     "--eval-every", 2, "--eval-size", 4, "--whole-word", "--no-compile", "--lr", 1e-3, "--out", out,
-                     capsys=capsys)
-    assert rc == 0, err
-    assert "has no MLM head (cls.predictions); training a freshly initialised one, tied" in o
-    assert read and all("test" not in s for s in read)  # the test split's text is never even loaded
+    p = run(*tiny(archive, tiny_bert), "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "has no MLM head (cls.predictions); training a freshly initialised one, tied" in p.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     hist = metrics["history"]
     assert [h["step"] for h in hist] == [0, 2, 4] and metrics["fresh_mlm_head"] is True
     assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"]  # a fresh head over 30k words learns fast at first
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
+    for f in ("README.md", "run_config.json", "metrics.jsonl", "environment.json"):
+        assert (out / f).is_file(), f
+    logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["mlm_loss"] for r in logged if r["kind"] == "eval"] == [h["mlm_loss"] for h in hist]
 
     # HF BertForMaskedLM layout (plus the source's pooler, so the run can be fine-tuned as a classifier)
     hf, info = transformers.BertForMaskedLM.from_pretrained(str(out), output_loading_info=True,
@@ -84,49 +125,90 @@ def test_pretrain_then_fill_mask_equals_the_hf_pipeline(tiny_bert, archive, tmp_
     load_bert(out, head="classifier", head_key=random.key(0))  # what finetune_imdb.py --weights does
 
     text = "the film was [MASK] ."
-    rc, o, _ = run("--model", out, "--predict", text, "--top-k", 5, capsys=capsys)
-    assert rc == 0
-    mine = [line.strip().split("\t") for line in o.splitlines()[1:]]
+    p = run("--model", out, "--predict", text, "--top-k", 5)
+    assert p.returncode == 0, p.stderr
+    mine = [line.strip().split("\t") for line in p.stdout.splitlines()[1:]]
     pipe = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out), top_k=5, device="cpu")
     theirs = pipe(text)
     assert [m[1] for m in mine] == [t["token_str"] for t in theirs]
     assert [m[2] for m in mine] == [t["sequence"] for t in theirs]
     for m, t in zip(mine, theirs):
         assert abs(float(m[0]) - t["score"]) <= 1e-4  # printed with 4 decimals
-    exact = pm.fill_mask(params, cfg, tok, text, 5)[0]
-    assert max(abs(p - t["score"]) for (_, p, _), t in zip(exact, theirs)) <= 1e-5
 
 
-def test_bad_input_is_one_line(tiny_bert, minilm_dir, archive, tmp_path, capsys):
+def test_sigint_then_resume_is_exact(tiny_bert, archive, tmp_path):
+    """SIGINT mid-run: a checkpoint, exit 130 and the resume command; a resume with another --lr is
+    refused naming it; --resume then ends bitwise as the uninterrupted run (eager CPU steps)."""
+    args = tiny(archive, tiny_bert, steps=150) + ["--eval-every", 75, "--save-every", 3]
+    ref = tmp_path / "ref"
+    p = run(*args, "--out", ref)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out, ck = tmp_path / "mlm", tmp_path / ".mlm.partial" / "checkpoints"
+    p = popen(*args, "--out", out)
+    wait_for(ck / "step-00000003", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"--resume {out} --no-compile")
+    assert not out.exists() and 3 <= int(sorted(ck.glob("step-*"))[-1].name[5:]) < 150
+    p = run("--resume", out, "--lr", 1e-2, "--no-compile")
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "--lr differs" in p.stderr, p.stderr
+    p = run("--resume", out, "--no-compile")
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    ta, tb = (load_file(d / "model.safetensors") for d in (ref, out))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
+    assert ma["history"] == mb["history"] and ma["train_loss_per_step"] == mb["train_loss_per_step"]
+
+
+def test_config_file_plus_a_flag_is_what_print_config_shows_and_the_run_stores(tiny_bert, archive, tmp_path):
+    cfg_file = tmp_path / "mlm.json"
+    cfg_file.write_text(json.dumps({"data": str(archive), "weights": str(tiny_bert), "steps": 2, "batch_size": 4,
+                                    "max_len": 32, "eval_every": 2, "eval_size": 4, "compile": False, "lr": 1e-3}))
+    out = tmp_path / "mlm"
+    printed = run("--config", cfg_file, "--mask-prob", 0.2, "--out", out, "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    shown = json.loads(printed.stdout)
+    assert shown["mask_prob"] == 0.2 and shown["lr"] == 1e-3 and not out.exists()
+    p = run("--config", cfg_file, "--mask-prob", 0.2, "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / "run_config.json").read_text()) == shown
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tiny_bert, minilm_dir, archive, tmp_path):
+    out = tmp_path / "runs" / "o"
+    base = ("--data", archive, "--weights", tiny_bert, "--max-len", 32, "--no-compile", "--out", out)
     cases = [
-        (("--data", archive, "--weights", tiny_bert, "--max-len", 32, "--splits", "train,test", "--out", tmp_path / "o"),
-         "refusing to pretrain on the IMDb test split's text"),
+        (("--lr", -1e-4, *base), "--lr must be > 0"),
+        (("--warmup", -0.1, *base), "--warmup"),
+        (("--weight-decay", -1, *base), "--weight-decay"),
+        (("--mask-prob", 0, *base), "--mask-prob"),
+        (("--splits", "train,test", *base), "refusing to pretrain on the IMDb test split's text"),
         (("--model", minilm_dir, "--predict", "the film was [MASK] ."), "no MLM head (cls.predictions) to fill"),
-        (("--data", tmp_path / "nope.tar.gz", "--weights", tiny_bert, "--max-len", 32, "--out", tmp_path / "o"),
-         "not found"),
-        (("--data", archive, "--weights", tiny_bert, "--max-len", 100, "--out", tmp_path / "o"),
-         "longer than the model's position table"),
+        (("--data", tmp_path / "nope.tar.gz", "--weights", tiny_bert, "--max-len", 32, "--out", out), "not found"),
+        ((*base[:4], "--max-len", 100, "--out", out), "longer than the model's position table"),
+        (("--resume", tmp_path / "nothing"), "no run there"),
     ]
     for argv, msg in cases:
-        rc, _, err = run(*argv, capsys=capsys)
-        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
-        assert not (tmp_path / "o").exists()
+        p = run(*argv, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], \
+            (argv, p.stderr)
+        assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
 
 
 @pytest.mark.slow
 def test_pretrain_minilm_briefly_then_finetune(imdb_archive, minilm_dir, tmp_path):
     """MiniLM's fresh MLM head learns in-domain (held-out loss falls), and finetune_imdb.py fine-tunes the result."""
-    env_run = lambda script, *a: subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, a)],
-                                                cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = tmp_path / "mlm"
-    p = env_run("pretrain_mlm.py", "--data", imdb_archive, "--weights", minilm_dir, "--steps", 15, "--batch-size", 8,
-                "--max-len", 64, "--train-size", 1000, "--eval-size", 32, "--eval-every", 15, "--lr", 1e-4,
-                "--no-compile", "--out", out)
+    p = run("--data", imdb_archive, "--weights", minilm_dir, "--steps", 15, "--batch-size", 8, "--max-len", 64,
+            "--train-size", 1000, "--eval-size", 32, "--eval-every", 15, "--lr", 1e-4, "--no-compile", "--out", out,
+            timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     hist = json.loads((out / "metrics.json").read_text())["history"]
     assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"] - 0.5
-    f = env_run("finetune_imdb.py", "--data", imdb_archive, "--weights", out, "--train-size", 1000, "--test-size", 200,
-                "--max-len", 64, "--no-compile", "--out", tmp_path / "ft")
+    f = run("--data", imdb_archive, "--weights", out, "--train-size", 1000, "--test-size", 200, "--max-len", 64,
+            "--no-compile", "--out", tmp_path / "ft", script=ROOT / "examples" / "finetune_imdb.py", timeout=900)
     assert f.returncode == 0, f.stderr[-2000:]
     acc = float(re.search(r"test accuracy (\d\.\d+)", f.stdout)[1])
     assert acc >= 0.70, f.stdout[-1000:]  # chance 0.5; MiniLM itself reaches >= 0.80 on 1,000 at 256 tokens

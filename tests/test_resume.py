@@ -360,28 +360,59 @@ def test_confidence_interval_and_errors_file(tmp_path):
     assert rows[1][4] == "awful stuff awful stuff awful " and rows[2][4] == "great film"
 
 
+HELLO = ROOT / "examples" / "hello_fnlm.py"
+HELLO_TINY = ("--save-every", 4, "--no-compile", "--min-accuracy", 0, "--batch-size", 16)
+
+
+def run_hello(*args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, str(HELLO), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
 def test_hello_resumed_from_an_earlier_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
-    """hello_fnlm.py through the same RunCheckpoints: a run cut back to its step-4 checkpoint (as if killed
-    between steps 4 and 8) and resumed ends with bitwise the same train state."""
-    hello = ROOT / "examples" / "hello_fnlm.py"
-
-    def run(*args):
-        return subprocess.run([sys.executable, str(hello), *map(str, args)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600)
-
-    ref = run("--steps", 12, "--save-every", 4, "--keep-checkpoints", 3, "--no-compile", "--min-accuracy", 0,
-              "--batch-size", 16, "--out", tmp_path / "ref")
+    """hello_fnlm.py through fnlm.train.Run: a 4-step run resumed from its step-4 checkpoint with
+    --steps 12 (Adam's constant rate: --steps only says where to stop) ends with bitwise the train
+    state of an uninterrupted 12-step run; a lower --steps or another --lr is refused, naming it."""
+    ref = run_hello("--steps", 12, *HELLO_TINY, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
-    shutil.copytree(tmp_path / "ref", tmp_path / "run")
-    for name in ("step-00000008", "step-00000012"):
-        shutil.rmtree(tmp_path / "run" / "checkpoints" / name)
-    res = run("--resume", tmp_path / "run", "--no-compile", "--min-accuracy", 0)
+    first = run_hello("--steps", 4, *HELLO_TINY, "--out", tmp_path / "run")
+    assert first.returncode == 0, first.stderr
+    for argv, msg in ((("--steps", 2), "--steps can only be raised"), (("--steps", 12, "--lr", 1e-3), "--lr differs")):
+        bad = run_hello("--resume", tmp_path / "run", *argv, "--no-compile")
+        assert bad.returncode == 2 and bad.stderr.startswith("error:") and msg in bad.stderr, bad.stderr
+    res = run_hello("--resume", tmp_path / "run", "--steps", 12, "--no-compile")
     assert res.returncode == 0 and "resumed from" in res.stdout and "at step 4" in res.stdout, res.stderr
     a, b = (tmp_path / d / "checkpoints" / "step-00000012" / "tensors.safetensors" for d in ("ref", "run"))
     ta, tb = load_file(a), load_file(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     held_out = [ln for ln in ref.stdout.splitlines() if ln.startswith("held-out")]
     assert held_out and held_out == [ln for ln in res.stdout.splitlines() if ln.startswith("held-out")]
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, 13))
+
+
+@pytest.mark.parametrize("argv, flag", [(("--lr", "-1e-4"), "--lr"), (("--steps", "0"), "--steps"),
+                                        (("--min-accuracy", "2"), "--min-accuracy"), (("--steps", "x"), "--steps")])
+def test_hello_bad_input_is_one_line_and_leaves_nothing(argv, flag, tmp_path):
+    p = run_hello(*argv, "--out", tmp_path / "runs" / "hello")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], p.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_hello_config_file_plus_a_flag_is_what_print_config_shows_and_the_run_stores(tmp_path):
+    cfg_file = tmp_path / "hello.json"
+    cfg_file.write_text(json.dumps({"steps": 2, "batch_size": 8, "compile": False, "min_accuracy": 0, "lr": 0.01}))
+    out = tmp_path / "hello"
+    shown = run_hello("--config", cfg_file, "--seed", 3, "--out", out, "--print-config")
+    assert shown.returncode == 0 and not out.exists(), shown.stderr
+    shown = json.loads(shown.stdout)
+    assert shown["seed"] == 3 and shown["lr"] == 0.01 and shown["steps"] == 2
+    p = run_hello("--config", cfg_file, "--seed", 3, "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "run_config.json").read_text()) == shown
 
 
 @pytest.mark.slow
