@@ -299,3 +299,46 @@ def test_atomic_dir_puts_back_a_leftover_old_directory(tmp_path):
         with atomic_dir(target) as d:
             raise RuntimeError("failed build")
     assert (target / "f").read_text() == "previous" and not (tmp_path / ".model.old").exists()
+
+
+# ----------------------------------------------------------------------------- fnlm.train.Run
+from dataclasses import dataclass  # noqa: E402
+
+from fnlm.config import option  # noqa: E402
+from fnlm.train import Run  # noqa: E402
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    lr: float = option(0.1, "learning rate")
+    steps: int = option(4, "steps")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+
+
+def _open(tmp_path, **kw):
+    return Run.open(_Cfg(**{k: v for k, v in kw.items() if k in ("steps",)}),
+                    {k for k in kw if k in ("steps",)}, out=None if kw.get("resume") else tmp_path / "run",
+                    resume=kw.get("resume"), may_change=("steps", "keep_checkpoints"), script="train.py")
+
+
+def test_run_holds_the_lock_until_finish_and_an_extension_keeps_the_run_id(tmp_path):
+    run = _open(tmp_path)
+    ckpts = run.checkpoints({"data": "sha256:x"}, keep=1)
+    assert RunCheckpoints.in_use(run.dir) is not None
+    with pytest.raises(RunInUseError):
+        RunCheckpoints(run.dir, {}).start()
+    _save(ckpts, 2)
+    _save(ckpts, 4)
+    rid = ckpts.run_id
+    with run.finish(ckpts) as out:
+        (out / "model.txt").write_text("done")
+    final = tmp_path / "run"
+    assert not run.dir.exists() and json.loads((final / "run.json").read_text())["run_id"] == rid
+    assert _intact_steps(final) == [4]
+    ext = _open(tmp_path, resume=final, steps=8)
+    ckpts = ext.checkpoints({"data": "sha256:x"}, keep=1)
+    assert ckpts.run_id == rid
+    state = ext.restore(ckpts)
+    assert state.step == 4 and torch.equal(state.params["w"], _params(4)["w"])
+    ext.close()
+    assert RunCheckpoints.in_use(ext.dir) is None
