@@ -6,7 +6,9 @@ params + AdamW state (as examples/finetune_imdb.py saves them), and the share of
 
 Each save writes the params (fp32), AdamW's two moments, the key and a JSON ``extra`` through
 ``save_train_state`` into a temporary directory, hashes every file (sha256) into ``checksums.json``
-and renames it into place, then prunes to ``--keep``. Reported: seconds per save (median, min,
+(with the run id), flushes the files to disk (fsync), renames it into place, checks it under its
+final name, then prunes to the newest ``--keep`` intact checkpoints of the run. The run's lock and
+run id are taken once, before the first save (:meth:`RunCheckpoints.start`). Reported: seconds per save (median, min,
 max), the bytes written, and, given the seconds per training step, the share of training that
 checkpointing every ``--every`` steps costs: ``t_save / (every * t_step + t_save)``.
 """
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     opt_state = opt.init(params)
     extra = {"epoch": 1, "batch": 100, "step_losses": [0.5] * 1000}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        run = RunCheckpoints(Path(tmp) / "run", {"lr": 1e-4}, keep=args.keep)
+        run = RunCheckpoints(Path(tmp) / "run", {"lr": 1e-4}, keep=args.keep).start()
         for step in range(1, args.saves + 1):
             run.save(params, opt_state, step, random.key(0), extra, best=(step, params))
         size = sum(f.stat().st_size for f in run.checkpoints()[-1].rglob("*") if f.is_file())
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         state = run.restore()
         restore_s = time.perf_counter() - t0
         assert state is not None and state.step == args.saves
+        run.close()
     s = run.seconds
     print(f"{args.weights.name}: checkpoint {size / 1e6:.0f} MB (+ {best / 1e6:.0f} MB of best params when they changed)")
     print(f"save (train state + best params + sha256 + rename + prune), {len(s)} saves: median {statistics.median(s):.2f}s, "

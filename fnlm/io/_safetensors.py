@@ -8,10 +8,14 @@ name.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import platform
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,11 +68,24 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     _check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
             metadata = f.metadata() or {}
     except Exception as e:  # the Rust reader's errors are terse; name the file
         raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
     return tensors, metadata
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` in a fresh tensor of its own, allocated as torch allocates any tensor (64-byte aligned on CPU).
+
+    The reader hands out views into the file's buffer at offsets that follow the header's length, so
+    they are not 64-byte aligned; BLAS libraries pick other kernels for unaligned operands, and a
+    product with such a tensor can differ in the last bits from the same product with a computed
+    (aligned) tensor. A checkpoint's tensors would then not continue a run bitwise (and weights read
+    at the start of a run would not match the same weights read on resume)."""
+    if t.device.type != "cpu":
+        return t
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
 def _umask() -> int:
@@ -115,27 +132,87 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+_renameat2_fn: Any = None
+
+
+def _renameat2() -> Any:
+    """Linux's ``renameat2`` through ctypes (the libc wrapper, else the raw syscall), or None."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        _renameat2_fn = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                return None
+            fn = getattr(libc, "renameat2", None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2_fn = fn
+            else:
+                nr = {"x86_64": 316, "aarch64": 276}.get(platform.machine())
+                if nr is not None:
+                    _renameat2_fn = lambda *a: libc.syscall(  # noqa: E731
+                        ctypes.c_long(nr), ctypes.c_int(a[0]), ctypes.c_char_p(a[1]), ctypes.c_int(a[2]),
+                        ctypes.c_char_p(a[3]), ctypes.c_uint(a[4]))
+    return _renameat2_fn or None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (``renameat2(RENAME_EXCHANGE)``); False where the
+    OS or the filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def recover_dir(path: str | os.PathLike) -> bool:
+    """Put ``path`` back from the ``.<name>.old`` that a process killed between the two renames of
+    :func:`atomic_dir`'s fallback left behind (only where ``path`` itself is missing); True if it did."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not os.path.lexists(path):
+        os.rename(old, path)
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a whole directory under a temporary name, then rename it to ``path``.
 
-    An existing ``path`` is replaced only after the new one is complete. On error the temporary
+    An existing ``path`` is replaced only after the new one is complete, in one atomic exchange of
+    the two directories where Linux allows it (``renameat2``), so that at every instant ``path``
+    holds either the previous or the new directory. Elsewhere the previous one is first renamed to
+    ``.<name>.old``; a process killed between the two renames leaves it there, and the next
+    ``atomic_dir`` on ``path`` (or :func:`recover_dir`) puts it back. On error the temporary
     directory is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the directory normal permissions
-        if path.exists():
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):  # path: the new directory; tmp: the previous one, deleted below
+            pass
+        else:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,7 +51,7 @@ import torch
 from fnlm.config import ConfigError, config_from_dict, config_to_dict, flag
 from fnlm.io._safetensors import atomic_dir, write_json
 from fnlm.train._record import EnvironmentRecord
-from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunState
+from fnlm.train._run import RUN_FILE, GracefulStop, ResumeError, RunCheckpoints, RunState
 
 RUN_CONFIG = "run_config.json"
 METRICS_LOG = "metrics.jsonl"
@@ -91,6 +92,7 @@ class Run:
         self._tb = None
         self._report_to = report_to
         self.state: RunState | None = None
+        self._ckpts: RunCheckpoints | None = None
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -183,23 +185,40 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self, fingerprint: dict[str, Any] | None = None, *, keep: int = 2) -> RunCheckpoints:
-        """The run's rolling checkpoints; ``fingerprint`` (e.g. weights and data digests) and the
-        compared settings must be equal for a checkpoint to be restored."""
+        """The run's rolling checkpoints, started: this process holds the run's lock until :meth:`close`
+        or :meth:`finish` (a second process gets :class:`~fnlm.train.RunInUseError`), and the run id is
+        read or written. ``fingerprint`` (e.g. weights and data digests) and the compared settings must
+        be equal for a checkpoint to be restored."""
         cfg = config_to_dict(self.config)
         compared = {flag(n): cfg[n] for n in self.compared} | dict(fingerprint or {})
         if self.resuming and not self.dir.is_dir():
             self._adopt_finished()
-        return RunCheckpoints(self.dir, compared, keep=keep)
+        if self._ckpts is not None:
+            self._ckpts.close()
+        self._ckpts = RunCheckpoints(self.dir, compared, keep=keep).start()
+        return self._ckpts
 
     def _adopt_finished(self) -> None:
-        """Extending a finished run: a partial directory with its config, log and last checkpoint."""
+        """Extending a finished run: a partial directory with its config, run id, log and last checkpoint,
+        built aside and renamed into place only if no other process made one meanwhile."""
         src = self.out
-        with atomic_dir(self.dir) as tmp:
-            for name in (RUN_CONFIG, METRICS_LOG):
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{self.dir.name}.", suffix=".tmp", dir=self.dir.parent))
+        try:
+            for name in (RUN_FILE, METRICS_LOG):
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
             shutil.copytree(src / "checkpoints", tmp / "checkpoints")
-        write_json(config_to_dict(self.config), self.dir / RUN_CONFIG)
+            write_json(config_to_dict(self.config), tmp / RUN_CONFIG)
+            os.chmod(tmp, 0o755)
+            try:
+                os.rename(tmp, self.dir)  # fails if another process adopted it first: its lock decides
+            except OSError:
+                if not self.dir.is_dir():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, ckpts: RunCheckpoints, device: str | torch.device = "cpu") -> RunState | None:
         """The newest intact checkpoint of a resumed run (and the log rewound to its step), or None
@@ -247,6 +266,12 @@ class Run:
             self._tb.flush()
 
     def close(self) -> None:
+        """Close the log and release the run's lock."""
+        self._close_log()
+        if self._ckpts is not None:
+            self._ckpts.close()
+
+    def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -295,20 +320,21 @@ class Run:
     def finish(self, ckpts: RunCheckpoints | None = None) -> Iterator[Path]:
         """``with run.finish() as tmp:`` fill ``tmp``; it becomes the finished run directory (replacing
         an older one only once complete), with the config, log, environment record and the newest
-        checkpoint; the partial directory is then removed."""
-        self.close()
+        checkpoint of this run; the partial directory is then removed and the run's lock released."""
+        self._close_log()
         with atomic_dir(self.out) as tmp:
             yield tmp
-            for name in (RUN_CONFIG, METRICS_LOG):
+            for name in (RUN_CONFIG, RUN_FILE, METRICS_LOG):
                 if (self.dir / name).is_file():
                     shutil.copyfile(self.dir / name, tmp / name)
             if (self.dir / "tensorboard").is_dir():
                 shutil.copytree(self.dir / "tensorboard", tmp / "tensorboard")
             write_json(self.environment.result(), tmp / ENVIRONMENT)
-            newest = ckpts.checkpoints()[-1:] if ckpts is not None else []
-            for p in newest:
-                self._copy_checkpoint(ckpts, p, tmp / "checkpoints")
+            newest = ckpts.latest() if ckpts is not None else None
+            if newest is not None:
+                self._copy_checkpoint(ckpts, newest, tmp / "checkpoints")
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.close()
 
     @staticmethod
     def _copy_checkpoint(ckpts: RunCheckpoints, path: Path, dest: Path) -> None:
