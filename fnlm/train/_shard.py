@@ -456,3 +456,33 @@ def resident_bytes(*trees: PyTree) -> int:
                 st = x.untyped_storage()
                 seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
     return sum(seen.values())
+
+
+def shard_costs(n: int, level: int, world: int, *, param_bytes: int = 4, state_bytes: int = 8,
+                grad_bytes: int | None = None) -> dict[str, float]:
+    """The per-worker costs of one step of this module's sharded training of ``n`` parameters over
+    ``world`` workers at ``level``, in bytes (activations excluded; docs/scaling.md tabulates them).
+
+    With ``P = param_bytes n`` (float32 master weights: 4), ``S = state_bytes n`` (AdamW's two
+    moments: 8), ``G = grad_bytes n`` (gradients in the parameters' dtype), ``f = (N-1)/N``:
+
+    * ``resident`` (held between steps): ``P + S`` (level 0), ``P + S/N`` (1, 2), ``(P + S)/N`` (3);
+    * ``transient`` (alive inside the step on top of it): the whole local gradient ``G``, the
+      concatenated buffer the collective sends ``G`` (Inductor may write the gradient straight into
+      it), the gathered parameters ``P`` at level 3, and the new state, as big as ``resident``
+      (the step is pure: its inputs are not donated, old and new state coexist until the caller
+      drops the old);
+    * ``sent`` (ring collectives, per worker): all-reduce ``2fG``, reduce-scatter ``fG``,
+      all-gather ``fP``: ``2fG`` (0), ``2fG + fP`` (1), ``fG + fP`` (2, 3).
+    """
+    if level not in LEVELS:
+        raise ValueError(f"sharding level must be one of {LEVELS}, got {level!r}")
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    N, f = world, (world - 1) / world
+    P, S = param_bytes * n, state_bytes * n
+    G = (param_bytes if grad_bytes is None else grad_bytes) * n
+    resident = {0: P + S, 1: P + S / N, 2: P + S / N, 3: (P + S) / N}[level]
+    transient = 2 * G + (P if level == 3 else 0) + resident
+    sent = {0: 2 * f * G, 1: 2 * f * G + f * P, 2: f * G + f * P, 3: f * G + f * P}[level]
+    return {"resident": resident, "transient": transient, "peak": resident + transient, "sent": sent}
