@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.0, help="embedding/residual/attention dropout")
     g.add_argument("--seed", type=int, default=0, help="init, batches and dropout all derive from it")
     g.add_argument("--no-compile", action="store_true", help="run the steps eagerly (no torch.compile)")
+    g.add_argument("--shard", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="sharded data parallel (fnlm.train.Sharding; run under torchrun): 0 replicated, 1 optimizer "
+                        "state sharded, 2 and gradients, 3 and parameters; --batch-size is the global batch")
     g = ap.add_argument_group("evaluation, checkpoints and output")
     g.add_argument("--eval-every", type=int, default=500)
     g.add_argument("--save-every", type=int, default=500)
@@ -233,7 +237,7 @@ def train(args) -> int:
             raise CliError(f"--resume {out}: no checkpoint found")
         for name in SETTINGS:  # the run's own settings, so that `--resume DIR` alone suffices
             setattr(args, name, saved["--" + name.replace("_", "-")])
-    elif out.exists():
+    elif out.exists() and worker_rank(args) == 0:  # --shard: worker 0 sets the run directory up
         if not args.overwrite:
             raise CliError(f"--out {out} already exists (pass --overwrite to replace it, or --resume {out})")
         import shutil
@@ -244,8 +248,9 @@ def train(args) -> int:
     train_texts, val_texts = load_reviews(args)
     tok_dir = out / "tokenizer"
     t0 = time.time()
-    tok = load_tokenizer(tok_dir) if args.resume is not None else train_tokenizer(
-        train_texts, args.vocab_size, tok_dir, args.block_size)
+    tok = load_tokenizer(tok_dir) if args.resume is not None else worker0_first(
+        args, lambda: train_tokenizer(train_texts, args.vocab_size, tok_dir, args.block_size),
+        lambda: load_tokenizer(tok_dir))
     train_ids, val_ids = token_stream(tok, train_texts), token_stream(tok, val_texts)
     vocab = tok.get_vocab_size()
     windows = val_windows(val_ids, args.block_size, args.val_tokens)
@@ -281,6 +286,9 @@ def train(args) -> int:
     config["tokenizer (contents)"] = digest({"ids": torch.tensor([i for _, i in sorted(tok.get_vocab().items())])})
     config["data (contents)"] = digest({"train": train_ids, "val": val_ids})
     ckpts = RunCheckpoints(out, config, keep=2)
+    if args.shard is not None:  # the same loop over what this worker holds (see shard_run)
+        params, opt_state, train_step, eval_step, ckpts, finish = shard_run(
+            args, params, loss_fn, eval_fn, schedule, compile_, ckpts, out)
 
     log = {"history": [], "evals": [], "train_s": 0.0, "tokens": 0}
     step = 0
@@ -328,6 +336,10 @@ def train(args) -> int:
                 bar.write(f"stopped after step {step}; continue with: python {sys.argv[0]} --resume {out}")
                 return 0
 
+    if args.shard is not None:
+        params = finish(params)  # the whole tree (a collective at level 3); None on workers other than 0
+        if params is None:
+            return 0
     # ---- the finished run: model, curves, samples, metrics (last)
     save_gpt2(params, cfg, out / "model", tokenizer_dir=tok_dir)
     plot_curves(out / "curves.png", log["history"], log["evals"], bigram_ppl)
@@ -347,6 +359,69 @@ def train(args) -> int:
     print(f"\nvalidation perplexity {final['val_ppl']:.1f} (add-one bigram: {bigram_ppl:.1f}); "
           f"{tokens_per_s:,.0f} training tokens/s; model in {out / 'model'}", flush=True)
     return 0
+
+
+def worker_rank(args) -> int:
+    """This worker's rank under ``torchrun`` with ``--shard`` (0 otherwise)."""
+    return int(os.environ.get("RANK", 0)) if args.shard is not None else 0
+
+
+def worker0_first(args, first, others):
+    """``first()`` on worker 0, then (after a barrier) ``others()`` on the other workers."""
+    if args.shard is None or "WORLD_SIZE" not in os.environ:
+        return first()
+    from fnlm.train.distributed import init_distributed
+
+    rank, _, _ = init_distributed(timeout=600)
+    result = first() if rank == 0 else None
+    torch.distributed.barrier()
+    return result if rank == 0 else others()
+
+
+def shard_run(args, params, loss_fn, eval_fn, schedule, compile_, ckpts, out):
+    """``--shard L``: ``(held, opt_state, train_step, eval_step, ckpts, finish)`` for this worker.
+
+    The train step takes the global batch and passes this worker its rows; the eval step gathers
+    the parameters (``Sharding.unshard``) for every batch. With one process the run's checkpoints
+    are the usual ones (resumable); with several, each is a sharded checkpoint
+    (``fnlm.train.save_sharded``, every worker writes its part) in ``checkpoints-sharded/step-N``,
+    the last two kept. ``finish(held)``: the whole parameter tree on worker 0, ``None`` on the others
+    (which print nothing and write no outputs).
+    """
+    from fnlm.train import Sharding, make_sharded_train_step, save_sharded
+    from fnlm.train.distributed import init_distributed
+
+    rank, world, _ = init_distributed(timeout=600)
+    if args.batch_size % world:
+        raise CliError(f"--batch-size {args.batch_size} must be divisible by the {world} workers")
+    if world > 1 and args.resume is not None:
+        raise CliError("--resume with --shard on several workers is not supported yet; resume on one process")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    sharding = Sharding(params, args.shard)
+    adamw = optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=args.weight_decay)
+    held = sharding.shard(params)
+    state = sharding.init(adamw, held)
+    step = make_sharded_train_step(loss_fn, adamw, sharding, max_grad_norm=args.clip, compile=compile_)
+    evaluate = make_eval_step(eval_fn, compile=compile_)
+    print(f"{sharding}", flush=True)
+
+    class ShardedCheckpoints:
+        def save(self, held, opt_state, step, key, extra):
+            root = out / "checkpoints-sharded"
+            save_sharded(root / f"step-{step:07d}", sharding, held, opt_state, step, key, extra)
+            if rank == 0:
+                import shutil
+
+                for old in sorted(root.glob("step-*"))[:-2]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def finish(held):
+        whole = sharding.unshard(held)
+        return whole if rank == 0 else None
+
+    return (held, state, lambda p, s, b, k: step(p, s, sharding.split_batch(b), k),
+            lambda p, b: evaluate(sharding.unshard(p), b), ckpts if world == 1 else ShardedCheckpoints(), finish)
 
 
 # ----------------------------------------------------------------------------- generation
