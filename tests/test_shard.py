@@ -197,3 +197,30 @@ class _Factory:
         p = self.base / name
         p.mkdir()
         return p
+
+
+def test_nonfinite_skip_keeps_the_sharded_state_and_names_the_group():
+    """One process (N = 1): a NaN gradient in one group is flagged for that group; 'skip' keeps the
+    held parameters and the optimizer state; 'raise' names the group."""
+    from fnlm.train import make_sharded_train_step
+
+    params = init_gpt2(random.key(0), W.CFG)
+    sh = Sharding(params, 3)
+    held = sh.shard(params)
+    opt = optim.adamw(1e-2)
+    state = sh.init(opt, held)
+
+    def bad_loss(p, batch, key):
+        loss, aux = W.loss_fn(p, batch, key)
+        return loss + 0 * p["layers"][1]["ffn"]["w1"]["weight"].sum() * float("nan"), aux
+
+    step = make_sharded_train_step(bad_loss, opt, sh, compile=False, nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="layers_1"):
+        new_held, new_state, m = step(held, state, W.global_batch(0), random.key(0))
+    assert not bool(m["finite"])
+    for a, b in zip(flatten_names(new_held).values(), flatten_names(held).values()):
+        assert torch.equal(a, b)
+    assert int(new_state.count) == 0
+    step = make_sharded_train_step(bad_loss, opt, sh, compile=False)
+    with pytest.raises(FloatingPointError, match="layers_1"):
+        step(held, state, W.global_batch(0), random.key(0))

@@ -46,7 +46,14 @@ two large collectives plus one of a few scalars, whatever the number of groups.
   step still holds one whole copy of the parameters and of the gradients. Per-layer gathering
   needs the model to take its layers' parameters lazily (a ``gather(layer)`` callback in
   ``gpt2_hidden``'s loop plus rematerialisation of the gather in the backward), which is the next
-  step and not done here; ``docs/scaling.md`` gives the memory of both.
+  step and not done here; ``docs/scaling.md`` gives the memory of both. The collectives also stay
+  *outside* the differentiated function (the gradient is taken with respect to the gathered
+  vectors, then reduce-scattered) rather than an all-gather whose backward is a reduce-scatter:
+  in torch 2.13 the functional collectives' autograd wrappers (``all_gather_single_autograd``)
+  are ``autograd.Function`` s without ``setup_context``, which ``torch.func.grad`` refuses, and a
+  custom one with ``setup_context`` works eagerly but dynamo still fails on it under
+  ``grad`` ("RuntimeError when making fake tensor call"; tried here), so it could not sit in the
+  compiled step.
 * **Compiled.** The collectives are the *functional* ones (``torch.distributed._functional_collectives``),
   which dynamo traces, so forward, backward, the collectives, clipping and the optimizer are ONE
   ``fullgraph=True`` graph (gloo on CPU, tested with ``'aot_eager'``; NCCL on GPU, where Inductor
