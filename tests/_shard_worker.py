@@ -107,6 +107,10 @@ def dead(out: Path, rank: int, world: int) -> None:
     with worker_guard(timeout=float(os.environ["FNLM_TEST_TIMEOUT"])):
         for s in range(50):
             if rank == 1 and s == 1:
+                if os.environ.get("FNLM_TEST_STUCK"):
+                    import time
+
+                    time.sleep(600)  # alive but silent: worker 0 must give up after the timeout
                 os._exit(3)
             held, state, _ = step(held, state, sh.split_batch(global_batch(s)), random.key(s))
 

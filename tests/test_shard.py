@@ -34,15 +34,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(mode: str, out: Path, timeout: float = 60, wait: float = 600) -> list[subprocess.CompletedProcess]:
+def start_workers(mode: str, out: Path, timeout: float = 60, extra_env: dict | None = None) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "FNLM_TEST_TIMEOUT": str(timeout),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+               **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "_shard_worker.py"), mode, str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def run_workers(mode: str, out: Path, timeout: float = 60, wait: float = 600) -> list[subprocess.CompletedProcess]:
+    procs = start_workers(mode, out, timeout)
     done = []
     for p in procs:
         try:
@@ -145,6 +151,25 @@ def test_a_dead_worker_stops_the_other_with_one_line(tmp_path):
     assert sum(ln.startswith("fnlm: worker") for ln in lines) == 1
     assert "Traceback" not in r0.stderr
     assert elapsed < timeout + 120  # startup of two interpreters plus at most one timeout
+
+
+def test_a_stuck_worker_stops_the_other_after_the_collective_timeout(tmp_path):
+    """Worker 1 stays alive but stops calling collectives: worker 0 exits with one line once the
+    process group's timeout (10 s here) has passed, instead of waiting for ever."""
+    timeout = 10
+    p0, p1 = start_workers("dead", tmp_path, timeout=timeout, extra_env={"FNLM_TEST_STUCK": "1"})
+    try:
+        t0 = time.monotonic()
+        _, err = p0.communicate(timeout=300)
+        elapsed = time.monotonic() - t0
+    finally:
+        p1.kill()
+        p1.communicate()
+    assert p0.returncode == 1, err[-2000:]
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fnlm: worker")]
+    assert len(lines) == 1 and "within the 10 s timeout" in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    assert elapsed >= timeout  # it waited for the timeout (the peer was alive), then gave up
 
 
 def test_single_process_layout_and_errors():
