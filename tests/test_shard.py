@@ -187,24 +187,44 @@ def test_single_process_layout_and_errors():
         make_sharded_train_step(W.loss_fn, opt, sh, compile=False)
 
 
+def tiny_imdb(base: Path) -> Path:
+    """An aclImdb look-alike archive: 60 training reviews of word salad, 4 test reviews."""
+    import tarfile
+
+    words = "film movie plot actor scene great bad boring funny story music ending character".split()
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 30), ("test", 2)):
+        for sent, rating in (("pos", 8), ("neg", 2)):
+            d = base / "aclImdb" / split / sent
+            d.mkdir(parents=True)
+            for i in range(n):
+                idx = torch.randint(0, len(words), (12,), generator=g).tolist()
+                (d / f"{i}_{rating}.txt").write_text(" ".join(words[j] for j in idx) + ".")
+    path = base / "aclImdb_v1.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(base / "aclImdb", arcname="aclImdb")
+    return path
+
+
 def test_pretrain_gpt_with_shard_3_on_two_workers_matches_one_process(tmp_path):
     """examples/pretrain_gpt.py --shard 3 under torchrun (2 gloo workers, tiny model, no dropout)
     ends with the model of the plain one-process run, up to float rounding."""
-    import test_pretrain_gpt as T
     from safetensors.torch import load_file
 
-    archive = T.archive.__wrapped__(_Factory(tmp_path)) if hasattr(T.archive, "__wrapped__") else None
-    if archive is None:
-        pytest.skip("test_pretrain_gpt's archive fixture is not callable here")
-    example = T.load_example()
-    single = tmp_path / "single"
-    assert example.main(["--data", str(archive), "--out", str(single), *T.TINY]) == 0
-    sharded = tmp_path / "sharded"
+    archive = tiny_imdb(tmp_path)
+    tiny = ["--data", str(archive), "--val-reviews", "10", "--val-tokens", "128", "--vocab-size", "280",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+            "--steps", "6", "--eval-every", "3", "--save-every", "2", "--warmup", "2", "--max-new-tokens", "4",
+            "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = str(ROOT / "examples" / "pretrain_gpt.py")
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    proc = subprocess.run([sys.executable, script, *tiny, "--out", str(single)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(ROOT / "examples" / "pretrain_gpt.py"),
-                           "--data", str(archive), "--out", str(sharded), *T.TINY, "--shard", "3"],
+                           f"--master_port={free_port()}", script, *tiny, "--out", str(sharded), "--shard", "3"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     a, b = load_file(single / "model" / "model.safetensors"), load_file(sharded / "model" / "model.safetensors")
@@ -212,16 +232,7 @@ def test_pretrain_gpt_with_shard_3_on_two_workers_matches_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
     assert len(list((sharded / "checkpoints-sharded").iterdir())) == 2  # the last two sharded checkpoints
-
-
-class _Factory:
-    def __init__(self, base: Path):
-        self.base = base
-
-    def mktemp(self, name: str) -> Path:
-        p = self.base / name
-        p.mkdir()
-        return p
+    assert (sharded / "metrics.json").is_file() and (sharded / "samples.txt").is_file()
 
 
 def test_nonfinite_skip_keeps_the_sharded_state_and_names_the_group():
