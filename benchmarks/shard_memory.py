@@ -145,7 +145,8 @@ def measure(args) -> int:
             if final0 is None:
                 final0 = [x.detach().float().cpu() for x in tree_leaves(final)]
             else:
-                diff = max(float((a.detach().float().cpu() - b).abs().max()) for a, b in zip(tree_leaves(final), final0))
+                diff = max(float((a.detach().float().cpu() - b).abs().max())
+                           for a, b in zip(tree_leaves(final), final0))
             rows.append({"level": level, "state_bytes": state_bytes, "peak_bytes": peak, "loss": float(m["loss"]),
                          "max_abs_diff_vs_first_level": diff, "seconds_incl_compile": seconds})
             del held, state, step, final

@@ -185,6 +185,16 @@ def test_single_process_layout_and_errors():
     from fnlm.train import make_sharded_train_step
     with pytest.raises(ValueError, match="max_grad_norm"):
         make_sharded_train_step(W.loss_fn, opt, sh, compile=False)
+    # one worker, accum_steps=2: make_train_step's accumulation (same micro keys fold_in(key, i))
+    ref, _ = reference(2)
+    step = make_sharded_train_step(W.loss_fn, W.make_opt(), sh, max_grad_norm=W.MAX_NORM, accum_steps=2,
+                                   compile=False)
+    state = sh.init(W.make_opt(), held)
+    for s in range(2):
+        micro = {k: v.reshape(2, W.BATCH // 2, *v.shape[1:]) for k, v in W.global_batch(s).items()}
+        held, state, _ = step(held, state, micro, random.key(100 + s))
+    for name, x in flatten_names(sh.unshard(held)).items():
+        torch.testing.assert_close(x, ref[name], atol=2e-6, rtol=1e-5)
 
 
 def tiny_imdb(base: Path) -> Path:
