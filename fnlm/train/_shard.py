@@ -168,7 +168,11 @@ class Sharding:
             self._pg = pg
         else:
             self.rank, self.world, self._pg = 0, 1, None
-        vectors, self._unravel = ravel(params, group)
+        leaves = tree_leaves(params)
+        if not leaves or not all(isinstance(x, Tensor) for x in leaves):
+            raise TypeError("Sharding: params must be a non-empty tree of tensors")
+        # the layout from meta tensors: no copy of the model (ravel's unravel keeps only sizes and shapes)
+        vectors, self._unravel = ravel(tree_map(lambda x: torch.empty_like(x, device="meta"), params), group)
         for label in vectors:
             head, _, tail = label.partition(".")
             if not head or "." in tail:
@@ -179,7 +183,7 @@ class Sharding:
         self.sizes = {g: vectors[g].numel() for g in order}
         self.shard_sizes = {g: math.ceil(n / self.world) for g, n in self.sizes.items()}
         self.dtypes = {g: vectors[g].dtype for g in order}
-        self.device = vectors[order[0]].device
+        self.device = leaves[0].device
         self.names = list(flatten_names(params))
         del vectors
 
