@@ -1,5 +1,19 @@
 """Sharded data parallelism (ZeRO / FSDP semantics) for parameter pytrees, on flattened vectors.
 
+::
+
+    rank, world, device = init_distributed(timeout=300)      # torchrun; gloo on CPU, NCCL on GPU
+    sharding = Sharding(params, level=3)                      # the layout; params' values not kept
+    held = sharding.shard(params); del params                 # what this worker holds
+    opt = optim.adamw(schedule, weight_decay=0.1)             # no clip_by_global_norm: max_grad_norm=
+    opt_state = sharding.init(opt, held)
+    step = make_sharded_train_step(loss_fn, opt, sharding, max_grad_norm=1.0)
+    with worker_guard(300):
+        for i, batch in enumerate(global_batches):
+            held, opt_state, metrics = step(held, opt_state, sharding.split_batch(batch), fold_in(key, i))
+            save_sharded(ckpt_dir, sharding, held, opt_state, i + 1, key)    # every worker
+    params = sharding.unshard(held)                           # every worker (a collective at level 3)
+
 The parameter tree is flattened into one vector per group (:func:`fnlm.tree.ravel`; by default one
 group per layer and decay class, :func:`shard_groups`), each vector ``v_g`` of ``n_g`` elements is
 zero-padded to ``N s_g`` with ``s_g = ceil(n_g / N)`` over ``N`` workers, and worker ``r`` owns the
