@@ -13,10 +13,14 @@ Stages (each in its own process, so one failure does not hide the others):
 3. ``cold compile``: the same compiled step's first call with an empty Inductor/Triton cache.
 4. ``imdb``: ``examples/finetune_imdb.py`` on the full data (25k/25k, one epoch, MiniLM, 256 tokens):
    test accuracy and training time.
+5. ``shard``: two GPUs, NCCL: ``benchmarks/shard_memory.py`` under ``torchrun --nproc_per_node=2``,
+   GPT-2 350M, 8 x 1024 tokens, bf16 autocast, compiled: each sharding level (0-3) trains 3 steps;
+   per-worker state and peak CUDA memory per level, and the largest parameter difference from
+   level 0 (the levels compute the same training). Skipped (not failed) with fewer than 2 GPUs.
 
 The smoke mode runs the same stages with tiny sizes (MiniLM 2 x 32, eager/HF only, ``aot_eager`` for
-the compile checks, a 32-review eager IMDb run), so that the first GPU run is not the script's first
-run; ``tests/test_benchmarks.py`` runs it.
+the compile checks, a 32-review eager IMDb run, the shard stage with two gloo CPU processes), so
+that the first GPU run is not the script's first run; ``tests/test_benchmarks.py`` runs it.
 """
 from __future__ import annotations
 
@@ -48,11 +52,39 @@ def run(name: str, cmd: list[str], env: dict[str, str] | None = None, timeout: f
     return {"name": name, "ok": ok, "seconds": time.time() - t0, "tail": tail}
 
 
+def shard_stage(py: str, smoke: bool, tmp: Path) -> dict:
+    """Stage 5: sharded training on two workers (NCCL; gloo on the CPU in smoke mode)."""
+    import socket
+
+    if not smoke:
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            return {"name": "shard", "ok": True, "seconds": 0.0, "tail": "",
+                    "result": f"skipped: needs 2 GPUs, found {torch.cuda.device_count()}"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp / "shard.json"
+    sizes = (["--model", "tiny", "--device", "cpu", "--compile", "none", "--steps", "1", "--batch", "4", "--seq", "32"]
+             if smoke else ["--model", "gpt2-medium", "--batch", "8", "--seq", "1024", "--steps", "3"])
+    r = run("shard", [py, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                      "benchmarks/shard_memory.py", *sizes, "--json", str(out)], {"OMP_NUM_THREADS": "1"}, timeout=1200)
+    if r["ok"]:
+        res = json.loads(out.read_text())
+        w0 = res["workers"][0]
+        parts = [f"L{x['level']}: state {x['state_bytes'] / 2**20:.0f} MB, peak {x['peak_bytes'] / 2**20:.0f} MB"
+                 for x in w0]
+        diff = max(x["max_abs_diff_vs_first_level"] for w in res["workers"] for x in w)
+        r["result"] = f"{res['params'] / 1e6:.0f}M params, worker 0: " + "; ".join(parts) + f"; max |diff| {diff:.1e}"
+    return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (smoke mode: tiny sizes)")
     ap.add_argument("--data", type=Path, default=DATA, help="IMDb archive for the fine-tuning stage")
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip: tests,step,compile,imdb")
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip: tests,step,compile,imdb,shard")
     args = ap.parse_args(argv)
     smoke = args.device == "cpu"
     if not smoke:
@@ -111,6 +143,8 @@ def main(argv=None) -> int:
                 r["result"] = (f"test accuracy {m['final_test_accuracy']:.4f} on {m['test_size']} reviews; "
                                f"training {train_s:.0f} s for {m['train_size']} reviews")
             rows.append(r)
+        if "shard" not in skip:
+            rows.append(shard_stage(py, smoke, tmp))
     print(f"\nfnlm GPU check on {args.device}{' (smoke mode: tiny sizes)' if smoke else ''}")
     print(f"{'stage':<14}{'ok':<6}{'seconds':>8}  result")
     for r in rows:

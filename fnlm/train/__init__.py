@@ -8,6 +8,9 @@ from fnlm.train._precision import autocast_dtype, native_bf16, pick_device
 from fnlm.train._checkpoint import load_train_state, save_train_state
 from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunInUseError, RunState, digest
 from fnlm.train._lifecycle import Run
+from fnlm.train._guard import worker_guard
+from fnlm.train._shard_checkpoint import gather_params, load_sharded, save_sharded
+from fnlm.train._shard import Sharding, make_sharded_train_step, resident_bytes, shard_costs, shard_groups, sharded_step_fn
 from fnlm.train._progress import Progress
 from fnlm.train._record import EnvironmentRecord, model_card
 from fnlm.train._report import plot_training, write_errors
@@ -38,4 +41,6 @@ __all__ = [
     "make_dp_sgd_step", "native_bf16", "make_ensemble_step", "make_eval_step", "make_train_step", "nonfinite_message",
     "param_group", "pick_device", "per_example_grad_norms", "per_example_grads", "save_train_state", "train_step_fn",
     "with_frozen",
+    "Sharding", "make_sharded_train_step", "resident_bytes", "shard_costs", "shard_groups", "sharded_step_fn",
+    "gather_params", "load_sharded", "save_sharded", "worker_guard",
 ]

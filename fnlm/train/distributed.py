@@ -24,6 +24,7 @@ e.g. ``fold_in(step_key, rank)``, or all ranks drop the same units.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from typing import Any
@@ -35,13 +36,15 @@ from torch import Tensor
 from fnlm.tree import PyTree, tree_flatten, tree_map, tree_unflatten
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(backend: str | None = None, timeout: float | None = None) -> tuple[int, int, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, ``LOCAL_RANK``): ``(rank, world_size, device)``.
 
     ``backend``: ``'nccl'`` when CUDA is available, else ``'gloo'``. On GPU each process uses
     ``cuda:LOCAL_RANK``. Without ``torchrun`` (no ``WORLD_SIZE``) it is a single process:
-    ``(0, 1, device)`` and no group is created.
+    ``(0, 1, device)`` and no group is created. ``timeout``: seconds a collective may wait for the
+    other workers before it fails (``init_process_group(timeout=)``; torch's default otherwise);
+    with :func:`fnlm.train.worker_guard` a dead or stuck worker then ends the others with one line.
     """
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -51,7 +54,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kw)
     return dist.get_rank(), dist.get_world_size(), device
 
 
