@@ -33,7 +33,7 @@ import fnlm
 from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, download_imdb, html_clean, load_imdb_splits,
                        load_tokenizer, make_batches)
-from fnlm.io import CheckpointError, atomic_dir, ensure_minilm, write_json
+from fnlm.io import CheckpointError, MissingHeadError, MissingPoolerError, atomic_dir, ensure_minilm, write_json
 from fnlm.models import bert_mlm, load_bert, mask_tokens, mlm_loss, save_bert
 from fnlm.train import make_eval_step, make_train_step
 from fnlm.tree import num_params
@@ -136,17 +136,14 @@ def load_model(path: Path, key):
     def attempt(pooler: bool):  # -> ((params, cfg), fresh head?)
         try:
             return load_bert(path, head="mlm", pooler=pooler), False
-        except CheckpointError as e:
-            if "no mlm head" not in str(e):
-                raise
+        except MissingHeadError:
+            pass
         return load_bert(path, head="mlm", pooler=pooler, head_key=key), True
 
     try:
         try:
             (params, cfg), fresh = attempt(True)
-        except CheckpointError as e:
-            if "pooler" not in str(e):
-                raise
+        except MissingPoolerError:
             (params, cfg), fresh = attempt(False)
         tokenizer = load_tokenizer(path)
     except (CheckpointError, ValueError, TypeError, OSError) as e:
@@ -302,12 +299,11 @@ def predict(args) -> int:
     try:
         params, cfg = load_bert(path, head="mlm")
         tokenizer = load_tokenizer(path)
+    except MissingHeadError:
+        raise CliError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
+                       "(python examples/pretrain_mlm.py --weights ...)") from None
     except CheckpointError as e:
-        first = str(e).splitlines()
-        if "no mlm head" in str(e):
-            raise CliError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
-                           "(python examples/pretrain_mlm.py --weights ...)") from None
-        raise CliError(first[0]) from None
+        raise CliError(str(e).splitlines()[0]) from None
     for text in args.predict:
         for k, rows in enumerate(fill_mask(params, cfg, tokenizer, text, args.top_k)):
             print(f"{text}" + (f"  [MASK] #{k + 1}" if k else ""))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
+from fnlm.data._ordered import predict_in_order
 from fnlm.io._safetensors import atomic_dir
 from fnlm.models._bert import BertConfig, _check_config, bert_classifier
 from fnlm.nn._quantize import quantize_int8, with_int8_weights
