@@ -34,7 +34,7 @@ from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, html_clean, load_imdb_splits,
                        load_tokenizer, predict_in_order, subset)
 from fnlm.io import CheckpointError, ensure_minilm, read_safetensors, write_safetensors
-from fnlm.models import COMBINES, POOLINGS, load_bert, sentence_embedding
+from fnlm.models import COMBINES, POOLINGS, load_pretrained, sentence_embedding
 from fnlm.nn import accuracy, cross_entropy
 from fnlm.train import autocast_dtype
 
@@ -119,11 +119,8 @@ def read_lines(path: Path) -> tuple[list[str], list[int]]:
 def load_model(path: Path):
     if path == DEFAULT_WEIGHTS and not (path / "config.json").is_file():
         ensure_minilm(path)
-    if not (path / "config.json").is_file():
-        raise CliError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
     try:
-        params, cfg = load_bert(path, pooler=False)
-        tokenizer = load_tokenizer(path)
+        params, cfg, tokenizer, _ = load_pretrained(path, pooler=False)
     except (CheckpointError, ValueError, TypeError, OSError) as e:
         raise CliError(str(e).splitlines()[0]) from None
     return params, cfg, tokenizer

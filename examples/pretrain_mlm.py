@@ -33,8 +33,8 @@ import fnlm
 from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, download_imdb, html_clean, load_imdb_splits,
                        load_tokenizer, make_batches)
-from fnlm.io import CheckpointError, MissingHeadError, MissingPoolerError, atomic_dir, ensure_minilm, write_json
-from fnlm.models import bert_mlm, load_bert, mask_tokens, mlm_loss, save_bert
+from fnlm.io import CheckpointError, MissingHeadError, atomic_dir, ensure_minilm, write_json
+from fnlm.models import bert_mlm, load_pretrained, mask_tokens, mlm_loss, save_bert
 from fnlm.train import make_eval_step, make_train_step
 from fnlm.tree import num_params
 
@@ -133,19 +133,8 @@ def load_model(path: Path, key):
     if not (path / "config.json").is_file():
         raise CliError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
 
-    def attempt(pooler: bool):  # -> ((params, cfg), fresh head?)
-        try:
-            return load_bert(path, head="mlm", pooler=pooler), False
-        except MissingHeadError:
-            pass
-        return load_bert(path, head="mlm", pooler=pooler, head_key=key), True
-
     try:
-        try:
-            (params, cfg), fresh = attempt(True)
-        except MissingPoolerError:
-            (params, cfg), fresh = attempt(False)
-        tokenizer = load_tokenizer(path)
+        params, cfg, tokenizer, fresh = load_pretrained(path, head="mlm", head_key=key, pooler="if_present")
     except (CheckpointError, ValueError, TypeError, OSError) as e:
         raise CliError(str(e).splitlines()[0] + (" ..." if len(str(e).splitlines()) > 1 else "")) from None
     if tokenizer.mask_id is None:
@@ -297,8 +286,7 @@ def predict(args) -> int:
     if not (path / "config.json").is_file():
         raise CliError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
     try:
-        params, cfg = load_bert(path, head="mlm")
-        tokenizer = load_tokenizer(path)
+        params, cfg, tokenizer, _ = load_pretrained(path, head="mlm")
     except MissingHeadError:
         raise CliError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
                        "(python examples/pretrain_mlm.py --weights ...)") from None
