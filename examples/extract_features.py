@@ -32,7 +32,7 @@ import torch
 import fnlm
 from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, html_clean, load_imdb_splits,
-                       load_tokenizer, predict_in_order, subset)
+                       predict_in_order, subset)
 from fnlm.io import CheckpointError, ensure_minilm, read_safetensors, write_safetensors
 from fnlm.models import COMBINES, POOLINGS, load_pretrained, sentence_embedding
 from fnlm.nn import accuracy, cross_entropy

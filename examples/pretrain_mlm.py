@@ -32,7 +32,7 @@ import torch
 import fnlm
 from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, download_imdb, html_clean, load_imdb_splits,
-                       load_tokenizer, make_batches)
+                       make_batches)
 from fnlm.io import CheckpointError, MissingHeadError, atomic_dir, ensure_minilm, write_json
 from fnlm.models import bert_mlm, load_pretrained, mask_tokens, mlm_loss, save_bert
 from fnlm.train import make_eval_step, make_train_step
