@@ -5,7 +5,7 @@ all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 norm) of N IMDb training
 
 * sentence-transformers: ``SentenceTransformer.encode(texts, normalize_embeddings=True)`` (it sorts
   by length and pads each batch to its longest text);
-* fnlm: ``tokenizer.encode_ids`` -> length-sorted ``make_batches`` over the buckets of
+* fnlm: ``tokenizer.encode_ids`` -> ``predict_in_order`` (length-sorted batches) over the buckets of
   ``choose_buckets`` -> ``examples/extract_features.py``'s embedder
   (``make_eval_step(sentence_embedding)``) compiled (one graph per bucket; compilation is timed
   separately, on one batch per bucket, before the timed pass) and eager; and
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import fnlm
-from fnlm.data import choose_buckets, html_clean, load_imdb, load_tokenizer, make_batches, subset
+from fnlm.data import choose_buckets, html_clean, load_imdb, load_tokenizer, predict_in_order, subset
 from fnlm.io import ensure_minilm
 from fnlm.models import load_bert
 
@@ -68,14 +68,10 @@ def main() -> None:
 
     def fnlm_encode(step, xs):
         ids = tok.encode_ids(xs, max_len=args.max_len, truncation="head")
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         buckets = choose_buckets([len(x) for x in ids], args.max_len, args.batch_size)
-        out = torch.empty(len(ids), cfg.hidden_size)
-        for b in make_batches([ids[i] for i in order], None, args.batch_size, buckets, shuffle=False,
-                              pad_id=tok.pad_id):
-            e = step({k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-            real = b["index"] >= 0
-            out[torch.tensor(order)[b["index"][real]]] = e[real]
+        out = predict_in_order(lambda i, m: step({"input_ids": i, "attention_mask": m,
+                                                  "token_type_ids": torch.zeros_like(i)}),
+                               ids, batch_size=args.batch_size, buckets=buckets, pad_id=tok.pad_id)
         return out, buckets
 
     def st_encode(xs):

@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from fnlm import optim, random
-from fnlm.models import GPT2Config, generate, init_gpt2, lm_loss, load_gpt2
+from fnlm.models import generate, lm_loss, load_gpt2
 from fnlm.train import make_train_step
 from fnlm.tree import cast, tree_leaves
 

@@ -38,7 +38,7 @@ _spec = importlib.util.spec_from_file_location("finetune_imdb", ROOT / "examples
 ft = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ft)  # the example's own data pipeline: the reference sees the same batches
 
-from fnlm.data import bucket_lengths, choose_buckets, make_batches
+from fnlm.data import bucket_lengths, choose_buckets, make_batches, predict_in_order
 from fnlm.data import html_clean
 from fnlm.data import load_tokenizer
 
@@ -159,16 +159,12 @@ def run_hf(args, data, ids, tok) -> dict:
                       f"({time.time() - t:.0f}s)", flush=True)
         train_s += time.time() - t
     model.eval()
-    order = sorted(range(len(ids["test"])), key=lambda i: len(ids["test"][i]))
-    test_batches = make_batches([ids["test"][i] for i in order], [data["test"].labels[i] for i in order],
-                                args.batch_size, buckets, shuffle=False, pad_id=tok.pad_id)
-    correct = n = 0.0
     t = time.time()
     with torch.no_grad():
-        for b in test_batches:
-            hit = (forward(b).argmax(-1) == b["labels"]).float()
-            correct += float((hit * b["weight"]).sum())
-            n += float(b["weight"].sum())
+        pred = predict_in_order(lambda i, m: forward({"input_ids": i, "attention_mask": m,
+                                                      "token_type_ids": torch.zeros_like(i)}).argmax(-1),
+                                ids["test"], batch_size=args.batch_size, buckets=buckets, pad_id=tok.pad_id)
+    correct, n = float((pred == torch.tensor(data["test"].labels)).sum()), len(data["test"].labels)
     return {"accuracy": correct / n, "train_seconds": train_s, "eval_seconds": time.time() - t}
 
 

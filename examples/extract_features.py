@@ -32,9 +32,9 @@ import torch
 import fnlm
 from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, html_clean, load_imdb_splits,
-                       load_tokenizer, make_batches, subset)
+                       predict_in_order, subset)
 from fnlm.io import CheckpointError, ensure_minilm, read_safetensors, write_safetensors
-from fnlm.models import COMBINES, POOLINGS, load_bert, sentence_embedding
+from fnlm.models import COMBINES, POOLINGS, load_pretrained, sentence_embedding
 from fnlm.nn import accuracy, cross_entropy
 from fnlm.train import autocast_dtype
 
@@ -119,11 +119,8 @@ def read_lines(path: Path) -> tuple[list[str], list[int]]:
 def load_model(path: Path):
     if path == DEFAULT_WEIGHTS and not (path / "config.json").is_file():
         ensure_minilm(path)
-    if not (path / "config.json").is_file():
-        raise CliError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
     try:
-        params, cfg = load_bert(path, pooler=False)
-        tokenizer = load_tokenizer(path)
+        params, cfg, tokenizer, _ = load_pretrained(path, pooler=False)
     except (CheckpointError, ValueError, TypeError, OSError) as e:
         raise CliError(str(e).splitlines()[0]) from None
     return params, cfg, tokenizer
@@ -171,21 +168,18 @@ def embed_texts(embedder, tokenizer, texts: list[str], args, desc: str = "embedd
     from tqdm.auto import tqdm
 
     ids = tokenizer.encode_ids(texts, max_len=args.max_len, truncation="head")
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
-    batch_size = min(args.batch_size, len(ids))
+    batch_size = min(args.batch_size, len(ids)) or 1
     # eager: every bucket is free; compiled: only those that pay for their compilation
     buckets = bucket_lengths(args.max_len) if args.no_compile else \
         choose_buckets([len(x) for x in ids], args.max_len, batch_size)
-    batches = make_batches([ids[i] for i in order], None, batch_size, buckets, shuffle=False, pad_id=tokenizer.pad_id)
-    out: torch.Tensor | None = None
+
+    def run(input_ids, attention_mask):
+        return embedder({"input_ids": input_ids, "attention_mask": attention_mask,
+                         "token_type_ids": torch.zeros_like(input_ids)}).float()
+
     with tqdm(total=len(ids), desc=desc, unit="text", dynamic_ncols=True, disable=None) as bar:
-        for b in batches:
-            e = embedder({k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).float()
-            real = b["index"] >= 0
-            if out is None:
-                out = torch.empty(len(ids), e.shape[-1])
-            out[torch.tensor(order)[b["index"][real]]] = e[real]
-            bar.update(int(real.sum()))
+        out = predict_in_order(run, ids, batch_size=batch_size, buckets=buckets, pad_id=tokenizer.pad_id,
+                               on_batch=bar.update)
     return out
 
 

@@ -40,9 +40,9 @@ import torch
 import fnlm
 from fnlm import optim, random
 from fnlm.config import check, cli_main, config_to_dict, option, parse_config
-from fnlm.data import bucket_lengths, download_imdb, html_clean, load_imdb_splits, load_tokenizer, make_batches
-from fnlm.io import CheckpointError, ensure_minilm, write_json
-from fnlm.models import bert_mlm, load_bert, mask_tokens, mlm_loss, save_bert
+from fnlm.data import bucket_lengths, download_imdb, html_clean, load_imdb_splits, make_batches
+from fnlm.io import MissingHeadError, ensure_minilm, write_json
+from fnlm.models import bert_mlm, load_pretrained, mask_tokens, mlm_loss, save_bert
 from fnlm.train import Progress, Run, digest, make_eval_step, make_train_step, model_card
 from fnlm.tree import num_params
 
@@ -164,19 +164,11 @@ def load_model(path: Path, key):
         ensure_minilm(path)
     if not (path / "config.json").is_file():
         raise OSError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
-    for head_key, pooler in ((None, True), (None, False), (key, True), (key, False)):
-        try:
-            params, cfg = load_bert(path, head="mlm", pooler=pooler, head_key=head_key)
-            break
-        except CheckpointError as e:
-            error = e
-    else:
-        raise error
-    tokenizer = load_tokenizer(path)
+    params, cfg, tokenizer, fresh = load_pretrained(path, head="mlm", head_key=key, pooler="if_present")
     if tokenizer.mask_id is None:
         raise ValueError(f"{path}: the tokenizer has no [MASK] token")
     pooler = params["bert"].pop("pooler", None)
-    return params, pooler, cfg, tokenizer, head_key is not None
+    return params, pooler, cfg, tokenizer, fresh
 
 
 # ----------------------------------------------------------------------------- masking
@@ -351,12 +343,10 @@ def predict(cfg: MlmConfig) -> int:
     if not (path / "config.json").is_file():
         raise OSError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
     try:
-        params, bcfg = load_bert(path, head="mlm")
-    except CheckpointError:
-        load_bert(path, head="mlm", head_key=random.key(0))  # a problem beyond the missing head raises here
-        raise CheckpointError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
-                              "(python examples/pretrain_mlm.py --weights ...)") from None
-    tokenizer = load_tokenizer(path)
+        params, bcfg, tokenizer, _ = load_pretrained(path, head="mlm")
+    except MissingHeadError:
+        raise MissingHeadError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
+                               "(python examples/pretrain_mlm.py --weights ...)") from None
     for text in cfg.predict:
         for k, rows in enumerate(fill_mask(params, bcfg, tokenizer, text, cfg.top_k)):
             print(f"{text}" + (f"  [MASK] #{k + 1}" if k else ""))

@@ -17,6 +17,7 @@ The package follows the architecture, bottom up:
 The most used names are re-exported here (``fnlm.multi_head_attention``, ``fnlm.load_bert``).
 """
 from fnlm import config, data, io, models, nn, optim, random, train, tree
+from fnlm import metrics
 from fnlm.data import load_tokenizer
 from fnlm.models import (
     BertConfig,
@@ -106,6 +107,7 @@ __version__ = "0.1.0"
 __all__ = [
     # subpackages
     "config", "data", "distributed", "io", "models", "nn", "optim", "random", "train", "tree",
+    "metrics",
     # fnlm.nn
     "TransformerConfig", "accuracy", "attention_reference", "causal_mask", "check_token_ids", "cross_entropy",
     "decoder", "decoder_block", "dropout", "embedding", "encoder", "encoder_block", "feed_forward", "gelu",

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fnlm import random
-from fnlm.io import CheckpointError
+from fnlm.io import CheckpointError, MissingHeadError, MissingPoolerError
 from fnlm.models import (
     BertConfig,
     bert,
@@ -202,6 +202,7 @@ def test_missing_head_and_pooler(hf_saved):
     d, _ = hf_saved["l1h2_gelu_tt2", "none"]
     with pytest.raises(CheckpointError, match="classifier.weight") as e:
         load_bert(d, head="classifier")
+    assert type(e.value) is MissingHeadError  # callers catch the type, not the message
     assert "head_key" in str(e.value) and "model.safetensors" in str(e.value)
     params, cfg = load_bert(d, head="classifier", num_labels=4, head_key=random.key(0))
     assert params["classifier"]["weight"].shape == (cfg.hidden_size, 4) and cfg.num_labels == 4
@@ -217,6 +218,7 @@ def test_missing_head_and_pooler(hf_saved):
     d, _ = hf_saved["l1h2_gelu_tt2", "mlm"]
     with pytest.raises(CheckpointError, match="pooler.dense.weight") as e:
         load_bert(d)
+    assert type(e.value) is MissingPoolerError
     assert "pooler=False" in str(e.value)
     body, _ = load_bert(d, pooler=False)
     assert "pooler" not in body and bert(body, torch.tensor([[1, 2]]), cfg)[1] is None

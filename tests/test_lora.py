@@ -180,3 +180,19 @@ def test_bad_input_is_a_one_line_error(base_dir, tmp_path):
         with pytest.raises(exc, match=pattern) as e:
             fn()
         assert "\n" not in str(e.value)
+
+
+def test_save_lora_copies_the_tokenizer_files(base_dir, tmp_path):
+    params, cfg = load_bert(base_dir, head="classifier")
+    lcfg = LoraConfig(rank=2)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n")
+    (tok / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    save_lora(tmp_path / "ad", init_lora(random.key(1), params, lcfg), lcfg, cfg, tokenizer_dir=tok)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        assert (tmp_path / "ad" / name).read_bytes() == (tok / name).read_bytes()
+    assert load_lora(tmp_path / "ad", params, cfg)[1].rank == 2
+    with pytest.raises(ValueError, match="tokenizer_dir"):  # nothing to copy is an error, and nothing is written
+        save_lora(tmp_path / "ad2", init_lora(random.key(1), params, lcfg), lcfg, cfg, tokenizer_dir=tmp_path / "x")
+    assert not (tmp_path / "ad2").exists()

@@ -3,6 +3,8 @@
 from fnlm.io._hub import ChecksumError, download_file, download_hf, ensure_minilm
 from fnlm.io._safetensors import (
     CheckpointError,
+    MissingHeadError,
+    MissingPoolerError,
     atomic_dir,
     atomic_path,
     read_safetensors,
@@ -14,4 +16,5 @@ from fnlm.io._safetensors import (
 __all__ = [
     "CheckpointError", "ChecksumError", "atomic_dir", "atomic_path", "download_file", "download_hf",
     "ensure_minilm", "read_safetensors", "torch_dtype", "write_json", "write_safetensors",
+    "MissingHeadError", "MissingPoolerError",
 ]

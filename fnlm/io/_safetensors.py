@@ -30,6 +30,14 @@ class CheckpointError(ValueError):
     """A checkpoint file or directory is missing, corrupt, or does not match what was expected."""
 
 
+class MissingHeadError(CheckpointError):
+    """The checkpoint has a body but none of the asked head's weights (load with a ``head_key`` to initialise one)."""
+
+
+class MissingPoolerError(CheckpointError):
+    """The checkpoint has no pooler weights (load with ``pooler=False``)."""
+
+
 def _check_safetensors_header(path: Path) -> None:
     """Give a clear error for truncated or foreign files before the Rust reader sees them."""
     size = path.stat().st_size

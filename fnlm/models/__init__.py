@@ -31,6 +31,7 @@ from fnlm.models._export import (
 )
 from fnlm.models._packed import bert_classifier_packed, packed_attention_mask, packed_classifier_loss
 from fnlm.models._lora_peft import load_lora, read_lora_config, save_lora
+from fnlm.models._pretrained import Pretrained, load_pretrained
 from fnlm.models._bert_hf import (
     bert_config_from_hf,
     bert_config_to_hf,
@@ -72,6 +73,7 @@ __all__ = [
     "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
     "load_lora", "read_lora_config", "save_lora",
+    "Pretrained", "load_pretrained",
     "GPT2Config", "decode_step", "filter_logits", "generate", "gpt2", "gpt2_block", "gpt2_cached",
     "gpt2_config_from_hf", "gpt2_config_to_hf", "gpt2_hidden", "init_gpt2", "init_gpt2_block", "init_gpt2_cache",
     "left_pad", "lm_head", "lm_loss", "load_gpt2", "prefill", "read_gpt2_config", "sample_logits", "save_gpt2",

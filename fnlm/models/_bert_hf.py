@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fnlm import random
-from fnlm.io._safetensors import CheckpointError, torch_dtype
+from fnlm.io._safetensors import CheckpointError, MissingHeadError, MissingPoolerError, torch_dtype
 from fnlm.models._hf import (owned, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
                              weight_files, write_checkpoint)
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
@@ -357,18 +357,21 @@ def load_bert(
     unexpected = sorted(f"{orig} (in {f.name})" for c, (_, f, orig) in raw.items() if c not in ignored)
     if missing or problems or (unexpected and strict):
         lines = [f"{where}: checkpoint does not match a BERT model with head={head!r} and config {cfg_src}"]
+        error = CheckpointError
         if missing:
             names = [e.hf_name(head) for e in missing]
             hint = ""
             if head != "none" and head_entries and all_head_missing:
                 hint = f" (the checkpoint has no {head} head: pass head_key=fnlm.random.key(seed) to initialise one)"
+                error = MissingHeadError
             elif any(e.hf.startswith("pooler.") for e in missing):
                 hint = " (no pooler in the checkpoint: pass pooler=False to load without one)"
+                error = MissingPoolerError
             lines.append(f"  missing keys ({len(names)}){hint}: {short(names)}")
         if unexpected and strict:
             lines.append(f"  unexpected keys ({len(unexpected)}): {short(unexpected)}")
         lines += [f"  {p}" for p in problems[:20]] + ([f"  ... {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CheckpointError("\n".join(lines))
+        raise error("\n".join(lines))
     if unexpected:
         warnings.warn(f"{where}: ignoring unexpected keys {short(unexpected)}", stacklevel=2)
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
+from fnlm.data._ordered import predict_in_order
 from fnlm.io._safetensors import atomic_dir
 from fnlm.models._bert import BertConfig, _check_config, bert_classifier
 from fnlm.nn._quantize import quantize_int8, with_int8_weights
@@ -167,19 +168,9 @@ class TextClassifier:
         """``softmax(logits)`` for each text, in the given order; batches of similar lengths."""
         ids = self.tokenizer.encode_ids(list(texts), max_len=self.max_len, truncation=self.truncation,
                                         head_tokens=self.head_tokens)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = torch.empty(len(ids), len(self.labels))
-        pad = self.tokenizer.pad_id
-        for s in range(0, len(order), batch_size):
-            rows = [ids[i] for i in order[s:s + batch_size]]
-            width = max(2, max(len(r) for r in rows))
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for j, r in enumerate(rows):
-                input_ids[j, :len(r)] = torch.tensor(r)
-                mask[j, :len(r)] = 1
-            out[order[s:s + batch_size]] = torch.softmax(self.logits(input_ids, mask), -1)
-        return out
+        out = predict_in_order(lambda i, m: torch.softmax(self.logits(i, m), -1), ids, batch_size=batch_size,
+                               pad_id=self.tokenizer.pad_id)
+        return out if len(ids) else torch.empty(0, len(self.labels))
 
 
 def text_classifier(params: Params, cfg: BertConfig, tokenizer: Any, *, max_len: int = 512, truncation: str = "head",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from torch import Tensor
 
 from fnlm.io._safetensors import CheckpointError, atomic_dir, read_safetensors, write_json, write_safetensors
 from fnlm.models._bert import BertConfig
-from fnlm.models._bert_hf import param_mapping
-from fnlm.models._hf import owned as _owned
+from fnlm.models._bert_hf import TOKENIZER_FILES, param_mapping
+from fnlm.models._hf import owned as _owned, tokenizer_files
 from fnlm.nn._lora import LoraConfig, adapter_pairs, linear_modules, matrix_dims
 from fnlm.tree import Params, flatten_names, unflatten_names
 
@@ -63,10 +64,12 @@ def _target_modules(hf_modules: list[str], all_hf: list[str]) -> list[str]:
 
 
 def save_lora(out_dir: str | os.PathLike, adapters: Params, lora_cfg: LoraConfig, cfg: BertConfig, *,
-              head: Params | None = None, base_model_name_or_path: str | None = None) -> Path:
+              head: Params | None = None, base_model_name_or_path: str | None = None,
+              tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write ``adapters`` (of a classifier tree, names ``bert....``) and the trained ``head``
     (``params['classifier']``, saved as peft's ``modules_to_save``) as a peft LoRA directory,
-    atomically. ``base_model_name_or_path`` is recorded for peft's ``AutoPeftModel``."""
+    atomically, with the tokenizer files of ``tokenizer_dir``. ``base_model_name_or_path`` is
+    recorded for peft's ``AutoPeftModel``."""
     table = _module_table(cfg)
     tensors: dict[str, Tensor] = {}
     hf_modules = []
@@ -97,10 +100,13 @@ def save_lora(out_dir: str | os.PathLike, adapters: Params, lora_cfg: LoraConfig
         "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None,
     }
+    tok_files = tokenizer_files(tokenizer_dir, TOKENIZER_FILES)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         write_json(config, tmp / CONFIG_FILE)
+        for f in tok_files:
+            shutil.copyfile(f, tmp / f.name)
     return out_dir
 
 
