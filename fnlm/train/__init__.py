@@ -6,6 +6,7 @@ from fnlm.train import distributed
 from fnlm.train._frozen import with_frozen
 from fnlm.train._precision import autocast_dtype, native_bf16, pick_device
 from fnlm.train._checkpoint import load_train_state, save_train_state
+from fnlm.train._validate import validate_train_state
 from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunState, digest
 from fnlm.train._lifecycle import Run
 from fnlm.train._progress import Progress
@@ -36,4 +37,5 @@ __all__ = [
     "make_dp_sgd_step", "native_bf16", "make_ensemble_step", "make_eval_step", "make_train_step", "nonfinite_message",
     "param_group", "pick_device", "per_example_grad_norms", "per_example_grads", "save_train_state", "train_step_fn",
     "with_frozen",
+    "validate_train_state",
 ]
