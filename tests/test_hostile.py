@@ -3,8 +3,11 @@ asserts the one-line error or the safe outcome, and that nothing ran, was writte
 directory, or was lost. Memory cases run in a subprocess under ``RLIMIT_AS`` = 2 GB."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +19,9 @@ import pytest
 import torch
 
 import fnlm
+import fnlm.config
+import fnlm.io
+import fnlm.train
 from fnlm.data import WordPieceTokenizer
 from fnlm.models import (
     BertConfig,
@@ -242,3 +248,236 @@ def test_package_file_set_must_match(program_package, tmp_path, change):
     with pytest.raises(TamperedPackageError) as e:
         load_classifier_package(pkg, trust_package=True)
     one_line(e)
+
+
+# ============================================================================ shared small inputs
+@pytest.fixture(scope="module")
+def bert_dir(tokenizer, tmp_path_factory):
+    """A tiny BERT classifier checkpoint (HF layout) with its tokenizer."""
+    from fnlm.models import save_bert
+
+    root = tmp_path_factory.mktemp("bert")
+    tok_dir = tokenizer.save(root / "tok")
+    return save_bert(init_bert_classifier(fnlm.random.key(0), CFG), CFG, root / "model", tokenizer_dir=tok_dir)
+
+
+def write_safetensors_header(path: Path, header) -> Path:
+    h = json.dumps(header).encode()
+    path.write_bytes(len(h).to_bytes(8, "little") + h + b"\0" * 64)
+    return path
+
+
+def json_file(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def train_state(tmp: Path, **change) -> Path:
+    d = tmp / "state"
+    fnlm.train.save_train_state(d, {"w": torch.ones(2)}, (), 3, fnlm.random.key(0))
+    meta = json.loads((d / "train_state.json").read_text())
+    meta.update(change)
+    (d / "train_state.json").write_text(json.dumps(meta) if "raw" not in change else change["raw"])
+    return d
+
+
+def deep_structure(depth: int) -> dict:
+    node: dict = {"value": 1}
+    for _ in range(depth):
+        node = {"list": [node]}
+    return {"dict": [["params", node], ["opt_state", {"tuple": []}], ["key", {"tensor": "key"}]]}
+
+
+def tiny_gpt2_config(tmp: Path, **change) -> Path:
+    from fnlm.models import GPT2Config, gpt2_config_to_hf
+
+    d = gpt2_config_to_hf(GPT2Config(vocab_size=17, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    d.update(change)
+    return json_file(tmp / "gpt2" / "config.json", d)
+
+
+def gpt2_params():
+    from fnlm.models import GPT2Config, init_gpt2
+
+    cfg = GPT2Config(vocab_size=17, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    return init_gpt2(fnlm.random.key(0), cfg), cfg
+
+
+# ============================================================================ 4. one line per bad input
+def _generate(**kw):
+    from fnlm.models import generate
+
+    params, cfg = gpt2_params()
+    args = dict(prompts=[[1, 2]], max_new_tokens=2, compile=False) | kw
+    return generate(params, cfg, **args)
+
+
+def _sample(fn, **kw):
+    from fnlm.models import filter_logits, sample_logits
+
+    f = {"sample": sample_logits, "filter": filter_logits}[fn]
+    extra = {"key": fnlm.random.key(0)} if fn == "sample" else {}
+    return f(torch.randn(2, 5), **extra, **kw)
+
+
+def _encode(texts, **kw):
+    return lambda tok, tmp, bert: tok.encode_ids(texts, **kw)
+
+
+CASES = {
+    # ---- safetensors headers
+    "safetensors_header_is_a_list": (
+        lambda tok, tmp, bert: fnlm.io.read_safetensors(write_safetensors_header(tmp / "m.safetensors", [1, 2])),
+        "m.safetensors: not a safetensors file \\(header is a JSON list"),
+    "safetensors_tensor_without_data_offsets": (
+        lambda tok, tmp, bert: fnlm.io.read_safetensors(write_safetensors_header(
+            tmp / "m.safetensors", {"w": {"dtype": "F32", "shape": [2]}})),
+        "m.safetensors: .*'w' has no valid data_offsets"),
+    "safetensors_offsets_not_ints": (
+        lambda tok, tmp, bert: fnlm.io.read_safetensors(write_safetensors_header(
+            tmp / "m.safetensors", {"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", 8]}})),
+        "m.safetensors: .*data_offsets"),
+    # ---- tokenizer files
+    "tokenizer_json_corrupt": (
+        lambda tok, tmp, bert: fnlm.data.load_tokenizer(json_file(tmp / "t" / "tokenizer.json", "{not json").parent),
+        "tokenizer.json: not a tokenizers file"),
+    "tokenizer_json_wrong_schema": (
+        lambda tok, tmp, bert: fnlm.data.load_tokenizer(json_file(tmp / "t" / "tokenizer.json", {"model": 3}).parent),
+        "tokenizer.json: not a tokenizers file"),
+    "tokenizer_config_corrupt": (
+        lambda tok, tmp, bert: fnlm.data.load_tokenizer(
+            json_file(tmp / "t" / "tokenizer_config.json", "[1,").parent),
+        "tokenizer_config.json: not valid JSON"),
+    "tokenizer_config_not_object": (
+        lambda tok, tmp, bert: fnlm.data.load_tokenizer(json_file(tmp / "t" / "tokenizer_config.json", [1]).parent),
+        "tokenizer_config.json: not a JSON object"),
+    "vocab_not_utf8": (
+        lambda tok, tmp, bert: (tmp.joinpath("vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n"),
+                                fnlm.data.WordPieceTokenizer.from_vocab(tmp / "vocab.txt")),
+        "vocab.txt is not UTF-8"),
+    # ---- undecodable text
+    "lone_surrogate_in_texts": (_encode(["fine", "bad \ud800 text"]), "texts\\[1\\]: not valid Unicode"),
+    "undecodable_argv_text": (_encode([os.fsdecode(b"caf\xe9")]), "texts\\[0\\]: not valid Unicode"),
+    "lone_surrogate_in_pairs": (_encode(["a"], pairs=["\udcff"]), "pairs\\[0\\]: not valid Unicode"),
+    "lone_surrogate_in_config_argv": (
+        lambda tok, tmp, bert: fnlm.config.parse_config(_TextConfig, ["--text", os.fsdecode(b"\xff")]),
+        "(--text is not valid Unicode|argument .* is not valid UTF-8)"),
+    # ---- adapter configs
+    "adapter_config_without_r": (
+        lambda tok, tmp, bert: fnlm.models.read_lora_config(
+            json_file(tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "lora_alpha": 8}).parent),
+        "adapter_config.json: 'r' must be a positive integer \\(the rank\\), got nothing"),
+    "adapter_config_r_is_text": (
+        lambda tok, tmp, bert: fnlm.models.read_lora_config(json_file(
+            tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "r": "8", "lora_alpha": 8}).parent),
+        "adapter_config.json: 'r' must be"),
+    "adapter_config_without_alpha": (
+        lambda tok, tmp, bert: fnlm.models.read_lora_config(
+            json_file(tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "r": 4}).parent),
+        "adapter_config.json: 'lora_alpha' must be a positive number"),
+    "adapter_config_is_a_list": (
+        lambda tok, tmp, bert: fnlm.models.read_lora_config(json_file(tmp / "a" / "adapter_config.json", []).parent),
+        "adapter_config.json: not a JSON object"),
+    # ---- train_state.json
+    "train_state_step_is_text": (
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, step="3")),
+        "train_state.json: 'step' must be an integer"),
+    "train_state_structure_is_a_list": (
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, structure=[1])),
+        "train_state.json: 'structure' must describe a dict"),
+    "train_state_without_params": (
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(
+            train_state(tmp, structure={"dict": [["key", {"tensor": "key"}]]})),
+        "train_state.json: 'structure' lacks \\['opt_state', 'params'\\]"),
+    "train_state_nested_100000_deep": (
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, raw="[" * 100_000 + "]" * 100_000)),
+        "train_state.json: (JSON nested too deeply|not an fnlm.train_state file)"),
+    "train_state_nested_300_deep": (
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, structure=deep_structure(300))),
+        "train_state.json: .*nested more than 256 levels"),
+    "train_state_bad_entry": (
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(
+            tmp, structure={"dict": [["params", {"dict": 5}], ["opt_state", {"tuple": []}], ["key", {"tensor": "k"}]]})),
+        "train_state.json: structure.params: must be a list of \\[name, entry\\] pairs"),
+    "train_state_not_json": (
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, raw="{")),
+        "train_state.json: not valid JSON"),
+    # ---- generate / sampling arguments
+    "generate_float_prompt_ids": (lambda tok, tmp, bert: _generate(prompts=[[1.0, 2.5]]),
+                                  "prompts\\[0\\] must be integer token ids, got 1.0"),
+    "generate_float_prompt_tensor": (lambda tok, tmp, bert: _generate(prompts=torch.tensor([[1.0, 2.0]])),
+                                     "prompts must be integer token ids, got a torch.float32 tensor"),
+    "generate_bool_prompt_ids": (lambda tok, tmp, bert: _generate(prompts=[[True, 2]]),
+                                 "prompts\\[0\\] must be integer token ids, got True"),
+    "generate_top_k_true": (lambda tok, tmp, bert: _generate(top_k=True, temperature=1.0, key=fnlm.random.key(0)),
+                            "top_k must be a positive integer or None, got True"),
+    "generate_top_k_float": (lambda tok, tmp, bert: _generate(top_k=2.0, temperature=1.0, key=fnlm.random.key(0)),
+                             "top_k must be a positive integer"),
+    "generate_max_new_tokens_float": (lambda tok, tmp, bert: _generate(max_new_tokens=2.0),
+                                      "max_new_tokens must be a positive integer, got 2.0"),
+    "generate_max_new_tokens_bool": (lambda tok, tmp, bert: _generate(max_new_tokens=True),
+                                     "max_new_tokens must be a positive integer, got True"),
+    "generate_float_stop_tokens": (lambda tok, tmp, bert: _generate(stop_tokens=[1.5]),
+                                   "stop_tokens must be integer token ids"),
+    "generate_temperature_text": (lambda tok, tmp, bert: _generate(temperature="1"),
+                                  "temperature must be a finite number >= 0"),
+    "sample_top_p_zero": (lambda tok, tmp, bert: _sample("sample", top_p=0.0), "top_p must be in \\(0, 1\\]"),
+    "sample_top_p_above_one": (lambda tok, tmp, bert: _sample("sample", top_p=1.5), "top_p must be in \\(0, 1\\]"),
+    "sample_top_p_nan": (lambda tok, tmp, bert: _sample("sample", top_p=float("nan")), "top_p must be in"),
+    "sample_temperature_negative": (lambda tok, tmp, bert: _sample("sample", temperature=-1.0),
+                                    "temperature must be a finite number >= 0"),
+    "sample_temperature_nan": (lambda tok, tmp, bert: _sample("sample", temperature=float("nan")),
+                               "temperature must be a finite number >= 0"),
+    "sample_top_k_zero": (lambda tok, tmp, bert: _sample("sample", top_k=0), "top_k must be a positive integer"),
+    "filter_temperature_zero": (lambda tok, tmp, bert: _sample("filter", temperature=0.0),
+                                "temperature must be a finite number > 0"),
+    "filter_temperature_inf": (lambda tok, tmp, bert: _sample("filter", temperature=float("inf")),
+                               "temperature must be a finite number > 0"),
+    "filter_top_p_negative": (lambda tok, tmp, bert: _sample("filter", top_p=-0.1), "top_p must be in"),
+    # ---- configs
+    "gpt2_layer_norm_epsilon_negative": (
+        lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, layer_norm_epsilon=-1)),
+        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0, got -1"),
+    "gpt2_layer_norm_epsilon_nan": (
+        lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, layer_norm_epsilon=float("nan"))),
+        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0, got nan"),
+    "gpt2_layer_norm_epsilon_text": (
+        lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, layer_norm_epsilon="1e-5")),
+        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0"),
+    "bert_layer_norm_eps_inf": (
+        lambda tok, tmp, bert: fnlm.models.read_bert_config(json_file(
+            tmp / "config.json", {"model_type": "bert", "layer_norm_eps": float("inf")})),
+        "config.json: BertConfig.layer_norm_eps must be a finite number > 0"),
+    "bert_num_hidden_layers_1e9": (
+        lambda tok, tmp, bert: fnlm.models.read_bert_config(json_file(
+            tmp / "config.json", {"model_type": "bert", "num_hidden_layers": 10**9})),
+        "config.json: BertConfig.num_hidden_layers must be a positive integer <= 4,096"),
+    "gpt2_n_layer_1e9": (
+        lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, n_layer=10**9)),
+        "config.json: GPT2Config.n_layer must be a positive integer <= 4,096"),
+    "bert_vocab_2e9": (
+        lambda tok, tmp, bert: fnlm.models.read_bert_config(json_file(
+            tmp / "config.json", {"model_type": "bert", "vocab_size": 2 * 10**9})),
+        "config.json: BertConfig.vocab_size must be a positive integer <= "),
+    # ---- encode bounds
+    "encode_max_len_1e9": (lambda tok, tmp, bert: tok.encode(["a"], max_len=10**9, padding="max_length"),
+                           "max_len=1,000,000,000 is beyond the model's 512 positions"),
+    "encode_ids_max_len_1e9": (_encode(["a"], max_len=10**9), "max_len=1,000,000,000 is beyond any model's positions"),
+    "encode_long_text_error": (_encode(["a" * 1_000_001], long_text="error"),
+                               "texts\\[0\\]: 1,000,001 characters, over MAX_TEXT_CHARS=1,000,000"),
+}
+
+
+@dataclasses.dataclass
+class _TextConfig:
+    text: str = fnlm.config.option("", "a text")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line(case, tokenizer, tmp_path, bert_dir):
+    make, pattern = CASES[case]
+    with pytest.raises((ValueError, OSError, TypeError)) as e:
+        make(tokenizer, tmp_path, bert_dir)
+    assert re.search(pattern, one_line(e)), str(e.value)
+    assert not isinstance(e.value, (KeyError, IndexError, RecursionError))

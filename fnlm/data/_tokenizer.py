@@ -360,11 +360,15 @@ class WordPieceTokenizer:
         ``padding="longest"`` pads to the longest sequence of the batch, ``"max_length"`` to
         ``max_len``. ``truncation="head"`` keeps the first word pieces; ``"head+tail"`` keeps the
         first ``head_tokens`` (default ``max_len // 4``) and the last ones. With
-        ``return_tensors=False`` the same values come back as lists of lists.
+        ``return_tensors=False`` the same values come back as lists of lists. ``max_len`` beyond
+        ``model_max_length`` (the model's positions) with ``padding="max_length"`` is refused.
         """
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-        ids, types = self._encode(texts, pairs, max_len, truncation, head_tokens)
+        if padding == "max_length" and isinstance(max_len, int) and max_len > self.model_max_length:
+            raise ValueError(f"max_len={max_len:,} is beyond the model's {self.model_max_length:,} positions "
+                             "(model_max_length); padding to it would only allocate")
+        ids, types = self._encode(texts, pairs, max_len, truncation, head_tokens, long_text)
         n = len(ids)
         width = max_len if padding == "max_length" else max((len(r) for r in ids), default=0)
         input_ids = np.full((n, width), self.pad_id, dtype=np.int64)
