@@ -481,3 +481,211 @@ def test_bad_input_is_one_line(case, tokenizer, tmp_path, bert_dir):
         make(tokenizer, tmp_path, bert_dir)
     assert re.search(pattern, one_line(e)), str(e.value)
     assert not isinstance(e.value, (KeyError, IndexError, RecursionError))
+
+
+# ============================================================================ 3. bounded memory (RLIMIT_AS = 2 GB)
+class _Repeat(io.RawIOBase):
+    """``n`` bytes of ``b'a'``, produced as read (a 200 MB review costs no memory to archive)."""
+
+    def __init__(self, n):
+        self.left = n
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        k = min(len(b), self.left)
+        b[:k] = b"a" * k
+        self.left -= k
+        return k
+
+
+def imdb_archive(path: Path, long_bytes: int) -> Path:
+    """An aclImdb tar.gz: one review of ``long_bytes`` bytes without a space, one short per class."""
+    import tarfile
+
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        for name, n in (("aclImdb/train/pos/0_9.txt", long_bytes), ("aclImdb/train/neg/1_2.txt", 5),
+                        ("aclImdb/test/pos/2_9.txt", 5), ("aclImdb/test/neg/3_1.txt", 5)):
+            info = tarfile.TarInfo(name)
+            info.size = n
+            tf.addfile(info, io.BufferedReader(_Repeat(n), 1 << 20))
+    return path
+
+
+MEMORY_SCRIPT = r"""
+import json, resource, sys, traceback, warnings
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+import torch, fnlm
+from fnlm.data import MAX_TEXT_CHARS, load_imdb, load_tokenizer
+from fnlm.models import load_bert, load_gpt2
+archive, bert_huge, bert_layers, gpt2_layers, tok_dir = sys.argv[1:6]
+tok = load_tokenizer(tok_dir)
+
+def review_200mb_truncated():
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        train = load_imdb(archive, "train")
+    [text] = [t for t in train.texts if len(t) > 5]
+    ids = tok.encode_ids(train.texts, max_len=512, truncation="head+tail")
+    return {"chars": len(text), "warning": str(w[0].message), "ids": len(ids[1])}
+
+cases = {
+    "review_200mb_truncated": review_200mb_truncated,
+    "review_200mb_refused": lambda: load_imdb(archive, "train", long_text="error"),
+    "bert_config_1e9_layers": lambda: load_bert(bert_layers, head="classifier"),
+    "gpt2_config_1e9_layers": lambda: load_gpt2(gpt2_layers),
+    "bert_config_beyond_memory": lambda: load_bert(bert_huge, head="mlm", head_key=fnlm.random.key(0), pooler=False),
+    "encode_max_len_1e9": lambda: tok.encode(["a"], max_len=10**9, padding="max_length"),
+}
+out = {}
+for name, fn in cases.items():
+    try:
+        out[name] = {"ok": fn()}
+    except Exception as e:
+        out[name] = {"error": type(e).__name__, "message": str(e)}
+out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def memory_results(bert_dir, tmp_path_factory):
+    from fnlm.models import BertConfig, bert_config_to_hf, save_gpt2
+
+    tmp = tmp_path_factory.mktemp("memory")
+    archive = imdb_archive(tmp / "aclImdb_v1.tar.gz", 200 * 10**6)
+    dirs = {}
+    for name, change in (("huge", {"hidden_size": 60000, "num_attention_heads": 4}),
+                         ("layers", {"num_hidden_layers": 10**9})):
+        d = tmp / name
+        shutil.copytree(bert_dir, d)
+        hf = json.loads((d / "config.json").read_text()) | change
+        (d / "config.json").write_text(json.dumps(hf))
+        dirs[name] = d
+    params, cfg = gpt2_params()
+    g = save_gpt2(params, cfg, tmp / "gpt2")
+    (g / "config.json").write_text(json.dumps(json.loads((g / "config.json").read_text()) | {"n_layer": 10**9}))
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, archive, dirs["huge"], dirs["layers"], g, bert_dir],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert archive.stat().st_size < 1_000_000  # the 200 MB review compresses to a small archive
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+MEMORY_CASES = {
+    "review_200mb_refused": ("DatasetError", "0_9.txt \\(200,000,000 bytes\\): .* over MAX_TEXT_CHARS=1,000,000"),
+    "bert_config_1e9_layers": ("ValueError", "config.json: BertConfig.num_hidden_layers must be a positive integer <= 4,096"),
+    "gpt2_config_1e9_layers": ("ValueError", "config.json: GPT2Config.n_layer must be a positive integer <= 4,096"),
+    "bert_config_beyond_memory": ("ConfigMemoryError", "config.json: the config implies .* parameters, .* GB in memory, "
+                                                      "more than this machine's .* GB"),
+    "encode_max_len_1e9": ("ValueError", "max_len=1,000,000,000 is beyond the model's 512 positions"),
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_memory_case_is_one_line_under_2gb(memory_results, case):
+    kind, pattern = MEMORY_CASES[case]
+    got = memory_results[case]
+    assert got.get("error") == kind, got
+    assert re.search(pattern, one_line(got["message"])), got["message"]
+
+
+def test_200mb_one_word_review_is_truncated_under_2gb(memory_results):
+    got = memory_results["review_200mb_truncated"]["ok"]
+    assert got["chars"] == fnlm.data.MAX_TEXT_CHARS
+    assert "truncated to MAX_TEXT_CHARS=1,000,000" in one_line(got["warning"])
+    assert got["ids"] == 3  # [CLS] [UNK] [SEP]: one word longer than WordPiece's 100 characters
+    assert memory_results["maxrss_mb"] < 2048
+
+
+# ============================================================================ safe outcomes
+def test_save_bert_refuses_tokenizer_symlink_leaving_its_folder(tokenizer, tmp_path):
+    from fnlm.models import save_bert
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("API_KEY=hunter2")
+    tok_dir = tokenizer.save(tmp_path / "tok")
+    (tok_dir / "added_tokens.json").symlink_to(secret)
+    out = tmp_path / "run" / "model"
+    with pytest.raises(ValueError) as e:
+        save_bert(init_bert_classifier(fnlm.random.key(0), CFG), CFG, out, tokenizer_dir=tok_dir)
+    assert "added_tokens.json is a symlink leading outside it" in one_line(e)
+    assert not out.exists()
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and b"hunter2" in p.read_bytes()]
+
+
+def test_save_bert_copies_symlink_inside_tokenizer_folder_as_regular_file(tokenizer, tmp_path):
+    from fnlm.models import save_bert
+
+    tok_dir = tokenizer.save(tmp_path / "tok")
+    (tok_dir / "real_vocab.txt").write_bytes((tok_dir / "vocab.txt").read_bytes())
+    (tok_dir / "vocab.txt").unlink()
+    (tok_dir / "vocab.txt").symlink_to("real_vocab.txt")
+    out = save_bert(init_bert_classifier(fnlm.random.key(0), CFG), CFG, tmp_path / "m", tokenizer_dir=tok_dir)
+    assert not (out / "vocab.txt").is_symlink() and (out / "vocab.txt").read_bytes() == (tok_dir / "real_vocab.txt").read_bytes()
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_imdb_folder_does_not_follow_symlinks_outside(tmp_path, what):
+    root = tmp_path / "data" / "aclImdb"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "9_9.txt").write_text("a secret outside the dataset")
+    for split in ("train", "test"):
+        for c in ("pos", "neg"):
+            (root / split / c).mkdir(parents=True)
+            (root / split / c / "1_8.txt").write_text("fine")
+    if what == "file":
+        (root / "train" / "pos" / "9_9.txt").symlink_to(outside / "9_9.txt")
+    else:
+        shutil.rmtree(root / "train" / "pos")
+        (root / "train" / "pos").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(fnlm.data.DatasetError) as e:
+        fnlm.data.load_imdb(tmp_path / "data", "train")
+    assert "symlink leading outside the dataset folder" in one_line(e)
+
+
+def test_imdb_long_review_truncated_with_warning(tmp_path):
+    root = tmp_path / "aclImdb"
+    for split in ("train", "test"):
+        for c in ("pos", "neg"):
+            (root / split / c).mkdir(parents=True)
+            (root / split / c / "1_8.txt").write_text("fine")
+    (root / "train" / "pos" / "2_9.txt").write_text("é" * (fnlm.data.MAX_TEXT_CHARS + 5))  # 2 bytes a character
+    with pytest.warns(UserWarning, match="truncated to MAX_TEXT_CHARS=1,000,000"):
+        train = fnlm.data.load_imdb(tmp_path, "train")
+    assert sorted(map(len, train.texts)) == [4, 4, fnlm.data.MAX_TEXT_CHARS]
+    with pytest.raises(fnlm.data.DatasetError, match="2_9.txt .*over MAX_TEXT_CHARS"):
+        fnlm.data.load_imdb(tmp_path, "train", long_text="error")
+
+
+def test_ends_only_tokenization_cuts_texts_without_spaces_exactly(tokenizer):
+    """A long text without spaces but with punctuation: head+tail from its ends equals the
+    tokenizers library's full tokenization of the whole text (the reference)."""
+    text = "great,film." * 50_000 + "awful!boring?the-plot" * 3
+    got = tokenizer.encode_ids([text], max_len=64, truncation="head+tail", head_tokens=16)[0]
+    full = tokenizer.backend.encode(text, add_special_tokens=False).ids
+    assert got == [tokenizer.cls_id, *full[:16], *full[len(full) - 46:], tokenizer.sep_id]
+
+
+def test_mixed_dtype_checkpoint_is_cast_like_transformers(bert_dir, tmp_path):
+    """One fp16, one bf16, one fp64 tensor: loaded as float32 (with a warning), logits as transformers'."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertForSequenceClassification
+
+    from fnlm.models import bert_classifier, load_bert
+
+    d = shutil.copytree(bert_dir, tmp_path / "mixed")
+    sd = load_file(d / "model.safetensors")
+    names = sorted(sd)
+    for name, dt in zip([n for n in names if n.endswith("weight")][:3], (torch.float16, torch.bfloat16, torch.float64)):
+        sd[name] = sd[name].to(dt)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="several dtypes .* cast to float32"):
+        params, cfg = load_bert(d, head="classifier")
+    assert {t.dtype for t in fnlm.tree.flatten_names(params).values()} == {torch.float32}
+    ref = BertForSequenceClassification.from_pretrained(d, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 5, 6, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(bert_classifier(params, ids, cfg), ref(input_ids=ids).logits, atol=1e-5, rtol=0)
