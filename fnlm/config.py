@@ -103,6 +103,13 @@ def _coerce(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
     elif base is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {flag(f.name)} must be a string, got {value!r}")
+    for text in (value if isinstance(value, tuple) else (value,)):
+        if isinstance(text, str) and base is not Path:  # paths may hold undecodable bytes; texts may not
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{where}: {flag(f.name)} is not valid Unicode text ({ascii(text)[:60]}: "
+                                  "undecodable bytes in the argument?)") from None
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {flag(f.name)} must be one of {', '.join(map(str, choices))}; got {value!r}")

@@ -147,7 +147,7 @@ from fnlm.models import load_classifier_package
 texts = json.loads(sys.argv[1])
 out = []
 for path in sys.argv[2:]:
-    clf = load_classifier_package(path)
+    clf = load_classifier_package(path, trust_package=True)
     out.append({"probs": clf.predict_proba(texts, batch_size=2).tolist(), "labels": list(clf.labels)})
 print(json.dumps(out))
 """

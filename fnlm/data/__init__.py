@@ -13,6 +13,7 @@ from fnlm.data._imdb import (
     subset,
 )
 from fnlm.data._ordered import length_sorted_batches, predict_in_order
+from fnlm.data._limits import MAX_TEXT_CHARS, TextTooLongError
 from fnlm.data._packing import pack_rows, pack_sequences
 from fnlm.data._split import default_val_size, train_val_split
 from fnlm.data._tokenizer import WordPieceTokenizer, build_bert_tokenizer, load_tokenizer
@@ -22,4 +23,5 @@ __all__ = [
     "IMDB_SHA256", "IMDB_URL", "DatasetError", "DownloadError", "IMDb", "WordPieceTokenizer", "bucket_lengths",
     "build_bert_tokenizer", "choose_buckets", "default_val_size", "download_imdb", "html_clean", "load_imdb", "load_imdb_splits",
     "load_tokenizer", "make_batches", "pack_rows", "pack_sequences", "padding_efficiency", "subset", "train_val_split",
+    "MAX_TEXT_CHARS", "TextTooLongError",
 ]

@@ -10,10 +10,16 @@ reads an archive as a stream (one pass, nothing unpacked) or an unpacked folder,
 unlabelled ``unsup`` part, and sorts the examples by (label, id), so the order never depends on
 how the archive happens to be packed. Anything that is not such a dataset raises
 :class:`DatasetError` with a one-line message naming the path.
+
+Bounded: a review over :data:`fnlm.data.MAX_TEXT_CHARS` characters is truncated (with a warning)
+or refused (``long_text="error"``) while it is read, so no more than about 4 bytes per allowed
+character of it is ever in memory; a folder's entries that are symlinks leading outside the
+folder are refused.
 """
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import lzma
 import os
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fnlm.data._limits import MAX_TEXT_CHARS, TextTooLongError, cap_text, check_long_text
 from fnlm.io._hub import ChecksumError, download_file
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -89,15 +96,28 @@ def html_clean(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
-def _add(out: dict, split: str, sentiment: str, filename: str, data: bytes, where: str) -> None:
+def _read_capped(f, size: int, where: str, long_text: str) -> str:
+    """The UTF-8 text of the open binary file ``f`` (``size`` bytes), reading at most about
+    ``4 * MAX_TEXT_CHARS`` bytes of it: truncated to ``MAX_TEXT_CHARS`` characters with a warning,
+    or :class:`DatasetError` for ``long_text='error'`` (the one line names ``MAX_TEXT_CHARS``)."""
+    limit = 4 * MAX_TEXT_CHARS + 4  # UTF-8: at most 4 bytes a character
+    try:
+        data = f.read(limit)
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=len(data) < limit)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where} is not UTF-8 text ({e})") from None
+    try:  # more than ``limit`` bytes always decode to more than MAX_TEXT_CHARS characters
+        return cap_text(text, f"{where} ({size:,} bytes)", long_text)
+    except TextTooLongError as e:
+        raise DatasetError(str(e)) from None
+
+
+def _add(out: dict, split: str, sentiment: str, filename: str, f, size: int, where: str, long_text: str) -> None:
     m = _FILE.fullmatch(filename)
     if m is None:
         raise DatasetError(f"{where}: unexpected file {split}/{sentiment}/{filename} "
                            "(IMDb reviews are named {id}_{rating}.txt)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{where}: {split}/{sentiment}/{filename} is not UTF-8 text ({e})") from None
+    text = _read_capped(f, size, f"{where}: {split}/{sentiment}/{filename}", long_text)
     out[split].append((LABELS[sentiment], int(m[1]), int(m[2]), text))
 
 
@@ -111,7 +131,7 @@ def _describe(found: set[str]) -> str:
 _CORRUPT = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)  # OSError: BadGzipFile, bz2
 
 
-def _read_archive(path: Path, splits: tuple[str, ...]) -> tuple[dict, dict, set[str]]:
+def _read_archive(path: Path, splits: tuple[str, ...], long_text: str) -> tuple[dict, dict, set[str]]:
     """One streaming pass over a tar / tar.gz / tar.bz2 / tar.xz archive.
 
     Decompression goes through :mod:`gzip` / :mod:`bz2` / :mod:`lzma` file objects (not
@@ -152,7 +172,7 @@ def _read_archive(path: Path, splits: tuple[str, ...]) -> tuple[dict, dict, set[
                     continue
                 split, sentiment, filename = m[1], m[2], m[3]
                 seen[split, sentiment] = True
-                _add(out, split, sentiment, filename, tf.extractfile(member).read(), str(path))
+                _add(out, split, sentiment, filename, tf.extractfile(member), member.size, str(path), long_text)
             if compressed:
                 while stream.read(1 << 20):  # to the end: checks the trailer (CRC, length)
                     pass
@@ -172,8 +192,17 @@ def _find_root(path: Path) -> Path:
     return path
 
 
-def _read_folder(path: Path, splits: tuple[str, ...]) -> tuple[dict, dict, set[str]]:
+def _inside(p: Path, root: Path, where: Path) -> None:
+    """Refuse ``p`` (one line) if, symlinks resolved, it lies outside ``root``."""
+    if not Path(os.path.realpath(p)).is_relative_to(root):
+        raise DatasetError(f"{where}: {p.relative_to(where)} is a symlink leading outside the dataset folder "
+                           f"(to {os.path.realpath(p)}); refused")
+
+
+def _read_folder(path: Path, splits: tuple[str, ...], long_text: str) -> tuple[dict, dict, set[str]]:
+    real = Path(os.path.realpath(path))
     root = _find_root(path)
+    _inside(root, real, path)
     out = {s: [] for s in splits}
     seen = {(s, c): False for s in splits for c in LABELS}
     found = {str(p.relative_to(path)) for p in sorted(path.iterdir())[:20]} if path.is_dir() else set()
@@ -182,17 +211,22 @@ def _read_folder(path: Path, splits: tuple[str, ...]) -> tuple[dict, dict, set[s
             d = root / split / sentiment
             if not d.is_dir():
                 continue
+            _inside(d, real, path)
             for entry in os.scandir(d):
                 if not entry.is_file():
                     continue
+                if entry.is_symlink():
+                    _inside(Path(entry.path), real, path)
                 seen[split, sentiment] = True
                 with open(entry.path, "rb") as f:
-                    _add(out, split, sentiment, entry.name, f.read(), str(path))
+                    _add(out, split, sentiment, entry.name, f, os.fstat(f.fileno()).st_size, str(path), long_text)
     return out, seen, found
 
 
-def load_imdb_splits(path: Path | str, splits: tuple[str, ...] = SPLITS) -> dict[str, IMDb]:
+def load_imdb_splits(path: Path | str, splits: tuple[str, ...] = SPLITS, *,
+                     long_text: str = "truncate") -> dict[str, IMDb]:
     """Several splits of IMDb from one pass over ``path`` (see :func:`load_imdb`)."""
+    check_long_text(long_text)
     splits = tuple(splits)
     for s in splits:
         if s not in SPLITS:
@@ -202,9 +236,9 @@ def load_imdb_splits(path: Path | str, splits: tuple[str, ...] = SPLITS) -> dict
         raise DatasetError(f"IMDb data not found: {path} does not exist (pass an aclImdb_v1.tar.gz "
                            "archive or a folder containing aclImdb/)")
     if path.is_dir():
-        out, seen, found = _read_folder(path, splits)
+        out, seen, found = _read_folder(path, splits, long_text)
     else:
-        out, seen, found = _read_archive(path, splits)
+        out, seen, found = _read_archive(path, splits, long_text)
     missing = [f"aclImdb/{s}/{c}" for (s, c), ok in seen.items() if not ok]
     if missing:
         raise DatasetError(f"{path} does not have the IMDb layout aclImdb/{{train,test}}/{{pos,neg}}/"
@@ -216,15 +250,16 @@ def load_imdb_splits(path: Path | str, splits: tuple[str, ...] = SPLITS) -> dict
     return result
 
 
-def load_imdb(path: Path | str, split: str = "train") -> IMDb:
+def load_imdb(path: Path | str, split: str = "train", *, long_text: str = "truncate") -> IMDb:
     """The ``split`` (``"train"`` or ``"test"``) of the IMDb dataset at ``path``.
 
     ``path``: an ``aclImdb_v1.tar.gz`` archive (read as a stream, not unpacked), a folder that
     contains ``aclImdb/``, or the ``aclImdb/`` folder itself. Label 1 = pos, 0 = neg; examples
     sorted by (label, id). Raises :class:`DatasetError` naming ``path`` if it is missing, not an
-    archive, truncated, or lacks the ``aclImdb/<split>/{pos,neg}`` layout.
+    archive, truncated, or lacks the ``aclImdb/<split>/{pos,neg}`` layout. A review over
+    ``MAX_TEXT_CHARS`` characters is truncated with a warning (``long_text="error"``: refused).
     """
-    return load_imdb_splits(path, (split,))[split]
+    return load_imdb_splits(path, (split,), long_text=long_text)[split]
 
 
 # ----------------------------------------------------------------------------- subsets

@@ -24,6 +24,7 @@ Two levels of output:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
+
+from fnlm.data._limits import MAX_TEXT_CHARS, cap_text, check_encodable, check_long_text
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -40,14 +43,22 @@ PADDINGS = ("longest", "max_length")
 # tokenized. English averages ~4.3 characters per BERT word piece (IMDb: at most 5.3 over a whole
 # review); an end that yields too few pieces is simply tokenized in full, so this only sets speed.
 CHARS_PER_PIECE = 6
+# Where a text may be cut exactly: before whitespace BERT keeps (space, tab, newline) or ASCII
+# punctuation (each its own pre-token), except "]", which can end a literal special token.
+_CUT = re.compile(r"[ \t\n\r!-/:-@\[\\^-`{-~]")
+# padding="max_length" beyond this many positions (or the model's, if set) is refused.
+MAX_LEN_BOUND = 1 << 16
 
 
 def _read_vocab(vocab_file: Path) -> dict[str, int]:
     """``vocab.txt``: one token per line, the line number is the id (as in BERT's load_vocab)."""
     vocab: dict[str, int] = {}
-    with open(vocab_file, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            vocab[line.rstrip("\n")] = i
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                vocab[line.rstrip("\n")] = i
+    except UnicodeDecodeError as e:
+        raise ValueError(f"vocabulary file {vocab_file} is not UTF-8 text ({e})") from None
     if not vocab:
         raise ValueError(f"vocabulary file {vocab_file} is empty")
     return vocab
@@ -85,15 +96,29 @@ def build_bert_tokenizer(
     return tk
 
 
-def _check_texts(name: str, texts) -> list[str]:
+def _check_texts(name: str, texts, long_text: str = "truncate") -> list[str]:
+    """``texts`` as a list of valid Unicode strings, each capped at ``MAX_TEXT_CHARS``
+    (truncated with a warning, or ``TextTooLongError`` for ``long_text='error'``)."""
+    check_long_text(long_text)
     if isinstance(texts, str):
-        return [texts]
+        texts = [texts]
     if not isinstance(texts, Sequence):
         raise TypeError(f"{name} must be a str or a sequence of str, got {type(texts).__name__}")
+    out = []
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}: {t!r:.60}")
-    return list(texts)
+        check_encodable(t, f"{name}[{i}]")
+        out.append(cap_text(t, f"{name}[{i}]", long_text) if len(t) > MAX_TEXT_CHARS else t)
+    return out
+
+
+def _last_cut(t: str, end: int) -> int:
+    """The last exact cut position in ``t[1:end]`` (-1 if none)."""
+    cut = -1
+    for m in _CUT.finditer(t, 1, end):
+        cut = m.start()
+    return cut
 
 
 def _head_tail_split(ids: list[int], head: int, tail: int) -> list[int]:
@@ -205,10 +230,11 @@ class WordPieceTokenizer:
         ids = torch.as_tensor(input_ids)
         return ~self._continuation.to(ids.device)[ids]
 
-    def tokenize(self, text: str) -> list[str]:
+    def tokenize(self, text: str, *, long_text: str = "truncate") -> list[str]:
         """Word pieces of one text, without special tokens."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        text = _check_texts("text", text, long_text)[0]
         return self._tk.encode(text, add_special_tokens=False).tokens
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -221,6 +247,8 @@ class WordPieceTokenizer:
         if not isinstance(max_len, int) or isinstance(max_len, bool):
             raise TypeError(f"max_len must be an int, got {type(max_len).__name__}")
         need = 3 if pair else 2
+        if max_len > MAX_LEN_BOUND:
+            raise ValueError(f"max_len={max_len:,} is beyond any model's positions (at most {MAX_LEN_BOUND:,} here)")
         if max_len < need:
             raise ValueError(
                 f"max_len={max_len} is too small: [CLS] and [SEP] alone take {need} positions "
@@ -244,12 +272,14 @@ class WordPieceTokenizer:
         """``_pieces(texts)`` cut to their first ``head`` and last ``tail`` word pieces (all of
         them when there are at most ``head + tail``), tokenizing only the ends of long texts.
 
-        A long text is cut at a space into a prefix of ~``CHARS_PER_PIECE * head`` characters
+        A long text is cut at a space (or before ASCII punctuation) into a prefix of ~``CHARS_PER_PIECE * head`` characters
         and a suffix of ~``CHARS_PER_PIECE * tail``. BERT's normalizer works character by
         character and its pre-tokenizer splits at every space, so the word pieces of the prefix
         are exactly the first word pieces of the whole text (and those of the suffix its last
-        ones). If an end yields fewer pieces than needed (very long words, odd text) the whole
-        text is tokenized instead, so the result is always that of full tokenization.
+        ones); punctuation is a pre-token of its own, so cutting before it is exact too. If an
+        end yields fewer pieces than needed (very long words, odd text) or has no such cut, the
+        whole text (at most ``MAX_TEXT_CHARS``) is tokenized instead, so the result is always
+        that of full tokenization and the work is bounded for texts without spaces.
         """
         if not self._cuttable:
             return [_head_tail_split(ids, head, tail) for ids in self._pieces(texts)]
@@ -260,8 +290,9 @@ class WordPieceTokenizer:
         for t in texts:
             n = len(t)
             if n > win_h + win_t + 64:
-                ch = t.rfind(" ", 0, win_h)
-                ct = t.find(" ", n - win_t) if tail else n
+                ch = _last_cut(t, win_h)
+                m = _CUT.search(t, n - win_t) if tail else None
+                ct = (m.start() if m else -1) if tail else n
                 if ch > 0 and ct > ch:
                     jobs.append(t[:ch])
                     if tail:
@@ -285,11 +316,11 @@ class WordPieceTokenizer:
             out[i] = _head_tail_split(ids, head, tail)
         return out
 
-    def _encode(self, texts, pairs, max_len, truncation, head_tokens):
+    def _encode(self, texts, pairs, max_len, truncation, head_tokens, long_text="truncate"):
         """Unpadded ids and token types with special tokens, truncated to ``max_len``."""
-        texts = _check_texts("texts", texts)
+        texts = _check_texts("texts", texts, long_text)
         if pairs is not None:
-            pairs = _check_texts("pairs", pairs)
+            pairs = _check_texts("pairs", pairs, long_text)
             if len(pairs) != len(texts):
                 raise ValueError(f"pairs has {len(pairs)} texts but texts has {len(texts)}; they must match")
         head_tokens = self._check_args(max_len, truncation, head_tokens, pairs is not None)
@@ -313,24 +344,31 @@ class WordPieceTokenizer:
         return ids_out, types_out
 
     def encode_ids(self, texts: str | Sequence[str], max_len: int = 512, truncation: str = "head",
-                   *, head_tokens: int | None = None, pairs: Sequence[str] | None = None) -> list[list[int]]:
-        """Token ids with ``[CLS]``/``[SEP]``, truncated to at most ``max_len``; no padding."""
-        ids, _ = self._encode(texts, pairs, max_len, truncation, head_tokens)
+                   *, head_tokens: int | None = None, pairs: Sequence[str] | None = None,
+                   long_text: str = "truncate") -> list[list[int]]:
+        """Token ids with ``[CLS]``/``[SEP]``, truncated to at most ``max_len``; no padding.
+        A text over ``MAX_TEXT_CHARS`` characters is first cut to them with a warning
+        (``long_text="error"``: :class:`fnlm.data.TextTooLongError`)."""
+        ids, _ = self._encode(texts, pairs, max_len, truncation, head_tokens, long_text)
         return ids
 
     def encode(self, texts: str | Sequence[str], pairs: Sequence[str] | None = None, *,
                max_len: int = 512, padding: str = "longest", truncation: str = "head",
-               head_tokens: int | None = None, return_tensors: bool = True) -> dict:
+               head_tokens: int | None = None, return_tensors: bool = True, long_text: str = "truncate") -> dict:
         """Padded model inputs: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``[B, L]``.
 
         ``padding="longest"`` pads to the longest sequence of the batch, ``"max_length"`` to
         ``max_len``. ``truncation="head"`` keeps the first word pieces; ``"head+tail"`` keeps the
         first ``head_tokens`` (default ``max_len // 4``) and the last ones. With
-        ``return_tensors=False`` the same values come back as lists of lists.
+        ``return_tensors=False`` the same values come back as lists of lists. ``max_len`` beyond
+        ``model_max_length`` (the model's positions) with ``padding="max_length"`` is refused.
         """
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-        ids, types = self._encode(texts, pairs, max_len, truncation, head_tokens)
+        if padding == "max_length" and isinstance(max_len, int) and max_len > self.model_max_length:
+            raise ValueError(f"max_len={max_len:,} is beyond the model's {self.model_max_length:,} positions "
+                             "(model_max_length); padding to it would only allocate")
+        ids, types = self._encode(texts, pairs, max_len, truncation, head_tokens, long_text)
         n = len(ids)
         width = max_len if padding == "max_length" else max((len(r) for r in ids), default=0)
         input_ids = np.full((n, width), self.pad_id, dtype=np.int64)
@@ -396,14 +434,22 @@ def load_tokenizer(path: Path | str) -> WordPieceTokenizer:
         raise FileNotFoundError(f"no tokenizer at {p}: expected a checkpoint directory or a vocab.txt file")
     cfg: dict = {}
     if (d / "tokenizer_config.json").is_file():
-        cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{d / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{d / 'tokenizer_config.json'}: not a JSON object")
     lower = bool(cfg.get("do_lower_case", True))
     strip = cfg.get("strip_accents", None)
     max_len = cfg.get("model_max_length", 512)
     if not isinstance(max_len, int) or max_len > 1_000_000:  # transformers' "infinite" sentinel
         max_len = 512
     if p.is_dir() and (d / "tokenizer.json").is_file():
-        tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+        try:
+            tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # the Rust library's parse errors (a plain Exception)
+            raise ValueError(f"{d / 'tokenizer.json'}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
         norm = json.loads(tk.to_str()).get("normalizer") or {}
         if norm.get("type") == "BertNormalizer":  # tokenizer.json is the authority
             lower, strip = bool(norm.get("lowercase", lower)), norm.get("strip_accents", strip)

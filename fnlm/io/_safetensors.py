@@ -54,7 +54,20 @@ def _check_safetensors_header(path: Path) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is a JSON {type(header).__name__}, not an object)")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise CheckpointError(f"{path}: not a safetensors file (tensor {k!r} has no valid data_offsets [begin, end])")
+        if not isinstance(v.get("shape"), list) or not isinstance(v.get("dtype"), str):
+            raise CheckpointError(f"{path}: not a safetensors file (tensor {k!r} lacks a shape list or a dtype)")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}"

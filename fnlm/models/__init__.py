@@ -23,10 +23,13 @@ from fnlm.models._bert import (
     pretraining_loss,
 )
 from fnlm.models._export import (
+    TamperedPackageError,
     TextClassifier,
+    UntrustedPackageError,
     export_classifier,
     export_classifier_program,
     load_classifier_package,
+    package_status,
     text_classifier,
 )
 from fnlm.models._packed import bert_classifier_packed, packed_attention_mask, packed_classifier_loss
@@ -72,6 +75,7 @@ from fnlm.models._transformer import (
 __all__ = [
     "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
+    "TamperedPackageError", "UntrustedPackageError", "package_status",
     "load_lora", "read_lora_config", "save_lora",
     "Pretrained", "load_pretrained",
     "GPT2Config", "decode_step", "filter_logits", "generate", "gpt2", "gpt2_block", "gpt2_cached",

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from fnlm._memory import check_bound, check_eps
 from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import is_traced
@@ -47,6 +48,9 @@ HEADS = ("none", "classifier", "mlm", "pretraining")
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size", "num_labels")
+_BOUNDS = {"vocab_size": "vocab", "hidden_size": "width", "num_hidden_layers": "layers",
+           "num_attention_heads": "heads", "intermediate_size": "width", "max_position_embeddings": "positions",
+           "type_vocab_size": "vocab", "num_labels": "labels"}
 _FLOAT_FIELDS = ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
 
 
@@ -94,8 +98,9 @@ class BertConfig:
                              f"num_attention_heads={self.num_attention_heads}")
         if self.hidden_act not in HF_ACTIVATIONS:
             raise ValueError(f"BertConfig.hidden_act must be one of {HF_ACTIVATIONS}, got {self.hidden_act!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        check_eps("BertConfig", "layer_norm_eps", self.layer_norm_eps)
+        for name, kind in _BOUNDS.items():
+            check_bound("BertConfig", name, getattr(self, name), kind)
         if not self.initializer_range > 0:
             raise ValueError(f"BertConfig.initializer_range must be > 0, got {self.initializer_range}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):

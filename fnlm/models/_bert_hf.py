@@ -25,9 +25,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from fnlm._memory import check_fits, bert_param_count
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError, MissingHeadError, MissingPoolerError, torch_dtype
-from fnlm.models._hf import (owned, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
+from fnlm.models._hf import (owned, unify_dtypes, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
                              weight_files, write_checkpoint)
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
@@ -302,7 +303,9 @@ def load_bert(
         cfg = dataclasses.replace(cfg, num_labels=num_labels, id2label=None)
     where = files[0] if len(files) == 1 else path
 
+    check_fits(bert_param_count(cfg), (dtype or torch.float32).itemsize, cfg_src)
     raw = read_checkpoint(path, files, _canonical, device=str(device))  # canonical name -> (tensor, file, name)
+    unify_dtypes(raw, dtype, where)
 
     want_pooler = head != "mlm" if pooler is None else pooler
     table = param_mapping(cfg, head, pooler=want_pooler)
@@ -345,13 +348,10 @@ def load_bert(
                                     "an untied decoder is not supported")
 
     head_entries = [e for e in missing if not e.body]
-    head_params: Params | None = None
     all_head_missing = head != "none" and len(head_entries) == len([e for e in table if not e.body])
-    if all_head_missing and head_key is not None:
+    init_head = all_head_missing and head_key is not None
+    if init_head:
         random._check_key(head_key)
-        head_params = {"classifier": lambda: {"classifier": init_classifier_head(head_key, cfg)},
-                       "mlm": lambda: {"mlm": init_mlm_head(head_key, cfg)},
-                       "pretraining": lambda: init_pretraining_heads(head_key, cfg)}[head]()
         missing = [e for e in missing if e.body]
 
     unexpected = sorted(f"{orig} (in {f.name})" for c, (_, f, orig) in raw.items() if c not in ignored)
@@ -376,8 +376,10 @@ def load_bert(
         warnings.warn(f"{where}: ignoring unexpected keys {short(unexpected)}", stacklevel=2)
 
     params = unflatten_names(flat)
-    if head_params is not None:
-        params.update(head_params)
+    if init_head:  # only now: every body shape matched the config, so the head's sizes are the checkpoint's
+        params.update({"classifier": lambda: {"classifier": init_classifier_head(head_key, cfg)},
+                       "mlm": lambda: {"mlm": init_mlm_head(head_key, cfg)},
+                       "pretraining": lambda: init_pretraining_heads(head_key, cfg)}[head]())
     params = cast(params, dtype=dtype, device=device)
     return params, cfg
 

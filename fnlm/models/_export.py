@@ -7,7 +7,8 @@ weight-only int8, see :func:`fnlm.nn.quantize_int8`, or bfloat16), and :func:`ex
 writes a directory that classifies raw text in a fresh process without the parameter tree or
 the config::
 
-    export.json          labels, max_len, truncation, the form (aoti | program), int8, dtype, torch version
+    export.json          labels, max_len, truncation, the form (aoti | program), int8, dtype, torch version,
+                         and ``files``: the sha256 of every other file of the package
     model.pt2            AOTInductor package (aoti: compiled C++/kernels + weights), or
     program.pt2          the ExportedProgram (program: no C++ compile, runs through torch's interpreter)
     vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
@@ -16,11 +17,24 @@ the config::
 (``.logits(input_ids, attention_mask)`` and ``.predict_proba(texts)``, which sorts the texts by
 length so each batch pads little); :func:`text_classifier` is the same object over the eager (or
 ``torch.compile``-d) pure forward, so every form batches and tokenizes alike.
+
+Consent before code: a package's ``model.pt2`` holds a native library (run at load) and a
+``program.pt2`` a graph; :func:`load_classifier_package` loads neither unless
+``trust_package=True`` (else :class:`UntrustedPackageError`), and then only after every file
+matches the checksums written at export (else :class:`TamperedPackageError`). A program is
+read without unpickling anything (see :func:`_load_program_bytes`). Checksums catch damage
+and edits after export, not a package crafted whole by someone else: trusting a package
+means trusting whoever gave it to you, as for any executable (see SECURITY.md).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,10 +49,24 @@ from fnlm.models._bert import BertConfig, _check_config, bert_classifier
 from fnlm.nn._quantize import quantize_int8, with_int8_weights
 
 PACKAGE_FORMAT = "fnlm-classifier-package"
-PACKAGE_VERSION = 1
+PACKAGE_VERSION = 2  # 2: export.json lists the sha256 of every file ("files")
 FORMS = ("aoti", "program")
 _FILES = {"aoti": "model.pt2", "program": "program.pt2"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class UntrustedPackageError(PermissionError):
+    """A package (native library or program) was not loaded because the caller did not pass
+    ``trust_package=True``."""
+
+
+class TamperedPackageError(ValueError):
+    """A package's files do not match the checksums in its ``export.json``, or its program
+    holds pickled objects: refused even with ``trust_package=True``."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class _Bound(torch.nn.Module):
@@ -134,6 +162,7 @@ def export_classifier(params: Params, cfg: BertConfig, tokenizer: Any, path: str
             "labels": list(cfg.labels), "max_len": max_len, "truncation": truncation, "head_tokens": head_tokens,
             "int8": bool(int8), "dtype": dtype_name, "torch": torch.__version__,
             "export_seconds": round(t_export, 1), "compile_seconds": round(time.perf_counter() - t0 - t_export, 1),
+            "files": {f.name: _sha256(f.read_bytes()) for f in sorted(tmp.iterdir()) if f.name != "export.json"},
         }
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(path)
@@ -189,26 +218,158 @@ def text_classifier(params: Params, cfg: BertConfig, tokenizer: Any, *, max_len:
                           meta={"form": "compiled" if compile else "eager"})
 
 
-def load_classifier_package(path: str | Path) -> TextClassifier:
-    """Load a directory written by :func:`export_classifier` (one-line errors if it is not one)."""
-    from fnlm.data._tokenizer import load_tokenizer
-
-    d = Path(path)
+def _read_meta(d: Path) -> dict:
+    """``export.json`` of the package ``d``, checked for format and version (one-line errors)."""
     meta_file = d / "export.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{d}: no export.json, so not an exported classifier package")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file}: not a JSON object")
     if meta.get("format") != PACKAGE_FORMAT or meta.get("form") not in FORMS:
         raise ValueError(f"{meta_file}: not an {PACKAGE_FORMAT} (format={meta.get('format')!r}, form={meta.get('form')!r})")
-    if meta.get("version", 0) > PACKAGE_VERSION:
-        raise ValueError(f"{meta_file}: package version {meta['version']} is newer than this fnlm reads ({PACKAGE_VERSION})")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or version > PACKAGE_VERSION:
+        raise ValueError(f"{meta_file}: package version {version!r} is newer than this fnlm reads ({PACKAGE_VERSION})")
+    return meta
+
+
+def _verified_files(d: Path, meta: dict) -> dict[str, bytes]:
+    """Every file of the package read once and checked against ``meta['files']`` (sha256):
+    no file missing, none added, none a symlink or a folder (:class:`TamperedPackageError`)."""
+    listed = meta.get("files")
+    if not isinstance(listed, dict) or not listed:
+        raise TamperedPackageError(f"{d / 'export.json'}: lists no checksums (exported by an older fnlm?); "
+                                   "re-export the package")
+    present = {}
+    for entry in sorted(os.scandir(d), key=lambda e: e.name):
+        if entry.name == "export.json":
+            continue
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            raise TamperedPackageError(f"{d / entry.name}: not a regular file; a package holds only regular files")
+        if entry.name not in listed:
+            raise TamperedPackageError(f"{d / entry.name}: not listed in export.json's checksums")
+        present[entry.name] = Path(entry.path)
+    data = {}
+    for name, digest in listed.items():
+        if name not in present:
+            raise TamperedPackageError(f"{d / str(name)}: listed in export.json but missing")
+        blob = present[name].read_bytes()
+        if _sha256(blob) != digest:
+            raise TamperedPackageError(f"{d / name}: sha256 differs from export.json's (modified after export)")
+        data[name] = blob
+    return data
+
+
+def _pickle_free(zf: zipfile.ZipFile, origin: str) -> None:
+    """Raise :class:`TamperedPackageError` unless ``torch.export.load`` of this archive would
+    unpickle nothing arbitrary: weights and constants are raw tensor bytes (no ``use_pickle``, no
+    custom or opaque objects, no legacy pickled ``.pt`` state), and the sample inputs (the only
+    pickle ``torch.export.save`` writes) load with ``torch.load(weights_only=True)``, so torch's
+    fallback to ``weights_only=False`` is never reached."""
+    from torch.export.pt2_archive import constants as k
+
+    names = zf.namelist()
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or any(n.startswith("/") or ".." in n.split("/") for n in names):
+        raise TamperedPackageError(f"{origin}: not a torch.export archive (one root folder expected)")
+    root = roots.pop() + "/"
+    rel = {n[len(root):]: n for n in names}
+    if "version" in names or k.MODELS_FILENAME_FORMAT.format("model") not in rel:
+        raise TamperedPackageError(f"{origin}: not a current torch.export archive (legacy pickled format refused)")
+
+    def config(fmt: str) -> dict:
+        name = fmt.format("model")
+        if name not in rel:
+            raise TamperedPackageError(f"{origin}: {name} missing")
+        try:
+            cfg = json.loads(zf.read(rel[name]))["config"]
+            assert isinstance(cfg, dict) and all(isinstance(v, dict) for v in cfg.values())
+        except Exception:
+            raise TamperedPackageError(f"{origin}: {name} is not a payload config") from None
+        return cfg
+
+    for what, fmt, prefix in (("weight", k.WEIGHTS_CONFIG_FILENAME_FORMAT, k.WEIGHT_FILENAME_PREFIX),
+                              ("constant", k.CONSTANTS_CONFIG_FILENAME_FORMAT, k.TENSOR_CONSTANT_FILENAME_PREFIX)):
+        for fqn, meta in config(fmt).items():
+            if meta.get("use_pickle") is not False or not str(meta.get("path_name", "")).startswith(prefix):
+                raise TamperedPackageError(f"{origin}: {what} {fqn!r} is a pickled object "
+                                           f"({meta.get('path_name')!r}); fnlm never unpickles a program's objects")
+    for legacy in (k.WEIGHTS_DIR + "model.pt", k.CONSTANTS_DIR + "model.pt"):
+        if legacy in rel:
+            raise TamperedPackageError(f"{origin}: {legacy} is a pickled state (legacy format refused)")
+    for r, n in rel.items():
+        if r.startswith(k.SAMPLE_INPUTS_DIR) and not n.endswith("/"):
+            try:
+                torch.load(io.BytesIO(zf.read(n)), weights_only=True)
+            except Exception:
+                raise TamperedPackageError(f"{origin}: {r} is a pickle that torch.load(weights_only=True) refuses; "
+                                           "fnlm never unpickles a program's objects") from None
+
+
+def _load_program_bytes(data: bytes, origin: str) -> torch.export.ExportedProgram:
+    """``torch.export.load`` of an in-memory archive after :func:`_pickle_free` checked these
+    very bytes (no re-read of the file between the check and the load)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise TamperedPackageError(f"{origin}: not a zip archive") from None
+    _pickle_free(zf, origin)
+    return torch.export.load(io.BytesIO(data))
+
+
+def package_status(path: str | Path, *, trust_package: bool = False) -> str | None:
+    """``None`` if :func:`load_classifier_package` would load ``path`` with this consent, else
+    the one-line reason it would not (for a CLI's "skipped the exported package (...)" note).
+    Without consent nothing is read but ``export.json``; with it, the checksums are verified
+    and a program is checked to be pickle-free."""
+    d = Path(path)
+    try:
+        meta = _read_meta(d)
+        if not trust_package:
+            return (f"{d} holds {_FILES[meta['form']]} ({meta['form']}), code that runs when loaded; "
+                    "not trusted (pass trust_package=True / --trust-package to run it)")
+        files = _verified_files(d, meta)
+        if meta["form"] == "program":
+            name = _FILES["program"]
+            try:
+                _pickle_free(zipfile.ZipFile(io.BytesIO(files.get(name, b""))), str(d / name))
+            except zipfile.BadZipFile:
+                raise TamperedPackageError(f"{d / name}: not a zip archive") from None
+    except (OSError, ValueError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def load_classifier_package(path: str | Path, *, trust_package: bool = False) -> TextClassifier:
+    """Load a directory written by :func:`export_classifier` (one-line errors if it is not one).
+
+    ``trust_package=False`` (default): raise :class:`UntrustedPackageError` without loading any
+    of its code (the native library of ``form='aoti'``, the graph of ``'program'``). With
+    ``True``: every file must match export.json's sha256 (else :class:`TamperedPackageError`),
+    the bytes checked are the bytes loaded, and a program is loaded without unpickling."""
+    from fnlm.data._tokenizer import load_tokenizer
+
+    d = Path(path)
+    meta = _read_meta(d)
     file = d / _FILES[meta["form"]]
-    if not file.is_file():
+    if not trust_package:
+        raise UntrustedPackageError(f"{d}: refusing to load {file.name} ({meta['form']}), code that runs when loaded, "
+                                    "without trust_package=True (--trust-package)")
+    files = _verified_files(d, meta)
+    if file.name not in files:
         raise FileNotFoundError(f"{d}: export.json names {file.name}, which is missing")
     if meta["form"] == "aoti":
-        run = torch._inductor.aoti_load_package(str(file))
+        # load the verified bytes from a private copy, not the file again (it could change meanwhile)
+        with tempfile.TemporaryDirectory(prefix="fnlm-package-") as tmp:
+            private = Path(tmp) / file.name
+            private.write_bytes(files[file.name])
+            run = torch._inductor.aoti_load_package(str(private))
     else:
-        run = torch.export.load(str(file)).module()
+        run = _load_program_bytes(files[file.name], str(file)).module()
     return TextClassifier(run=run, tokenizer=load_tokenizer(d), labels=tuple(meta["labels"]),
-                              max_len=int(meta["max_len"]), truncation=meta["truncation"],
-                              head_tokens=meta.get("head_tokens"), meta=meta)
+                          max_len=int(meta["max_len"]), truncation=meta["truncation"],
+                          head_tokens=meta.get("head_tokens"), meta=meta)

@@ -15,6 +15,8 @@ from an explicit key, so the same key gives the same tokens.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -31,6 +33,7 @@ def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
                   top_p: float | None = None) -> Tensor:
     """``z / T`` with ``-inf`` outside the ``top_k`` largest and outside the nucleus: the smallest
     set of most likely tokens whose probability mass reaches ``top_p``. ``[..., vocab]``."""
+    _check_sampling(temperature, top_k, top_p, greedy_ok=False)
     z = logits.float() / temperature
     if top_k is not None and top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
@@ -50,6 +53,7 @@ def sample_logits(logits: Tensor, key: random.Key | None = None, *, temperature:
     """One token per row, ``[..., vocab] -> [...]``: ``argmax`` if ``temperature == 0``, else
     ``argmax(filter_logits(z) + g)`` with Gumbel noise ``g`` drawn from ``key`` (a sample of
     ``softmax`` of the filtered logits)."""
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     if key is None:
@@ -59,13 +63,35 @@ def sample_logits(logits: Tensor, key: random.Key | None = None, *, temperature:
     return (z - torch.log(-torch.log(u))).argmax(-1)
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, greedy_ok: bool = True) -> None:
+    """One-line ``ValueError`` naming the argument: ``temperature`` a finite number ``>= 0``
+    (``> 0`` unless ``greedy_ok``), ``top_k`` a positive int (not a bool), ``top_p`` in ``(0, 1]``."""
+    if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not math.isfinite(temperature)
+            or not (temperature >= 0 if greedy_ok else temperature > 0)):
+        want = ">= 0 (0 = greedy)" if greedy_ok else "> 0"
+        raise ValueError(f"temperature must be a finite number {want}, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (a number) or None, got {top_p!r}")
+
+
+def _check_ids(ids, what: str) -> list[int]:
+    """``ids`` as a list of Python ints; floats, bools and other types are refused naming ``what``."""
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{what} must be integer token ids, got a {ids.dtype} tensor")
+        return ids.reshape(-1).tolist()
+    out = list(ids)
+    bad = next((t for t in out if not _is_int(t)), None)
+    if bad is not None:
+        raise ValueError(f"{what} must be integer token ids, got {bad!r} ({type(bad).__name__})")
+    return [int(t) for t in out]
 
 
 @functools.lru_cache(maxsize=32)
@@ -93,9 +119,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor,
         raise ValueError(f"empty prompt(s) at row(s) {empty}: every row needs at least one token" if prompts
                          else "no prompts given")
     L = max(lengths)
+    if not _is_int(pad_id):
+        raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        ids[b, L - len(p):] = torch.as_tensor(_check_ids(p, f"prompts[{b}]"), dtype=torch.long)
     return ids, torch.tensor([L - n for n in lengths], dtype=torch.long)
 
 
@@ -133,13 +161,15 @@ def generate(
     before any compute.
     """
     _check_sampling(temperature, top_k, top_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if temperature > 0:
         if key is None:
             raise ValueError("sampling (temperature > 0) needs key=fnlm.random.key(seed)")
         random._check_key(key)
     if isinstance(prompts, Tensor):
+        if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
+            raise ValueError(f"prompts must be integer token ids, got a {prompts.dtype} tensor")
         ids = prompts.to(torch.long)
         if ids.ndim != 2 or ids.shape[-1] == 0:
             raise ValueError(f"prompt ids must be a non-empty [batch, len] tensor, got shape {tuple(ids.shape)}")
@@ -167,11 +197,12 @@ def generate(
     stop = torch.zeros(batch, cfg.vocab_size, dtype=torch.bool)
     if stop_tokens is not None:
         rows = list(stop_tokens)
-        per_row = bool(rows) and not isinstance(rows[0], int)
+        per_row = bool(rows) and not isinstance(rows[0], numbers.Number) and not (
+            isinstance(rows[0], Tensor) and rows[0].ndim == 0)
         if per_row and len(rows) != batch:
             raise ValueError(f"stop_tokens has {len(rows)} rows for {batch} prompts")
         for b in range(batch):
-            ids_b = torch.as_tensor(list(rows[b] if per_row else rows), dtype=torch.long)
+            ids_b = torch.as_tensor(_check_ids(rows[b] if per_row else rows, "stop_tokens"), dtype=torch.long)
             check_token_ids(ids_b, cfg.vocab_size, "stop_tokens")
             stop[b, ids_b] = True
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fnlm._memory import check_bound, check_eps
 from fnlm import random
 from fnlm.nn._attention import init_multi_head_attention, multi_head_attention
 from fnlm.nn._dropout import dropout
@@ -70,6 +71,10 @@ class GPT2Config:
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {v!r}")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
             raise ValueError(f"GPT2Config.n_inner must be a positive integer or None, got {self.n_inner!r}")
+        for name, kind in (("vocab_size", "vocab"), ("n_positions", "positions"), ("n_embd", "width"),
+                           ("n_layer", "layers"), ("n_head", "heads")) + ((("n_inner", "width"),) if self.n_inner else ()):
+            check_bound("GPT2Config", name, getattr(self, name), kind)
+        check_eps("GPT2Config", "layer_norm_epsilon", self.layer_norm_epsilon)
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPT2Config: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.activation_function not in GPT2_ACTIVATIONS:

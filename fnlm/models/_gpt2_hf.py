@@ -26,9 +26,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from fnlm._memory import check_fits, gpt2_param_count
 from fnlm.io._safetensors import CheckpointError, torch_dtype
 from fnlm.models._gpt2 import GPT2Config
-from fnlm.models._hf import (owned, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
+from fnlm.models._hf import (owned, unify_dtypes, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
                              weight_files, write_checkpoint)
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
@@ -200,7 +201,9 @@ def load_gpt2(
     files = weight_files(path)
     cfg, cfg_src = resolve_config(config, path, GPT2Config, gpt2_config_from_hf, read_gpt2_config)
     where = files[0] if len(files) == 1 else path
+    check_fits(gpt2_param_count(cfg), (dtype or torch.float32).itemsize, cfg_src)
     raw = read_checkpoint(path, files, _canonical, device=str(device))
+    unify_dtypes(raw, dtype, where)
 
     flat: dict[str, Tensor] = {}
     missing: list[str] = []

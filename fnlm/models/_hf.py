@@ -134,13 +134,51 @@ def owned(t: Tensor) -> Tensor:
 
 
 def tokenizer_files(tokenizer_dir: str | os.PathLike | None, names: tuple[str, ...]) -> list[Path]:
-    """The files among ``names`` that ``tokenizer_dir`` holds (none asked: ``[]``; none there: an error)."""
+    """The files among ``names`` that ``tokenizer_dir`` holds (none asked: ``[]``; none there: an
+    error), each resolved to a regular file inside ``tokenizer_dir``: a symlink leading out of it,
+    or anything but a regular file, is refused in one line (a linked secret is never copied)."""
     if tokenizer_dir is None:
         return []
-    found = [Path(tokenizer_dir) / n for n in names if (Path(tokenizer_dir) / n).is_file()]
+    d = Path(tokenizer_dir)
+    root = Path(os.path.realpath(d))
+    found = []
+    for n in names:
+        f = d / n
+        if not os.path.lexists(f):
+            continue
+        real = Path(os.path.realpath(f))
+        if not real.is_relative_to(root):
+            raise ValueError(f"tokenizer_dir {d}: {n} is a symlink leading outside it (to {real}); refused")
+        if not real.is_file():
+            raise ValueError(f"tokenizer_dir {d}: {n} is not a regular file; refused")
+        found.append(f)  # copied by content (shutil.copyfile), as a regular file
     if not found:
         raise ValueError(f"tokenizer_dir {tokenizer_dir} holds none of {names}")
     return found
+
+
+def unify_dtypes(raw: Raw, dtype, where) -> None:
+    """A checkpoint's floating-point tensors of several dtypes, with no ``dtype`` asked, are cast
+    to float32 in place (what ``transformers`` loads by default), with a warning naming the file
+    and the dtypes found, so the model never mixes dtypes."""
+    import torch
+
+    if dtype is not None:
+        return
+    found: dict = {}
+    for t, _, _ in raw.values():
+        if t.is_floating_point():
+            found[t.dtype] = found.get(t.dtype, 0) + 1
+    if len(found) <= 1:
+        return
+    import warnings
+
+    counts = ", ".join(f"{n} {str(k).removeprefix('torch.')}" for k, n in sorted(found.items(), key=str))
+    warnings.warn(f"{where}: tensors of several dtypes ({counts}); cast to float32 as transformers does "
+                  "(pass dtype= to choose)", stacklevel=3)
+    for k, (t, f, orig) in list(raw.items()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raw[k] = (t.float(), f, orig)
 
 
 def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, Tensor], hf_config: dict,

@@ -117,9 +117,21 @@ def read_lora_config(path: str | os.PathLike) -> LoraConfig:
     if not f.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a peft adapter directory)")
     try:
-        d: dict[str, Any] = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        d: dict[str, Any] = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: not a JSON object")
+    for key, kinds, what in (("r", (int,), "a positive integer (the rank)"),
+                             ("lora_alpha", (int, float), "a positive number")):
+        v = d.get(key)
+        if not isinstance(v, kinds) or isinstance(v, bool) or not v > 0:
+            raise CheckpointError(f"{f}: {key!r} must be {what}, got {'nothing' if key not in d else repr(v)}")
+    drop = d.get("lora_dropout") or 0.0
+    if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0.0 <= drop < 1.0:
+        raise CheckpointError(f"{f}: 'lora_dropout' must be a number in [0, 1), got {drop!r}")
+    if not isinstance(d.get("modules_to_save") or [], list):
+        raise CheckpointError(f"{f}: 'modules_to_save' must be a list, got {d['modules_to_save']!r}")
     if d.get("peft_type") != "LORA":
         raise CheckpointError(f"{f}: peft_type {d.get('peft_type')!r} is not supported (only 'LORA')")
     bad = [f"{k}={d[k]!r}" for k, ok in _UNSUPPORTED_UNLESS.items() if k in d and d[k] not in ok]

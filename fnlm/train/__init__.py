@@ -6,6 +6,7 @@ from fnlm.train import distributed
 from fnlm.train._frozen import with_frozen
 from fnlm.train._precision import autocast_dtype, native_bf16, pick_device
 from fnlm.train._checkpoint import load_train_state, save_train_state
+from fnlm.train._validate import validate_train_state
 from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunInUseError, RunState, digest
 from fnlm.train._lifecycle import Run
 from fnlm.train._guard import worker_guard
@@ -43,4 +44,5 @@ __all__ = [
     "with_frozen",
     "Sharding", "make_sharded_train_step", "resident_bytes", "shard_costs", "shard_groups", "sharded_step_fn",
     "gather_params", "load_sharded", "save_sharded", "worker_guard",
+    "validate_train_state",
 ]
