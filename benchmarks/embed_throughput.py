@@ -20,7 +20,6 @@ compiled again) and the ratio is taken within the run. The embeddings are compar
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import time
 from pathlib import Path
@@ -30,12 +29,9 @@ import torch
 import fnlm
 from fnlm.data import choose_buckets, html_clean, load_imdb, load_tokenizer, predict_in_order, subset
 from fnlm.io import ensure_minilm
-from fnlm.models import load_bert
+from fnlm.models import load_bert, make_embedder
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("extract_features", ROOT / "examples" / "extract_features.py")
-ef = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ef)  # the example's embedder: what a user of --dtype fp32 / bf16 runs
 
 
 def main() -> None:
@@ -59,19 +55,15 @@ def main() -> None:
     params, cfg = load_bert(args.weights, pooler=False)
     tok = load_tokenizer(args.weights)
 
-    def embedder(dtype: str, compile: bool):
-        opts = argparse.Namespace(pooling="mean", layers=None, combine="concat", no_normalize=False, dtype=dtype,
-                                  no_compile=not compile)
-        return ef.make_embedder(params, cfg, opts)
+    def embedder(dtype: str, compile: bool):  # what examples/extract_features.py --dtype fp32 / bf16 runs
+        return make_embedder(params, cfg, dtype=torch.bfloat16 if dtype == "bf16" else None, compile=compile)
 
     compiled, eager, compiled_bf16 = embedder("fp32", True), embedder("fp32", False), embedder("bf16", True)
 
     def fnlm_encode(step, xs):
         ids = tok.encode_ids(xs, max_len=args.max_len, truncation="head")
         buckets = choose_buckets([len(x) for x in ids], args.max_len, args.batch_size)
-        out = predict_in_order(lambda i, m: step({"input_ids": i, "attention_mask": m,
-                                                  "token_type_ids": torch.zeros_like(i)}),
-                               ids, batch_size=args.batch_size, buckets=buckets, pad_id=tok.pad_id)
+        out = predict_in_order(step, ids, batch_size=args.batch_size, buckets=buckets, pad_id=tok.pad_id)
         return out, buckets
 
     def st_encode(xs):

@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 
 import fnlm
-from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, html_clean, load_imdb_splits,
                        predict_in_order, subset)
 from fnlm.io import CheckpointError, ensure_minilm, read_safetensors, write_safetensors
-from fnlm.models import COMBINES, POOLINGS, load_pretrained, sentence_embedding
-from fnlm.nn import accuracy, cross_entropy
+from fnlm.models import COMBINES, POOLINGS, fit_linear_probe, linear_probe_logits, load_pretrained, make_embedder
+from fnlm.nn import accuracy
 from fnlm.train import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,28 +138,14 @@ def imdb_rows(args) -> dict[str, list[int]]:
 
 
 # ----------------------------------------------------------------------------- embedding
-def make_embedder(params, cfg, args):
-    """A compiled (per bucket shape), gradient-free ``batch -> [B, D]`` embedding function."""
-    if args.layers is not None:  # validated once here rather than at the first batch
-        n = cfg.num_hidden_layers + 1
-        bad = [i for i in args.layers if not -n <= i < n]
-        if bad:
-            raise CliError(f"--layers: layer index {bad[0]} is out of range: the model has {n} hidden states "
-                           f"(embeddings + {n - 1} layers), valid indices {-n}..{n - 1}")
-
+def embedder_of(params, cfg, args):
+    """The compiled ``(input_ids, attention_mask) -> [B, D]`` embedder the flags ask for."""
     dtype = autocast_dtype(args.dtype, "cpu")
-
-    def embed(p, batch):
-        kw = dict(attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-                  pooling=args.pooling, layers=args.layers, combine=args.combine)
-        if dtype is None:
-            return sentence_embedding(p, batch["input_ids"], cfg, normalize=not args.no_normalize, **kw)
-        with torch.autocast("cpu", dtype=dtype):
-            e = sentence_embedding(p, batch["input_ids"], cfg, normalize=False, **kw).float()
-        return e if args.no_normalize else torch.nn.functional.normalize(e, dim=-1)  # in float32
-
-    step = fnlm.make_eval_step(embed, compile=not args.no_compile)
-    return lambda batch: step(params, batch)
+    try:
+        return make_embedder(params, cfg, pooling=args.pooling, layers=args.layers, combine=args.combine,
+                             normalize=not args.no_normalize, dtype=dtype, compile=not args.no_compile)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def embed_texts(embedder, tokenizer, texts: list[str], args, desc: str = "embedding") -> torch.Tensor:
@@ -173,12 +158,8 @@ def embed_texts(embedder, tokenizer, texts: list[str], args, desc: str = "embedd
     buckets = bucket_lengths(args.max_len) if args.no_compile else \
         choose_buckets([len(x) for x in ids], args.max_len, batch_size)
 
-    def run(input_ids, attention_mask):
-        return embedder({"input_ids": input_ids, "attention_mask": attention_mask,
-                         "token_type_ids": torch.zeros_like(input_ids)}).float()
-
     with tqdm(total=len(ids), desc=desc, unit="text", dynamic_ncols=True, disable=None) as bar:
-        out = predict_in_order(run, ids, batch_size=batch_size, buckets=buckets, pad_id=tokenizer.pad_id,
+        out = predict_in_order(embedder, ids, batch_size=batch_size, buckets=buckets, pad_id=tokenizer.pad_id,
                                on_batch=bar.update)
     return out
 
@@ -195,37 +176,6 @@ def write_embeddings(path: Path, tensors: dict[str, torch.Tensor], args) -> None
 
 
 # ----------------------------------------------------------------------------- probe and search
-def train_probe(x: torch.Tensor, y: torch.Tensor, *, steps: int = 300, lr: float = 0.05, l2: float = 1e-3,
-                seed: int = 0) -> dict[str, torch.Tensor]:
-    """Logistic regression ``p(y | x) = softmax(x W + b)`` fitted by full-batch Adam (``fnlm.optim``)
-    on ``L = CE + l2 ||W||^2``; features standardised with the training mean and std. Pure: the
-    result depends only on the inputs."""
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    n_classes = int(y.max()) + 1
-    params = {"w": random.normal(random.key(seed), (x.shape[1], n_classes), std=0.01), "b": torch.zeros(n_classes)}
-    xs = (x - mean) / std
-
-    def loss_fn(p):
-        return cross_entropy(xs @ p["w"] + p["b"], y) + l2 * (p["w"] ** 2).sum()
-
-    optimizer = optim.adam(lr)
-    state = optimizer.init(params)
-    grad_fn = torch.func.grad(loss_fn)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny steps: thread hand-offs would cost more than they save
-    try:
-        for _ in range(steps):
-            updates, state = optimizer.update(grad_fn(params), state, params)
-            params = optim.apply_updates(params, updates)
-    finally:
-        torch.set_num_threads(threads)
-    return {**params, "mean": mean, "std": std}
-
-
-def probe_logits(probe: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return ((x - probe["mean"]) / probe["std"]) @ probe["w"] + probe["b"]
-
-
 def imdb_embeddings(args, splits=None, chosen=None) -> dict[str, torch.Tensor]:
     """Embed the chosen IMDb reviews (or reuse ``--out`` when it holds them) and write ``--out``."""
     if args.out.is_file():
@@ -237,7 +187,7 @@ def imdb_embeddings(args, splits=None, chosen=None) -> dict[str, torch.Tensor]:
     if splits is None:
         splits, chosen = imdb_rows(args)
     params, cfg, tokenizer = load_model(args.weights)
-    embedder = make_embedder(params, cfg, args)
+    embedder = embedder_of(params, cfg, args)
     tensors = {}
     t0 = time.time()
     n = 0
@@ -260,9 +210,9 @@ def _split_of(name: str) -> str:
 def probe(args) -> float:
     t = imdb_embeddings(args)
     y_train, y_test = t["train.labels"], t["test.labels"]
-    p = train_probe(t["train.embeddings"], y_train, steps=args.probe_steps, lr=args.probe_lr, seed=args.seed)
-    train_acc = float(accuracy(probe_logits(p, t["train.embeddings"]), y_train))
-    test_acc = float(accuracy(probe_logits(p, t["test.embeddings"]), y_test))
+    p = fit_linear_probe(t["train.embeddings"], y_train, steps=args.probe_steps, lr=args.probe_lr, seed=args.seed)
+    train_acc = float(accuracy(linear_probe_logits(p, t["train.embeddings"]), y_train))
+    test_acc = float(accuracy(linear_probe_logits(p, t["test.embeddings"]), y_test))
     print(f"linear probe: train accuracy {train_acc:.4f} ({len(y_train)} reviews), "
           f"test accuracy {test_acc:.4f} ({len(y_test)} reviews)")
     return test_acc
@@ -280,7 +230,7 @@ def similar(args) -> None:
     args.dtype = meta.get("dtype", "fp32")  # the query is embedded as the reviews were
     params, cfg, tokenizer = load_model(args.weights)
     args.no_compile = True  # one query: compiling would cost more than it saves
-    q = embed_texts(make_embedder(params, cfg, args), tokenizer, [args.similar], args, desc="query")[0]
+    q = embed_texts(embedder_of(params, cfg, args), tokenizer, [args.similar], args, desc="query")[0]
     rows = [(s, i) for s in SPLITS for i in tensors[f"{s}.index"].tolist()]
     e = torch.cat([tensors[f"{s}.embeddings"] for s in SPLITS])
     cos = torch.nn.functional.normalize(e, dim=-1) @ torch.nn.functional.normalize(q, dim=0)
@@ -306,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             texts, ids = (args.texts, list(range(len(args.texts)))) if args.texts else read_lines(args.file)
             params, cfg, tokenizer = load_model(args.weights)
             t0 = time.time()
-            e = embed_texts(make_embedder(params, cfg, args), tokenizer, texts, args)
+            e = embed_texts(embedder_of(params, cfg, args), tokenizer, texts, args)
             write_embeddings(args.out, {"embeddings": e, "ids": torch.tensor(ids, dtype=torch.int64)}, args)
             print(f"embedded {len(texts)} texts ({e.shape[1]} features) in {time.time() - t0:.1f}s; wrote {args.out}")
         return 0

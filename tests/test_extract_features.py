@@ -3,7 +3,6 @@ linear probe, nearest neighbours, and its one-line errors. Run as a subprocess, 
 (eager forward, a tiny archive); the slow test probes a few hundred real reviews."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -28,13 +27,6 @@ def run(*argv, capsys):
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "extract_features.py"), *map(str, argv)],
                        capture_output=True, text=True, env=env, timeout=600)
     return p.returncode, p.stdout, p.stderr
-
-
-def _example(name):  # TODO(issue 20): train_probe/probe_logits belong in the library; until then, loaded here
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +117,12 @@ def test_probe_reaches_100_percent_on_separable_toy_embeddings():
     x = 0.05 * torch.randn(400, 32, generator=g)  # unit-norm-embedding scale
     x = x + ((2 * y - 1) * (0.05 + (x @ direction).abs()))[:, None] * direction  # class sign along direction
     assert ((x @ direction > 0) == (y == 1)).all()  # linearly separable, margin >= 0.05
-    ef = _example("extract_features")
-    probe = ef.train_probe(x[:200], y[:200])
+    from fnlm.models import fit_linear_probe, linear_probe_logits
+
+    probe = fit_linear_probe(x[:200], y[:200])
     for xs, ys in ((x[:200], y[:200]), (x[200:], y[200:])):
-        assert (ef.probe_logits(probe, xs).argmax(-1) == ys).all()
-    assert torch.equal(ef.train_probe(x[:200], y[:200])["w"], probe["w"])  # pure: same inputs, same probe
+        assert (linear_probe_logits(probe, xs).argmax(-1) == ys).all()
+    assert torch.equal(fit_linear_probe(x[:200], y[:200])["w"], probe["w"])  # pure: same inputs, same probe
 
 
 def test_bad_input_is_one_line(minilm_dir, tmp_path, capsys):
