@@ -95,3 +95,35 @@ def test_label_names_reach_the_transformers_pipeline(tmp_path):
     got = pipe("good bad")
     got = got[0] if isinstance(got[0], list) else got
     assert sorted(d["label"] for d in got) == ["angry", "happy", "sad"]
+
+
+def test_imdb_stars_csv_and_tfidf_baseline(tmp_path):
+    """benchmarks/imdb_stars_csv.py on a tiny aclImdb folder: the classes come from the file names;
+    benchmarks/tfidf_baseline.py scores the CSVs with sklearn's accuracy and macro-F1."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        return m
+
+    words = {1: "awful terrible", 2: "bad awful", 3: "poor weak", 4: "weak dull", 7: "good nice", 8: "nice fine",
+             9: "great superb", 10: "superb masterpiece"}
+    for split in ("train", "test"):
+        for i, r in enumerate([1, 2, 3, 4, 7, 8, 9, 10] * 3):
+            d = tmp_path / "aclImdb" / split / ("pos" if r >= 7 else "neg")
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i}_{r}.txt").write_text(f"{words[r]} film<br />seen {i}", encoding="utf-8")
+    out = load("imdb_stars_csv").main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "csv")])
+    splits, names = load_labelled_files(out["train"], test_file=out["test"])
+    assert names == ["1-2", "3-4", "7-8", "9-10"]
+    assert splits["train"][1].count(0) == 6 and "<br" not in splits["train"][0][0]
+    texts, ids = splits["test"]
+    assert all(names[k] == {"awful": "1-2", "bad": "1-2", "poor": "3-4", "weak": "3-4", "good": "7-8", "nice": "7-8",
+                            "great": "9-10", "superb": "9-10"}[t.split()[0]] for t, k in zip(texts, ids))
+    res = load("tfidf_baseline").main(["--train-file", str(out["train"]), "--test-file", str(out["test"])])
+    assert res["test_size"] == 24 and 0 <= res["macro_f1"] <= 1 and 0.25 <= res["accuracy"] <= 1
