@@ -134,3 +134,30 @@ def test_head_key_initialises_a_missing_classifier_and_errors_name_the_file(tmp_
     d = save_distilbert(p, DistilBertConfig(vocab_size=60, dim=32, n_layers=1, n_heads=4, hidden_dim=40, num_labels=4),
                         tmp_path / "d")
     assert transformers.DistilBertForSequenceClassification.from_pretrained(str(d)).config.num_labels == 4
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_load_classifier_dispatches_on_model_type(family, tmp_path):
+    from fnlm.models import any_classifier_loss, classifier_logits, load_classifier, save_classifier
+
+    if family == "bert":
+        hc = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=40, max_position_embeddings=24, num_labels=3)
+        ref, pad = transformers.BertForSequenceClassification(hc), 0
+    elif family == "roberta":
+        ref, pad = transformers.RobertaForSequenceClassification(hf_roberta_config()), PAD
+    else:
+        ref, pad = transformers.DistilBertForSequenceClassification(hf_distil_config()), 2
+    perturbed(ref).save_pretrained(str(tmp_path / "hf"))
+    params, cfg = load_classifier(tmp_path / "hf")
+    ids, mask, labels = batch(pad)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert (classifier_logits(params, ids, cfg, attention_mask=mask) - want.logits).abs().max() <= 1e-5
+    loss, _ = any_classifier_loss(params, {"input_ids": ids, "attention_mask": mask, "labels": labels}, cfg)
+    assert abs(float(loss) - float(want.loss)) <= 1e-5
+    d = save_classifier(params, cfg, tmp_path / "fnlm")
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(str(d)).eval()
+    assert type(again) is type(ref)
+    with torch.no_grad():
+        assert (again(input_ids=ids, attention_mask=mask).logits - want.logits).abs().max() <= 1e-5

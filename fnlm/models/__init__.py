@@ -31,6 +31,8 @@ from fnlm.models._export import (
 )
 from fnlm.models._packed import bert_classifier_packed, packed_attention_mask, packed_classifier_loss
 from fnlm.models._lora_peft import load_lora, read_lora_config, save_lora
+from fnlm.models._auto import (any_classifier_loss, classifier_logits, load_classifier, read_model_type,
+                               save_classifier)
 from fnlm.models._bert_family import (
     DistilBertConfig,
     RobertaConfig,
@@ -93,6 +95,7 @@ from fnlm.models._transformer import (
 )
 
 __all__ = [
+    "any_classifier_loss", "classifier_logits", "load_classifier", "read_model_type", "save_classifier",
     "DistilBertConfig", "RobertaConfig", "distilbert", "distilbert_classifier", "distilbert_config_from_hf",
     "distilbert_config_to_hf", "init_distilbert", "init_distilbert_classifier", "init_roberta",
     "init_roberta_classifier", "load_distilbert", "load_roberta", "roberta", "roberta_classifier",
