@@ -274,3 +274,47 @@ def test_fetch_cli_hf_copies_a_snapshot(tmp_path, fake_hub, capsys):
     assert fetch.main(["hf", "org/tiny-bert", "--revision", "v1", "--dest", str(tmp_path / "b")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "b")
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == v1
+
+
+def test_a_model_by_hub_id_loads_and_runs(tmp_path, monkeypatch):
+    """org/name -> resolve_model -> load_classifier + load_tokenizer: the logits of the HF model that
+    was uploaded (a RoBERTa classifier with its BPE tokenizer, served in the hub's layout)."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+
+    from _fake_hub import FakeHub
+    from fnlm.data import load_tokenizer
+    from fnlm.models import classifier_logits, load_classifier
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a fine film, truly fine", "a dull film"] * 10, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    (tmp_path / "bpe").mkdir()
+    bpe.save_model(str(tmp_path / "bpe"))
+    tok = transformers.RobertaTokenizerFast(vocab=str(tmp_path / "bpe" / "vocab.json"),
+                                            merges=str(tmp_path / "bpe" / "merges.txt"))
+    torch.manual_seed(0)
+    model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40,
+        max_position_embeddings=40, pad_token_id=tok.pad_token_id, num_labels=2)).eval()
+    up = tmp_path / "upload"
+    model.save_pretrained(str(up))
+    tok.save_pretrained(str(up))
+    files = {p.name: p.read_bytes() for p in up.iterdir()}
+    server = FakeHub({"org/tiny-roberta": {"main": {**files, "pytorch_model.bin": b"not wanted"}}})
+    try:
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HOME"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        d = hub.resolve_model("org/tiny-roberta")
+        assert not (d / "pytorch_model.bin").exists()
+        params, cfg = load_classifier(d)
+        enc = load_tokenizer(d)(["a fine film", "dull"])
+        with torch.no_grad():
+            want = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        got = classifier_logits(params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"])
+        assert (got - want).abs().max() <= 1e-5
+    finally:
+        server.close()
