@@ -226,7 +226,7 @@ def test_resolve_model_offline_and_unreachable_say_pass_a_directory(fake_hub, mo
 
 
 def test_resolve_model_unknown_repository_and_revision(fake_hub):
-    with pytest.raises(hub.HubError, match="org/nope: no such model repository"):
+    with pytest.raises(hub.HubError, match="org/nope: no such local directory, and no such model repository"):
         hub.resolve_model("org/nope")
     with pytest.raises(hub.HubError, match="no revision 'v9'"):
         hub.resolve_model("org/tiny-bert@v9")

@@ -250,10 +250,12 @@ def resolve_model(
     except hf_errors.GatedRepoError:
         raise HubError(f"{repo_id} is gated on {where}: accept its terms there and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: no such model repository on {where} (a private one needs HF_TOKEN)") from None
+        raise HubError(f"{repo_id}: no such local directory, and no such model repository on {where} "
+                       "(a private one needs HF_TOKEN)") from None
     except hf_errors.LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else f"{where} cannot be reached"
-        raise HubError(f"cannot get {repo_id}{at}: {why} and it is not in the HF cache; {local}") from None
+        raise HubError(f"cannot get {repo_id}{at} (not a local directory): {why} and it is not in the HF cache; "
+                       f"{local}") from None
     except hf_errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", "?")
         raise HubError(f"cannot get {repo_id}{at} from {where}: HTTP {status}; {local}") from None
