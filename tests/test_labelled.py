@@ -39,6 +39,12 @@ def test_jsonl_integer_labels_sorted_numerically_and_extra_columns(tmp_path):
     assert splits["train"][1] == [2, 0, 2, 0, 1, 1] and splits["test"] == (["x", "y"], [1, 2])
 
 
+def test_json_array_file(tmp_path):
+    tr = tmp_path / "train.json"
+    tr.write_text(json.dumps([{"text": t, "label": l} for t, l in [("a", 1), ("b", 0), ("c", 1), ("d", 0)]]))
+    assert load_labelled_files(tr) == ({"train": (["a", "b", "c", "d"], [1, 0, 1, 0])}, ["0", "1"])
+
+
 @pytest.mark.parametrize("case, expect", [
     ("empty_text", "train.csv: line 3: empty text in column 'text'"),
     ("missing_column", "train.csv: line 1: no column 'label'"),

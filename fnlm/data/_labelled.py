@@ -100,6 +100,15 @@ def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[int, st
                 start = reader.line_num + 1
         except csv.Error as e:
             raise DatasetError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
+    elif suffix == ".json" and content.lstrip().startswith("["):  # one JSON array of objects
+        try:
+            records = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        for i, rec in enumerate(records, 1):
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}")
+            add(i, rec)
     else:
         for i, line in enumerate(content.splitlines(), 1):
             if not line.strip():
@@ -129,7 +138,8 @@ def load_labelled_files(
     given ``'validation'``/``'test'`` file; ``label_ids[j] = label_names.index(label of row j)``.
 
     Files: CSV with a header (``.csv``; ``.tsv`` tab-separated) or JSON Lines (``.json``,
-    ``.jsonl``, ``.ndjson``), UTF-8, columns ``text_column`` and ``label_column`` (others are
+    ``.jsonl``, ``.ndjson``; a ``.json`` file may also be one array of objects, rows then
+    numbered by record), UTF-8, columns ``text_column`` and ``label_column`` (others are
     ignored). Labels: strings or integers (``"3"`` and ``3`` are the same label); names sorted
     numerically when all are integers, else as strings. Raises :class:`~fnlm.data.DatasetError`
     (one line naming the file and line) for the mistakes listed in the module docstring.

@@ -54,7 +54,7 @@ def dynamic_loss_scale(inner: GradientTransformation, *, init_scale: float = 2.0
 
     def update(grads: PyTree, state: LossScaleState, params: PyTree | None = None):
         s = state.loss_scale
-        grads = tree_map(lambda g: g / s.to(g.dtype) if g.dtype != torch.float16 else (g.float() / s).to(g.dtype), grads)
+        grads = tree_map(lambda g: (g.float() / s).to(g.dtype), grads)  # unscaled in float32
         leaves = tree_leaves(grads)
         ok = torch.stack([torch.isfinite(g).all() for g in leaves]).all() if leaves else torch.tensor(True)
         safe = tree_map(lambda g: torch.where(ok, g, torch.zeros_like(g)), grads)
