@@ -6,7 +6,7 @@ One mechanism everywhere: ``torch.utils._pytree``, the same registry that ``torc
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -164,13 +164,18 @@ def ravel(tree: PyTree, group: Callable[[str], str] | None = None) -> tuple[dict
 #: What selects leaves by name: a glob pattern over dotted names (``fnmatch``: ``*`` matches any
 #: run of characters, dots included, so ``'*.attn.q.*'`` matches every layer's query projection),
 #: a sequence of such patterns (a leaf is selected if any matches), or a predicate
-#: ``(name, leaf) -> bool``.
+#: ``(name, leaf) -> bool``, or a tree of bools with the params' structure (:func:`mask`'s output).
 Spec = Any
 
 
 def _spec_predicate(spec: Spec, names: list[str], what: str) -> Callable[[str, Any], bool]:
     if callable(spec):
         return spec
+    if isinstance(spec, Mapping):  # a mask tree of bools (mask(), fnlm.train.freeze())
+        flat = flatten_names(spec)
+        if set(flat) != set(names) or not all(isinstance(v, bool) for v in flat.values()):
+            raise ValueError(f"{what}: a mask must be a tree of bools with the same leaves as the params")
+        return lambda name, leaf: flat[name]
     patterns = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{what}: expected a glob pattern, a list of patterns or a predicate (name, leaf) -> bool, "

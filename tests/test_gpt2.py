@@ -170,8 +170,7 @@ def test_bare_names_sharded_and_buffers(saved, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("field,value", [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
-                                         ("reorder_and_upcast_attn", True), ("add_cross_attention", True),
+@pytest.mark.parametrize("field,value", [("scale_attn_weights", False), ("add_cross_attention", True),
                                          ("tie_word_embeddings", False)])
 def test_unimplemented_config_options_are_refused(field, value):
     d = transformers.GPT2Config(**CONFIGS["gelu_new"]).to_dict()
@@ -179,6 +178,35 @@ def test_unimplemented_config_options_are_refused(field, value):
     with pytest.raises(ValueError, match=f"^{field}=.* is not implemented") as e:
         gpt2_config_from_hf(d)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags", [dict(scale_attn_by_inverse_layer_idx=True),
+                                   dict(reorder_and_upcast_attn=True),
+                                   dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)])
+def test_inverse_layer_scaling_and_upcast_attention_match_transformers(tmp_path, flags):
+    torch.manual_seed(0)
+    hc = transformers.GPT2Config(**CONFIGS["pytorch_tanh"], bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                 embd_pdrop=0.0, attn_pdrop=0.0, **flags)
+    model = transformers.GPT2LMHeadModel(hc).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # large enough that a missing 1/(layer+1) shows
+    model.save_pretrained(tmp_path / "hf")
+    params, cfg = load_gpt2(tmp_path / "hf")
+    ids, mask = batch(cfg)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    got = gpt2(params, ids, cfg, attention_mask=mask)
+    real = mask.bool()
+    assert (got - want)[real].abs().max() <= 1e-4
+    if flags.get("scale_attn_by_inverse_layer_idx"):  # the folding is what makes them equal
+        unfolded, _ = load_gpt2(tmp_path / "hf", config=cfg)
+        assert (gpt2(unfolded, ids, cfg, attention_mask=mask) - want)[real].abs().max() > 1e-3
+    save_gpt2(params, cfg, tmp_path / "fnlm")  # folded: an equivalent checkpoint with the flags off
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "fnlm").eval()
+    assert not again.config.scale_attn_by_inverse_layer_idx
+    with torch.no_grad():
+        assert (again(input_ids=ids, attention_mask=mask).logits - want)[real].abs().max() <= 1e-4
 
 
 def test_bad_config_values():

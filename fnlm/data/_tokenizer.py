@@ -418,14 +418,27 @@ class WordPieceTokenizer:
                 f"strip_accents={self.strip_accents})")
 
 
+def _is_bpe_dir(d: Path) -> bool:
+    """A byte-level BPE tokenizer (GPT-2, RoBERTa): ``vocab.json`` or a BPE ``tokenizer.json``."""
+    if (d / "tokenizer.json").is_file():
+        return (json.loads((d / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {}).get("type") == "BPE"
+    return (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
+
+
 def load_tokenizer(path: Path | str) -> WordPieceTokenizer:
-    """The BERT tokenizer of a checkpoint directory (or of a ``vocab.txt`` file).
+    """The tokenizer of a checkpoint directory (or of a ``vocab.txt`` file): BERT's WordPiece, or
+    for a directory with a byte-level BPE tokenizer (``vocab.json`` + ``merges.txt`` or a BPE
+    ``tokenizer.json``: GPT-2, RoBERTa) a :class:`~fnlm.data.BPETokenizer`.
 
     Prefers ``tokenizer.json``; otherwise builds the tokenizer from ``vocab.txt`` with
     ``do_lower_case`` / ``strip_accents`` / ``tokenize_chinese_chars`` from
     ``tokenizer_config.json`` when present (default: uncased BERT).
     """
     p = Path(path)
+    if p.is_dir() and _is_bpe_dir(p):
+        from fnlm.data._bpe import load_bpe_tokenizer
+
+        return load_bpe_tokenizer(p)
     if p.is_file():
         vocab_file, d = p, p.parent
     elif p.is_dir():

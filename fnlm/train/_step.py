@@ -37,6 +37,10 @@ flatten order), **aux}``.
   naming the step and the parameter groups (``encoder.layers.3``) whose gradients are not
   finite; ``'skip'`` keeps params and optimizer state unchanged (the ``torch.where`` above, so it
   also works per member under ``vmap``) and warns; ``'ignore'`` does not look (no host sync).
+* **float16 loss scaling**: with an optimizer wrapped in :func:`fnlm.optim.dynamic_loss_scale`
+  the step differentiates ``loss * S`` (``S`` from the optimizer state), the wrapper unscales and
+  skips overflowing updates; ``metrics['finite']`` then checks the loss only, ``'overflow'`` says
+  a step was skipped, ``'loss_scale'`` is the ``S`` it used and ``'grad_norm'`` is unscaled.
 * **Shapes.** ``dynamic=False`` (default) compiles static shapes: one graph per distinct batch
   shape, so pad sequences to a few fixed lengths (buckets, e.g. 64/128/256/512), each compiled
   once. :func:`make_train_step` raises dynamo's per-function recompile limit to ``max_shapes``
@@ -68,6 +72,7 @@ from torch.func import grad_and_value
 
 from fnlm import random
 from fnlm.optim._inject import find_hyperparam
+from fnlm.optim._loss_scale import find_loss_scale
 from fnlm.optim._transforms import GradientTransformation, apply_updates
 from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map, tree_unstack
 
@@ -166,14 +171,29 @@ def train_step_fn(
 
     grad_fn = grad_and_value(forward, has_aux=True)
 
+    def scaled_forward(params, batch, key, loss_scale):
+        """``loss * S`` for the gradient (float16 loss scaling), the unscaled loss in the aux."""
+        loss, aux = forward(params, batch, key)
+        return loss * loss_scale, (loss, aux)
+
+    scaled_grad_fn = grad_and_value(scaled_forward, has_aux=True)
+
     def step(params, opt_state, batch, key):
+        loss_scale = find_loss_scale(opt_state)  # a dynamic_loss_scale optimizer; None: unchanged maths
+
+        def grads_of(micro, k):
+            if loss_scale is None:
+                return grad_fn(params, micro, k)
+            grads, (_, la) = scaled_grad_fn(params, micro, k, loss_scale)
+            return grads, la
+
         if accum_steps == 1:
-            grads, (loss, aux) = grad_fn(params, batch, key)
+            grads, (loss, aux) = grads_of(batch, key)
         else:
             parts = []
             for i in range(accum_steps):
                 micro = tree_map(lambda x: x[i], batch)
-                parts.append(grad_fn(params, micro, random.fold_in(key, i)))
+                parts.append(grads_of(micro, random.fold_in(key, i)))
             grads = _mean_tree([g for g, _ in parts])
             loss = _mean_tree([la[0] for _, la in parts])
             aux = _mean_tree([la[1] for _, la in parts])
@@ -181,6 +201,11 @@ def train_step_fn(
             grads, loss, aux = grad_sync((grads, loss, aux))
         finite, grads_finite, grad_norm = _flags_and_norm(loss, grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "grads_finite": grads_finite}
+        if loss_scale is not None:  # an overflow is skipped by the optimizer, not an error
+            metrics["finite"] = torch.isfinite(loss).all()
+            metrics["grad_norm"] = grad_norm / loss_scale
+            metrics["loss_scale"] = loss_scale
+            metrics["overflow"] = ~grads_finite.all()
         updates, new_state = optimizer.update(grads, opt_state, params)
         lr = find_hyperparam(new_state, "lr")  # the lr this update used (optim.inject_hyperparams)
         if lr is not None:
