@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from fnlm import random
 from fnlm.io import CheckpointError
-from fnlm.models import (DistilBertConfig, RobertaConfig, distilbert, distilbert_classifier, init_distilbert,
+from fnlm.models import (DistilBertConfig, distilbert, distilbert_classifier, init_distilbert,
                          init_distilbert_classifier, load_distilbert, load_roberta, roberta, roberta_classifier,
                          save_distilbert, save_roberta, sequence_classifier_loss)
 

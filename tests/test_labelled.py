@@ -3,7 +3,6 @@ line; label names travel into config.json so transformers' pipeline prints them.
 import json
 
 import pytest
-import torch
 
 from fnlm import random
 from fnlm.data import DatasetError, load_labelled_files

@@ -15,7 +15,6 @@ blocks; only what differs is written here:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
