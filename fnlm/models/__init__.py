@@ -22,6 +22,7 @@ from fnlm.models._bert import (
     mlm_loss,
     pretraining_loss,
 )
+from fnlm._memory import CONFIG_BOUNDS, ConfigMemoryError
 from fnlm.models._export import (
     TamperedPackageError,
     TextClassifier,
@@ -74,7 +75,7 @@ from fnlm.models._transformer import (
 __all__ = [
     "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
-    "TamperedPackageError", "UntrustedPackageError", "package_status",
+    "TamperedPackageError", "UntrustedPackageError", "package_status", "CONFIG_BOUNDS", "ConfigMemoryError",
     "load_lora", "read_lora_config", "save_lora",
     "GPT2Config", "decode_step", "filter_logits", "generate", "gpt2", "gpt2_block", "gpt2_cached",
     "gpt2_config_from_hf", "gpt2_config_to_hf", "gpt2_hidden", "init_gpt2", "init_gpt2_block", "init_gpt2_cache",
