@@ -86,7 +86,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if not (path / "export.json").is_file():
             export_classifier(params, cfg, tokenizer, path, max_len=args.max_len, truncation="head", form="aoti", **kw)
-        clf = load_classifier_package(path)
+        clf = load_classifier_package(path, trust_package=True)  # exported just above by this script
         clf.predict_proba(texts[:args.batch], batch_size=args.batch)
         setup_s[name] = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in path.iterdir()) / 2**20

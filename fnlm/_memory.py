@@ -17,7 +17,7 @@ CONFIG_BOUNDS = {"layers": 4096, "width": 1 << 17, "heads": 4096, "vocab": 1 << 
                  "labels": 1 << 20}
 
 
-class ConfigMemoryError(MemoryError):
+class ConfigMemoryError(ValueError):
     """A config whose parameters alone would not fit in this machine's memory."""
 
 

@@ -689,3 +689,18 @@ def test_mixed_dtype_checkpoint_is_cast_like_transformers(bert_dir, tmp_path):
     ids = torch.tensor([[2, 5, 6, 7, 3]])
     with torch.no_grad():
         torch.testing.assert_close(bert_classifier(params, ids, cfg), ref(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_missing_head_not_allocated_before_the_body_matches(bert_dir, tmp_path, monkeypatch):
+    """config.json says hidden_size 64, the checkpoint's tensors 16: a shape error, and the
+    missing MLM head is never initialised from the config's sizes."""
+    import fnlm.models._bert_hf as bert_hf
+
+    d = shutil.copytree(bert_dir, tmp_path / "m")
+    hf = json.loads((d / "config.json").read_text()) | {"hidden_size": 64}
+    (d / "config.json").write_text(json.dumps(hf))
+    calls = []
+    monkeypatch.setattr(bert_hf, "init_mlm_head", lambda *a, **k: calls.append(a))
+    with pytest.raises(fnlm.io.CheckpointError, match="expected shape .* found"):
+        bert_hf.load_bert(d, head="mlm", head_key=fnlm.random.key(0), pooler=False)
+    assert not calls

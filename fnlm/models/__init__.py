@@ -22,6 +22,7 @@ from fnlm.models._bert import (
     mlm_loss,
     pretraining_loss,
 )
+from fnlm._memory import CONFIG_BOUNDS, ConfigMemoryError
 from fnlm.models._export import (
     TamperedPackageError,
     TextClassifier,
@@ -109,7 +110,7 @@ __all__ = [
     "sequence_classifier_loss",
     "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
-    "TamperedPackageError", "UntrustedPackageError", "package_status",
+    "TamperedPackageError", "UntrustedPackageError", "package_status", "CONFIG_BOUNDS", "ConfigMemoryError",
     "load_lora", "read_lora_config", "save_lora",
     "Pretrained", "load_pretrained",
     "GPT2Config", "decode_step", "filter_logits", "generate", "gpt2", "gpt2_block", "gpt2_cached",
