@@ -551,7 +551,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def memory_results(bert_dir, tmp_path_factory):
-    from fnlm.models import BertConfig, bert_config_to_hf, save_gpt2
+    from fnlm.models import save_gpt2
 
     tmp = tmp_path_factory.mktemp("memory")
     archive = imdb_archive(tmp / "aclImdb_v1.tar.gz", 200 * 10**6)
