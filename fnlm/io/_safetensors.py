@@ -154,7 +154,7 @@ def _renameat2() -> Any:
             else:
                 nr = {"x86_64": 316, "aarch64": 276}.get(platform.machine())
                 if nr is not None:
-                    _renameat2_fn = lambda *a: libc.syscall(  # noqa: E731
+                    _renameat2_fn = lambda *a: libc.syscall(
                         ctypes.c_long(nr), ctypes.c_int(a[0]), ctypes.c_char_p(a[1]), ctypes.c_int(a[2]),
                         ctypes.c_char_p(a[3]), ctypes.c_uint(a[4]))
     return _renameat2_fn or None

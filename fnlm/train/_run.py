@@ -51,8 +51,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fnlm.io._safetensors import (CheckpointError, atomic_dir, read_safetensors, recover_dir, write_json,
-                                  write_safetensors)
+from fnlm.io._safetensors import (
+    CheckpointError,
+    atomic_dir,
+    read_safetensors,
+    recover_dir,
+    write_json,
+    write_safetensors,
+)
 from fnlm.train._checkpoint import META, load_train_state, save_train_state
 from fnlm.tree import Params, PyTree, flatten_names, unflatten_names
 
