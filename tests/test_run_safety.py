@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from fnlm import optim, random
-from fnlm.io import atomic_dir
+from fnlm.config import option
 from fnlm.io import _safetensors as st
-from fnlm.train import ResumeError, RunCheckpoints, RunInUseError
+from fnlm.io import atomic_dir
+from fnlm.train import ResumeError, Run, RunCheckpoints, RunInUseError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -302,12 +304,6 @@ def test_atomic_dir_puts_back_a_leftover_old_directory(tmp_path):
 
 
 # ----------------------------------------------------------------------------- fnlm.train.Run
-from dataclasses import dataclass  # noqa: E402
-
-from fnlm.config import option  # noqa: E402
-from fnlm.train import Run  # noqa: E402
-
-
 @dataclass(frozen=True)
 class _Cfg:
     lr: float = option(0.1, "learning rate")

@@ -99,11 +99,11 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
 def _aligned(t: Tensor) -> Tensor:
     """``t`` in a fresh tensor of its own, allocated as torch allocates any tensor (64-byte aligned on CPU).
 
-    The reader hands out views into the file's buffer at offsets that follow the header's length, so
-    they are not 64-byte aligned; BLAS libraries pick other kernels for unaligned operands, and a
-    product with such a tensor can differ in the last bits from the same product with a computed
-    (aligned) tensor. A checkpoint's tensors would then not continue a run bitwise (and weights read
-    at the start of a run would not match the same weights read on resume)."""
+    The reader hands out tensors at offsets that follow the header's length (not 64-byte aligned), and
+    code may choose kernels by alignment (BLAS, Inductor's generated code); a fresh copy puts a
+    checkpoint's tensors in memory as an uninterrupted run's computed ones are, and weights read at
+    the start of a run as the same weights read on resume. (With the MKL of torch 2.13 on an AVX2 CPU,
+    matrix products gave equal bits at every offset, and eager resume was bitwise exact without it.)"""
     if t.device.type != "cpu":
         return t
     return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
@@ -175,7 +175,7 @@ def _renameat2() -> Any:
             else:
                 nr = {"x86_64": 316, "aarch64": 276}.get(platform.machine())
                 if nr is not None:
-                    _renameat2_fn = lambda *a: libc.syscall(  # noqa: E731
+                    _renameat2_fn = lambda *a: libc.syscall(
                         ctypes.c_long(nr), ctypes.c_int(a[0]), ctypes.c_char_p(a[1]), ctypes.c_int(a[2]),
                         ctypes.c_char_p(a[3]), ctypes.c_uint(a[4]))
     return _renameat2_fn or None

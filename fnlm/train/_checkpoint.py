@@ -17,6 +17,8 @@ among modules already imported (a checkpoint never triggers an import).
 Resuming is exact: everything a pure training step depends on is in this directory, so on CPU a
 run saved at step ``k`` and continued in a fresh process is bitwise identical to an
 uninterrupted one (as long as the data order is a function of the step, e.g. ``fold_in(key, step)``).
+The tensors are read into fresh tensors of their own (:func:`fnlm.io.read_safetensors`), laid out in
+memory as the computed tensors of an uninterrupted run are.
 """
 from __future__ import annotations
 

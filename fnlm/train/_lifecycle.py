@@ -7,7 +7,8 @@
                    name="imdb-%Y%m%d-%H%M%S", may_change=(...), per_session=(...))
     cfg = run.config                                    # on --resume: the run's own settings
     ...                                                  # load the model and the data
-    ckpts = run.checkpoints(fingerprint, keep=2)         # fnlm.train.RunCheckpoints in run.dir
+    ckpts = run.checkpoints(fingerprint, keep=2)         # fnlm.train.RunCheckpoints in run.dir, started:
+                                                         # this process holds run.lock until close/finish
     state = run.restore(ckpts)                           # None for a new run
     with run.stop_guard() as stop:                       # SIGINT/SIGTERM: finish the step, checkpoint
         ... run.log({"step": s, "loss": l}) ...          # metrics.jsonl (+ TensorBoard)

@@ -51,8 +51,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fnlm.io._safetensors import (CheckpointError, atomic_dir, read_safetensors, recover_dir, write_json,
-                                  write_safetensors)
+from fnlm.io._safetensors import (
+    CheckpointError,
+    atomic_dir,
+    read_safetensors,
+    recover_dir,
+    write_json,
+    write_safetensors,
+)
 from fnlm.train._checkpoint import META, load_train_state, save_train_state
 from fnlm.tree import Params, PyTree, flatten_names, unflatten_names
 
@@ -327,7 +333,7 @@ class RunCheckpoints:
         """Who holds ``run_dir``'s lock (``'process <pid> on <host>'``), or None if no live process does."""
         path = Path(run_dir) / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDONLY)
         except OSError:
             return None
         try:
@@ -510,7 +516,8 @@ class RunCheckpoints:
         ckpts = self._mine(_STEP_DIR, run_id)
         if not ckpts:
             raise ResumeError(f"cannot resume {self.run_dir}: none of its checkpoints belongs to this run "
-                              f"({'run id ' + run_id + ' in ' + RUN_FILE if run_id else 'no ' + RUN_FILE})")
+                              f"({'run id ' + run_id + ' in ' + RUN_FILE if run_id else 'no ' + RUN_FILE}); they were "
+                              "copied in from other runs or written before fnlm recorded run ids")
         problems = []
         for _, path in reversed(ckpts):
             try:
