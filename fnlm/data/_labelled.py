@@ -173,3 +173,11 @@ def load_labelled_files(
                                    f"{train_path} (labels: {', '.join(names[:20])})")
         splits[split] = ([t for _, t, _ in split_rows], [ids[label] for _, _, label in split_rows])
     return splits, names
+
+
+def read_labelled_file(path: str | os.PathLike, *, text_column: str = "text",
+                       label_column: str = "label") -> tuple[list[str], list[str]]:
+    """``(texts, labels)`` of one labelled file (the formats of :func:`load_labelled_files`), each
+    label as its name (``"3"`` for 3): for evaluating a model whose ``id2label`` gives the ids."""
+    rows = _rows(Path(path), text_column, label_column)
+    return [text for _, text, _ in rows], [label for _, _, label in rows]

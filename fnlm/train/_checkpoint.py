@@ -162,6 +162,9 @@ def load_train_state(path_dir: str | os.PathLike, device: str | torch.device = "
     meta_path = path_dir / META
     if not meta_path.is_file():
         raise CheckpointError(f"{path_dir}: not a training-state checkpoint (no {META})")
+    from fnlm.train._validate import validate_train_state
+
+    validate_train_state(path_dir)  # the whole file checked first: a malformed one is one line
     try:
         meta = json.loads(meta_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

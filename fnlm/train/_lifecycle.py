@@ -52,7 +52,7 @@ import torch
 from fnlm.config import ConfigError, config_from_dict, config_to_dict, flag
 from fnlm.io._safetensors import atomic_dir, write_json
 from fnlm.train._record import EnvironmentRecord
-from fnlm.train._run import RUN_FILE, GracefulStop, ResumeError, RunCheckpoints, RunState
+from fnlm.train._run import RUN_FILE, GracefulStop, ResumeError, RunCheckpoints, RunInUseError, RunState
 
 RUN_CONFIG = "run_config.json"
 METRICS_LOG = "metrics.jsonl"
@@ -136,6 +136,9 @@ class Run:
                               "--overwrite to start again")
         _check_writable(final, "--out")
         if partial.exists():  # no checkpoint in it (or --overwrite): nothing to resume there
+            owner = RunCheckpoints.in_use(partial)
+            if owner is not None:
+                raise RunInUseError(f"--out {final}: {partial} is being written by {owner}; stop it first")
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         write_json(config_to_dict(config), partial / RUN_CONFIG)
