@@ -1,4 +1,5 @@
 """Data: the IMDb sentiment dataset, length-bucketed batching, and the WordPiece tokenizer."""
+from fnlm.data._alignment import align_labels, encode_windows, encode_words, span_positions
 from fnlm.data._batching import bucket_lengths, choose_buckets, make_batches, padding_efficiency
 from fnlm.data._imdb import (
     IMDB_SHA256,
@@ -17,6 +18,7 @@ from fnlm.data._split import default_val_size, train_val_split
 from fnlm.data._tokenizer import WordPieceTokenizer, build_bert_tokenizer, load_tokenizer
 
 __all__ = [
+    "align_labels", "encode_windows", "encode_words", "span_positions",
     "IMDB_SHA256", "IMDB_URL", "DatasetError", "DownloadError", "IMDb", "WordPieceTokenizer", "bucket_lengths",
     "build_bert_tokenizer", "choose_buckets", "default_val_size", "download_imdb", "html_clean", "load_imdb", "load_imdb_splits",
     "load_tokenizer", "make_batches", "pack_rows", "pack_sequences", "padding_efficiency", "subset", "train_val_split",

@@ -22,6 +22,16 @@ from fnlm.models._bert import (
     mlm_loss,
     pretraining_loss,
 )
+from fnlm.models._bert_heads import (
+    best_span,
+    decode_span,
+    init_span_head,
+    init_token_classifier,
+    span_logits,
+    span_loss,
+    token_classifier,
+    token_classifier_loss,
+)
 from fnlm.models._export import (
     TextClassifier,
     export_classifier,
@@ -69,6 +79,8 @@ from fnlm.models._transformer import (
 )
 
 __all__ = [
+    "best_span", "decode_span", "init_span_head", "init_token_classifier", "span_logits", "span_loss",
+    "token_classifier", "token_classifier_loss",
     "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
     "load_lora", "read_lora_config", "save_lora",
