@@ -13,12 +13,14 @@ from fnlm.data._imdb import (
     load_imdb_splits,
     subset,
 )
+from fnlm.data._nsp import NspPairs, nsp_pairs, split_sentences
 from fnlm.data._packing import pack_rows, pack_sequences
 from fnlm.data._split import default_val_size, train_val_split
 from fnlm.data._tokenizer import WordPieceTokenizer, build_bert_tokenizer, load_tokenizer
 
 __all__ = [
     "align_labels", "encode_windows", "encode_words", "span_positions",
+    "NspPairs", "nsp_pairs", "split_sentences",
     "IMDB_SHA256", "IMDB_URL", "DatasetError", "DownloadError", "IMDb", "WordPieceTokenizer", "bucket_lengths",
     "build_bert_tokenizer", "choose_buckets", "default_val_size", "download_imdb", "html_clean", "load_imdb", "load_imdb_splits",
     "load_tokenizer", "make_batches", "pack_rows", "pack_sequences", "padding_efficiency", "subset", "train_val_split",
