@@ -15,6 +15,15 @@ keeps the source's pooler), which ``examples/finetune_imdb.py --weights DIR`` fi
     # fill-mask with the result (or any BERT with an MLM head)
     python examples/pretrain_mlm.py --model runs/mlm --predict "the film was [MASK] ."
 
+    # BERT's full pretraining objective: MLM + next-sentence prediction on sentence pairs
+    python examples/pretrain_mlm.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --nsp --out runs/nsp
+
+``--nsp`` trains on IsNext/NotNext pairs of training-review sentences (:func:`fnlm.data.nsp_pairs`,
+half of the B segments from another review), with ``pretraining_loss`` (MLM + NSP); it reports
+both losses and the NSP accuracy on pairs built from the held-out training reviews, and writes a
+``BertForPreTraining`` directory (pooler and NSP head included; a source without an NSP head
+starts from a fresh one).
+
 all-MiniLM-L6-v2 (the default ``--weights``) was distilled without an MLM head: the run then
 starts from a freshly initialised head tied to the word embeddings, and says so.
 """
@@ -34,7 +43,8 @@ from fnlm import optim, random
 from fnlm.data import (DatasetError, DownloadError, bucket_lengths, download_imdb, html_clean, load_imdb_splits,
                        load_tokenizer, make_batches)
 from fnlm.io import CheckpointError, atomic_dir, ensure_minilm, write_json
-from fnlm.models import bert_mlm, load_bert, mask_tokens, mlm_loss, save_bert
+from fnlm.data import nsp_pairs
+from fnlm.models import bert_mlm, init_nsp_head, load_bert, mask_tokens, mlm_loss, pretraining_loss, save_bert
 from fnlm.train import make_eval_step, make_train_step
 from fnlm.tree import num_params
 
@@ -67,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--mask-prob", type=float, default=0.15)
     g.add_argument("--whole-word", action="store_true", help="mask all word pieces of a word together")
+    g.add_argument("--nsp", action="store_true",
+                   help="also train next-sentence prediction on sentence pairs (MLM + NSP, BertForPreTraining output)")
     g.add_argument("--eval-every", type=int, default=100, help="held-out MLM loss / accuracy every N steps")
     g.add_argument("--seed", type=int, default=0, help="head init, data order, masks and dropout derive from it")
     g.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
@@ -169,6 +181,23 @@ def masked(batch: dict, key, tokenizer, vocab_size: int, args) -> dict:
             "labels": labels}
 
 
+# ----------------------------------------------------------------------------- next-sentence prediction
+def load_nsp_head(path: Path, cfg, key):
+    """``(nsp params, fresh?)``: the checkpoint's ``cls.seq_relationship`` if it has one, else a new head."""
+    try:
+        return load_bert(path, head="pretraining", strict=False)[0]["nsp"], False
+    except CheckpointError:
+        return init_nsp_head(key, cfg), True
+
+
+def nsp_masked(b: dict, pairs, key, tokenizer, vocab_size: int, args) -> dict:
+    """A ``make_batches`` batch of NSP pairs, masked as :func:`masked`, with its token types (B = 1)
+    and ``next_sentence_label`` (0 IsNext, 1 NotNext, -100 on dummy rows)."""
+    nsp_label = torch.where(b["weight"] > 0, b["labels"], torch.full_like(b["labels"], -100))
+    b = {**b, "token_type_ids": pairs.token_type_ids(b["index"], b["attention_mask"])}
+    return {**masked(b, key, tokenizer, vocab_size, args), "next_sentence_label": nsp_label}
+
+
 # ----------------------------------------------------------------------------- training
 def train(args) -> int:
     t_start = time.time()
@@ -193,8 +222,21 @@ def train(args) -> int:
     train_texts = [texts[i] for i in order[n_eval:]]
     if args.train_size:
         train_texts = train_texts[: args.train_size]
-    ids = tokenizer.encode_ids(train_texts, max_len=args.max_len)
-    eval_ids = tokenizer.encode_ids(eval_texts, max_len=args.max_len)
+    if args.nsp:  # sentence pairs of the training reviews; held-out pairs from the held-out reviews only
+        if pooler is None:
+            raise CliError(f"--nsp: {args.weights} has no pooler, which next-sentence prediction reads")
+        params["bert"]["pooler"] = pooler
+        params["nsp"], fresh_nsp = load_nsp_head(args.weights, cfg, random.fold_in(k_head, 1))
+        if fresh_nsp:
+            print(f"note: {args.weights} has no NSP head (cls.seq_relationship); training a fresh one", flush=True)
+        pairs = nsp_pairs(tokenizer, train_texts, max_len=args.max_len, seed=args.seed)
+        eval_pairs = nsp_pairs(tokenizer, eval_texts, max_len=args.max_len, seed=args.seed + 1) if n_eval >= 2 else None
+        ids, eval_ids = pairs.input_ids, eval_pairs.input_ids if eval_pairs else []
+        print(f"next-sentence prediction: {len(ids)} training pairs, {len(eval_ids)} held-out pairs "
+              f"({sum(pairs.labels)} / {len(ids)} NotNext)", flush=True)
+    else:
+        ids = tokenizer.encode_ids(train_texts, max_len=args.max_len)
+        eval_ids = tokenizer.encode_ids(eval_texts, max_len=args.max_len)
     buckets = bucket_lengths(args.max_len, 2)
     print(f"model {args.weights} ({num_params(params) / 1e6:.1f}M params), {len(ids)} training / {n_eval} "
           f"held-out reviews, {args.steps} steps of {args.batch_size}, masking "
@@ -203,15 +245,22 @@ def train(args) -> int:
     V = cfg.vocab_size
     eval_batches = [masked(b, random.fold_in(k_eval, i), tokenizer, V, args) for i, b in enumerate(
         make_batches(eval_ids, None, args.batch_size, buckets, shuffle=False, pad_id=tokenizer.pad_id))]
+    if args.nsp:
+        eval_batches = [nsp_masked(b, eval_pairs, random.fold_in(k_eval, i), tokenizer, V, args) for i, b in enumerate(
+            make_batches(eval_ids, eval_pairs.labels if eval_pairs else None, args.batch_size, buckets,
+                         shuffle=False, pad_id=tokenizer.pad_id))]
     schedule = optim.linear_warmup_linear_decay(args.lr, round(args.warmup * args.steps), args.steps)
     optimizer = optim.chain(optim.clip_by_global_norm(1.0),
                             optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=args.weight_decay))
     opt_state = optimizer.init(params)
 
     def loss_fn(p, batch, key):
-        return mlm_loss(p, batch, cfg, key=key, train=True)
+        return (pretraining_loss if args.nsp else mlm_loss)(p, batch, cfg, key=key, train=True)
 
     def eval_fn(p, batch):
+        if args.nsp:
+            _, aux = pretraining_loss(p, batch, cfg)
+            return aux["mlm_loss"], aux["mlm_accuracy"], aux["nsp_loss"], aux["nsp_accuracy"]
         loss, aux = mlm_loss(p, batch, cfg)
         return loss, aux["accuracy"]
 
@@ -220,26 +269,40 @@ def train(args) -> int:
 
     def evaluate(p) -> dict:
         tot_loss = tot_acc = n = 0.0
+        nsp_loss = nsp_acc = n_pairs = 0.0
         for b in eval_batches:
             k = float((b["labels"] != -100).sum())
-            loss, acc = eval_step(p, b)
+            loss, acc, *nsp = eval_step(p, b)
             tot_loss, tot_acc, n = tot_loss + float(loss) * k, tot_acc + float(acc) * k, n + k
-        return {"mlm_loss": tot_loss / max(n, 1.0), "mlm_accuracy": tot_acc / max(n, 1.0), "masked_tokens": int(n)}
+            if nsp:
+                k = float((b["next_sentence_label"] != -100).sum())
+                nsp_loss, nsp_acc, n_pairs = nsp_loss + float(nsp[0]) * k, nsp_acc + float(nsp[1]) * k, n_pairs + k
+        out = {"mlm_loss": tot_loss / max(n, 1.0), "mlm_accuracy": tot_acc / max(n, 1.0), "masked_tokens": int(n)}
+        if args.nsp:
+            out |= {"nsp_loss": nsp_loss / max(n_pairs, 1.0), "nsp_accuracy": nsp_acc / max(n_pairs, 1.0),
+                    "nsp_pairs": int(n_pairs)}
+        return out
+
+    def describe(h: dict) -> str:
+        return (f"held-out MLM loss {h['mlm_loss']:.4f}, accuracy {h['mlm_accuracy']:.4f}"
+                + (f"; NSP loss {h['nsp_loss']:.4f}, accuracy {h['nsp_accuracy']:.4f} on {h['nsp_pairs']} pairs"
+                   if "nsp_loss" in h else ""))
 
     from tqdm.auto import tqdm
 
     history = [{"step": 0, **evaluate(params)}] if eval_batches else []
     if history:
-        print(f"step 0: held-out MLM loss {history[0]['mlm_loss']:.4f}, accuracy {history[0]['mlm_accuracy']:.4f}",
-              flush=True)
+        print(f"step 0: {describe(history[0])}", flush=True)
     losses, step, epoch = [], 0, 0
     t_train = time.time()
     bar = tqdm(total=args.steps, desc="pretraining", unit="step", dynamic_ncols=True, disable=None)
     while step < args.steps:
         epoch += 1
-        for b in make_batches(ids, None, args.batch_size, buckets, shuffle=True, seed=args.seed, epoch=epoch,
-                              pad_id=tokenizer.pad_id, drop_last=len(ids) >= args.batch_size):
-            batch = masked(b, random.fold_in(k_mask, step), tokenizer, V, args)  # this step's own mask
+        for b in make_batches(ids, pairs.labels if args.nsp else None, args.batch_size, buckets, shuffle=True,
+                              seed=args.seed, epoch=epoch, pad_id=tokenizer.pad_id,
+                              drop_last=len(ids) >= args.batch_size):
+            key = random.fold_in(k_mask, step)  # this step's own mask
+            batch = nsp_masked(b, pairs, key, tokenizer, V, args) if args.nsp else masked(b, key, tokenizer, V, args)
             params, opt_state, m = train_step(params, opt_state, batch, random.fold_in(k_drop, step))
             step += 1
             losses.append(float(m["loss"]))
@@ -247,8 +310,7 @@ def train(args) -> int:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{float(m['lr']):.1e}")
             if eval_batches and (step % args.eval_every == 0 or step == args.steps):
                 history.append({"step": step, **evaluate(params)})
-                bar.write(f"step {step}: held-out MLM loss {history[-1]['mlm_loss']:.4f}, "
-                          f"accuracy {history[-1]['mlm_accuracy']:.4f}")
+                bar.write(f"step {step}: {describe(history[-1])}")
             if step == args.steps:
                 break
     bar.close()
@@ -258,16 +320,19 @@ def train(args) -> int:
                "fresh_mlm_head": fresh, "source": str(args.weights), "texts": len(ids), "held_out": n_eval,
                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "fnlm": fnlm.__version__}
-    if pooler is not None:
+    if pooler is not None and not args.nsp:
         params["bert"]["pooler"] = pooler
     with atomic_dir(out) as tmp:
-        save_bert(params, cfg, tmp, head="mlm", tokenizer_dir=args.weights)
+        save_bert(params, cfg, tmp, head="pretraining" if args.nsp else "mlm", tokenizer_dir=args.weights)
         write_json(metrics, tmp / "metrics.json")
     last = history[-1] if history else {}
     print(f"pretrained {step} steps in {train_s:.0f}s"
           + (f"; held-out MLM loss {history[0]['mlm_loss']:.4f} -> {last['mlm_loss']:.4f}, accuracy "
              f"{history[0]['mlm_accuracy']:.4f} -> {last['mlm_accuracy']:.4f}" if history else "")
-          + f"; wrote {out}/ (BertForMaskedLM layout) in {time.time() - t_start:.0f}s")
+          + (f"; held-out NSP loss {history[0]['nsp_loss']:.4f} -> {last['nsp_loss']:.4f}, accuracy "
+             f"{history[0]['nsp_accuracy']:.4f} -> {last['nsp_accuracy']:.4f}" if history and args.nsp else "")
+          + f"; wrote {out}/ ({'BertForPreTraining' if args.nsp else 'BertForMaskedLM'} layout) in "
+            f"{time.time() - t_start:.0f}s")
     return 0
 
 

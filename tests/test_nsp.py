@@ -110,7 +110,7 @@ def test_short_nsp_run_beats_chance(imdb_archive, minilm_dir, tmp_path):
     out = tmp_path / "nsp"
     r = subprocess.run([sys.executable, str(root / "examples" / "pretrain_mlm.py"), "--data", str(imdb_archive),
                         "--splits", "train", "--nsp", "--train-size", "2000", "--eval-size", "200", "--steps", "150",
-                        "--batch-size", "16", "--max-len", "128", "--lr", "5e-5", "--eval-every", "150",
+                        "--batch-size", "16", "--max-len", "128", "--eval-every", "150",
                         "--no-compile", "--out", str(out)], capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

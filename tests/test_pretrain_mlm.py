@@ -97,6 +97,27 @@ def test_pretrain_then_fill_mask_equals_the_hf_pipeline(tiny_bert, archive, tmp_
     assert max(abs(p - t["score"]) for (_, p, _), t in zip(exact, theirs)) <= 1e-5
 
 
+def test_nsp_writes_a_bert_for_pretraining_with_both_losses(tiny_bert, archive, tmp_path, capsys, monkeypatch):
+    read = []
+    real_load = pm.load_imdb_splits
+    monkeypatch.setattr(pm, "load_imdb_splits", lambda p, splits: read.append(tuple(splits)) or real_load(p, splits))
+    out = tmp_path / "nsp"
+    rc, o, err = run("--data", archive, "--weights", tiny_bert, "--nsp", "--steps", 3, "--batch-size", 4,
+                     "--max-len", 32, "--eval-every", 3, "--eval-size", 4, "--no-compile", "--lr", 1e-3, "--out", out,
+                     capsys=capsys)
+    assert rc == 0, err
+    assert read and all("test" not in s for s in read)
+    assert "no NSP head (cls.seq_relationship); training a fresh one" in o and "BertForPreTraining" in o
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in hist] == [0, 3]
+    assert all(h["nsp_pairs"] >= 1 and 0.0 <= h["nsp_accuracy"] <= 1.0 and h["nsp_loss"] > 0 for h in hist)
+    hf, info = transformers.BertForPreTraining.from_pretrained(str(out), output_loading_info=True,
+                                                               attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    params, cfg = load_bert(out, head="pretraining")
+    assert set(params) == {"bert", "mlm", "nsp"}
+
+
 def test_bad_input_is_one_line(tiny_bert, minilm_dir, archive, tmp_path, capsys):
     cases = [
         (("--data", archive, "--weights", tiny_bert, "--max-len", 32, "--splits", "train,test", "--out", tmp_path / "o"),
