@@ -102,6 +102,7 @@ def test_errors(tok):
 
 @pytest.mark.slow
 def test_short_nsp_run_beats_chance(imdb_archive, minilm_dir, tmp_path):
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -111,7 +112,8 @@ def test_short_nsp_run_beats_chance(imdb_archive, minilm_dir, tmp_path):
     r = subprocess.run([sys.executable, str(root / "examples" / "pretrain_mlm.py"), "--data", str(imdb_archive),
                         "--splits", "train", "--nsp", "--train-size", "2000", "--eval-size", "200", "--steps", "150",
                         "--batch-size", "16", "--max-len", "128", "--eval-every", "150",
-                        "--no-compile", "--out", str(out)], capture_output=True, text=True, timeout=3000)
+                        "--no-compile", "--out", str(out)], capture_output=True, text=True, timeout=3000, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     last = metrics["history"][-1]
