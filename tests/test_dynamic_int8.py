@@ -40,7 +40,7 @@ def test_matmul_equals_the_explicit_formula():
     for shape, (k, n) in (((5, 24), (24, 7)), ((2, 3, 64), (64, 48)), ((1, 16), (16, 1))):
         x, w = torch.randn(*shape, generator=g) * 3, torch.randn(k, n, generator=g)
         w_q, s = quantize_weight(w)
-        got = dynamic_int8_matmul(x, w_q, s)
+        got = dynamic_int8_matmul(x, w_q, s, backend="int_mm")
         assert got.shape == (*shape[:-1], n) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), reference(x, w), rtol=1e-6, atol=1e-6)
         # and close to the float product it approximates
@@ -48,10 +48,37 @@ def test_matmul_equals_the_explicit_formula():
     b = torch.randn(7, generator=g)
     w_q, s = quantize_weight(w := torch.randn(24, 7, generator=g))
     x = torch.randn(4, 24, generator=g)
-    torch.testing.assert_close(linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, x).double(),
+    torch.testing.assert_close(int8_linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, x,
+                                           backend="int_mm").double(),
                                reference(x, w) + b.double(), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="features"):
         int8_linear({"weight_int8": w_q, "weight_scale": s}, torch.randn(4, 23))
+    with pytest.raises(ValueError, match="backend"):
+        dynamic_int8_matmul(x, w_q, s, backend="cuda")
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
+def test_fbgemm_backend_equals_torch_ao_dynamic_linear_on_the_same_int8_weights():
+    """backend='fbgemm' (what 'auto' picks in eager CPU inference) is torch.ao's dynamic Linear."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(48, 20, generator=g), torch.randn(20, generator=g)
+    x = torch.randn(3, 7, 48, generator=g) * 2
+    w_q, s = quantize_weight(w)
+    ref = torch.ao.nn.quantized.dynamic.Linear(48, 20, dtype=torch.qint8)
+    qw = torch.quantize_per_channel(w_q.t().float() * s[:, None], s.double(), torch.zeros(20, dtype=torch.long), 0,
+                                    torch.qint8)
+    assert torch.equal(qw.int_repr(), w_q.t())
+    ref.set_weight_bias(qw, b)
+    with torch.no_grad():
+        want = ref(x)
+        got = linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, x)  # 'auto' -> fbgemm here
+        assert torch.equal(got, int8_linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, x, backend="fbgemm"))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - (x @ w + b)).abs().max() <= 0.05 * (x @ w).abs().max()
+    # with autograd the same call takes the traceable int_mm formula
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, xg).detach().double(),
+                               reference(x, w) + b.double(), rtol=1e-6, atol=1e-6)
 
 
 def hf_classifier(seed=0):
@@ -85,13 +112,22 @@ def test_logits_within_the_stated_tolerance_of_float32_and_of_torch_ao(tmp_path)
         ao = torch.ao.quantization.quantize_dynamic(ref, {torch.nn.Linear}, dtype=torch.qint8)
         ao_logits = ao(input_ids=ids, attention_mask=mask).logits
     q = quantize_int8(params)
-    got = bert_classifier(q, ids, cfg, attention_mask=mask)
     bound = REL_TOL * want.abs().max() + ABS_TOL
-    err, ao_err = (got - want).abs().max(), (ao_logits - want).abs().max()
-    print(f"max |int8 - fp32| = {err:.4f}, torch.ao quantize_dynamic: {ao_err:.4f}, max |fp32| = {want.abs().max():.3f}")
-    assert err <= bound, (err, bound)
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 5 / 6
-    assert (got - want).abs().max() > 0  # the int8 path really ran (it is not the float forward)
+    with torch.no_grad():
+        got = bert_classifier(q, ids, cfg, attention_mask=mask)  # eager: fbgemm where available
+    from fnlm.nn import _dynamic_int8
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():  # the traceable formula (what export runs)
+        mp.setattr(_dynamic_int8, "_fbgemm_ok", lambda x: False)
+        got_int_mm = bert_classifier(q, ids, cfg, attention_mask=mask)
+    assert not torch.equal(got, got_int_mm)
+    for name, z in (("auto", got), ("int_mm", got_int_mm)):
+        err = (z - want).abs().max()
+        print(f"{name}: max |int8 - fp32| = {err:.4f}, torch.ao quantize_dynamic: {(ao_logits - want).abs().max():.4f}, "
+              f"max |fp32| = {want.abs().max():.3f}")
+        assert err <= bound, (name, err, bound)
+        assert (z.argmax(-1) == want.argmax(-1)).float().mean() >= 5 / 6
+        assert err > 0  # the int8 path really ran (it is not the float forward)
 
 
 FRESH = """
@@ -103,7 +139,7 @@ print(json.dumps({"logits": clf.logits(ids, mask).tolist(), "meta": clf.meta}))
 """
 
 
-def test_exported_dynamic_int8_program_equals_the_pure_forward_in_a_fresh_process(tmp_path):
+def test_exported_dynamic_int8_program_equals_the_pure_forward_in_a_fresh_process(tmp_path, monkeypatch):
     words = "a great film awful boring".split()
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
@@ -121,7 +157,11 @@ def test_exported_dynamic_int8_program_equals_the_pure_forward_in_a_fresh_proces
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["meta"]["int8"] is True and out["meta"]["int8_mode"] == "dynamic"
-    want = bert_classifier(quantize_int8(params), ids, cfg, attention_mask=mask)
+    from fnlm.nn import _dynamic_int8
+
+    monkeypatch.setattr(_dynamic_int8, "_fbgemm_ok", lambda x: False)  # eager through the exported kernel
+    with torch.no_grad():
+        want = bert_classifier(quantize_int8(params), ids, cfg, attention_mask=mask)
     torch.testing.assert_close(torch.tensor(out["logits"]), want, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="int8"):
         export_classifier_program(params, cfg, max_len=48, int8="int4")
