@@ -210,17 +210,19 @@ def test_int8_accuracy_on_imdb_within_half_a_point(minilm_dir, imdb_archive):
     labels = torch.tensor(test.labels)
     int8_forward = with_int8_weights(bert_classifier)
     q = quantize_int8(params)
-    preds = {"float32": [], "int8": []}
+    preds = {"float32": [], "int8": [], "dynamic_int8": []}
     with torch.no_grad():
         for batch in make_batches(test_ids, None, 32, [256], shuffle=False, pad_id=tok.pad_id):
             keep = batch["weight"] > 0
             ids, mask = batch["input_ids"][keep], batch["attention_mask"][keep]
             preds["float32"].append(bert_classifier(params, ids, cfg, attention_mask=mask).argmax(-1))
             preds["int8"].append(int8_forward(q, ids, cfg, attention_mask=mask).argmax(-1))
+            preds["dynamic_int8"].append(bert_classifier(q, ids, cfg, attention_mask=mask).argmax(-1))
     acc = {k: float((torch.cat(v) == labels).float().mean()) for k, v in preds.items()}
     print(f"accuracy on 500 test reviews: {acc}")
     assert acc["float32"] > 0.65, acc  # it did learn (measured: 0.708 after this short fine-tune; chance 0.5)
     assert abs(acc["int8"] - acc["float32"]) <= 0.005 + 1e-9, acc
+    assert abs(acc["dynamic_int8"] - acc["float32"]) <= 0.005 + 1e-9, acc  # int8 x int8, fbgemm (fnlm.nn._dynamic_int8)
 
 
 # ----------------------------------------------------------------------------- examples/classify.py

@@ -23,6 +23,16 @@ from fnlm.models._bert import (
     pretraining_loss,
 )
 from fnlm._memory import CONFIG_BOUNDS, ConfigMemoryError
+from fnlm.models._bert_heads import (
+    best_span,
+    decode_span,
+    init_span_head,
+    init_token_classifier,
+    span_logits,
+    span_loss,
+    token_classifier,
+    token_classifier_loss,
+)
 from fnlm.models._export import (
     TamperedPackageError,
     TextClassifier,
@@ -108,6 +118,8 @@ __all__ = [
     "init_roberta_classifier", "load_distilbert", "load_roberta", "roberta", "roberta_classifier",
     "roberta_config_from_hf", "roberta_config_to_hf", "roberta_position_ids", "save_distilbert", "save_roberta",
     "sequence_classifier_loss",
+    "best_span", "decode_span", "init_span_head", "init_token_classifier", "span_logits", "span_loss",
+    "token_classifier", "token_classifier_loss",
     "bert_classifier_packed", "packed_attention_mask", "packed_classifier_loss",
     "TextClassifier", "export_classifier", "export_classifier_program", "load_classifier_package", "text_classifier",
     "TamperedPackageError", "UntrustedPackageError", "package_status", "CONFIG_BOUNDS", "ConfigMemoryError",

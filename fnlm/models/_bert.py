@@ -43,8 +43,10 @@ from fnlm.nn._positional import check_length, init_learned_positional, learned_p
 #: ``hidden_act`` values understood both by fnlm and by Hugging Face's ``ACT2FN``.
 HF_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 #: ``head`` names: a bare encoder, sequence classification, masked language modelling, and
-#: BERT's pretraining heads together (MLM + next-sentence prediction, ``BertForPreTraining``).
-HEADS = ("none", "classifier", "mlm", "pretraining")
+#: BERT's pretraining heads together (MLM + next-sentence prediction, ``BertForPreTraining``), and the
+#: token-level heads of :mod:`fnlm.models._bert_heads` (``BertForTokenClassification``,
+#: ``BertForQuestionAnswering``).
+HEADS = ("none", "classifier", "mlm", "pretraining", "token_classifier", "span")
 
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size", "num_labels")

@@ -31,6 +31,7 @@ from fnlm.io._safetensors import CheckpointError, MissingHeadError, MissingPoole
 from fnlm.models._hf import (owned, unify_dtypes, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
                              weight_files, write_checkpoint)
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
+from fnlm.nn._linear import init_linear
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_bert` when ``tokenizer_dir`` is given.
@@ -46,7 +47,10 @@ _DIM_NAMES = {"V": "vocab_size", "H": "hidden_size", "P": "max_position_embeddin
 
 # ----------------------------------------------------------------------------- config.json
 ARCHITECTURES = {"none": "BertModel", "classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM",
-                 "pretraining": "BertForPreTraining"}
+                 "pretraining": "BertForPreTraining", "token_classifier": "BertForTokenClassification",
+                 "span": "BertForQuestionAnswering"}
+#: Heads whose HF class has no pooler (``add_pooling_layer=False``).
+NO_POOLER_HEADS = ("mlm", "token_classifier", "span")
 
 
 def bert_config_from_hf(d: Mapping[str, Any]) -> BertConfig:
@@ -182,6 +186,16 @@ _NSP = [  # next-sentence prediction (BertForPreTraining): two classes
 ]
 
 
+_TOKEN_CLASSIFIER = [  # BertForTokenClassification: the same HF names as the sequence classifier
+    ("classifier.weight", "token_classifier.weight", "linear", ("C", "H")),
+    ("classifier.bias", "token_classifier.bias", "copy", ("C",)),
+]
+_SPAN = [  # BertForQuestionAnswering: start (row 0) and end (row 1) scores
+    ("qa_outputs.weight", "span.weight", "linear", ("2", "H")),
+    ("qa_outputs.bias", "span.bias", "copy", ("2",)),
+]
+
+
 def param_mapping(cfg: BertConfig, head: str = "none", *, pooler: bool = True) -> list[Entry]:
     """The HF <-> fnlm table for a model (entries in the order of fnlm's init trees)."""
     if head not in HEADS:
@@ -193,7 +207,8 @@ def param_mapping(cfg: BertConfig, head: str = "none", *, pooler: bool = True) -
     if pooler:
         body += _POOLER
     table = [Entry(h, pre + f, k, s, True) for h, f, k, s in body]
-    extra = {"none": [], "classifier": _CLASSIFIER, "mlm": _MLM, "pretraining": _MLM + _NSP}[head]
+    extra = {"none": [], "classifier": _CLASSIFIER, "mlm": _MLM, "pretraining": _MLM + _NSP,
+             "token_classifier": _TOKEN_CLASSIFIER, "span": _SPAN}[head]
     return table + [Entry(h, f, k, s, False) for h, f, k, s in extra]
 
 
@@ -279,10 +294,12 @@ def load_bert(
     ``model.safetensors.index.json``), or one ``.safetensors`` file (config from ``config=`` or a
     ``config.json`` beside it). ``head``: ``'none'`` (tree of :func:`~fnlm.models.bert.init_bert`),
     ``'classifier'`` (:func:`~fnlm.models.bert.init_bert_classifier`), ``'mlm'``
-    (:func:`~fnlm.models.bert.init_bert_mlm`) or ``'pretraining'`` (MLM + NSP,
-    :func:`~fnlm.models.init_bert_pretraining`, ``BertForPreTraining``). Names with or without ``bert.``, legacy LayerNorm
+    (:func:`~fnlm.models.bert.init_bert_mlm`), ``'pretraining'`` (MLM + NSP,
+    :func:`~fnlm.models.init_bert_pretraining`, ``BertForPreTraining``), ``'token_classifier'``
+    (:func:`~fnlm.models.init_token_classifier`, ``BertForTokenClassification``) or ``'span'``
+    (:func:`~fnlm.models.init_span_head`, ``BertForQuestionAnswering``). Names with or without ``bert.``, legacy LayerNorm
     ``gamma``/``beta`` are accepted. ``pooler``: ``None`` = as the HF class for ``head`` (required
-    for ``'none'``/``'classifier'``, not loaded for ``'mlm'``), ``True`` = required, ``False`` =
+    for ``'none'``/``'classifier'``/``'pretraining'``, not loaded for ``'mlm'``/``'token_classifier'``/``'span'``), ``True`` = required, ``False`` =
     not loaded. Entries of other heads (``classifier.*``, ``cls.predictions.*``) and
     :data:`IGNORED_KEYS` are skipped; a tied MLM ``decoder.weight`` must equal the word embeddings.
 
@@ -291,7 +308,7 @@ def load_bert(
     only warn (missing ones are always an error). ``head_key``: a random key that initialises the head
     when the checkpoint has none (e.g. a classifier on a pretrained encoder); without it a missing
     head is an error. ``num_labels`` overrides
-    the config's (classifier). ``dtype``: ``'fp32'``/``'bf16'``/``'fp16'`` casts every tensor.
+    the config's (classifier, token_classifier). ``dtype``: ``'fp32'``/``'bf16'``/``'fp16'`` casts every tensor.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -299,7 +316,7 @@ def load_bert(
     path = Path(path)
     files = weight_files(path)
     cfg, cfg_src = resolve_config(config, path, BertConfig, bert_config_from_hf, read_bert_config)
-    if head == "classifier" and num_labels is not None and num_labels != cfg.num_labels:
+    if head in ("classifier", "token_classifier") and num_labels is not None and num_labels != cfg.num_labels:
         cfg = dataclasses.replace(cfg, num_labels=num_labels, id2label=None)
     where = files[0] if len(files) == 1 else path
 
@@ -307,13 +324,15 @@ def load_bert(
     raw = read_checkpoint(path, files, _canonical, device=str(device))  # canonical name -> (tensor, file, name)
     unify_dtypes(raw, dtype, where)
 
-    want_pooler = head != "mlm" if pooler is None else pooler
+    want_pooler = head not in NO_POOLER_HEADS if pooler is None else pooler
     table = param_mapping(cfg, head, pooler=want_pooler)
     ignored = set(IGNORED_KEYS)
     if not want_pooler:
         ignored |= {h for h, *_ in _POOLER}
-    if head != "classifier":
+    if head not in ("classifier", "token_classifier"):
         ignored |= {h for h, *_ in _CLASSIFIER}
+    if head != "span":
+        ignored |= {h for h, *_ in _SPAN}
     if head != "pretraining":
         ignored |= {h for h, *_ in _NSP}
     if head not in ("mlm", "pretraining"):
@@ -379,14 +398,18 @@ def load_bert(
     if init_head:  # only now: every body shape matched the config, so the head's sizes are the checkpoint's
         params.update({"classifier": lambda: {"classifier": init_classifier_head(head_key, cfg)},
                        "mlm": lambda: {"mlm": init_mlm_head(head_key, cfg)},
-                       "pretraining": lambda: init_pretraining_heads(head_key, cfg)}[head]())
+                       "pretraining": lambda: init_pretraining_heads(head_key, cfg),
+                       "token_classifier": lambda: {"token_classifier": init_classifier_head(head_key, cfg)},
+                       "span": lambda: {"span": init_linear(head_key, cfg.hidden_size, 2,
+                                                            std=float(cfg.initializer_range))}}[head]())
     params = cast(params, dtype=dtype, device=device)
     return params, cfg
 
 
 # ----------------------------------------------------------------------------- save
 def infer_head(params: Params) -> str:
-    """``'classifier'``, ``'mlm'``, ``'pretraining'`` or ``'none'`` from the shape of the tree."""
+    """``'classifier'``, ``'mlm'``, ``'pretraining'``, ``'token_classifier'``, ``'span'`` or ``'none'``
+    from the shape of the tree."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict, got {type(params).__name__}")
     if "bert" in params:
@@ -394,9 +417,13 @@ def infer_head(params: Params) -> str:
             return "pretraining"
         if "classifier" in params:
             return "classifier"
+        if "token_classifier" in params:
+            return "token_classifier"
+        if "span" in params:
+            return "span"
         if "mlm" in params:
             return "mlm"
-        raise ValueError("params have a 'bert' body but neither a 'classifier' nor an 'mlm' head")
+        raise ValueError("params have a 'bert' body but no head ('classifier', 'mlm', 'token_classifier', 'span')")
     if "embeddings" in params and "encoder" in params:
         return "none"
     raise ValueError(f"params are not a BERT tree (top-level keys {sorted(params)})")
@@ -425,8 +452,8 @@ def save_bert(
     if head != found:
         raise ValueError(f"head={head!r} but params hold a {found!r} model")
     body = params if head == "none" else params["bert"]
-    if head == "classifier":
-        n = params["classifier"]["weight"].shape[-1]
+    if head in ("classifier", "token_classifier"):
+        n = params[head]["weight"].shape[-1]
         if n != cfg.num_labels:
             cfg = dataclasses.replace(cfg, num_labels=n, id2label=None)
 

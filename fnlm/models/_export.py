@@ -88,16 +88,34 @@ class _Bound(torch.nn.Module):
         return self._fn(params, input_ids, attention_mask)
 
 
-def _classifier_forward(cfg: BertConfig, *, int8: bool = False,
+INT8_MODES = ("weight", "dynamic")
+
+
+def _int8_mode(int8: bool | str) -> str | None:
+    """``False`` -> None; ``True`` / ``'weight'`` -> weight-only int8; ``'dynamic'`` -> int8 x int8."""
+    if int8 is False or int8 is None:
+        return None
+    if int8 is True:
+        return "weight"
+    if int8 not in INT8_MODES:
+        raise ValueError(f"int8 must be False, True, 'weight' or 'dynamic', got {int8!r}")
+    return int8
+
+
+def _classifier_forward(cfg: BertConfig, *, int8: bool | str = False,
                        dtype: torch.dtype = torch.float32) -> Callable[[Params, Tensor, Tensor], Tensor]:
     """The pure inference forward ``f(params, input_ids, attention_mask) -> float32 logits``
-    (``params`` quantized by :func:`fnlm.nn.quantize_int8` when ``int8``, and in ``dtype``)."""
+    (``params`` quantized by :func:`fnlm.nn.quantize_int8` when ``int8``, and in ``dtype``).
+    ``int8=True``/``'weight'``: weights expanded to float in the graph (:func:`fnlm.nn.with_int8_weights`);
+    ``'dynamic'``: the linear layers multiply int8 x int8 with per-call activation scales
+    (:mod:`fnlm.nn._dynamic_int8`; the forward reads the quantized tree directly)."""
     _check_config(cfg)
+    mode = _int8_mode(int8)
 
     def forward(params: Params, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return bert_classifier(params, input_ids, cfg, attention_mask=attention_mask).float()
 
-    return with_int8_weights(forward, dtype) if int8 else forward
+    return with_int8_weights(forward, dtype) if mode == "weight" else forward
 
 
 def _prepare_params(params: Params, *, int8: bool = False, dtype: torch.dtype = torch.float32) -> Params:
@@ -105,10 +123,10 @@ def _prepare_params(params: Params, *, int8: bool = False, dtype: torch.dtype = 
     if dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     params = cast(params, dtype)
-    return quantize_int8(params) if int8 else params
+    return quantize_int8(params) if _int8_mode(int8) else params
 
 
-def export_classifier_program(params: Params, cfg: BertConfig, *, max_len: int | None = None, int8: bool = False,
+def export_classifier_program(params: Params, cfg: BertConfig, *, max_len: int | None = None, int8: bool | str = False,
                               dtype: torch.dtype = torch.float32) -> torch.export.ExportedProgram:
     """``torch.export`` of :func:`_classifier_forward` with ``params`` bound: inputs ``input_ids``,
     ``attention_mask`` ``[batch, len]`` (int64), dynamic ``1 <= batch``, ``2 <= len <= max_len``
@@ -130,7 +148,7 @@ def export_classifier_program(params: Params, cfg: BertConfig, *, max_len: int |
 
 
 def export_classifier(params: Params, cfg: BertConfig, tokenizer: Any, path: str | Path, *, max_len: int = 512,
-                      truncation: str = "head", head_tokens: int | None = None, int8: bool = False,
+                      truncation: str = "head", head_tokens: int | None = None, int8: bool | str = False,
                       dtype: torch.dtype = torch.float32, form: str = "aoti") -> Path:
     """Write the package directory ``path`` (atomically) and return it.
 
@@ -138,7 +156,8 @@ def export_classifier(params: Params, cfg: BertConfig, tokenizer: Any, path: str
     is needed at export time only; minutes for BERT-base, about one for MiniLM on 2 cores);
     ``'program'``: only the ``ExportedProgram`` (no compile; slower to run). ``tokenizer`` (a
     :class:`fnlm.data.WordPieceTokenizer`), ``max_len``, ``truncation`` and ``head_tokens`` are
-    how texts are encoded at prediction time (use the fine-tuning values).
+    how texts are encoded at prediction time (use the fine-tuning values). ``int8``: ``False``,
+    ``True``/``'weight'`` (weight-only int8) or ``'dynamic'`` (int8 x int8, activation scales per call).
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -160,7 +179,7 @@ def export_classifier(params: Params, cfg: BertConfig, tokenizer: Any, path: str
         meta = {
             "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "form": form, "file": _FILES[form],
             "labels": list(cfg.labels), "max_len": max_len, "truncation": truncation, "head_tokens": head_tokens,
-            "int8": bool(int8), "dtype": dtype_name, "torch": torch.__version__,
+            "int8": bool(_int8_mode(int8)), "int8_mode": _int8_mode(int8), "dtype": dtype_name, "torch": torch.__version__,
             "export_seconds": round(t_export, 1), "compile_seconds": round(time.perf_counter() - t0 - t_export, 1),
             "files": {f.name: _sha256(f.read_bytes()) for f in sorted(tmp.iterdir()) if f.name != "export.json"},
         }

@@ -34,6 +34,7 @@ from fnlm.nn._feedforward import ACTIVATIONS, feed_forward, gelu, gelu_tanh, get
 from fnlm.nn._linear import init_linear, linear
 from fnlm.nn._lora import LoraConfig, init_lora, lora_targets, merge_lora
 from fnlm.nn._remat import remat
+from fnlm.nn._dynamic_int8 import dynamic_int8_matmul, int8_linear
 from fnlm.nn._quantize import dequantize_int8, quantize_int8, quantize_weight, with_int8_weights
 from fnlm.nn._losses import accuracy, cross_entropy
 from fnlm.nn._norm import init_layer_norm, layer_norm, layer_norm_reference
@@ -51,6 +52,7 @@ from fnlm.nn._sublayer import init_stack, sublayer
 
 __all__ = [
     "dequantize_int8", "quantize_int8", "quantize_weight", "with_int8_weights",
+    "dynamic_int8_matmul", "int8_linear",
     "LoraConfig", "lora_targets", "merge_lora", "remat",
     "cache_capacity", "cache_mask", "cache_positions", "cache_slots", "cached_attention", "cached_cross_attention",
     "cross_kv", "decoder_cached", "init_kv_cache",

@@ -17,6 +17,7 @@ from torch import Tensor
 from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import check_broadcast, check_last_dim
+from fnlm.nn._dynamic_int8 import int8_linear, weight_shape
 from fnlm.nn import _dropout
 
 
@@ -188,6 +189,8 @@ def _project(p: dict[str, Tensor], x: Tensor) -> Tensor:
     All heads in one matrix product, with ``W`` viewed as ``[d, n_heads * d_k]``, then split into
     heads.
     """
+    if "weight_int8" in p:  # dynamic int8 (fnlm.nn._dynamic_int8): [..., len, h, k] from the scale's shape
+        return rearrange(int8_linear(p, x), "... l h k -> ... h l k")
     n_heads = p["weight"].shape[1]
     y = x @ rearrange(p["weight"], "d h k -> d (h k)")
     if "bias" in p:
@@ -224,9 +227,9 @@ def multi_head_attention(
     probabilities of the same computation (the reference formula instead of the fused kernel).
     """
     x_kv = x_q if x_kv is None else x_kv
-    n_heads = params["o"]["weight"].shape[0]
-    check_last_dim("attention query input x_q", x_q, params["q"]["weight"].shape[0])
-    check_last_dim("attention key/value input x_kv", x_kv, params["k"]["weight"].shape[0], "d_kv")
+    n_heads = weight_shape(params["o"])[0]
+    check_last_dim("attention query input x_q", x_q, weight_shape(params["q"])[0])
+    check_last_dim("attention key/value input x_kv", x_kv, weight_shape(params["k"])[0], "d_kv")
     if x_q.shape[:-2] != x_kv.shape[:-2]:
         raise ValueError(f"x_q {tuple(x_q.shape)} and x_kv {tuple(x_kv.shape)} have different batch axes")
     batch, len_q, len_k = x_q.shape[:-2], x_q.shape[-2], x_kv.shape[-2]
@@ -254,6 +257,10 @@ def multi_head_attention(
     )
     heads, probs = heads if return_probs else (heads, None)
     # MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O
-    y = rearrange(heads, "... h l k -> ... l (h k)") @ rearrange(params["o"]["weight"], "h k d -> (h k) d")
-    y = y + params["o"]["bias"] if "bias" in params["o"] else y
+    concat = rearrange(heads, "... h l k -> ... l (h k)")
+    if "weight_int8" in params["o"]:
+        y = int8_linear(params["o"], concat)
+    else:
+        y = concat @ rearrange(params["o"]["weight"], "h k d -> (h k) d")
+        y = y + params["o"]["bias"] if "bias" in params["o"] else y
     return (y, probs) if return_probs else y

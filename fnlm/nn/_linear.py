@@ -37,7 +37,12 @@ def init_linear(
 
 
 def linear(params: Params, x: Tensor) -> Tensor:
-    """``y = x W + b``; ``x: [..., d_in] -> y: [..., d_out]``."""
+    """``y = x W + b``; ``x: [..., d_in] -> y: [..., d_out]`` (int8 x int8 when the node holds
+    ``weight_int8``, see :mod:`fnlm.nn._dynamic_int8`)."""
+    if "weight_int8" in params:
+        from fnlm.nn._dynamic_int8 import int8_linear
+
+        return int8_linear(params, x)
     w = params["weight"]
     check_last_dim("linear input", x, w.shape[0], "d_in")
     y = x @ w

@@ -11,11 +11,13 @@ from fnlm.optim._transforms import (
     AdamState,
     EmptyState,
     GradientTransformation,
+    RmspropState,
     ScaleByScheduleState,
     SgdState,
     adam,
     adamw,
     add_decayed_weights,
+    add_l1,
     apply_updates,
     chain,
     clip_by_global_norm,
@@ -23,6 +25,7 @@ from fnlm.optim._transforms import (
     global_norm,
     identity,
     scale,
+    rmsprop,
     scale_by_schedule,
     sgd,
 )
@@ -32,4 +35,5 @@ __all__ = [
     "SgdState", "adam", "adamw", "add_decayed_weights", "apply_updates", "chain", "clip_by_global_norm",
     "LossScaleState", "dynamic_loss_scale", "find_loss_scale", "constant", "cosine", "default_decay_mask", "find_hyperparam", "global_norm", "identity", "inject_hyperparams", "linear_warmup_constant", "linear_warmup_linear_decay", "masked", "multi_transform", "MultiTransformState", "scale",
     "scale_by_schedule", "set_to_zero", "sgd",
+    "RmspropState", "add_l1", "rmsprop",
 ]

@@ -62,6 +62,13 @@ class SgdState(NamedTuple):
     momentum: PyTree  # momentum buffers (zeros tree; EmptyState() when momentum == 0)
 
 
+class RmspropState(NamedTuple):
+    count: Tensor  # int64 [], number of updates done
+    nu: PyTree  # running mean of g^2 (torch's square_avg)
+    mu: PyTree  # running mean of g (torch's grad_avg; EmptyState() unless centered)
+    momentum: PyTree  # momentum buffers (EmptyState() when momentum == 0)
+
+
 class AdamState(NamedTuple):
     count: Tensor  # int64 [], number of updates done
     mu: PyTree  # first moment m
@@ -215,6 +222,20 @@ def add_decayed_weights(weight_decay: float, mask: Mask = None) -> GradientTrans
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
+def add_l1(l1: float, mask: Mask = None) -> GradientTransformation:
+    """``u = g + l1 * sign(p)`` on masked leaves: the (sub)gradient of ``l1 * sum_i |p_i|`` (L1
+    regularisation, sign(0) = 0 as autograd's ``abs``), added to the loss gradient like
+    :func:`add_decayed_weights` adds the L2 term. Chain it before the optimizer."""
+    _check_float("l1", l1, 0.0, math.inf)
+
+    def update(grads, state, params=None):
+        params = _require_params("add_l1", params)
+        sel = _resolve_mask(mask, params)
+        return tree_map(lambda g, p, m: torch.add(g, torch.sign(p), alpha=l1) if m else g, grads, params, sel), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """``g <- g * min(1, max_norm / (||g||_2 + 1e-6))``, exactly ``torch.nn.utils.clip_grad_norm_``.
 
@@ -282,6 +303,65 @@ def sgd(
         lr_t = _lr_at(lr, state.count)
         updates = tree_map(lambda g: g * _as_dtype(-lr_t, g), grads)
         return updates, SgdState(state.count + 1, new_buf)
+
+    return GradientTransformation(init, update)
+
+
+def rmsprop(
+    lr: ScalarOrSchedule,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    centered: bool = False,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """RMSProp as ``torch.optim.RMSprop`` (``foreach=False``)::
+
+        g   <- g + wd * p                                  (coupled weight decay, if wd != 0)
+        v   <- alpha v + (1 - alpha) g^2                   (v starts at 0)
+        m   <- alpha m + (1 - alpha) g                     (centered only; torch.lerp)
+        d    = sqrt(v - m^2) + eps   if centered  else  sqrt(v) + eps
+        buf <- momentum buf + g / d ;  u = -lr * buf       (momentum > 0)
+        u    = -lr * g / d                                 (momentum == 0)
+
+    No bias correction (unlike Adam). As with :func:`sgd`, torch fuses the last step into the
+    parameter (``addcdiv_``/``add_(alpha=)``) while ``p + u`` rounds twice: about an ulp per step.
+    """
+    _check_lr("lr", lr)
+    _check_float("alpha", alpha, 0.0, 1.0)
+    _check_float("eps", eps, 0.0, math.inf)
+    _check_float("momentum", momentum, 0.0, math.inf)
+    _check_float("weight_decay", weight_decay, 0.0, math.inf)
+    use_momentum = momentum > 0
+
+    def init(params: PyTree) -> RmspropState:
+        zeros = lambda: tree_map(torch.zeros_like, params)  # noqa: E731
+        return RmspropState(
+            _zero_count(params),
+            zeros(),
+            zeros() if centered else EmptyState(),
+            zeros() if use_momentum else EmptyState(),
+        )
+
+    def update(grads: PyTree, state: RmspropState, params: PyTree | None = None) -> tuple[PyTree, RmspropState]:
+        if weight_decay != 0:
+            params = _require_params("rmsprop", params)
+            grads = tree_map(lambda g, p: torch.add(g, p, alpha=weight_decay), grads, params)
+        nu = tree_map(lambda v, g: torch.addcmul(v * alpha, g, g, value=1 - alpha), state.nu, grads)
+        mu = state.mu
+        if centered:
+            mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - alpha), state.mu, grads)
+            denom = tree_map(lambda v, m: torch.addcmul(v, m, m, value=-1).sqrt() + eps, nu, mu)
+        else:
+            denom = tree_map(lambda v: v.sqrt() + eps, nu)
+        lr_t = _lr_at(lr, state.count)
+        buf = state.momentum
+        if use_momentum:
+            buf = tree_map(lambda b, g, d: torch.addcdiv(b * momentum, g, d), state.momentum, grads, denom)
+            updates = tree_map(lambda b: b * _as_dtype(-lr_t, b), buf)
+        else:
+            updates = tree_map(lambda g, d: g / d * _as_dtype(-lr_t, g), grads, denom)
+        return updates, RmspropState(state.count + 1, nu, mu, buf)
 
     return GradientTransformation(init, update)
 
