@@ -4,9 +4,11 @@
     python examples/classify.py --model runs/imdb-20250101-120000 --predict "A wonderful, moving film."
     python examples/classify.py --model runs/imdb-20250101-120000 --predict-file reviews.txt
 
-    # accuracy (95% interval), per-class report and the most confident errors on IMDb's test reviews
+    # accuracy (95% interval), per-class report and the most confident errors on IMDb's test reviews,
+    # or on a labelled CSV / JSON Lines file
     python examples/classify.py --model runs/imdb-20250101-120000 --evaluate \\
         --data ../shared/data/aclImdb_v1_labelled.tar.gz --errors errors.tsv
+    python examples/classify.py --model runs/my-run --evaluate --test-file test.csv
 
     # compile the classifier ahead of time into MODEL/export (torch.export + AOTInductor), then use it
     python examples/classify.py --model runs/imdb-20250101-120000 --export bf16
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fnlm.config import ConfigError, check, cli_main, option, parse_config
-from fnlm.data import download_imdb, html_clean, load_imdb, subset
+from fnlm.data import download_imdb, html_clean, load_imdb, read_labelled_file, subset
 from fnlm.metrics import classification_report, wilson_interval
 from fnlm.models import export_classifier, load_classifier_package, load_pretrained, package_status, text_classifier
 from fnlm.train import pick_device, write_errors
@@ -39,7 +41,10 @@ class ClassifyConfig:
     model: Path | None = option(None, "a fine-tuned run directory (or a Hugging Face checkpoint with a classifier)")
     predict: tuple[str, ...] = option((), "classify these texts", metavar="TEXT")
     predict_file: Path | None = option(None, "classify every non-empty line of this UTF-8 file", metavar="FILE")
-    evaluate: bool = option(False, "report accuracy, per-class scores and errors on IMDb's test reviews")
+    evaluate: bool = option(False, "report accuracy, per-class scores and errors on IMDb's test reviews or --test-file")
+    test_file: Path | None = option(None, "with --evaluate: a labelled CSV or JSON Lines file instead of IMDb")
+    text_column: str = option("text", "with --test-file: the column holding the texts")
+    label_column: str = option("label", "with --test-file: the column holding the labels")
     data: Path | None = option(None, "with --evaluate: aclImdb_v1.tar.gz or a folder holding aclImdb/")
     test_size: int = option(1000, "with --evaluate: label-balanced test reviews; 0 = all 25,000")
     seed: int = option(0, "with --evaluate: which test subset (the fine-tuning run's --seed gives its test set)")
@@ -99,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--predict-file {cfg.predict_file}: {e}") from None
         check(bool(texts), "--predict-file {}: no texts (it has no non-empty line)", cfg.predict_file)
-    if cfg.evaluate:
+    if cfg.evaluate and cfg.test_file is not None:  # labels by name: the model's names give the ids
+        texts, names = read_labelled_file(cfg.test_file, text_column=cfg.text_column, label_column=cfg.label_column)
+        model_labels = load_pretrained(cfg.model, head="classifier", max_len=max_len).cfg.labels
+        unknown = sorted(set(names) - set(model_labels))
+        check(not unknown, "--test-file {}: label {!r} is not one of the model's ({})", cfg.test_file,
+              unknown[:1] and unknown[0], ", ".join(model_labels))
+        labels, ids = [model_labels.index(n) for n in names], list(range(1, len(texts) + 1))
+    elif cfg.evaluate:
         test = load_imdb(cfg.data or download_imdb(), "test")
         test = subset(test, cfg.test_size, seed=cfg.seed) if cfg.test_size else test
         texts, labels, ids = test.texts, test.labels, test.ids

