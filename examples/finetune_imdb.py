@@ -313,8 +313,6 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                     if log.get("early_stop"):
                         break
             if log.get("early_stop"):
-                print(f"early stopping at step {step}: no better validation loss in {cfg.early_stopping_patience} "
-                      f"evaluations (the best was at step {log['best']['step']})", flush=True)
                 checkpoint()
                 break
             v = validate(epoch) if ids["val"] else {}
@@ -331,6 +329,10 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
             checkpoint()
             if stop.requested and log["epoch"] <= cfg.epochs:
                 return run.stopped(step, total_steps, stop.requested)
+
+    if log.get("early_stop"):
+        print(f"early stopping at step {step}: no better validation loss in {cfg.early_stopping_patience} "
+              f"evaluations (the best was at step {log['best']['step']})", flush=True)
 
     # 8. The test set, once, on the kept parameters.
     keep_best = cfg.keep == "best" and log["best"] is not None
