@@ -2,10 +2,8 @@
 sentence splitting, packing to max_len; slow: a short `pretrain_mlm.py --nsp` run beats chance."""
 from __future__ import annotations
 
-import json
 
 import pytest
-import torch
 
 from fnlm.data import WordPieceTokenizer, make_batches, nsp_pairs, split_sentences
 
@@ -98,29 +96,3 @@ def test_errors(tok):
         nsp_pairs(tok, [doc(0)], max_len=4)
     with pytest.raises(ValueError, match="two documents"):
         nsp_pairs(tok, [doc(0)], max_len=64)
-
-
-@pytest.mark.slow
-def test_short_nsp_run_beats_chance(imdb_archive, minilm_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "nsp"
-    r = subprocess.run([sys.executable, str(root / "examples" / "pretrain_mlm.py"), "--data", str(imdb_archive),
-                        "--splits", "train", "--nsp", "--train-size", "2000", "--eval-size", "200", "--steps", "150",
-                        "--batch-size", "16", "--max-len", "128", "--eval-every", "150",
-                        "--no-compile", "--out", str(out)], capture_output=True, text=True, timeout=3000, cwd=root,
-                       env={**os.environ, "PYTHONPATH": str(root)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    last = metrics["history"][-1]
-    n = last["nsp_pairs"]
-    # chance is 0.5; 3 standard errors of a fair coin over n pairs above it
-    assert last["nsp_accuracy"] > 0.5 + 3 * (0.25 / n) ** 0.5, last
-    import transformers
-
-    model = transformers.BertForPreTraining.from_pretrained(out)
-    assert model.cls.seq_relationship.weight.shape == (2, model.config.hidden_size)

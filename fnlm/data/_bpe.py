@@ -87,11 +87,11 @@ class BPETokenizer(WordPieceTokenizer):
             return super()._check_args(max_len + 2 + (1 if pair else 0), truncation, head_tokens, pair)
         return super()._check_args(max_len - (1 if pair else 0), truncation, head_tokens, pair)
 
-    def _encode(self, texts, pairs, max_len, truncation, head_tokens):
+    def _encode(self, texts, pairs, max_len, truncation, head_tokens, long_text="truncate"):
         """Unpadded ids (GPT-2: the pieces; RoBERTa: with ``<s>``/``</s>``), truncated to ``max_len``."""
-        texts = _check_texts("texts", texts)
+        texts = _check_texts("texts", texts, long_text)
         if pairs is not None:
-            pairs = _check_texts("pairs", pairs)
+            pairs = _check_texts("pairs", pairs, long_text)
             if len(pairs) != len(texts):
                 raise ValueError(f"pairs has {len(pairs)} texts but texts has {len(texts)}; they must match")
         head_tokens = self._check_args(max_len, truncation, head_tokens, pairs is not None)

@@ -421,7 +421,12 @@ class WordPieceTokenizer:
 def _is_bpe_dir(d: Path) -> bool:
     """A byte-level BPE tokenizer (GPT-2, RoBERTa): ``vocab.json`` or a BPE ``tokenizer.json``."""
     if (d / "tokenizer.json").is_file():
-        return (json.loads((d / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {}).get("type") == "BPE"
+        try:
+            spec = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return False  # not BPE as far as we can tell: the WordPiece loader reports what is wrong with it
+        model = spec.get("model") if isinstance(spec, dict) else None
+        return isinstance(model, dict) and model.get("type") == "BPE"
     return (d / "vocab.json").is_file() and (d / "merges.txt").is_file()
 
 
