@@ -364,14 +364,14 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
 
     # 9. The outputs: the model, the model card, metrics, errors and the plot, written atomically.
     with run.finish(ckpts) as tmp:
-        kept = cast(kept, device="cpu")
-        if lora_cfg is None:
-            save_bert(kept, bert_cfg, tmp, head="classifier", tokenizer_dir=weights)
+        if lora_cfg is None:  # the whole classifier (with --freeze: the frozen parameters too)
+            save_bert(cast(classifier(kept), device="cpu"), bert_cfg, tmp, head="classifier", tokenizer_dir=weights)
         else:  # a peft adapter directory (+ tokenizer); --merge: and RUN/merged, a plain checkpoint
-            save_lora(tmp, kept["lora"], lora_cfg, bert_cfg, head=kept["head"]["classifier"],
+            kept_cpu = cast(kept, device="cpu")
+            save_lora(tmp, kept_cpu["lora"], lora_cfg, bert_cfg, head=kept_cpu["head"]["classifier"],
                       base_model_name_or_path=str(weights), tokenizer_dir=weights)
             if cfg.merge:
-                save_bert(classifier(cast(kept, device=device)), bert_cfg, tmp / "merged", head="classifier",
+                save_bert(cast(classifier(kept), device="cpu"), bert_cfg, tmp / "merged", head="classifier",
                           tokenizer_dir=weights)
         write_json(metrics, tmp / "metrics.json")
         n_wrong = write_errors(tmp / "errors.tsv", probs, y_true, [html_clean(x) for x in data["test"].texts],

@@ -141,6 +141,9 @@ def tokenizer_files(tokenizer_dir: str | os.PathLike | None, names: tuple[str, .
         return []
     d = Path(tokenizer_dir)
     root = Path(os.path.realpath(d))
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        # a huggingface_hub cache snapshot: its files are links to ../../blobs/ of the same repository
+        root = root.parent.parent
     found = []
     for n in names:
         f = d / n
