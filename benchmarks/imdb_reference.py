@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "weights" / "all-MiniLM-L6-v2"  # the example's defaults
 DEFAULT_MAX_LEN = 256
 
-from fnlm.data import (bucket_lengths, choose_buckets, default_val_size, html_clean, load_imdb_splits,  # noqa: E402
-                       load_tokenizer, make_batches, predict_in_order, subset, train_val_split)
+from fnlm.data import (bucket_lengths, choose_buckets, classification_splits, html_clean,  # noqa: E402
+                       load_tokenizer, make_batches, predict_in_order)
 
 SHARED = ["train_size", "test_size", "max_len", "truncation", "buckets", "epochs", "batch_size", "lr",
           "warmup", "weight_decay", "clip", "seed"]
@@ -184,14 +184,9 @@ def run_hf(args, data, ids, tok) -> dict:
 
 
 def split(args) -> dict:
-    """The example's default split (examples/finetune_imdb.py, step 2): train and validation from the
-    training reviews, the test subset from the test reviews."""
-    splits = load_imdb_splits(args.data, ("train", "test"))
-    pool = splits["train"]
-    n_val = default_val_size(args.train_size or len(pool))
-    train_idx, val_idx = train_val_split(pool.labels, args.train_size, n_val, seed=args.seed)
-    test = subset(splits["test"], args.test_size, seed=args.seed) if args.test_size else splits["test"]
-    return {"train": pool.select(train_idx), "val": pool.select(val_idx), "test": test}
+    """The example's default split (examples/finetune_imdb.py, step 1): ``fnlm.data.classification_splits``."""
+    return classification_splits(data=args.data, train_size=args.train_size, test_size=args.test_size,
+                                 seed=args.seed)[0]
 
 
 def run_tfidf(data) -> dict:
