@@ -74,7 +74,7 @@ def load_pretrained(path: str | os.PathLike, *, head: str = "none", num_labels: 
 
 def _check(path: Path, cfg: BertConfig, tokenizer, max_len: int | None) -> None:
     if max_len is not None and max_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_len {max_len} is longer than the model's position table "
+        raise ValueError(f"--max-len {max_len} (max_len) is longer than the model's position table "
                          f"(max_position_embeddings={cfg.max_position_embeddings} in {path / 'config.json'})")
     if tokenizer.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but config.json says "
