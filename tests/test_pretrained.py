@@ -47,7 +47,7 @@ def test_heads_and_fresh_head(dirs):
 
 
 def test_errors(dirs, tmp_path):
-    with pytest.raises(ValueError, match="max_len 33 .*max_position_embeddings=32"):
+    with pytest.raises(ValueError, match="--max-len 33 .*max_position_embeddings=32"):
         load_pretrained(dirs / "cls", head="classifier", max_len=33)
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_pretrained(tmp_path / "nope")
