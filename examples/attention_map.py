@@ -20,7 +20,7 @@ import torch
 
 from fnlm.data import load_tokenizer
 from fnlm.io import CheckpointError, ensure_minilm
-from fnlm.models import bert, load_bert
+from fnlm.models import attention_maps, cls_summary, load_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "weights" / "all-MiniLM-L6-v2"
@@ -43,25 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_len < 2 or args.top < 1:
         ap.error("--max-len must be >= 2 and --top >= 1")
     return args
-
-
-def attention_maps(params, cfg, tokenizer, text: str, max_len: int = 64) -> tuple[list[str], torch.Tensor]:
-    """``(tokens, P)``: the word pieces of ``text`` and the attention probabilities
-    ``P [layers, heads, len, len]`` of every layer (``P[l, h, i, j]``: how much query ``i`` takes from key ``j``)."""
-    b = tokenizer.encode([text], max_len=min(max_len, cfg.max_position_embeddings))
-    with torch.no_grad():
-        _, _, inter = bert(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                           token_type_ids=b["token_type_ids"], output_attentions=True)
-    tokens = [tokenizer.id_to_token(i) for i in b["input_ids"][0].tolist()]
-    return tokens, torch.stack([p[0] for p in inter["attentions"]]).float()
-
-
-def cls_summary(tokens: list[str], probs: torch.Tensor) -> list[tuple[int, str, float]]:
-    """``(position, token, weight)`` of [CLS]'s attention in the last layer, averaged over heads,
-    largest first: ``mean_h P[-1, h, 0, :]`` (sums to 1)."""
-    w = probs[-1, :, 0, :].mean(0)
-    order = torch.argsort(w, descending=True, stable=True).tolist()
-    return [(j, tokens[j], float(w[j])) for j in order]
 
 
 def parse_layers(spec: str | None, n: int) -> list[int]:

@@ -2,8 +2,10 @@
 transformers' own query/key layers on its own hidden states; the PNG is written; the [CLS] summary."""
 from __future__ import annotations
 
-import importlib.util
 import math
+import os
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -15,9 +17,15 @@ pytest.importorskip("matplotlib")
 transformers.logging.set_verbosity_error()
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("attention_map", ROOT / "examples" / "attention_map.py")
-am = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(am)
+SCRIPT = ROOT / "examples" / "attention_map.py"
+
+
+def run(*args):
+    """The script as a user runs it: ``(exit status, stdout, stderr)``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
 TEXT = "the cat sat on the mat because it was tired"
 
 
@@ -52,10 +60,14 @@ def reference_probs(model, input_ids) -> torch.Tensor:
     return torch.stack(maps), torch.stack([a[0] for a in out.attentions])
 
 
-def test_maps_are_the_reference_softmax_and_the_png_is_written(tiny, tmp_path, capsys):
+def test_maps_are_the_reference_softmax_and_the_png_is_written(tiny, tmp_path):
+    from fnlm.data import load_tokenizer
+    from fnlm.models import attention_maps, cls_summary, load_bert
+
     d, model = tiny
-    params, cfg, tok = am.load(d)
-    tokens, probs = am.attention_maps(params, cfg, tok, TEXT)
+    params, cfg = load_bert(d, pooler=False, strict=False)
+    tok = load_tokenizer(d)
+    tokens, probs = attention_maps(params, cfg, tok, TEXT)
     ids = tok.encode([TEXT])["input_ids"]
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and len(tokens) == ids.shape[1]
     ref, hf_attn = reference_probs(model, ids)
@@ -64,15 +76,14 @@ def test_maps_are_the_reference_softmax_and_the_png_is_written(tiny, tmp_path, c
     assert (probs - hf_attn).abs().max() <= 1e-5
     assert ref.max() > 0.5  # the maps are not near-uniform, so the comparison means something
 
-    summary = am.cls_summary(tokens, probs)
+    summary = cls_summary(tokens, probs)
     want = ref[-1, :, 0, :].mean(0)
     assert [j for j, _, _ in summary][0] == int(want.argmax())
     assert all(abs(w - float(want[j])) <= 1e-5 for j, _, w in summary)
     assert abs(sum(w for _, _, w in summary) - 1.0) <= 1e-5
 
     png = tmp_path / "maps" / "att.png"
-    rc = am.main([TEXT, "--weights", str(d), "--out", str(png), "--top", "3"])
-    out, err = capsys.readouterr()
+    rc, out, err = run(TEXT, "--weights", d, "--out", png, "--top", 3)
     assert rc == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
@@ -80,15 +91,15 @@ def test_maps_are_the_reference_softmax_and_the_png_is_written(tiny, tmp_path, c
     img = matplotlib.image.imread(png)
     assert img.shape[0] > 100 and img.shape[1] >= 2 * img.shape[0]  # 2 layers x 4 heads: twice as wide as tall
     assert "where [CLS] attends in the last layer" in out and len(out.splitlines()) == 3 + 3
-    rc = am.main([TEXT, "--weights", str(d), "--out", str(tmp_path / "last.png"), "--layers=-1"])
-    assert rc == 0 and (tmp_path / "last.png").is_file()
+    rc, _, err = run(TEXT, "--weights", d, "--out", tmp_path / "last.png", "--layers=-1")
+    assert rc == 0 and (tmp_path / "last.png").is_file(), err
 
 
-def test_bad_input_is_one_line(tiny, tmp_path, capsys):
+def test_bad_input_is_one_line(tiny, tmp_path):
     d, _ = tiny
-    assert am.main([TEXT, "--weights", str(d), "--out", str(tmp_path / "a.png"), "--layers=7"]) == 2
-    assert am.main([TEXT, "--weights", str(tmp_path), "--out", str(tmp_path / "a.png")]) == 2
-    assert am.main([TEXT, "--weights", str(d), "--out", str(tmp_path / "a.jpg")]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 3 and all(line.startswith("error: ") for line in err.strip().splitlines())
+    for args in (("--weights", d, "--out", tmp_path / "a.png", "--layers=7"),
+                 ("--weights", tmp_path, "--out", tmp_path / "a.png"),
+                 ("--weights", d, "--out", tmp_path / "a.jpg")):
+        rc, _, err = run(TEXT, *args)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert not (tmp_path / "a.png").exists()

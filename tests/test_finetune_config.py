@@ -69,7 +69,8 @@ def test_unwritable_out_is_found_before_loading(tmp_path):
 
 def test_failed_start_leaves_nothing_that_blocks_the_rerun(archive, tmp_path):
     out = tmp_path / "runs" / "x"
-    err = one_error_line(run_script("--data", archive, "--weights", tmp_path / "missing", "--out", out, timeout=120))
+    err = one_error_line(run_script("--data", archive, "--train-size", 0, "--test-size", 0, "--weights",
+                                    tmp_path / "missing", "--out", out, timeout=120))
     assert str(tmp_path / "missing") in err
     assert list((tmp_path / "runs").iterdir()) == []  # neither runs/x nor runs/.x.partial
 

@@ -99,6 +99,7 @@ from fnlm.models._gpt2_hf import gpt2_config_from_hf, gpt2_config_to_hf, load_gp
 from fnlm.models._matvec import input_axes_innermost, matvec_layout, matvec_pass
 from fnlm.models._pooling import COMBINES, POOLINGS, combine_layers, pool, sentence_embedding
 from fnlm.models._embedder import make_embedder
+from fnlm.models._attention_maps import attention_maps, cls_summary
 from fnlm.models._probe import fit_linear_probe, linear_probe_logits
 from fnlm.models._transformer import (
     decode,
@@ -129,7 +130,7 @@ __all__ = [
     "gpt2_config_from_hf", "gpt2_config_to_hf", "gpt2_hidden", "init_gpt2", "init_gpt2_block", "init_gpt2_cache",
     "left_pad", "lm_head", "lm_loss", "load_gpt2", "prefill", "read_gpt2_config", "sample_logits", "save_gpt2",
     "decode_cached", "init_decoder_cache", "input_axes_innermost", "matvec_layout", "matvec_pass",
-    "COMBINES", "POOLINGS", "combine_layers", "pool", "sentence_embedding", "make_embedder",
+    "COMBINES", "POOLINGS", "combine_layers", "pool", "sentence_embedding", "make_embedder", "attention_maps", "cls_summary",
     "fit_linear_probe", "linear_probe_logits",
     "bert_pretraining", "init_bert_pretraining", "init_nsp_head", "init_pretraining_heads", "pretraining_loss",
     "BertConfig", "bert", "bert_classifier", "bert_config_from_hf", "bert_config_to_hf", "bert_embeddings",
