@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fnlm
 from fnlm.data import WordPieceTokenizer
 from fnlm.models import bert_classifier, export_classifier, export_classifier_program, load_bert
 from fnlm.nn import dynamic_int8_matmul, int8_linear, linear, quantize_int8, quantize_weight
