@@ -106,6 +106,7 @@ def test_every_level_equals_one_process_and_holds_a_1_over_n_share(tmp_path):
         assert rep["params_bytes3"] * 2 == 4 * p  # level 3: each worker holds half the parameters
 
 
+@pytest.mark.slow  # two gloo workers for a minute or more
 def test_sharded_checkpoints_move_between_2_and_1_workers(tmp_path):
     check_ok(run_workers("ckpt_save", tmp_path))
     params = init_gpt2(random.key(0), W.CFG)
@@ -153,6 +154,7 @@ def test_a_dead_worker_stops_the_other_with_one_line(tmp_path):
     assert elapsed < timeout + 120  # startup of two interpreters plus at most one timeout
 
 
+@pytest.mark.slow  # two gloo workers for a minute or more
 def test_a_stuck_worker_stops_the_other_after_the_collective_timeout(tmp_path):
     """Worker 1 stays alive but stops calling collectives: worker 0 exits with one line once the
     process group's timeout (10 s here) has passed, instead of waiting for ever."""
