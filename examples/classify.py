@@ -20,6 +20,7 @@ the safetensors weights are used, run by the pure forward (eagerly).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -78,6 +79,15 @@ def training_settings(model: Path) -> dict:
         raise ConfigError(f"{model / 'run_config.json'}: unreadable ({e})") from None
 
 
+def run_label_names(model: Path) -> tuple[str, ...] | None:
+    """The label names a fine-tuning run recorded (its ``metrics.json``), or None."""
+    try:
+        names = json.loads((model / "metrics.json").read_text(encoding="utf-8")).get("label_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tuple(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(ClassifyConfig, argv, description=__doc__.split("\n\n")[0])
     if not cfg.model.is_dir():
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         check(bool(texts), "--predict-file {}: no texts (it has no non-empty line)", cfg.predict_file)
     if cfg.evaluate and cfg.test_file is not None:  # labels by name: the model's names give the ids
         texts, names = read_labelled_file(cfg.test_file, text_column=cfg.text_column, label_column=cfg.label_column)
-        model_labels = load_pretrained(cfg.model, head="classifier", max_len=max_len).cfg.labels
+        model_labels = run_label_names(cfg.model) or load_pretrained(cfg.model, head="classifier",
+                                                                     max_len=max_len).cfg.labels
         unknown = sorted(set(names) - set(model_labels))
         check(not unknown, "--test-file {}: label {!r} is not one of the model's ({})", cfg.test_file,
               unknown[:1] and unknown[0], ", ".join(model_labels))
@@ -129,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: skipped {package} ({why}); using the safetensors weights", file=sys.stderr)
     if clf is None:
         model = load_pretrained(cfg.model, head="classifier", max_len=max_len)
-        clf = text_classifier(cast(model.params, device=device), model.cfg, model.tokenizer, max_len=max_len,
+        names = run_label_names(cfg.model)  # a LoRA run's adapter directory has no config.json with them
+        bert_cfg = dataclasses.replace(model.cfg, id2label=names) if names else model.cfg
+        clf = text_classifier(cast(model.params, device=device), bert_cfg, model.tokenizer, max_len=max_len,
                               truncation=truncation)
         if device.type != "cpu":
             run = clf.run
