@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from fnlm.data._tokenizer import WordPieceTokenizer, _check_texts, _head_tail, _pair_budgets
+from fnlm.data._tokenizer import WordPieceTokenizer, _head_tail, _pair_budgets
 
 GPT2_EOS = "<|endoftext|>"
 ROBERTA_SPECIALS = {"cls": "<s>", "sep": "</s>", "pad": "<pad>", "unk": "<unk>", "mask": "<mask>"}
@@ -89,12 +89,7 @@ class BPETokenizer(WordPieceTokenizer):
 
     def _encode(self, texts, pairs, max_len, truncation, head_tokens, long_text="truncate"):
         """Unpadded ids (GPT-2: the pieces; RoBERTa: with ``<s>``/``</s>``), truncated to ``max_len``."""
-        texts = _check_texts("texts", texts, long_text)
-        if pairs is not None:
-            pairs = _check_texts("pairs", pairs, long_text)
-            if len(pairs) != len(texts):
-                raise ValueError(f"pairs has {len(pairs)} texts but texts has {len(texts)}; they must match")
-        head_tokens = self._check_args(max_len, truncation, head_tokens, pairs is not None)
+        texts, pairs, head_tokens = self._checked_inputs(texts, pairs, max_len, truncation, head_tokens, long_text)
         rob = self.kind == "roberta"
         bos, eos = ([self.cls_id], [self.sep_id]) if rob else ([], [])
         out = []

@@ -316,14 +316,19 @@ class WordPieceTokenizer:
             out[i] = _head_tail_split(ids, head, tail)
         return out
 
-    def _encode(self, texts, pairs, max_len, truncation, head_tokens, long_text="truncate"):
-        """Unpadded ids and token types with special tokens, truncated to ``max_len``."""
+    def _checked_inputs(self, texts, pairs, max_len, truncation, head_tokens, long_text):
+        """``(texts, pairs, head_tokens)`` checked (and capped) as every ``_encode`` needs them."""
         texts = _check_texts("texts", texts, long_text)
         if pairs is not None:
             pairs = _check_texts("pairs", pairs, long_text)
             if len(pairs) != len(texts):
                 raise ValueError(f"pairs has {len(pairs)} texts but texts has {len(texts)}; they must match")
         head_tokens = self._check_args(max_len, truncation, head_tokens, pairs is not None)
+        return texts, pairs, head_tokens
+
+    def _encode(self, texts, pairs, max_len, truncation, head_tokens, long_text="truncate"):
+        """Unpadded ids and token types with special tokens, truncated to ``max_len``."""
+        texts, pairs, head_tokens = self._checked_inputs(texts, pairs, max_len, truncation, head_tokens, long_text)
         cls_id, sep_id = self.cls_id, self.sep_id
         ids_out, types_out = [], []
         if pairs is None:
