@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from fnlm import optim, random
-from fnlm.config import check, cli_main, option, parse_config
+from fnlm.config import check, check_ranges, cli_main, option, parse_config
 from fnlm.data import bucket_lengths, choose_buckets, classification_splits, html_clean, make_batches, predict_in_order
 from fnlm.io import ensure_minilm, resolve_model, write_json
 from fnlm.metrics import classification_report, is_better, loss_and_accuracy, wilson_interval
@@ -72,33 +72,36 @@ class FinetuneConfig:
     text_column: str = option("text", "with --train-file: the column holding the texts")
     label_column: str = option("label", "with --train-file: the column holding the labels (names or integers)")
     weights: Path = option(MINILM, "a Hugging Face BERT checkpoint directory, or a hub id (org/name[@revision])")
-    train_size: int = option(2000, "label-balanced training reviews; 0 = all 25,000 (less validation)")
+    train_size: int = option(2000, "label-balanced training reviews; 0 = all 25,000 (less validation)", ge=0)
     val_size: int | None = option(None, "validation reviews taken from the training split; default: a tenth of "
-                                  "--train-size, at most 1,000; 0 = none")
-    test_size: int = option(1000, "label-balanced test reviews, evaluated once at the end; 0 = all 25,000")
-    max_len: int = option(256, "word pieces per review, [CLS] and [SEP] included")
+                                  "--train-size, at most 1,000; 0 = none", ge=0)
+    test_size: int = option(1000, "label-balanced test reviews, evaluated once at the end; 0 = all 25,000", ge=0)
+    max_len: int = option(256, "word pieces per review, [CLS] and [SEP] included", ge=1)
     truncation: str = option("head+tail", "keep the first --max-len pieces, or the first quarter and the last "
                              "three quarters", choices=("head", "head+tail"))
     buckets: str = option("auto", "padded lengths, each compiled once: a number, or auto (only those that save "
                           "more compute than their compilation costs)")
     # optimisation
-    epochs: int = option(1, "passes over the training reviews")
-    batch_size: int = option(16, "reviews per step")
-    grad_accum: int = option(1, "accumulate the gradients of N batches per update (an N times larger batch)")
+    epochs: int = option(1, "passes over the training reviews", ge=1)
+    batch_size: int = option(16, "reviews per step", ge=1)
+    grad_accum: int = option(1, "accumulate the gradients of N batches per update (an N times larger batch)",
+                           ge=1)
     freeze: str | None = option(None, "comma-separated globs of parameters not to train (e.g. 'embeddings.*')")
-    early_stopping_patience: int = option(0, "stop after this many validations without a better one; 0 = never")
-    lr: float | None = option(None, f"peak learning rate of AdamW; default {FULL_LR:g}, with --lora-rank {LORA_LR:g}")
+    early_stopping_patience: int = option(0, "stop after this many validations without a better one; 0 = never",
+                                         ge=0)
+    lr: float | None = option(None, f"peak learning rate of AdamW; default {FULL_LR:g}, with --lora-rank {LORA_LR:g}",
+                              gt=0)
     schedule: str = option("linear", "after the warm-up: linear decay to 0 at the last step, or constant",
                            choices=("linear", "constant"))
-    warmup: float = option(0.1, "linear warm-up, as a fraction of all steps")
-    weight_decay: float = option(0.01, "AdamW's decoupled weight decay")
-    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
+    warmup: float = option(0.1, "linear warm-up, as a fraction of all steps", ge=0, lt=1)
+    weight_decay: float = option(0.01, "AdamW's decoupled weight decay", ge=0)
+    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping", ge=0)
     seed: int = option(0, "head init, data order and dropout all derive from it")
     dtype: str = option("auto", "bf16/fp16 = autocast with fp32 master weights (fp16 with dynamic loss scaling, for "
                         "GPUs without bf16); auto = bf16 where the device has it", choices=("auto", "fp32", "bf16", "fp16"))
     lora_rank: int = option(0, "train rank-R LoRA adapters (+ the classifier) instead of every weight; 0 = off",
-                            metavar="R")
-    lora_alpha: float | None = option(None, "LoRA scale alpha (updates x alpha/R); default 2R")
+                            metavar="R", ge=0)
+    lora_alpha: float | None = option(None, "LoRA scale alpha (updates x alpha/R); default 2R", gt=0)
     lora_targets: str = option("*.attn.q,*.attn.v", "comma-separated globs over fnlm's linear-map names")
     merge: bool = option(False, "with --lora-rank: also write RUN/merged, the adapters folded into the weights")
     remat: str | None = option(None, "recompute each layer's activations in the backward pass (less memory); "
@@ -110,11 +113,12 @@ class FinetuneConfig:
     deterministic: bool = option(False, "bitwise-reproducible steps (torch's deterministic algorithms)")
     # validation, checkpoints and output
     eval_every: int | None = option(None, "validate every N steps and at each epoch's end; default: twice per "
-                                    "epoch; 0 = at epochs' ends only")
+                                    "epoch; 0 = at epochs' ends only", ge=0)
     keep: str = option("best", "the saved model: the best validation evaluation's parameters (lowest loss, then "
                        "highest accuracy) or the last step's", choices=("best", "last"))
-    save_every: int = option(200, "write a checkpoint every N steps (and at each epoch's end); 0 = epochs' ends")
-    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    save_every: int = option(200, "write a checkpoint every N steps (and at each epoch's end); 0 = epochs' ends",
+                            ge=0)
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", ge=1)
     report_to: str | None = option(None, "also log the scalars for TensorBoard", choices=("tensorboard",))
     out: Path | None = option(None, "run directory (default runs/imdb-<timestamp>)")
     resume: Path | None = option(None, "continue this run: a stopped one from its last checkpoint, a finished "
@@ -122,24 +126,12 @@ class FinetuneConfig:
     overwrite: bool = option(False, "replace an existing --out")
 
     def __post_init__(self):
-        for name in ("train_size", "test_size", "val_size", "eval_every", "save_every"):
-            check(getattr(self, name) is None or getattr(self, name) >= 0, "--{} must be >= 0, got {}",
-                  name.replace("_", "-"), getattr(self, name))
-        for name in ("max_len", "epochs", "batch_size", "keep_checkpoints", "grad_accum"):
-            check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
+        check_ranges(self)
         check(self.buckets == "auto" or (self.buckets.isdigit() and int(self.buckets) >= 1),
               "--buckets must be auto or a number >= 1, got {!r}", self.buckets)
-        check(self.lr is None or self.lr > 0, "--lr must be > 0, got {}", self.lr)
-        check(0 <= self.warmup < 1, "--warmup must be in [0, 1) (a fraction of all steps), got {}", self.warmup)
-        check(self.weight_decay >= 0, "--weight-decay must be >= 0, got {}", self.weight_decay)
-        check(self.clip >= 0, "--clip must be >= 0 (0 = no clipping), got {}", self.clip)
-        check(self.lora_rank >= 0, "--lora-rank must be >= 0 (0 = full fine-tuning), got {}", self.lora_rank)
-        check(self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be > 0, got {}", self.lora_alpha)
         check(self.lora_rank or (self.lora_alpha is None and not self.merge and self.lora_targets ==
                                  "*.attn.q,*.attn.v"), "--lora-alpha, --lora-targets and --merge go with --lora-rank R")
         check(self.remat != "matmuls" or not self.compile, "--remat matmuls runs eagerly only: add --no-compile")
-        check(self.early_stopping_patience >= 0, "--early-stopping-patience must be >= 0, got {}",
-              self.early_stopping_patience)
         check(self.train_file is not None or (self.validation_file is None and self.test_file is None),
               "--validation-file and --test-file go with --train-file")
         check(not (self.freeze and self.lora_rank), "--freeze and --lora-rank: LoRA already freezes the base model")

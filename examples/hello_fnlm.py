@@ -29,7 +29,7 @@ import torch
 import fnlm
 import fnlm.optim as optim
 from fnlm import random
-from fnlm.config import check, cli_main, config_to_dict, option, parse_config
+from fnlm.config import check_ranges, cli_main, config_to_dict, option, parse_config
 from fnlm.io import write_json
 from fnlm.train import Run, model_card
 
@@ -40,26 +40,22 @@ SEQ_LEN = 8
 
 @dataclass(frozen=True)
 class HelloConfig:
-    steps: int = option(500, "training steps (a larger value on --resume trains a run further)")
+    steps: int = option(500, "training steps (a larger value on --resume trains a run further)", ge=1)
     seed: int = option(0, "init, data and dropout all derive from it")
-    batch_size: int = option(64, "sequences per step")
-    lr: float = option(2e-3, "Adam's learning rate")
-    log_every: int | None = option(None, "print the loss every N steps; default: a tenth of --steps")
+    batch_size: int = option(64, "sequences per step", ge=1)
+    lr: float = option(2e-3, "Adam's learning rate", gt=0)
+    log_every: int | None = option(None, "print the loss every N steps; default: a tenth of --steps", ge=1)
     compile: bool = option(True, "compile the step with torch.compile (--no-compile: eager)")
-    min_accuracy: float = option(0.9, "exit 1 if held-out sequence accuracy ends below this")
-    save_every: int = option(100, "write a checkpoint every N steps (and at the last)")
-    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    min_accuracy: float = option(0.9, "exit 1 if held-out sequence accuracy ends below this", ge=0, le=1)
+    save_every: int = option(100, "write a checkpoint every N steps (and at the last)", ge=1)
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", ge=1)
     out: Path | None = option(None, "run directory (default runs/hello-<timestamp>)")
     resume: Path | None = option(None, "continue the run in RUN_DIR from its last checkpoint (a finished one "
                                  "with a larger --steps)", metavar="RUN_DIR")
     overwrite: bool = option(False, "replace an existing --out")
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "save_every", "keep_checkpoints"):
-            check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
-        check(self.log_every is None or self.log_every >= 1, "--log-every must be >= 1, got {}", self.log_every)
-        check(self.lr > 0, "--lr must be > 0, got {}", self.lr)
-        check(0 <= self.min_accuracy <= 1, "--min-accuracy must be in [0, 1], got {}", self.min_accuracy)
+        check_ranges(self)
 
 
 def make_batch(key: random.Key, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from fnlm import optim, random
-from fnlm.config import check, cli_main, config_to_dict, option, parse_config
+from fnlm.config import check, check_ranges, cli_main, config_to_dict, option, parse_config
 from fnlm.data import html_clean, load_imdb_splits
 from fnlm.io import atomic_dir, write_json
 from fnlm.models import GPT2Config, generate, init_gpt2, lm_loss, load_gpt2, save_gpt2
@@ -61,32 +61,32 @@ PROMPTS = ("This movie was", "I have never seen", "The acting in this film", "My
 class GptConfig:
     # data and tokenizer
     data: Path = option(DEFAULT_DATA, "aclImdb_v1 archive or folder (its train split is used)")
-    train_reviews: int = option(0, "training reviews (0 = all but the validation ones)")
-    val_reviews: int = option(1000, "held-out training reviews for validation")
-    val_tokens: int = option(65536, "validation tokens evaluated (at most)")
-    vocab_size: int = option(512, "byte-level BPE vocabulary")
+    train_reviews: int = option(0, "training reviews (0 = all but the validation ones)", ge=0)
+    val_reviews: int = option(1000, "held-out training reviews for validation", ge=1)
+    val_tokens: int = option(65536, "validation tokens evaluated (at most)", ge=1)
+    vocab_size: int = option(512, "byte-level BPE vocabulary", ge=1)
     # model and training
-    n_layer: int = option(4, "Transformer blocks")
-    n_head: int = option(4, "attention heads per block")
-    n_embd: int = option(128, "model width (d_model)")
-    block_size: int = option(128, "context length (n_positions)")
-    batch_size: int = option(16, "windows per step")
-    steps: int = option(6000, "training steps (a larger value on --resume trains a run further)")
-    lr: float = option(2e-3, "peak learning rate (AdamW)")
-    min_lr: float = option(2e-4, "learning rate at the end of the cosine")
-    warmup: int = option(100, "linear warm-up steps")
-    weight_decay: float = option(0.1, "AdamW's decoupled weight decay")
-    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
-    dropout: float = option(0.0, "embedding/residual/attention dropout")
+    n_layer: int = option(4, "Transformer blocks", ge=1)
+    n_head: int = option(4, "attention heads per block", ge=1)
+    n_embd: int = option(128, "model width (d_model)", ge=1)
+    block_size: int = option(128, "context length (n_positions)", ge=1)
+    batch_size: int = option(16, "windows per step", ge=1)
+    steps: int = option(6000, "training steps (a larger value on --resume trains a run further)", ge=1)
+    lr: float = option(2e-3, "peak learning rate (AdamW)", gt=0)
+    min_lr: float = option(2e-4, "learning rate at the end of the cosine", ge=0)
+    warmup: int = option(100, "linear warm-up steps", ge=0)
+    weight_decay: float = option(0.1, "AdamW's decoupled weight decay", ge=0)
+    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping", ge=0)
+    dropout: float = option(0.0, "embedding/residual/attention dropout", ge=0, lt=1)
     seed: int = option(0, "init, batches and dropout all derive from it")
     # how this process runs (a resumed run takes these from its command line)
     compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
     stop_after: int | None = option(None, "stop (with a checkpoint) after this many steps of this session; "
-                                    "--resume continues")
+                                    "--resume continues", ge=1)
     # evaluation, checkpoints and output
-    eval_every: int = option(500, "validation loss every N steps (and at the last)")
-    save_every: int = option(500, "write a checkpoint every N steps (and at the last)")
-    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    eval_every: int = option(500, "validation loss every N steps (and at the last)", ge=1)
+    save_every: int = option(500, "write a checkpoint every N steps (and at the last)", ge=1)
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", ge=1)
     report_to: str | None = option(None, "also log the scalars for TensorBoard", choices=("tensorboard",))
     out: Path | None = option(None, "run directory (default runs/gpt-imdb)")
     resume: Path | None = option(None, "continue this run: a stopped one from its last checkpoint, a finished "
@@ -95,26 +95,15 @@ class GptConfig:
     # generation (also the samples written at the end of training)
     generate: tuple[str, ...] = option((), "sample continuations of these prompts and exit", metavar="PROMPT")
     model: Path | None = option(None, "a run directory or its model/ folder (for --generate)")
-    max_new_tokens: int = option(60, "tokens sampled per prompt (at most)")
-    temperature: float = option(0.8, "softmax temperature; 0 = greedy")
-    top_k: int = option(50, "sample among the k most likely tokens; 0 = all")
-    top_p: float = option(0.95, "sample among the most likely tokens holding this probability (nucleus)")
+    max_new_tokens: int = option(60, "tokens sampled per prompt (at most)", ge=1)
+    temperature: float = option(0.8, "softmax temperature; 0 = greedy", ge=0)
+    top_k: int = option(50, "sample among the k most likely tokens; 0 = all", ge=0)
+    top_p: float = option(0.95, "sample among the most likely tokens holding this probability (nucleus)", gt=0, le=1)
 
     def __post_init__(self):
-        for name in ("val_reviews", "val_tokens", "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
-                     "batch_size", "steps", "eval_every", "save_every", "keep_checkpoints", "max_new_tokens"):
-            check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
-        for name in ("train_reviews", "warmup", "top_k"):
-            check(getattr(self, name) >= 0, "--{} must be >= 0, got {}", name.replace("_", "-"), getattr(self, name))
-        check(self.stop_after is None or self.stop_after >= 1, "--stop-after must be >= 1, got {}", self.stop_after)
+        check_ranges(self)
         check(self.n_embd % self.n_head == 0, "--n-embd {} must be divisible by --n-head {}", self.n_embd, self.n_head)
-        check(self.lr > 0, "--lr must be > 0, got {}", self.lr)
-        check(0 <= self.min_lr <= self.lr, "--min-lr must be in [0, --lr], got {}", self.min_lr)
-        check(self.weight_decay >= 0, "--weight-decay must be >= 0, got {}", self.weight_decay)
-        check(self.clip >= 0, "--clip must be >= 0 (0 = no clipping), got {}", self.clip)
-        check(0 <= self.dropout < 1, "--dropout must be in [0, 1), got {}", self.dropout)
-        check(self.temperature >= 0, "--temperature must be >= 0 (0 = greedy), got {}", self.temperature)
-        check(0 < self.top_p <= 1, "--top-p must be in (0, 1], got {}", self.top_p)
+        check(self.min_lr <= self.lr, "--min-lr must be <= --lr ({}), got {}", self.lr, self.min_lr)
         check(not self.generate or self.model is not None, "--generate needs --model DIR (a run directory written "
               "by this script)")
         check(self.model is None or bool(self.generate), "--model is for --generate")

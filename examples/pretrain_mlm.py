@@ -39,7 +39,7 @@ import torch
 
 import fnlm
 from fnlm import optim, random
-from fnlm.config import check, cli_main, config_to_dict, option, parse_config
+from fnlm.config import check, check_ranges, cli_main, config_to_dict, option, parse_config
 from fnlm.data import bucket_lengths, download_imdb, html_clean, load_imdb_splits, make_batches
 from fnlm.io import MissingHeadError, ensure_minilm, write_json
 from fnlm.models import bert_mlm, load_pretrained, mask_tokens, mlm_loss, save_bert
@@ -57,25 +57,25 @@ class MlmConfig:
     data: Path | None = option(None, "IMDb archive or folder (default: download into ~/.cache/fnlm)")
     splits: str = option("train,unsup", "IMDb text to pretrain on: train and/or unsup (unsup is used when the "
                          "archive has it); the test split is refused")
-    train_size: int = option(0, "use only this many reviews (0 = all)")
-    eval_size: int = option(200, "training reviews held out for the MLM evaluation")
+    train_size: int = option(0, "use only this many reviews (0 = all)", ge=0)
+    eval_size: int = option(200, "training reviews held out for the MLM evaluation", ge=0)
     weights: Path = option(DEFAULT_WEIGHTS, "the BERT checkpoint to continue from")
-    max_len: int = option(128, "word pieces per review ([CLS], [SEP] included)")
+    max_len: int = option(128, "word pieces per review ([CLS], [SEP] included)", ge=1)
     # training
-    steps: int = option(300, "training steps (a larger value on --resume trains a run further)")
-    batch_size: int = option(16, "reviews per step")
-    lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up and decay)")
-    warmup: float = option(0.06, "warm-up, as a fraction of --steps")
-    weight_decay: float = option(0.01, "AdamW's decoupled weight decay")
-    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
-    mask_prob: float = option(0.15, "fraction of the word pieces masked at each step")
+    steps: int = option(300, "training steps (a larger value on --resume trains a run further)", ge=1)
+    batch_size: int = option(16, "reviews per step", ge=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW, linear warm-up and decay)", gt=0)
+    warmup: float = option(0.06, "warm-up, as a fraction of --steps", ge=0, lt=1)
+    weight_decay: float = option(0.01, "AdamW's decoupled weight decay", ge=0)
+    clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping", ge=0)
+    mask_prob: float = option(0.15, "fraction of the word pieces masked at each step", gt=0, lt=1)
     whole_word: bool = option(False, "mask all word pieces of a word together")
     seed: int = option(0, "head init, data order, masks and dropout derive from it")
     compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
     # evaluation, checkpoints and output
-    eval_every: int = option(100, "held-out MLM loss / accuracy every N steps (and at the last)")
-    save_every: int = option(100, "write a checkpoint every N steps (and at the last)")
-    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    eval_every: int = option(100, "held-out MLM loss / accuracy every N steps (and at the last)", ge=1)
+    save_every: int = option(100, "write a checkpoint every N steps (and at the last)", ge=1)
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", ge=1)
     report_to: str | None = option(None, "also log the scalars for TensorBoard", choices=("tensorboard",))
     out: Path | None = option(None, "output directory (default runs/mlm-<timestamp>)")
     resume: Path | None = option(None, "continue this run: a stopped one from its last checkpoint, a finished "
@@ -84,17 +84,10 @@ class MlmConfig:
     # fill-mask
     predict: tuple[str, ...] = option((), "print the top-k fillers of each [MASK] and exit", metavar="TEXT")
     model: Path | None = option(None, "an MLM checkpoint directory for --predict (default --weights)")
-    top_k: int = option(5, "fillers printed per [MASK]")
+    top_k: int = option(5, "fillers printed per [MASK]", ge=1)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "max_len", "eval_every", "save_every", "keep_checkpoints", "top_k"):
-            check(getattr(self, name) >= 1, "--{} must be >= 1, got {}", name.replace("_", "-"), getattr(self, name))
-        for name in ("train_size", "eval_size", "weight_decay"):
-            check(getattr(self, name) >= 0, "--{} must be >= 0, got {}", name.replace("_", "-"), getattr(self, name))
-        check(self.lr > 0, "--lr must be > 0, got {}", self.lr)
-        check(0 <= self.warmup < 1, "--warmup must be in [0, 1) (a fraction of --steps), got {}", self.warmup)
-        check(self.clip >= 0, "--clip must be >= 0 (0 = no clipping), got {}", self.clip)
-        check(0 < self.mask_prob < 1, "--mask-prob must be in (0, 1), got {}", self.mask_prob)
+        check_ranges(self)
         splits = [s.strip() for s in self.splits.split(",") if s.strip()]
         check("test" not in splits, "--splits: refusing to pretrain on the IMDb test split's text (it is the "
               "held-out evaluation set of the fine-tuning that follows); use train and/or unsup")

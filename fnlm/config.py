@@ -4,11 +4,13 @@ A script declares its settings once, each field with its default and a one-line 
 
     @dataclass(frozen=True)
     class Config:
-        lr: float = option(1e-4, "peak learning rate (AdamW)")
-        epochs: int = option(1, "passes over the training set")
+        lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
+        epochs: int = option(1, "passes over the training set", ge=1)
+        warmup: int = option(0, "warm-up steps", ge=0)
 
         def __post_init__(self):
-            check(self.lr > 0, "--lr must be > 0, got {}", self.lr)
+            check_ranges(self)  # every field's gt/ge/lt/le bound
+            check(self.warmup < 10 * self.epochs, "--warmup must be ...")  # checks between fields
 
 and gets its command line from it (:func:`parse_config`): every field is a ``--flag`` with its help
 and default; ``--config FILE`` reads JSON (or TOML) with the command line on top; ``--print-config``
@@ -18,7 +20,8 @@ the library's errors into that one ``error:`` line and an exit status, never a t
 
 Types understood: ``bool`` (``--flag`` / ``--no-flag``), ``int``, ``float``, ``str``, ``pathlib.Path``,
 ``X | None`` of these, and ``tuple[str, ...]`` (one or more values). ``option(..., choices=...)``
-restricts a value to a set.
+restricts a value to a set, ``gt``/``ge``/``lt``/``le`` to a range (``None`` is always allowed for an
+optional field).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ConfigError", "check", "cli_main", "config_diff", "config_to_dict", "config_from_dict", "option",
+__all__ = ["ConfigError", "check", "check_ranges", "cli_main", "config_diff", "config_to_dict", "config_from_dict", "option",
            "parse_config"]
 
 
@@ -42,13 +45,40 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None,
-           const: Any = None) -> Any:
-    """A config field: its ``default``, a one-line ``help`` and, optionally, the allowed ``choices``
-    and ``const``, the value of the flag given without one (``--remat`` = ``--remat nothing``)."""
-    meta = {"help": help, "choices": choices, "metavar": metavar, "const": const}
+           const: Any = None, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           le: float | None = None) -> Any:
+    """A config field: its ``default``, a one-line ``help`` and, optionally, the allowed ``choices``,
+    ``const`` (the value of the flag given without one: ``--remat`` = ``--remat nothing``) and the
+    bounds ``gt < value``, ``ge <= value``, ``value < lt``, ``value <= le`` (checked by :func:`check_ranges`)."""
+    if gt is not None and ge is not None or lt is not None and le is not None:
+        raise TypeError("give at most one lower bound (gt or ge) and one upper bound (lt or le)")
+    meta = {"help": help, "choices": choices, "metavar": metavar, "const": const,
+            "lower": None if gt is None and ge is None else (gt if ge is None else ge, ge is not None),
+            "upper": None if lt is None and le is None else (lt if le is None else le, le is not None)}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default (config fields are immutable)")
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _range_text(lower: tuple | None, upper: tuple | None) -> str:
+    """``'> 0'``, ``'>= 1'``, ``'in [0, 1)'`` for a field's bounds (``(value, inclusive)`` pairs)."""
+    if lower and upper:
+        return f"in {'[' if lower[1] else '('}{lower[0]:g}, {upper[0]:g}{']' if upper[1] else ')'}"
+    if lower:
+        return f"{'>=' if lower[1] else '>'} {lower[0]:g}"
+    return f"{'<=' if upper[1] else '<'} {upper[0]:g}"
+
+
+def check_ranges(cfg) -> None:
+    """Raise :class:`ConfigError` for the first field outside its ``option(gt=, ge=, lt=, le=)`` bounds:
+    ``--lr must be > 0, got -0.0001``. ``None`` (an optional field left unset) is never out of range."""
+    for f in dataclasses.fields(cfg):
+        lower, upper, value = f.metadata.get("lower"), f.metadata.get("upper"), getattr(cfg, f.name)
+        if value is None or (lower is None and upper is None):
+            continue
+        ok = ((lower is None or (value >= lower[0] if lower[1] else value > lower[0]))
+              and (upper is None or (value <= upper[0] if upper[1] else value < upper[0])))
+        check(ok, "{} must be {}, got {}", flag(f.name), _range_text(lower, upper), value)
 
 
 def check(ok: bool, message: str, *values: Any) -> None:

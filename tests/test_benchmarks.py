@@ -18,6 +18,7 @@ def test_benchmark_script_imports_and_has_main(path):
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
 
 
+@pytest.mark.slow  # every stage, tiny sizes, but one cold compile and two gloo workers: minutes on 2 cores
 def test_gpu_check_smoke_mode_runs_every_stage_on_the_cpu(imdb_archive, minilm_dir):
     """benchmarks/gpu_check.py --device cpu: every stage runs and the summary table says so."""
     import subprocess

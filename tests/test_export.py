@@ -185,17 +185,17 @@ def test_aoti_package_in_fresh_process(params, tokenizer, tmp_path):
     check_packages([(path, False)], params, tokenizer)
 
 
-@pytest.mark.slow  # a short MiniLM fine-tune, then 500 test reviews twice: ~9 CPU-minutes (47 min wall on the shared machine)
+@pytest.mark.slow  # a short eager MiniLM fine-tune, then 500 test reviews three ways
 def test_int8_accuracy_on_imdb_within_half_a_point(minilm_dir, imdb_archive):
-    """A briefly fine-tuned MiniLM (600 training reviews, 128 tokens): int8 accuracy on 500 test
-    reviews (256 tokens) within 0.5 points of float32."""
+    """A briefly fine-tuned MiniLM (320 training reviews, 128 tokens): int8 accuracy on 500 test
+    reviews (128 tokens) within 0.5 points of float32."""
     from fnlm import optim
     from fnlm.data import html_clean, load_imdb_splits, make_batches, subset
     from fnlm.models import classifier_loss, load_bert
     from fnlm.train import make_train_step
 
     splits = load_imdb_splits(imdb_archive)
-    train, test = subset(splits["train"], 600, seed=0), subset(splits["test"], 500, seed=0)
+    train, test = subset(splits["train"], 320, seed=0), subset(splits["test"], 500, seed=0)
     params, cfg = load_bert(minilm_dir, head="classifier", num_labels=2, head_key=fnlm.random.key(0))
     tok = load_tokenizer(minilm_dir)
     train_ids = tok.encode_ids([html_clean(t) for t in train.texts], max_len=128)
@@ -206,13 +206,13 @@ def test_int8_accuracy_on_imdb_within_half_a_point(minilm_dir, imdb_archive):
     for i, batch in enumerate(batches):
         params, state, _ = step(params, state, {k: v for k, v in batch.items() if k != "index"}, fnlm.random.key(i))
 
-    test_ids = tok.encode_ids([html_clean(t) for t in test.texts], max_len=256)
+    test_ids = tok.encode_ids([html_clean(t) for t in test.texts], max_len=128)
     labels = torch.tensor(test.labels)
     int8_forward = with_int8_weights(bert_classifier)
     q = quantize_int8(params)
     preds = {"float32": [], "int8": [], "dynamic_int8": []}
     with torch.no_grad():
-        for batch in make_batches(test_ids, None, 32, [256], shuffle=False, pad_id=tok.pad_id):
+        for batch in make_batches(test_ids, None, 32, [128], shuffle=False, pad_id=tok.pad_id):
             keep = batch["weight"] > 0
             ids, mask = batch["input_ids"][keep], batch["attention_mask"][keep]
             preds["float32"].append(bert_classifier(params, ids, cfg, attention_mask=mask).argmax(-1))
@@ -220,7 +220,7 @@ def test_int8_accuracy_on_imdb_within_half_a_point(minilm_dir, imdb_archive):
             preds["dynamic_int8"].append(bert_classifier(q, ids, cfg, attention_mask=mask).argmax(-1))
     acc = {k: float((torch.cat(v) == labels).float().mean()) for k, v in preds.items()}
     print(f"accuracy on 500 test reviews: {acc}")
-    assert acc["float32"] > 0.65, acc  # it did learn (measured: 0.708 after this short fine-tune; chance 0.5)
+    assert acc["float32"] > 0.6, acc  # it did learn (chance 0.5)
     assert abs(acc["int8"] - acc["float32"]) <= 0.005 + 1e-9, acc
     assert abs(acc["dynamic_int8"] - acc["float32"]) <= 0.005 + 1e-9, acc  # int8 x int8, fbgemm (fnlm.nn._dynamic_int8)
 

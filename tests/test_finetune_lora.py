@@ -73,12 +73,13 @@ def test_lora_gets_its_own_default_learning_rate():
 
 
 @pytest.mark.slow
-def test_lora_default_run_learns(imdb_archive, minilm_dir, tmp_path):  # noqa: F811
-    """The default subset (2,000 training reviews, 1,000 test) with --lora-rank 8 and its default
-    lr: measured 0.868, the same as full fine-tuning's 0.869 (README); at least 0.84 here."""
+def test_lora_run_learns(imdb_archive, minilm_dir, tmp_path):  # noqa: F811
+    """--lora-rank 8 with its default lr on 400 training reviews (128 tokens): well above chance on
+    400 test reviews (the default run's accuracy is on the benchmarks page)."""
     out = tmp_path / "lora"
-    proc = run_script("--data", imdb_archive, "--weights", minilm_dir, "--lora-rank", 8, "--out", out, timeout=1500)
+    proc = run_script("--data", imdb_archive, "--weights", minilm_dir, "--lora-rank", 8, "--train-size", 400,
+                      "--test-size", 400, "--max-len", 128, "--out", out, timeout=1500)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test_size"] == 1000 and metrics["train_size"] == 2000 and metrics["lora"]["rank"] == 8
-    assert metrics["final_test_accuracy"] >= 0.84, metrics["evals"]
+    assert metrics["test_size"] == 400 and metrics["train_size"] == 400 and metrics["lora"]["rank"] == 8
+    assert metrics["final_test_accuracy"] >= 0.70, metrics["evals"]
