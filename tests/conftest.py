@@ -57,3 +57,11 @@ def tiny_bert(minilm_dir, tmp_path_factory) -> Path:
         if f.name.startswith(("vocab", "tokenizer", "special")):
             shutil.copy(f, d / f.name)
     return d
+
+
+@pytest.fixture(scope="module")
+def small_archive(tmp_path_factory) -> Path:
+    """A 48-review archive in the official aclImdb layout (tests/helpers.py write_imdb_archive)."""
+    from helpers import write_imdb_archive
+
+    return write_imdb_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_imdb_archive
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fnlm.data import load_tokenizer
 from fnlm.models import load_bert, sentence_embedding
-from test_finetune_imdb import write_imdb_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,8 @@ import time
 
 import pytest
 import torch
+from helpers import ROOT, SCRIPT, popen_example, run_script, write_imdb_archive
 from safetensors.torch import load_file
-
-from test_finetune_imdb import ROOT, SCRIPT, run_script, write_imdb_archive
-from test_resume import popen
 
 # 16 training reviews in batches of 4: 4 steps an epoch on a tiny random BERT, eagerly
 TINY = ("--train-size", 16, "--test-size", 8, "--val-size", 4, "--max-len", 32, "--batch-size", 4,
@@ -141,7 +139,7 @@ def test_metrics_jsonl_grows_while_the_run_goes_and_the_outputs_describe_it(arch
     import yaml
 
     out = tmp_path / "run"
-    p = popen(SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--epochs", 3, "--eval-every", 2,
+    p = popen_example(SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--epochs", 3, "--eval-every", 2,
               "--out", out)
     log = tmp_path / ".run.partial" / "metrics.jsonl"
     t0 = time.time()

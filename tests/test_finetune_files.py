@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import torch
+from helpers import CLASSIFY, ROOT, SCRIPT
 from safetensors.torch import load_file
-
-from test_finetune_imdb import CLASSIFY, ROOT, SCRIPT
 
 # three moods, easy to tell apart by their words
 ROWS = {"happy": ["what a joyful, delightful day", "I loved every sunny minute", "pure happiness and smiles",

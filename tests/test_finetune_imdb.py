@@ -7,70 +7,21 @@ The slow test fine-tunes on 1,000 real reviews and checks the accuracy on 1,000 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLASSIFY, fnlm_logits, run_script
 
-from fnlm.models import bert_classifier, load_bert
 from fnlm.data import load_tokenizer
+from fnlm.models import bert_classifier, load_bert
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "finetune_imdb.py"
-CLASSIFY = ROOT / "examples" / "classify.py"
 MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "metrics.json", "errors.tsv",
                "training.png", "README.md", "metrics.jsonl", "run_config.json", "environment.json")
-
-POS = ["a wonderful, moving film with superb acting", "great fun from start to finish, I loved it",
-       "the best movie I have seen this year<br /><br />ten stars", "brilliant script and a beautiful score",
-       "charming, funny and smart; see it twice", "an excellent cast in a touching story"]
-NEG = ["a dull, boring mess that wastes its cast", "awful acting and a terrible, stupid plot",
-       "the worst film I have seen this year<br /><br />one star", "two hours I will never get back",
-       "lazy writing, ugly sets and no laughs at all", "a tedious, badly edited disappointment"]
-
-
-def run_script(*args: str, timeout: float = 600, script: Path = SCRIPT) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def write_imdb_archive(path: Path, n_per_class: int = 12) -> Path:
-    """An ``aclImdb_v1.tar.gz`` look-alike: ``aclImdb/{train,test}/{pos,neg}/{id}_{rating}.txt``."""
-    root = path.parent / "tree"
-    for split, offset in (("train", 0), ("test", 3)):
-        for sent, texts, rating in (("pos", POS, 8), ("neg", NEG, 2)):
-            d = root / "aclImdb" / split / sent
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n_per_class):
-                text = f"{texts[(i + offset) % len(texts)]}. {texts[(2 * i + 1 + offset) % len(texts)]}."
-                (d / f"{i}_{rating}.txt").write_text(text, encoding="utf-8")
-        (root / "aclImdb" / split / "urls_pos.txt").write_text("http://www.imdb.com/title/tt0000001/\n")
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(root / "aclImdb", arcname="aclImdb")
-    shutil.rmtree(root)
-    return path
-
-
-@pytest.fixture(scope="module")
-def small_archive(tmp_path_factory) -> Path:
-    return write_imdb_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")
-
-
-def fnlm_logits(model_dir: Path, texts: list[str], max_len: int) -> torch.Tensor:
-    params, cfg = load_bert(model_dir, head="classifier")
-    tok = load_tokenizer(model_dir)
-    batch = tok.encode([t.replace("<br />", " ") for t in texts], max_len=max_len, truncation="head+tail")
-    with torch.no_grad():
-        return bert_classifier(params, batch["input_ids"], cfg, attention_mask=batch["attention_mask"],
-                               token_type_ids=batch["token_type_ids"])
 
 
 def check_run_dir(out: Path, texts: list[str], labels: list[int], max_len: int) -> dict:

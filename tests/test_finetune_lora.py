@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from helpers import CLASSIFY, run_script
 
 from fnlm.data import load_imdb, load_tokenizer
 from fnlm.models import bert_classifier, load_bert
-from test_finetune_imdb import CLASSIFY, run_script, small_archive  # noqa: F401  (the fixture)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -5,25 +5,28 @@ on IMDb that beats the add-one bigram baseline."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import tarfile
 import shutil
-import time
+import signal
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 import yaml
+from helpers import (
+    EXAMPLES,
+    corrupt,
+    newest_checkpoint,
+    popen_example,
+    run_example,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from fnlm.models import gpt2, load_gpt2
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "pretrain_gpt.py"
+SCRIPT = EXAMPLES / "pretrain_gpt.py"
 WORDS = ("film movie plot actor scene great bad boring funny story music ending character director camera "
          "love hate watch again never best worst script twist cast").split()
 TEST_ONLY = "zyxwvtestonly"  # appears only in the test split: the tokenizer must never learn it
@@ -32,29 +35,12 @@ TINY = ["--val-reviews", "40", "--val-tokens", "256", "--vocab-size", "300", "--
         "--save-every", "4", "--warmup", "2", "--max-new-tokens", "8", "--no-compile"]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+def run(*args, script: Path = SCRIPT, timeout: float = 600):
+    return run_example(script, *args, timeout=timeout)
 
 
-def run(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def popen(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.communicate()[1][-2000:]}"
-        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
-        time.sleep(0.01)
+def popen(*args):
+    return popen_example(SCRIPT, *args)
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -129,15 +115,23 @@ def test_model_loads_in_transformers_with_the_same_logits(tiny_run):
     assert tok.decode(ids[0]) == "great film, boring plot"
 
 
-def test_sigint_then_resume_is_exact(archive, tmp_path):
+LONGER = [a if a != "10" else "300" for a in TINY]  # 300 steps: time to interrupt after step 4
+
+
+@pytest.fixture(scope="module")
+def long_run(archive, tmp_path_factory) -> Path:
+    """The uninterrupted 300-step run the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("ref") / "gpt"
+    p = run("--data", archive, "--out", out, *LONGER)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_sigint_then_resume_is_exact(archive, long_run, tmp_path):
     """SIGINT mid-run: the step finishes, a checkpoint is written, exit 130 with the resume command;
     --resume then ends bitwise as the uninterrupted run (eager CPU steps are deterministic)."""
-    longer = [a if a != "10" else "300" for a in TINY]  # 300 steps: time to interrupt after step 4
-    ref = tmp_path / "ref"
-    p = run("--data", archive, "--out", ref, *longer)
-    assert p.returncode == 0, p.stderr[-3000:]
     out, ck = tmp_path / "gpt", tmp_path / ".gpt.partial" / "checkpoints"
-    p = popen("--data", archive, "--out", out, *longer)
+    p = popen("--data", archive, "--out", out, *LONGER)
     wait_for(ck / "step-00000004", p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
@@ -147,7 +141,25 @@ def test_sigint_then_resume_is_exact(archive, tmp_path):
     res = run("--resume", out, "--no-compile")
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
     assert not ck.parent.exists()
-    assert_same_run(ref, out)
+    assert_same_run(long_run, out)
+
+
+def test_sigkill_then_corrupted_newest_checkpoint_resume_is_exact(archive, long_run, tmp_path):
+    """SIGKILL after the second checkpoint (no chance to clean up), then the newest checkpoint
+    damaged: --resume warns, falls back to the one before and still ends as the uninterrupted run."""
+    out, ck = tmp_path / "gpt", tmp_path / ".gpt.partial" / "checkpoints"
+    p = popen("--data", archive, "--out", out, *LONGER)
+    wait_for(ck / "step-00000008", p)
+    p.kill()
+    p.communicate()
+    newest = newest_checkpoint(ck)
+    assert not out.exists() and 8 <= int(newest.name[5:]) < 300 and len(list(ck.glob("step-*"))) >= 2
+    corrupt(newest / "tensors.safetensors")
+    res = run("--resume", out, "--no-compile")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    assert f"skipping checkpoint {newest.name}" in res.stderr and "checksum mismatch" in res.stderr
+    assert not ck.parent.exists()
+    assert_same_run(long_run, out)
 
 
 def test_stop_after_then_resume_with_more_steps_extends_the_run(archive, tiny_run, tmp_path):

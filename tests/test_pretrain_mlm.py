@@ -5,18 +5,23 @@ then fine-tune it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    EXAMPLES,
+    ROOT,
+    corrupt,
+    newest_checkpoint,
+    popen_example,
+    run_example,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from fnlm import random
@@ -26,36 +31,18 @@ from fnlm.models import bert_mlm, load_bert
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "pretrain_mlm.py"
+SCRIPT = EXAMPLES / "pretrain_mlm.py"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WORDS = ("the film movie plot actor scene great bad boring funny story music ending character director love hate "
          "watch again never best worst script twist cast").split()
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+def run(*args, script: Path = SCRIPT, timeout: float = 600):
+    return run_example(script, *args, timeout=timeout)
 
 
-def run(*args, script: Path = SCRIPT, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def popen(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.communicate()[1][-2000:]}"
-        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
-        time.sleep(0.01)
+def popen(*args):
+    return popen_example(SCRIPT, *args)
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +123,31 @@ def test_pretrain_then_fill_mask_equals_the_hf_pipeline(tiny_bert, archive, tmp_
         assert abs(float(m[0]) - t["score"]) <= 1e-4  # printed with 4 decimals
 
 
-def test_sigint_then_resume_is_exact(tiny_bert, archive, tmp_path):
+def _long(archive, tiny_bert) -> list:
+    return tiny(archive, tiny_bert, steps=150) + ["--eval-every", 75, "--save-every", 3]
+
+
+@pytest.fixture(scope="module")
+def long_run(tiny_bert, archive, tmp_path_factory) -> Path:
+    """The uninterrupted 150-step run the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("ref") / "mlm"
+    p = run(*_long(archive, tiny_bert), "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ta, tb = (load_file(d / "model.safetensors") for d in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["history"] == mb["history"] and ma["train_loss_per_step"] == mb["train_loss_per_step"]
+
+
+def test_sigint_then_resume_is_exact(tiny_bert, archive, long_run, tmp_path):
     """SIGINT mid-run: a checkpoint, exit 130 and the resume command; a resume with another --lr is
     refused naming it; --resume then ends bitwise as the uninterrupted run (eager CPU steps)."""
-    args = tiny(archive, tiny_bert, steps=150) + ["--eval-every", 75, "--save-every", 3]
-    ref = tmp_path / "ref"
-    p = run(*args, "--out", ref)
-    assert p.returncode == 0, p.stderr[-3000:]
     out, ck = tmp_path / "mlm", tmp_path / ".mlm.partial" / "checkpoints"
-    p = popen(*args, "--out", out)
+    p = popen(*_long(archive, tiny_bert), "--out", out)
     wait_for(ck / "step-00000003", p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
@@ -155,10 +158,25 @@ def test_sigint_then_resume_is_exact(tiny_bert, archive, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("error:") and "--lr differs" in p.stderr, p.stderr
     p = run("--resume", out, "--no-compile")
     assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
-    ta, tb = (load_file(d / "model.safetensors") for d in (ref, out))
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
-    assert ma["history"] == mb["history"] and ma["train_loss_per_step"] == mb["train_loss_per_step"]
+    assert_same_run(long_run, out)
+
+
+def test_sigkill_then_corrupted_newest_checkpoint_resume_is_exact(tiny_bert, archive, long_run, tmp_path):
+    """SIGKILL after the second checkpoint, then the newest checkpoint damaged: --resume warns, falls
+    back to the one before and still ends bitwise as the uninterrupted run."""
+    out, ck = tmp_path / "mlm", tmp_path / ".mlm.partial" / "checkpoints"
+    p = popen(*_long(archive, tiny_bert), "--out", out)
+    wait_for(ck / "step-00000006", p)
+    p.kill()
+    p.communicate()
+    newest = newest_checkpoint(ck)
+    assert not out.exists() and 6 <= int(newest.name[5:]) < 150 and len(list(ck.glob("step-*"))) >= 2
+    corrupt(newest / "tensors.safetensors")
+    p = run("--resume", out, "--no-compile")
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    assert f"skipping checkpoint {newest.name}" in p.stderr and "checksum mismatch" in p.stderr
+    assert not ck.parent.exists()
+    assert_same_run(long_run, out)
 
 
 def test_config_file_plus_a_flag_is_what_print_config_shows_and_the_run_stores(tiny_bert, archive, tmp_path):

@@ -9,18 +9,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace as Namespace
 
 import pytest
 import torch
+from helpers import (
+    ROOT,
+    SCRIPT,
+    corrupt,
+    fnlm_logits,
+    popen_example,
+    run_script,
+    wait_for,
+    write_imdb_archive,
+)
 from safetensors.torch import load_file
 
 from fnlm import optim, random
 from fnlm.train import GracefulStop, ResumeError, RunCheckpoints, digest
-from test_finetune_imdb import ROOT, SCRIPT, fnlm_logits, run_script, write_imdb_archive
 
 
 def _state(seed: int = 0):
@@ -28,12 +36,6 @@ def _state(seed: int = 0):
     params = {"w": random.normal(k1, (3, 4)), "layers": [{"b": random.normal(k2, (4,))}]}
     opt = optim.adamw(1e-3)
     return params, opt.init(params)
-
-
-def _corrupt(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def test_save_restore_keeps_last_k(tmp_path):
@@ -61,7 +63,7 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, damage):
     latest = run.save(params2, opt_state, 2, random.key(2))
     f = latest / "tensors.safetensors"
     if damage == "flip":
-        _corrupt(f)
+        corrupt(f)
     elif damage == "truncate":
         f.write_bytes(f.read_bytes()[:100])
     else:
@@ -75,7 +77,7 @@ def test_no_intact_checkpoint_is_a_clear_error_and_nothing_is_touched(tmp_path):
     params, opt_state = _state()
     run = RunCheckpoints(tmp_path, {}, keep=2)
     for step in (1, 2):
-        _corrupt(run.save(params, opt_state, step, random.key(0)) / "tensors.safetensors")
+        corrupt(run.save(params, opt_state, step, random.key(0)) / "tensors.safetensors")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -139,21 +141,6 @@ SAME = ("confusion_matrix", "evals", "final_test_accuracy", "kept", "per_class",
         "train_loss_per_step")
 
 
-def popen(script: Path, *args) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.communicate()[1][-2000:]}"
-        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
-        time.sleep(0.01)
-
-
 def assert_same_model(a: Path, b: Path) -> None:
     ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -181,7 +168,7 @@ def test_sigint_then_sigkill_then_corrupted_checkpoint_resume_to_the_uninterrupt
         archive, tiny_bert, reference_run, tmp_path):
     out, ck = tmp_path / "run", tmp_path / ".run.partial" / "checkpoints"
     # SIGINT: the step finishes, a checkpoint is written, one line says how to resume
-    p = popen(SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--out", out)
+    p = popen_example(SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--out", out)
     wait_for(ck / "step-00000001", p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
@@ -191,14 +178,14 @@ def test_sigint_then_sigkill_then_corrupted_checkpoint_resume_to_the_uninterrupt
     stopped = int(sorted(ck.glob("step-*"))[-1].name[5:])
     assert 1 <= stopped < 8 and not out.exists()
     # resumed, then SIGKILLed after its next checkpoint: no chance to clean up
-    p = popen(SCRIPT, "--resume", out, "--no-compile")
+    p = popen_example(SCRIPT, "--resume", out, "--no-compile")
     wait_for(ck / f"step-{stopped + 1:08d}", p)
     p.kill()
     p.communicate()
     newest = sorted(ck.glob("step-*"))[-1]
     assert not out.exists() and int(newest.name[5:]) < 8
     # the newest checkpoint corrupted: the previous one is used, with a warning
-    _corrupt(newest / "tensors.safetensors")
+    corrupt(newest / "tensors.safetensors")
     proc = run_script("--resume", out, "--no-compile", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping checkpoint {newest.name}" in proc.stderr and "checksum mismatch" in proc.stderr
@@ -213,7 +200,7 @@ def stopped_run(archive, tiny_bert, tmp_path_factory) -> tuple[Path, Path]:
     data = d / "data.tar.gz"
     shutil.copy(archive, data)
     out = d / "run"
-    p = popen(SCRIPT, "--data", data, "--weights", tiny_bert, *TINY, "--out", out)
+    p = popen_example(SCRIPT, "--data", data, "--weights", tiny_bert, *TINY, "--out", out)
     wait_for(d / ".run.partial" / "checkpoints" / "step-00000001", p)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=300)
@@ -423,7 +410,7 @@ def test_compiled_deterministic_run_killed_and_resumed_is_bitwise_the_same(archi
     ref = run_script("--data", archive, "--weights", tiny_bert, *args, "--out", tmp_path / "ref", timeout=900)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out, ck = tmp_path / "run", tmp_path / ".run.partial" / "checkpoints"
-    p = popen(SCRIPT, "--data", archive, "--weights", tiny_bert, *args, "--out", out)
+    p = popen_example(SCRIPT, "--data", archive, "--weights", tiny_bert, *args, "--out", out)
     wait_for(ck / "step-00000003", p, timeout=900)
     p.kill()
     p.communicate()
