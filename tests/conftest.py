@@ -10,6 +10,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMDB = ROOT.parent / "shared" / "data" / "aclImdb_v1_labelled.tar.gz"
 
+# hypothesis (a test extra's dependency) loads every "hypothesis" entry point at the end of the session;
+# the one trio registers (trio comes with selenium, the browser test's driver) is missing from recent
+# trio releases and would crash pytest after the tests. No test here uses hypothesis' plugins.
+os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
+
 torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
 
 

@@ -132,7 +132,7 @@ def test_logits_within_the_stated_tolerance_of_float32_and_of_torch_ao(tmp_path)
 FRESH = """
 import json, sys, torch
 from fnlm.models import load_classifier_package
-clf = load_classifier_package(sys.argv[1])
+clf = load_classifier_package(sys.argv[1], trust_package=True)  # our own package, just written
 ids, mask = torch.tensor(json.loads(sys.argv[2])), torch.tensor(json.loads(sys.argv[3]))
 print(json.dumps({"logits": clf.logits(ids, mask).tolist(), "meta": clf.meta}))
 """
