@@ -1,6 +1,7 @@
 """A griffe extension for the fnlm site: fnlm's docstrings cite other names with Sphinx roles
 (``:func:`fnlm.nn.linear```, ``:data:`COMPILE_OPTIONS```); on the site these become links to the
 API entry when it exists, plain code otherwise (so a role never breaks the strict build)."""
+
 from __future__ import annotations
 
 import re

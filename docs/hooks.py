@@ -7,6 +7,7 @@
   blocks becomes a link to its API entry (which shows the docstring and the source lines), so the
   Markdown sources stay plain and readable on GitHub while the site links everything.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,8 +27,13 @@ GENERATED = {
     "license.md": "LICENSE",
 }
 # links in those files -> site pages
-LINKS = {"weights/README.md": "weights.md", "LICENSE": "license.md", "CHANGELOG.md": "changelog.md",
-         "SECURITY.md": "security.md", "README.md": "index.md"}
+LINKS = {
+    "weights/README.md": "weights.md",
+    "LICENSE": "license.md",
+    "CHANGELOG.md": "changelog.md",
+    "SECURITY.md": "security.md",
+    "README.md": "index.md",
+}
 
 SUBPACKAGES = ("nn", "models", "optim", "train", "data", "io", "config", "metrics")
 PLAIN_MODULES = ("random", "tree")  # no __all__: their public functions and classes
@@ -36,9 +42,13 @@ PLAIN_MODULES = ("random", "tree")  # no __all__: their public functions and cla
 def public_names_of(module) -> list[str]:
     if hasattr(module, "__all__"):
         return list(module.__all__)
-    return [n for n, o in vars(module).items()
-            if not n.startswith("_") and (inspect.isfunction(o) or inspect.isclass(o))
-            and getattr(o, "__module__", "") == module.__name__]
+    return [
+        n
+        for n, o in vars(module).items()
+        if not n.startswith("_")
+        and (inspect.isfunction(o) or inspect.isclass(o))
+        and getattr(o, "__module__", "") == module.__name__
+    ]
 
 
 @lru_cache(maxsize=1)
@@ -89,7 +99,7 @@ def site_links(markdown: str) -> str:
         text, target = m.group(1), m.group(2)
         path, _, frag = target.partition("#")
         if path.startswith("docs/"):
-            path = path[len("docs/"):]
+            path = path[len("docs/") :]
         path = LINKS.get(path, path)
         return f"[{text}]({path}{'#' + frag if frag else ''})"
 

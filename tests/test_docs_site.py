@@ -11,6 +11,7 @@
 
 Skipped with the reason where mkdocs (the ``docs`` extra) or Chromium is not installed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,10 +46,14 @@ def site(tmp_path_factory) -> Path:
         pytest.skip('mkdocs, mkdocs-material or mkdocstrings not installed: pip install -e ".[docs]"')
     out = tmp_path_factory.mktemp("site")
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f",
-                           str(ROOT / "mkdocs.yml"), "-d", str(out)],
-                          cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"), "-d", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=600,
+    )
     elapsed = time.perf_counter() - t
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     print(f"site built in {elapsed:.1f} s")
@@ -99,8 +104,17 @@ def broken_links(site: Path) -> list[str]:
 
 
 def test_site_builds_strictly_with_every_page(site):
-    for page in ("index.html", "math_to_code.html", "design.html", "examples.html", "benchmarks.html",
-                 "scaling.html", "api/index.html", "api/nn.html", "license.html"):
+    for page in (
+        "index.html",
+        "math_to_code.html",
+        "design.html",
+        "examples.html",
+        "benchmarks.html",
+        "scaling.html",
+        "api/index.html",
+        "api/nn.html",
+        "license.html",
+    ):
         assert (site / page).exists(), page
     assert "img/attention_minilm_last_layer.png" in (site / "examples.html").read_text(encoding="utf-8")
     assert (site / "img" / "finetune_imdb_training.png").exists()
@@ -121,8 +135,9 @@ def test_api_reference_has_every_public_name(site):
     for name in fnlm.__all__:  # each fnlm.X re-export is listed and points at an entry
         if not isinstance(getattr(fnlm, name), type(fnlm)):
             assert names[f"fnlm.{name}"] in ids, name
-    print(f"API entries: {len(documented)} (subpackages' __all__ and fnlm.random/tree); "
-          f"fnlm.__all__: {len(fnlm.__all__)}")
+    print(
+        f"API entries: {len(documented)} (subpackages' __all__ and fnlm.random/tree); fnlm.__all__: {len(fnlm.__all__)}"
+    )
 
 
 def test_every_internal_link_resolves(site):
@@ -131,8 +146,10 @@ def test_every_internal_link_resolves(site):
 
 
 def test_the_link_checker_catches_a_broken_link(tmp_path):
-    (tmp_path / "a.html").write_text('<h1 id="top">a</h1><a href="b.html">b</a><a href="a.html#top">ok</a>'
-                                     '<a href="a.html#nowhere">x</a><a href="https://example.org/">ext</a>')
+    (tmp_path / "a.html").write_text(
+        '<h1 id="top">a</h1><a href="b.html">b</a><a href="a.html#top">ok</a>'
+        '<a href="a.html#nowhere">x</a><a href="https://example.org/">ext</a>'
+    )
     assert broken_links(tmp_path) == ["a.html: b.html", "a.html: a.html#nowhere (no such anchor)"]
 
 
@@ -140,7 +157,9 @@ def test_the_link_checker_catches_a_broken_link(tmp_path):
 
 
 def _chromium() -> tuple[str, str] | None:
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    browser = next(
+        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+    )
     driver = shutil.which("chromedriver")
     return (browser, driver) if browser and driver else None
 
@@ -157,8 +176,14 @@ def browser(site):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = found[0]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1000", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+        "--force-device-scale-factor=1",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=found[1]), options=opts)
     driver.set_page_load_timeout(60)
@@ -200,8 +225,9 @@ def test_every_formula_is_typeset(browser):
     totals = {}
     for page in MATH_PAGES:
         browser.get(browser.base + page)
-        state = _wait(lambda: (s := _typeset(browser))["total"] and s["done"] == s["total"] and s,
-                      what=f"KaTeX on {page}")
+        state = _wait(
+            lambda: (s := _typeset(browser))["total"] and s["done"] == s["total"] and s, what=f"KaTeX on {page}"
+        )
         assert state["errors"] == 0, f"{page}: {state['errors']} formulas KaTeX could not parse"
         text = browser.find_element("tag name", "article").text
         for raw in ("$$", "\\frac", "\\mathrm", "\\sqrt"):
@@ -221,9 +247,10 @@ def test_search_finds_multi_head_attention(browser):
     _wait(box.is_displayed, what="the search box")
     box.click()
     box.send_keys("multi_head_attention")
-    hits = _wait(lambda: [a.get_attribute("href") for a in
-                          browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item a")],
-                 what="search results")
+    hits = _wait(
+        lambda: [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item a")],
+        what="search results",
+    )
     # (search.highlight adds ?h=<query> to each result's address)
     assert any("/api/nn.html" in h and h.endswith("#fnlm.nn.multi_head_attention") for h in hits), hits[:10]
 

@@ -2,6 +2,7 @@
 against it, and a speed, accuracy or run-time figure in the README, a docstring or a ``help=``
 text that is not on that page fails (so a figure cannot go stale in one place while the page moves
 on)."""
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,7 @@ ALLOWLIST = {
 
 
 def normalize(text: str) -> str:
-    return (text.replace("×", "x").replace("–", "-").replace("\u2009", " ").replace("~", "")
-            .replace("**", ""))
+    return text.replace("×", "x").replace("–", "-").replace("\u2009", " ").replace("~", "").replace("**", "")
 
 
 def figures_in(text: str) -> list[str]:
@@ -85,8 +85,10 @@ def test_no_figure_outside_the_benchmarks_page():
         for path in sorted((ROOT / d).rglob("*.py")):
             name = path.relative_to(ROOT).as_posix()
             bad += stale_figures(name, path.read_text(encoding="utf-8"), page, python=True)
-    assert not bad, ("figures that are not on docs/benchmarks.md (move them there and link to the "
-                     f"page, or allowlist a non-figure in {Path(__file__).name}): {bad}")
+    assert not bad, (
+        "figures that are not on docs/benchmarks.md (move them there and link to the "
+        f"page, or allowlist a non-figure in {Path(__file__).name}): {bad}"
+    )
 
 
 def test_the_figure_scanner_catches_a_stale_figure():
