@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
@@ -94,6 +95,70 @@ def link_names(markdown: str) -> str:
     return _outside_code(markdown, lambda t: re.sub(r"(?<!\[)`(fnlm(?:\.\w+)+)`(?!\]|\()", repl, t))
 
 
+TEST = re.compile(r"`(tests/(test_\w+)\.py::(test_\w+))`")
+
+
+def test_anchor(module: str, test: str) -> str:
+    return f"{module}--{test}"
+
+
+def cited_tests() -> list[tuple[str, str, str]]:
+    """(file, module, test) of every test the Markdown pages name, in order of first mention."""
+    seen: dict[str, tuple[str, str, str]] = {}
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for m in TEST.finditer(path.read_text(encoding="utf-8")):
+            seen.setdefault(m.group(1), (f"tests/{m.group(2)}.py", m.group(2), m.group(3)))
+    return list(seen.values())
+
+
+def tests_page() -> str:
+    """The page that shows the source of every test the documentation cites."""
+    out = [
+        "# The tests behind the equations",
+        "",
+        "Each test that [Math to code](math_to_code.md) and the other pages cite, with its source: "
+        "what it compares the function with, and to which tolerance. `tests/test_docs.py` checks that "
+        "every test named in the documentation exists.",
+        "",
+    ]
+    sources: dict[str, tuple[str, ast.Module]] = {}
+    for file, module, test in cited_tests():
+        if file not in sources:
+            text = (ROOT / file).read_text(encoding="utf-8")
+            sources[file] = (text, ast.parse(text))
+        text, tree = sources[file]
+        node = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == test), None)
+        if node is None:
+            continue  # tests/test_docs.py reports it
+        start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+        code = "\n".join(text.splitlines()[start : node.end_lineno])
+        out += [
+            f"## `{module}.py::{test}` {{ #{test_anchor(module, test)} }}",
+            "",
+            f"`{file}`, lines {start + 1}-{node.end_lineno}:",
+            "",
+            "```python",
+            code,
+            "```",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def link_tests(markdown: str) -> str:
+    def repl(m: re.Match) -> str:
+        return f"[`{m.group(1)}`](tests.md#{test_anchor(m.group(2), m.group(3))})"
+
+    return _outside_code(markdown, lambda t: TEST.sub(repl, t))
+
+
+def on_files(files, config):
+    from mkdocs.structure.files import File
+
+    files.append(File.generated(config, "tests.md", content=tests_page()))
+    return files
+
+
 def site_links(markdown: str) -> str:
     def repl(m: re.Match) -> str:
         text, target = m.group(1), m.group(2)
@@ -115,8 +180,8 @@ def on_page_markdown(markdown, page, config, files):
         markdown = site_links(text)
     if src == "api/index.md":
         markdown = _api_index_markdown(markdown)
-    elif not src.startswith("api/"):
-        markdown = link_names(markdown)
+    elif not src.startswith("api/") and src != "tests.md":
+        markdown = link_tests(link_names(markdown))
     return markdown
 
 

@@ -188,8 +188,11 @@ def browser(site):
     driver = webdriver.Chrome(service=Service(executable_path=found[1]), options=opts)
     driver.set_page_load_timeout(60)
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *a, **k: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     driver.base = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -269,6 +272,8 @@ def test_screenshot_of_the_attention_section(browser, tmp_path):
 
     links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "article a")]
     assert any(h.endswith("api/nn.html#fnlm.nn.attention_reference") for h in links)
+    # ... and so is the link from its "Checked by" to the test's source
+    assert any(h.endswith("tests.html#test_attention--test_attention_reference_is_the_literal_formula") for h in links)
 
 
 def test_readme_test_command_is_what_ci_runs():
