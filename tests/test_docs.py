@@ -106,3 +106,15 @@ def test_math_to_code_formulas_are_math_not_code():
     assert not odd, f"lines with an unpaired backtick: {odd}"
     inline = re.findall(r"(?<![$\\])\$(?!\$)[^$\n]+?(?<!\\)\$", prose)
     assert len(inline) > 100 and prose.count("$$") % 2 == 0
+
+
+def test_readme_install_section_matches_pyproject():
+    """The Python and torch versions the README's install section states are pyproject.toml's."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    python = meta["requires-python"].removeprefix(">=")
+    torch_req = next(d for d in meta["dependencies"] if d.startswith("torch"))
+    assert f"Python {python} or newer" in readme and f"`{torch_req}`" in readme
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
