@@ -37,7 +37,7 @@ LINKS = {
 }
 
 SUBPACKAGES = ("nn", "models", "optim", "train", "data", "io", "config", "metrics")
-PLAIN_MODULES = ("random", "tree")  # no __all__: their public functions and classes
+PLAIN_MODULES = ("random", "tree", "train.distributed")  # no __all__: their public functions and classes
 
 
 def public_names_of(module) -> list[str]:
@@ -66,6 +66,9 @@ def api_names() -> dict[str, str]:
             ident = f"fnlm.{sub}.{name}"
             out[ident] = ident
             owner.setdefault(id(getattr(mod, name)), ident)
+    if hasattr(fnlm, "distributed"):  # fnlm.distributed is fnlm.train.distributed
+        for ident in [k for k in out if k.startswith("fnlm.train.distributed.")]:
+            out["fnlm.distributed." + ident.rsplit(".", 1)[1]] = ident
     for name in fnlm.__all__:
         obj = getattr(fnlm, name)
         if inspect.ismodule(obj):
