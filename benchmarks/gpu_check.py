@@ -1,6 +1,6 @@
 """One command that checks fnlm on a GPU machine and prints one summary table.
 
-    python benchmarks/gpu_check.py                   # on a CUDA machine (about 8 minutes on an H100)
+    python benchmarks/gpu_check.py                   # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu      # smoke mode: every stage, tiny sizes, on the CPU
 
 Stages (each in its own process, so one failure does not hide the others):

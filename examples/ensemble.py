@@ -1,6 +1,6 @@
 """Train many models at once: ``vmap`` over stacked params, inside ONE compiled step.
 
-    python examples/ensemble.py            # ~30 s on 2 CPU cores (most of it compilation)
+    python examples/ensemble.py            # most of its time on a CPU is compilation
     python examples/ensemble.py --no-compile
 
 Two uses of the same machinery (:func:`fnlm.train.make_ensemble_step`):

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--no-compile", action="store_true", help="run the forward pass eagerly")
     g.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="fp32: the embeddings sentence-transformers computes (to 1e-5); bf16: matrix products under "
-                   "bf16 autocast, ~2x faster on CPUs with AVX512-BF16/AMX, embeddings within cosine 0.999 of fp32's; "
+                   "bf16 autocast, faster on CPUs with AVX512-BF16/AMX, embeddings close to fp32's (docs/benchmarks.md); "
                    "auto: bf16 where the CPU multiplies bf16 natively")
     g.add_argument("--out", type=Path, help="safetensors file (default: embeddings.safetensors, or "
                    "runs/imdb-embeddings.safetensors with --imdb)")

@@ -1,6 +1,6 @@
 """Per-example gradients with one ``vmap``, and what they are good for.
 
-    python examples/per_example_grads.py            # ~10 s on 2 CPU cores
+    python examples/per_example_grads.py            # seconds on a CPU
     python examples/per_example_grads.py --compile  # compile the DP-SGD step (adds compile time)
 
 1. ``per_example_grads(loss_fn, params, batch)`` = ``vmap(grad(loss_fn), in_dims=(None, 0))``: the

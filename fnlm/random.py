@@ -18,7 +18,7 @@ Compiling code that draws random numbers: each xorshift step of the hash reads i
 then re-traces the chain exponentially (a model with dropout: minutes of compile). Compile with
 :func:`fnlm.compile_fn` (or pass ``options=fnlm.train.COMPILE_OPTIONS`` to ``torch.compile``),
 which tells Inductor to store such chains: the hash then compiles in seconds and still fuses into
-one kernel (wrapping it in an opaque custom op instead was measured ~30x slower at run time).
+one kernel (wrapping it in an opaque custom op instead was measured many times slower at run time).
 """
 from __future__ import annotations
 

@@ -90,3 +90,31 @@ def test_math_to_code_names_a_test_for_every_equation():
         if "$$" in sec and not re.search(r"\*\*Checked by:\*\*.*?`tests/test_\w+\.py::test_\w+`", sec, re.S):
             missing.append(title)
     assert not missing, f"sections without a 'Checked by' test: {missing}"
+
+
+LATEX = re.compile(r"\\[a-zA-Z]+|_\{|\^\{")
+
+
+def test_math_to_code_formulas_are_math_not_code():
+    """Formulas are $...$ / $$...$$ (typeset on the site and on GitHub), not LaTeX inside backticks,
+    and no line has an unpaired backtick (one breaks the rendering of everything after it)."""
+    text = (ROOT / "docs" / "math_to_code.md").read_text(encoding="utf-8")
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    latex_as_code = [s for s in re.findall(r"`([^`\n]+)`", prose) if LATEX.search(s)]
+    assert not latex_as_code, f"LaTeX inside backticks: {latex_as_code}"
+    odd = [i for i, line in enumerate(prose.splitlines(), 1) if line.count("`") % 2]
+    assert not odd, f"lines with an unpaired backtick: {odd}"
+    inline = re.findall(r"(?<![$\\])\$(?!\$)[^$\n]+?(?<!\\)\$", prose)
+    assert len(inline) > 100 and prose.count("$$") % 2 == 0
+
+
+def test_readme_install_section_matches_pyproject():
+    """The Python and torch versions the README's install section states are pyproject.toml's."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    python = meta["requires-python"].removeprefix(">=")
+    torch_req = next(d for d in meta["dependencies"] if d.startswith("torch"))
+    assert f"Python {python} or newer" in readme and f"`{torch_req}`" in readme
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme

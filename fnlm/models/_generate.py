@@ -156,8 +156,8 @@ def generate(
     works), or ``False`` for eager. ``matvec``: decode with Inductor's matrix-vector kernels over a
     copy of the block weights stored input-axis innermost (:mod:`fnlm.models._matvec`; the same
     tokens, faster on a CPU, one more copy of the block weights in memory during the call);
-    ``None`` (default): when one row is decoded on a CPU with Inductor (the 124M GPT-2 decoded
-    1.86x faster on this project's CPU, ``benchmarks/generate.py``). Every argument is checked
+    ``None`` (default): when one row is decoded on a CPU with Inductor (faster for the 124M GPT-2 on
+    this project's CPU: ``docs/benchmarks.md``, ``benchmarks/generate.py``). Every argument is checked
     before any compute.
     """
     _check_sampling(temperature, top_k, top_p)

@@ -14,9 +14,10 @@ streamed them at 32-43 GB/s (a plain read: 46 GB/s). Two pieces make decoding us
   products are left to the BLAS. (Inductor's own ``decompose_mem_bound_mm`` pass rewrites products
   the same way, but on a CPU only when every size is at most 2048, whatever the layout.)
 
-Batches of 2-8 rows are left to the BLAS too: the same rewrite ran 2x faster than MKL for 8 rows
-of one product alone, but inside GPT-2's decode step Inductor fused the products with their
-consumers in an order that re-read the weights per row, and the step ran at half MKL's speed.
+Batches of 2-8 rows are left to the BLAS too: the same rewrite beat MKL for 8 rows of one
+product alone, but inside GPT-2's decode step Inductor fused the products with their
+consumers in an order that re-read the weights per row, and the step ran slower than with MKL's products
+(``docs/benchmarks.md``).
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ The update is the same arithmetic; only its layout changes::
 
 Why: inside a compiled step, AdamW over 105 separate tensors is 105 copies of the same small
 kernel chain that the compiler schedules and fuses one by one; over two vectors it is two. The
-MiniLM step's cold compile on a 2-core CPU went from 69.7 s to 53.4 s (``benchmarks/train_step.py``
-``compiled-flat``, empty Inductor cache). The price is a concatenation of the gradients (and, for weight decay, the
-parameters) at every step: 0.87-0.94x the tree step's throughput there, so it pays for short runs
+MiniLM step's cold compile on a 2-core CPU got shorter (``benchmarks/train_step.py``
+``compiled-flat``, empty Inductor cache; figures in ``docs/benchmarks.md``). The price is a concatenation of the gradients (and, for weight decay, the
+parameters) at every step, which lowered the step's throughput there, so it pays for short runs
 only. The optimizer state holds the vectors (``mu``/``nu`` as ``{'weight': [n_w], 'other': [n_o]}``).
 
 Groups are by the leaf's last name component, so that masks keep their meaning: the leaves named

@@ -3,8 +3,8 @@
 bf16 autocast (float32 master weights, float32 loss and optimizer; :func:`fnlm.train.make_train_step`'s
 ``autocast_dtype``) is worth it only where the hardware multiplies bf16 natively: NVIDIA GPUs from
 Ampere on, and CPUs with AVX512-BF16 or AMX-BF16. On this project's 2-core AMD EPYC (AVX512-BF16)
-a 2048² matmul ran ~2.3x faster in bf16 than in float32 and the compiled MiniLM step ~1.7x, at the
-same IMDb accuracy (README); on a CPU without those instructions bf16 is emulated and slower.
+matmuls and the compiled MiniLM step ran faster in bf16 than in float32, at the same IMDb
+accuracy (``docs/benchmarks.md``); on a CPU without those instructions bf16 is emulated and slower.
 """
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ flatten order), **aux}``.
   ``realize_opcount_threshold`` so that such chains are stored instead (compile in seconds; the
   hash still fuses into one kernel). They also cap Inductor's fusion search: a buffer read by many
   kernels (the clip factor, the step count: every optimizer update reads them) made it try up to 64
-  pairings per kernel; 4 cut the cold compile of the MiniLM step from 89 s to 76 s here with the
-  same step time (empty cache, one process per setting; README, "bf16 and the cold compile").
+  pairings per kernel; 4 shortened the cold compile of the MiniLM step here with the
+  same step time (empty cache, one process per setting; ``docs/benchmarks.md``, "Cold compile").
   :func:`compile_fn` applies them; use it for your own code too.
 """
 from __future__ import annotations
@@ -356,8 +356,8 @@ def make_train_step(
     pytree all-reduce, e.g. :func:`fnlm.distributed.all_reduce_mean`. ``deterministic=True``:
     compile and run under ``torch.use_deterministic_algorithms(True, warn_only=True)``, so that
     the same inputs give bitwise the same result every time (Inductor otherwise sums repeated
-    token ids' embedding gradients with parallel atomic adds). Its steps measured 0–15% slower
-    on CPU here, and it bypasses Inductor's compile cache (every run compiles). ``seed_global_rng=True``:
+    token ids' embedding gradients with parallel atomic adds). Its steps measured slower on CPU
+    here (``docs/benchmarks.md``), and it bypasses Inductor's compile cache (every run compiles). ``seed_global_rng=True``:
     every call seeds torch's global generator from the key (:func:`fnlm.random.seed_of`, outside the
     compiled graph) and restores it afterwards, for kernels that draw from it: fused attention
     dropout (``fused_attention_dropout=True`` in the model's config). See the module docstring.
