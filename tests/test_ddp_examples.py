@@ -1,0 +1,228 @@
+"""The main job on N workers: ``torchrun --nproc_per_node=2 examples/finetune_imdb.py`` (and
+``pretrain_gpt.py``) on two gloo CPU processes, run as a user runs them, against the single-process run
+with the same global batch.
+
+What "the same" means here: the two runs compute the same global-batch loss and gradient in exact
+arithmetic; in float32 the worker's partial sums and the all-reduce add in another order, so the final
+parameters agree within float rounding (the tests allow 2e-6 absolute after a few AdamW steps; measured
+<= 1e-6 here), not bitwise. Evaluations are split by whole batches and gathered, so validation and test
+figures are computed on the very same batches: compared exactly where they depend only on the model's
+argmax (accuracies) and within rounding where they are the model's floats. The BERT here has dropout 0:
+with dropout every worker draws its own masks (``fold_in(key, rank)``), which are not the single
+process's.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import EXAMPLES, ROOT, SCRIPT, example_env, popen_example, run_example, wait_for, write_imdb_archive
+from safetensors.torch import load_file
+
+GPT = EXAMPLES / "pretrain_gpt.py"
+# 22 training reviews (2 of the 24 validate) in batches of 4: the last batch holds 2 real rows and 2 padding
+# rows (weight 0), so worker 1 of 2 gets a shard that weighs nothing (the scaled loss must still be exact)
+FT = ["--train-size", "0", "--test-size", "0", "--max-len", "32", "--batch-size", "4", "--epochs", "3",
+      "--eval-every", "0", "--save-every", "1", "--buckets", "1", "--no-compile"]
+GPT_TINY = ["--val-reviews", "40", "--val-tokens", "256", "--vocab-size", "300", "--n-layer", "1", "--n-head", "2",
+            "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--steps", "10", "--eval-every", "5",
+            "--save-every", "4", "--warmup", "2", "--max-new-tokens", "8", "--no-compile"]
+ATOL = 2e-6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(script: Path, *args, n: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
+            str(script), *map(str, args)]
+
+
+def torchrun(script: Path, *args, n: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(script, *args, n=n), cwd=ROOT, env=example_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def popen_torchrun(script: Path, *args, n: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_cmd(script, *args, n=n), cwd=ROOT, env=example_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def assert_same_model(a: Path, b: Path, atol: float = ATOL) -> None:
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def assert_same_finetune(a: Path, b: Path) -> None:
+    """The same model (within rounding), the same per-step losses, evaluations and test results."""
+    assert_same_model(a, b)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["steps"] == mb["steps"]
+    torch.testing.assert_close(torch.tensor(ma["train_loss_per_step"]), torch.tensor(mb["train_loss_per_step"]),
+                               atol=1e-5, rtol=0)
+    assert [e["val_accuracy"] for e in ma["evals"]] == [e["val_accuracy"] for e in mb["evals"]]
+    assert ma["final_test_accuracy"] == mb["final_test_accuracy"]
+    assert ma["confusion_matrix"] == mb["confusion_matrix"]
+    assert ma["test_loss"] == pytest.approx(mb["test_loss"], abs=1e-5)
+    lines = [json.loads(ln) for ln in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, mb["steps"] + 1))  # one log, rank 0's
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return write_imdb_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_v1.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_bert, tmp_path_factory) -> Path:
+    """The 2-layer random BERT with dropout 0 (see the module docstring)."""
+    d = tmp_path_factory.mktemp("bert") / "bert"
+    shutil.copytree(tiny_bert, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def one_worker(archive, bert, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    p = run_example(SCRIPT, "--data", archive, "--weights", bert, "--out", out, *FT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_two_workers_equal_one(archive, bert, one_worker, tmp_path):
+    out = tmp_path / "run"
+    t = time.time()
+    p = torchrun(SCRIPT, "--data", archive, "--weights", bert, "--out", out, *FT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    print(f"2 workers: {time.time() - t:.0f}s")
+    assert p.stdout.count("test accuracy") == 1  # one log: rank 0's
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["run"]  # nothing else written, nothing left over
+    assert_same_finetune(one_worker, out)
+
+
+def stop_with_sigint(proc: subprocess.Popen, checkpoints: Path) -> str:
+    wait_for(checkpoints / "step-00000002", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-2000:]
+    steps = sorted(checkpoints.glob("step-*"))
+    assert steps and 2 <= int(steps[-1].name[5:]) < 18, err[-2000:]
+    return err
+
+
+def test_two_workers_stopped_then_resumed_on_one(archive, bert, one_worker, tmp_path):
+    """SIGINT to the torchrun launcher: it forwards it to both workers, they agree on the step, rank 0
+    writes one checkpoint and the resume command; one process then finishes the run."""
+    out, ck = tmp_path / "run", tmp_path / ".run.partial" / "checkpoints"
+    err = stop_with_sigint(popen_torchrun(SCRIPT, "--data", archive, "--weights", bert, "--out", out, *FT), ck)
+    assert f"resume with: torchrun --nproc_per_node=2 {SCRIPT} --resume {out}" in err, err[-2000:]
+    assert err.count("resume with:") == 1 and "Error waiting" not in err
+    res = run_example(SCRIPT, "--resume", out, "--no-compile")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    assert_same_finetune(one_worker, out)
+
+
+def test_one_worker_stopped_then_resumed_on_two(archive, bert, one_worker, tmp_path):
+    out, ck = tmp_path / "run", tmp_path / ".run.partial" / "checkpoints"
+    err = stop_with_sigint(popen_example(SCRIPT, "--data", archive, "--weights", bert, "--out", out, *FT), ck)
+    assert err.strip().splitlines()[-1].endswith(f"--resume {out} --no-compile")
+    res = torchrun(SCRIPT, "--resume", out, "--no-compile")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    assert not ck.parent.exists()
+    assert_same_finetune(one_worker, out)
+
+
+@pytest.mark.parametrize("script", [SCRIPT, GPT], ids=["finetune_imdb", "pretrain_gpt"])
+def test_batch_size_not_divisible_is_one_line_before_loading(script, tmp_path):
+    out = tmp_path / "run"
+    p = torchrun(script, "--data", tmp_path / "missing.tar.gz", "--batch-size", "5", "--out", out, "--no-compile")
+    assert p.returncode != 0
+    ours = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert ours == ["error: --batch-size 5 must be divisible by the number of workers (2): each worker takes an "
+                    "equal share of every batch"], p.stderr[-3000:]
+    assert "missing.tar.gz" not in p.stderr  # before the data is looked at
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.fixture(scope="module")
+def gpt_archive(tmp_path_factory) -> Path:
+    """300 training reviews of word salad (the pretrain_gpt tests' kind of data)."""
+    import tarfile
+
+    words = ("film movie plot actor scene great bad boring funny story music ending character director camera "
+             "love hate watch again never best worst script twist cast").split()
+    base = tmp_path_factory.mktemp("gpt_imdb")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 150), ("test", 10)):
+        for sent, rating in (("pos", 8), ("neg", 2)):
+            d = base / "aclImdb" / split / sent
+            d.mkdir(parents=True)
+            for i in range(n):
+                idx = torch.randint(0, len(words), (12,), generator=g).tolist()
+                (d / f"{i}_{rating}.txt").write_text(" ".join(words[j] for j in idx) + ".")
+    path = base / "aclImdb_v1.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(base / "aclImdb", arcname="aclImdb")
+    shutil.rmtree(base / "aclImdb")
+    return path
+
+
+def assert_same_gpt(a: Path, b: Path, atol: float = ATOL) -> None:
+    assert_same_model(a / "model", b / "model", atol)
+    assert (a / "tokenizer" / "tokenizer.json").read_text() == (b / "tokenizer" / "tokenizer.json").read_text()
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in ma["history"]]),
+                               torch.tensor([h["loss"] for h in mb["history"]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor([e["val_loss"] for e in ma["evals"]]),
+                               torch.tensor([e["val_loss"] for e in mb["evals"]]), atol=1e-5, rtol=0)
+
+
+def test_pretrain_gpt_two_workers_equal_one_and_resume_across_worker_counts(gpt_archive, tmp_path):
+    """2 workers == 1 worker; a 2-worker run stopped by --stop-after and resumed on 1 worker too."""
+    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    p = run_example(GPT, "--data", gpt_archive, "--out", one, *GPT_TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(GPT, "--data", gpt_archive, "--out", two, *GPT_TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_gpt(one, two)
+    p = torchrun(GPT, "--data", gpt_archive, "--out", mixed, "--stop-after", "6", *GPT_TINY)
+    assert p.returncode == 0 and p.stderr.count("resume with:") == 1, p.stderr[-3000:]
+    p = run_example(GPT, "--resume", mixed, "--no-compile")
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    assert_same_gpt(one, mixed)
+
+
+@pytest.mark.slow
+def test_compiled_two_workers_equal_one(archive, bert, gpt_archive, tmp_path):
+    """The compiled steps (the all-reduce inside the graph): 2 workers == 1 worker, both scripts."""
+    ft = [a for a in FT if a != "--no-compile"] + ["--epochs", "1"]
+    runs = {}
+    for name, n in (("one", 1), ("two", 2)):
+        out = tmp_path / f"ft-{name}"
+        p = torchrun(SCRIPT, "--data", archive, "--weights", bert, "--out", out, *ft, n=n)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = out
+    assert_same_finetune(runs["one"], runs["two"])
+    gpt = [a for a in GPT_TINY if a != "--no-compile"]
+    for name, n in (("one", 1), ("two", 2)):
+        out = tmp_path / f"gpt-{name}"
+        p = torchrun(GPT, "--data", gpt_archive, "--out", out, *gpt, n=n)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = out
+    assert_same_gpt(runs["one"], runs["two"], atol=1e-5)
