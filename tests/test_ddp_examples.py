@@ -14,6 +14,7 @@ process's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -59,11 +60,28 @@ def popen_torchrun(script: Path, *args, n: int = 2) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def key_bias(name: str, x: torch.Tensor) -> slice | None:
+    """The attention key bias inside a saved tensor (BERT's ``attention.self.key.bias``, the middle third
+    of GPT-2's fused ``attn.c_attn.bias``), else None. Its gradient is exactly 0 in exact arithmetic
+    (softmax ignores a constant added to all of a query's scores), so AdamW turns float rounding noise
+    into steps of about the learning rate: those elements differ between any two summation orders,
+    data parallel or not, and are left out of the comparison."""
+    if name.endswith("attention.self.key.bias"):
+        return slice(None)
+    if name.endswith("attn.c_attn.bias"):
+        d = x.shape[0] // 3
+        return slice(d, 2 * d)
+    return None
+
+
 def assert_same_model(a: Path, b: Path, atol: float = ATOL) -> None:
     ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert ta.keys() == tb.keys()
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+        x, y = ta[k].clone(), tb[k].clone()
+        if (kb := key_bias(k, x)) is not None:
+            x[kb] = y[kb] = 0.0
+        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 def assert_same_finetune(a: Path, b: Path) -> None:
@@ -193,19 +211,53 @@ def assert_same_gpt(a: Path, b: Path, atol: float = ATOL) -> None:
                                torch.tensor([e["val_loss"] for e in mb["evals"]]), atol=1e-5, rtol=0)
 
 
-def test_pretrain_gpt_two_workers_equal_one_and_resume_across_worker_counts(gpt_archive, tmp_path):
-    """2 workers == 1 worker; a 2-worker run stopped by --stop-after and resumed on 1 worker too."""
-    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
-    p = run_example(GPT, "--data", gpt_archive, "--out", one, *GPT_TINY)
+@pytest.fixture(scope="module")
+def gpt_one(gpt_archive, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpt_one") / "gpt"
+    p = run_example(GPT, "--data", gpt_archive, "--out", out, *GPT_TINY)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = torchrun(GPT, "--data", gpt_archive, "--out", two, *GPT_TINY)
+    return out
+
+
+def test_pretrain_gpt_two_workers_equal_one(gpt_archive, gpt_one, tmp_path):
+    p = torchrun(GPT, "--data", gpt_archive, "--out", tmp_path / "gpt", *GPT_TINY)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert_same_gpt(one, two)
-    p = torchrun(GPT, "--data", gpt_archive, "--out", mixed, "--stop-after", "6", *GPT_TINY)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["gpt"]
+    assert_same_gpt(gpt_one, tmp_path / "gpt")
+
+
+def test_pretrain_gpt_stopped_on_two_resumed_on_one(gpt_archive, gpt_one, tmp_path):
+    out = tmp_path / "gpt"
+    p = torchrun(GPT, "--data", gpt_archive, "--out", out, "--stop-after", "6", *GPT_TINY)
     assert p.returncode == 0 and p.stderr.count("resume with:") == 1, p.stderr[-3000:]
-    p = run_example(GPT, "--resume", mixed, "--no-compile")
-    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
-    assert_same_gpt(one, mixed)
+    p = run_example(GPT, "--resume", out, "--no-compile")
+    assert p.returncode == 0 and "resumed from step" not in p.stdout and "resumed from" in p.stdout, p.stderr[-3000:]
+    assert_same_gpt(gpt_one, out)
+
+
+LONGER = [a if a != "10" else "80" for a in GPT_TINY]
+
+
+def test_pretrain_gpt_dead_worker_is_one_line_then_resume_on_one(gpt_archive, tmp_path):
+    """SIGKILL to worker 1 mid-run: worker 0 exits with one fnlm line (no hang, no traceback of ours);
+    the run then resumes on one process from rank 0's last checkpoint and ends as the uninterrupted run."""
+    ref, out, ck = tmp_path / "ref", tmp_path / "gpt", tmp_path / ".gpt.partial" / "checkpoints"
+    p = run_example(GPT, "--data", gpt_archive, "--out", ref, *LONGER)
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = popen_torchrun(GPT, "--data", gpt_archive, "--out", out, *LONGER)
+    wait_for(ck / "step-00000004", proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    t = time.time()
+    os.kill(int(workers[1]), signal.SIGKILL)  # the launcher starts rank 0 first
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t < 60 and not out.exists()
+    ours = [ln for ln in err.splitlines() if ln.startswith("fnlm: worker")]
+    assert len(ours) == 1 and ours[0].startswith("fnlm: worker 0 of 2: stopped at a collective"), err[-3000:]
+    assert 'examples/pretrain_gpt.py", line' not in err  # no traceback from the script
+    res = run_example(GPT, "--resume", out, "--no-compile")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    assert_same_gpt(ref, out, atol=1e-5)
 
 
 @pytest.mark.slow
