@@ -4,8 +4,8 @@ with the same global batch.
 
 What "the same" means here: the two runs compute the same global-batch loss and gradient in exact
 arithmetic; in float32 the worker's partial sums and the all-reduce add in another order, so the final
-parameters agree within float rounding (the tests allow 2e-6 absolute after a few AdamW steps; measured
-<= 1e-6 here), not bitwise. Evaluations are split by whole batches and gathered, so validation and test
+parameters agree within float rounding, not bitwise: the tests allow 1e-6 absolute (measured here: at
+most 1.4e-7 after 9-80 AdamW steps), the attention key bias aside (see ``key_bias``). Evaluations are split by whole batches and gathered, so validation and test
 figures are computed on the very same batches: compared exactly where they depend only on the model's
 argmax (accuracies) and within rounding where they are the model's floats. The BERT here has dropout 0:
 with dropout every worker draws its own masks (``fold_in(key, rank)``), which are not the single
@@ -36,7 +36,7 @@ FT = ["--train-size", "0", "--test-size", "0", "--max-len", "32", "--batch-size"
 GPT_TINY = ["--val-reviews", "40", "--val-tokens", "256", "--vocab-size", "300", "--n-layer", "1", "--n-head", "2",
             "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--steps", "10", "--eval-every", "5",
             "--save-every", "4", "--warmup", "2", "--max-new-tokens", "8", "--no-compile"]
-ATOL = 2e-6
+ATOL = 1e-6
 
 
 def free_port() -> int:
@@ -257,7 +257,7 @@ def test_pretrain_gpt_dead_worker_is_one_line_then_resume_on_one(gpt_archive, tm
     assert 'examples/pretrain_gpt.py", line' not in err  # no traceback from the script
     res = run_example(GPT, "--resume", out, "--no-compile")
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
-    assert_same_gpt(ref, out, atol=1e-5)
+    assert_same_gpt(ref, out)
 
 
 @pytest.mark.slow
