@@ -134,6 +134,17 @@ def test_two_workers_equal_one(archive, bert, one_worker, tmp_path):
     assert_same_finetune(one_worker, out)
 
 
+def test_two_workers_with_grad_accum_equal_one(archive, bert, tmp_path):
+    """--grad-accum 3 --batch-size 2: each worker takes its row of every micro-batch; the last update's
+    micro-batches hold 2, 2 and 0 real reviews, so some workers' shards weigh nothing."""
+    args = [a for a in FT if a not in ("--epochs", "3")] + ["--batch-size", "2", "--grad-accum", "3", "--epochs", "1"]
+    p = run_example(SCRIPT, "--data", archive, "--weights", bert, "--out", tmp_path / "one", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(SCRIPT, "--data", archive, "--weights", bert, "--out", tmp_path / "two", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_finetune(tmp_path / "one", tmp_path / "two")
+
+
 def stop_with_sigint(proc: subprocess.Popen, checkpoints: Path) -> str:
     wait_for(checkpoints / "step-00000002", proc)
     proc.send_signal(signal.SIGINT)
