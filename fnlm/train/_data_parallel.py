@@ -38,7 +38,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,11 @@ from fnlm.train._guard import worker_guard
 from fnlm.train._lifecycle import Run
 from fnlm.train._progress import Progress
 from fnlm.train._run import GracefulStop, RunState
-from fnlm.train.distributed import all_reduce_mean, destroy_distributed, init_distributed
+from fnlm.train.distributed import (
+    all_reduce_mean,
+    destroy_distributed,
+    init_distributed,
+)
 from fnlm.tree import PyTree, tree_map
 
 SCALE = "dp_scale"
@@ -60,7 +65,7 @@ _SIGNALS = ("SIGINT", "SIGTERM")
 
 
 def _env_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class DataParallel:
@@ -71,7 +76,7 @@ class DataParallel:
         self._guard = None
 
     @classmethod
-    def start(cls, *, timeout: float | None = 600.0, backend: str | None = None) -> "DataParallel":
+    def start(cls, *, timeout: float | None = 600.0, backend: str | None = None) -> DataParallel:
         """Join the ``torchrun`` group (``N = WORLD_SIZE`` workers; gloo on CPU, NCCL on GPU, collectives
         failing after ``timeout`` s), or a single process when ``N = 1`` (no group: nothing changes)."""
         rank, world = _env_world()
@@ -88,7 +93,7 @@ class DataParallel:
         """Rank 0: the worker that writes the run directory and prints."""
         return self.rank == 0
 
-    def __enter__(self) -> "DataParallel":
+    def __enter__(self) -> DataParallel:
         if self.world > 1:
             self._guard = worker_guard(self.timeout)
             self._guard.__enter__()
@@ -100,7 +105,7 @@ class DataParallel:
         try:
             if exc_type is None:
                 destroy_distributed()
-        except BaseException as e:  # noqa: BLE001 (the guard decides: a failed collective is one line)
+        except BaseException as e:
             self._guard.__exit__(type(e), e, e.__traceback__)
             raise
         guard, self._guard = self._guard, None
@@ -244,7 +249,7 @@ class DataParallel:
             raise SystemExit(payload)
         return value if self.is_main else payload
 
-    def open_run(self, config, explicit: set[str], **kw) -> "Run | WorkerRun":
+    def open_run(self, config, explicit: set[str], **kw) -> Run | WorkerRun:
         """:meth:`fnlm.train.Run.open` on rank 0 (same arguments); with ``N > 1`` a :class:`WorkerRun`
         on every worker, which calls the Run on rank 0 and shares its decisions."""
         if self.world == 1:
@@ -313,7 +318,9 @@ class WorkerRun:
         state = self._dp._decide(lambda: self._run.restore(ckpts, device="cpu"), share=True)
         if state is None:
             return None
-        move = lambda t: tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, t)  # noqa: E731
+        def move(tree):
+            return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
+
         return state._replace(params=move(state.params), opt_state=move(state.opt_state),
                               best_params=None if state.best_params is None else move(state.best_params))
 
@@ -339,7 +346,7 @@ class WorkerRun:
         if self._run is not None:
             self._run.close()
 
-    def __enter__(self) -> "WorkerRun":
+    def __enter__(self) -> WorkerRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
