@@ -3,13 +3,13 @@
 with the same global batch.
 
 What "the same" means here: the two runs compute the same global-batch loss and gradient in exact
-arithmetic; in float32 the worker's partial sums and the all-reduce add in another order, so the final
+arithmetic; in float32 the workers' partial sums and the all-reduce add in another order, so the final
 parameters agree within float rounding, not bitwise: the tests allow 1e-6 absolute (measured here: at
-most 1.4e-7 after 4-80 AdamW steps), the attention key bias aside (see ``key_bias``). Evaluations are split by whole batches and gathered, so validation and test
-figures are computed on the very same batches: compared exactly where they depend only on the model's
-argmax (accuracies) and within rounding where they are the model's floats. The BERT here has dropout 0:
-with dropout every worker draws its own masks (``fold_in(key, rank)``), which are not the single
-process's.
+most 1.4e-7 after 4-80 AdamW steps), the attention key bias aside (see ``key_bias``). Evaluations are
+split by whole batches and gathered, so validation and test figures are computed on the very same
+batches: compared exactly where they depend only on the model's argmax (accuracies) and within rounding
+where they are the model's floats. The BERT here has dropout 0: with dropout every worker draws its own
+masks (``fold_in(key, rank)``), which are not the single process's.
 """
 from __future__ import annotations
 
