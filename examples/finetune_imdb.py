@@ -153,14 +153,13 @@ MAY_CHANGE = ("epochs", "eval_every", "keep", "save_every", "keep_checkpoints", 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse_config(FinetuneConfig, argv, description=__doc__.split("\n\n")[0])
-    with DataParallel.start() as dp:  # under torchrun: this worker of N (one process: a no-op)
-        if cfg.resume is None:
-            dp.check_divides(cfg.batch_size, "--batch-size")
-        with dp.open_run(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
-                         name="imdb-%Y%m%d-%H%M%S", may_change=MAY_CHANGE, per_session=("out", "resume", "overwrite"),
-                         repeat=("device", "compile", "deterministic"), report_to=cfg.report_to) as run:
-            dp.check_divides(run.config.batch_size, "--batch-size")
-            return train(run, run.config, dp)
+    # under torchrun: this worker of N (one process: a no-op); the run directory is rank 0's
+    with DataParallel.start() as dp, dp.open_run(
+            cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="imdb-%Y%m%d-%H%M%S",
+            may_change=MAY_CHANGE, per_session=("out", "resume", "overwrite"),
+            repeat=("device", "compile", "deterministic"), report_to=cfg.report_to,
+            divisible=("batch_size",)) as run:  # N workers: each takes batch_size / N reviews of every batch
+        return train(run, run.config, dp)
 
 
 def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:

@@ -123,14 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse_config(GptConfig, argv, description=__doc__.split("\n\n")[0])
     if cfg.generate:
         return generate_cli(cfg)
-    with DataParallel.start() as dp:  # under torchrun: this worker of N (one process: a no-op)
-        if cfg.resume is None:
-            dp.check_divides(cfg.batch_size, "--batch-size")
-        with dp.open_run(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="gpt-imdb",
-                         may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",),
-                         report_to=cfg.report_to) as run:
-            dp.check_divides(run.config.batch_size, "--batch-size")
-            return train(run, run.config, dp)
+    # under torchrun: this worker of N (one process: a no-op); the run directory is rank 0's
+    with DataParallel.start() as dp, dp.open_run(
+            cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="gpt-imdb",
+            may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",), report_to=cfg.report_to,
+            divisible=("batch_size",)) as run:  # N workers: each takes batch_size / N windows of every step
+        return train(run, run.config, dp)
 
 
 # ----------------------------------------------------------------------------- data and tokenizer

@@ -4,8 +4,8 @@ Every worker runs the whole script on the same data in the same order; the machi
 that a script changes in a few lines::
 
     with DataParallel.start() as dp:                       # init_distributed + worker_guard; N = 1: a no-op
-        dp.check_divides(cfg.batch_size, "--batch-size")   # one line, before anything is loaded
-        with dp.open_run(cfg, explicit, ...) as run:       # rank 0: the Run; the others: a read-only view
+        # rank 0: the Run; the others a view of it. A --batch-size that N does not divide: one line, first
+        with dp.open_run(cfg, explicit, divisible=("batch_size",), ...) as run:
             step = make_train_step(dp.loss(loss_fn), opt, grad_sync=dp.grad_sync)
             ...  params, opt_state, m = step(params, opt_state, dp.shard(global_batch), key)
             ...  why = dp.agree(stop.requested)             # every worker stops at the same step
@@ -249,15 +249,28 @@ class DataParallel:
             raise SystemExit(payload)
         return value if self.is_main else payload
 
-    def open_run(self, config, explicit: set[str], **kw) -> Run | WorkerRun:
+    def open_run(self, config, explicit: set[str], *, divisible: tuple[str, ...] = (), **kw) -> Run | WorkerRun:
         """:meth:`fnlm.train.Run.open` on rank 0 (same arguments); with ``N > 1`` a :class:`WorkerRun`
-        on every worker, which calls the Run on rank 0 and shares its decisions."""
+        on every worker, which calls the Run on rank 0 and shares its decisions. ``divisible``: config
+        fields (global batch sizes) that must split evenly over the workers (:meth:`check_divides`),
+        checked before the run directory is touched (a resumed run's: once its settings are read)."""
+        from fnlm.config import flag
+
+        def check(cfg):
+            for name in divisible:
+                self.check_divides(getattr(cfg, name), flag(name))
+
+        if kw.get("resume") is None:
+            check(config)
         if self.world == 1:
-            return Run.open(config, explicit, **kw)
+            run = Run.open(config, explicit, **kw)
+            check(run.config)
+            return run
         run = self._decide(lambda: Run.open(config, explicit, **kw), share=False)
         if run is not None:
             run.launcher = f"torchrun --nproc_per_node={self.world}"
         info = self._decide(lambda: (run.config, run.out, run.dir, run.resuming), share=True)
+        check(info[0])
         return WorkerRun(self, run, *info)
 
     def _collective_device(self) -> torch.device:
