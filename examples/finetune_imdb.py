@@ -21,6 +21,10 @@ optimizer -> step -> epochs (validate, checkpoint) -> test once -> outputs.
     # settings from a file (JSON, or TOML), flags on top; --print-config shows the result
     python examples/finetune_imdb.py --config my_run.json --epochs 2 --print-config
 
+    # data parallel: N worker processes (gloo on CPU, one GPU each with NCCL), each with --batch-size/N
+    # reviews of every batch; the same global batches, one run directory (docs/scaling.md)
+    torchrun --nproc_per_node=2 examples/finetune_imdb.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
+
     # continue a stopped run (Ctrl-C, SIGTERM, a killed process), or train a finished one further
     python examples/finetune_imdb.py --resume runs/imdb-20250101-120000
     python examples/finetune_imdb.py --resume runs/imdb-20250101-120000 --epochs 2
@@ -48,13 +52,13 @@ import torch
 
 from fnlm import optim, random
 from fnlm.config import check, check_ranges, cli_main, option, parse_config
-from fnlm.data import bucket_lengths, choose_buckets, classification_splits, html_clean, make_batches, predict_in_order
+from fnlm.data import bucket_lengths, choose_buckets, classification_splits, html_clean, make_batches
 from fnlm.io import ensure_minilm, resolve_model, write_json
 from fnlm.metrics import classification_report, is_better, loss_and_accuracy, wilson_interval
 from fnlm.models import bert_classifier, bert_config_to_hf, classifier_loss, load_pretrained, save_bert, save_lora
 from fnlm.nn import LoraConfig, init_lora, merge_lora
-from fnlm.train import (Progress, Run, autocast_dtype, digest, freeze, make_eval_step, make_train_step, model_card,
-                        pick_device, plot_training, write_errors)
+from fnlm.train import (DataParallel, Progress, Run, autocast_dtype, digest, freeze, make_eval_step, make_train_step,
+                        model_card, plot_training, write_errors)
 from fnlm.tree import cast, combine, num_params, partition
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,16 +153,19 @@ MAY_CHANGE = ("epochs", "eval_every", "keep", "save_every", "keep_checkpoints", 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse_config(FinetuneConfig, argv, description=__doc__.split("\n\n")[0])
-    with Run.open(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="imdb-%Y%m%d-%H%M%S",
-                  may_change=MAY_CHANGE, per_session=("out", "resume", "overwrite"),
-                  repeat=("device", "compile", "deterministic"), report_to=cfg.report_to) as run:
-        return train(run, run.config)
+    # under torchrun: this worker of N (one process: a no-op); the run directory is rank 0's
+    with DataParallel.start() as dp, dp.open_run(
+            cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="imdb-%Y%m%d-%H%M%S",
+            may_change=MAY_CHANGE, per_session=("out", "resume", "overwrite"),
+            repeat=("device", "compile", "deterministic"), report_to=cfg.report_to,
+            divisible=("batch_size",)) as run:  # N workers: each takes batch_size / N reviews of every batch
+        return train(run, run.config, dp)
 
 
-def train(run: Run, cfg: FinetuneConfig) -> int:
+def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
     t_start = time.time()
     print(f"run directory: {run.dir}", flush=True)
-    device = pick_device(cfg.device)
+    device = dp.pick_device(cfg.device)
     autocast = torch.float16 if cfg.dtype == "fp16" else autocast_dtype(cfg.dtype, device)
 
     # 1. The data: train, validation (never trained on) and test (evaluated once, at the end).
@@ -231,14 +238,14 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             return bert_classifier(classifier(p), input_ids, bert_cfg, attention_mask=attention_mask).float()
 
-    train_step = make_train_step(loss_fn, optimizer, compile=cfg.compile, autocast_dtype=autocast,
-                                 deterministic=cfg.deterministic, accum_steps=cfg.grad_accum)
+    train_step = make_train_step(dp.loss(loss_fn), optimizer, compile=cfg.compile, autocast_dtype=autocast,
+                                 deterministic=cfg.deterministic, accum_steps=cfg.grad_accum, grad_sync=dp.grad_sync)
     eval_step = make_eval_step(logits_fn, compile=cfg.compile)
 
     def probabilities(p, split: str) -> torch.Tensor:
         """``[n, 2]`` softmax probabilities of a split's reviews, in order (length-sorted batches)."""
-        return predict_in_order(lambda x, m: torch.softmax(eval_step(p, x.to(device), m.to(device)), -1).cpu(),
-                                ids[split], batch_size=cfg.batch_size, buckets=buckets, pad_id=tokenizer.pad_id)
+        return dp.predict_in_order(lambda x, m: torch.softmax(eval_step(p, x.to(device), m.to(device)), -1).cpu(),
+                                   ids[split], batch_size=cfg.batch_size, buckets=buckets, pad_id=tokenizer.pad_id)
 
     # 6. The run's state beyond (params, opt_state, step, key): where the data is, what was logged.
     ckpts = run.checkpoints(fingerprint, keep=cfg.keep_checkpoints)
@@ -284,9 +291,10 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                         bar.compiling(f"{tuple(b['input_ids'].shape)}")
                     shapes.add(b["input_ids"].shape)
                     t = time.time()
-                    batch = {k: v.to(device) for k, v in b.items() if k != "index"}
+                    batch = {k: v for k, v in b.items() if k != "index"}
                     if cfg.grad_accum > 1:  # [N, batch_size, ...]: N micro-batches per update
                         batch = {k: v.view(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
+                    batch = {k: v.to(device) for k, v in dp.shard(batch, axis=int(cfg.grad_accum > 1)).items()}
                     params, opt_state, m = train_step(params, opt_state, batch, random.fold_in(k_train, step))
                     loss, dt = float(m["loss"]), time.time() - t  # float() waits for the step
                     step, log["batch"], log["train_s"] = step + 1, log["batch"] + 1, log["train_s"] + dt
@@ -296,12 +304,13 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                              "length": b["input_ids"].shape[1], "seconds": dt})
                     bar.update(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", lr=f"{float(m['lr']):.2e}")
                     last = log["batch"] == len(batches)
+                    why = dp.agree(stop.requested)  # with N workers: all stop at the same step
                     if not last and ids["val"] and eval_every and step % eval_every == 0:
                         val_s += validate(epoch)["seconds"]
-                    if stop.requested or (not last and cfg.save_every and step % cfg.save_every == 0):
+                    if why or (not last and cfg.save_every and step % cfg.save_every == 0):
                         checkpoint()
-                    if stop.requested:
-                        return run.stopped(step, total_steps, stop.requested)
+                    if why:
+                        return run.stopped(step, total_steps, why)
                     if log.get("early_stop"):
                         break
             if log.get("early_stop"):
@@ -319,8 +328,8 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
                 + f", train {h['train_seconds']:.0f}s, validation {h['eval_seconds']:.1f}s", flush=True)
             log["epoch"], log["batch"], log["train_s"] = epoch + 1, 0, 0.0
             checkpoint()
-            if stop.requested and log["epoch"] <= cfg.epochs:
-                return run.stopped(step, total_steps, stop.requested)
+            if (why := dp.agree(stop.requested)) and log["epoch"] <= cfg.epochs:
+                return run.stopped(step, total_steps, why)
 
     if log.get("early_stop"):
         print(f"early stopping at step {step}: no better validation loss in {cfg.early_stopping_patience} "
@@ -354,7 +363,9 @@ def train(run: Run, cfg: FinetuneConfig) -> int:
     }
     metrics["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in metrics["args"].items()}
 
-    # 9. The outputs: the model, the model card, metrics, errors and the plot, written atomically.
+    # 9. The outputs: the model, the model card, metrics, errors and the plot, written atomically (by rank 0).
+    if not dp.is_main:
+        return 0
     with run.finish(ckpts) as tmp:
         if lora_cfg is None:  # the whole classifier (with --freeze: the frozen parameters too)
             save_bert(cast(classifier(kept), device="cpu"), bert_cfg, tmp, head="classifier", tokenizer_dir=weights)

@@ -9,6 +9,9 @@ prompts at the end. The IMDb *test* split is never read.
     # the default run: 6000 steps of 16 x 128 tokens, evaluated and checkpointed every 500
     python examples/pretrain_gpt.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
 
+    # data parallel: N worker processes, each with --batch-size/N windows of every step (docs/scaling.md)
+    torchrun --nproc_per_node=2 examples/pretrain_gpt.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
+
     # sample from a trained run (a run directory or its model/ folder)
     python examples/pretrain_gpt.py --model runs/gpt-imdb --generate "This movie was" "I expected"
 
@@ -49,7 +52,7 @@ from fnlm.config import check, check_ranges, cli_main, config_to_dict, option, p
 from fnlm.data import html_clean, load_imdb_splits
 from fnlm.io import atomic_dir, write_json
 from fnlm.models import GPT2Config, generate, init_gpt2, lm_loss, load_gpt2, save_gpt2
-from fnlm.train import Progress, Run, digest, make_eval_step, make_train_step, model_card
+from fnlm.train import DataParallel, Progress, Run, digest, make_eval_step, make_train_step, model_card
 from fnlm.tree import num_params
 
 EOT = "<|endoftext|>"
@@ -120,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse_config(GptConfig, argv, description=__doc__.split("\n\n")[0])
     if cfg.generate:
         return generate_cli(cfg)
-    with Run.open(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="gpt-imdb",
-                  may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",), report_to=cfg.report_to) as run:
-        return train(run, run.config)
+    # under torchrun: this worker of N (one process: a no-op); the run directory is rank 0's
+    with DataParallel.start() as dp, dp.open_run(
+            cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="gpt-imdb",
+            may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",), report_to=cfg.report_to,
+            divisible=("batch_size",)) as run:  # N workers: each takes batch_size / N windows of every step
+        return train(run, run.config, dp)
 
 
 # ----------------------------------------------------------------------------- data and tokenizer
@@ -229,7 +235,7 @@ def sample_texts(params, cfg: GPT2Config, tok, prompts: list[str], s: GptConfig,
     return [p + tok.decode([t for t in new if t != eot]) for p, new in zip(prompts, out)]
 
 
-def train(run: Run, cfg: GptConfig) -> int:
+def train(run: Run, cfg: GptConfig, dp: DataParallel) -> int:
     t_start = time.time()
     print(f"run directory: {run.dir}", flush=True)
     if not cfg.data.exists():
@@ -244,7 +250,7 @@ def train(run: Run, cfg: GptConfig) -> int:
         tok = load_tokenizer(tok_dir)
     else:
         tok_dir = run.dir / "tokenizer"
-        tok = train_tokenizer(train_texts, cfg.vocab_size, tok_dir, cfg.block_size)
+        tok = dp.from_main(lambda: train_tokenizer(train_texts, cfg.vocab_size, tok_dir, cfg.block_size))
     train_ids, val_ids = token_stream(tok, train_texts), token_stream(tok, val_texts)
     vocab = tok.get_vocab_size()
     windows = val_windows(val_ids, cfg.block_size, cfg.val_tokens)
@@ -275,7 +281,7 @@ def train(run: Run, cfg: GptConfig) -> int:
     def eval_fn(p, batch):
         return {"loss": lm_loss(p, batch, gcfg)}
 
-    train_step = make_train_step(loss_fn, optimizer, compile=cfg.compile)
+    train_step = make_train_step(dp.loss(loss_fn), optimizer, compile=cfg.compile, grad_sync=dp.grad_sync)
     eval_step = make_eval_step(eval_fn, compile=cfg.compile)
 
     # 4. The run's state: checkpoints are restored only for the same tokenizer and data.
@@ -290,7 +296,8 @@ def train(run: Run, cfg: GptConfig) -> int:
 
     def validate() -> dict:
         chunks = [windows[i: i + cfg.batch_size] for i in range(0, len(windows), cfg.batch_size)]
-        val_loss = sum(float(eval_step(params, c)["loss"]) * len(c) for c in chunks) / len(windows)
+        losses = dp.map(lambda c: float(eval_step(params, c)["loss"]), chunks)  # N workers: split, gathered
+        val_loss = sum(loss * len(c) for loss, c in zip(losses, chunks)) / len(windows)
         entry = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
         log["evals"].append(entry)
         run.log({"kind": "eval", **entry})
@@ -304,7 +311,7 @@ def train(run: Run, cfg: GptConfig) -> int:
             if session_steps == 0 and cfg.compile:
                 bar.compiling(f"{tuple(batch.shape)}")
             t = time.time()
-            params, opt_state, metrics = train_step(params, opt_state, batch, random.fold_in(k_train, step))
+            params, opt_state, metrics = train_step(params, opt_state, dp.shard(batch), random.fold_in(k_train, step))
             loss = float(metrics["loss"])
             if session_steps > 0:  # the first call of a session compiles: not counted in tokens/s
                 log["train_s"] += time.time() - t
@@ -317,14 +324,16 @@ def train(run: Run, cfg: GptConfig) -> int:
                 e = validate()
                 bar.write(f"step {step}: validation loss {e['val_loss']:.3f}, perplexity {e['val_ppl']:.1f} "
                           f"(bigram {bigram_ppl:.1f})")
-            why = stop.requested or ("--stop-after" if session_steps == cfg.stop_after else None)
+            why = dp.agree(stop.requested) or ("--stop-after" if session_steps == cfg.stop_after else None)
             if step % cfg.save_every == 0 or step == cfg.steps or why:
                 ckpts.save(params, opt_state, step, k_train, log)
             if why and step < cfg.steps:
                 code = run.stopped(step, cfg.steps, why)
-                return code if stop.requested else 0
+                return code if why != "--stop-after" else 0
 
-    # 6. The finished run: model, tokenizer, curves, samples, metrics, model card.
+    # 6. The finished run: model, tokenizer, curves, samples, metrics, model card (written by rank 0).
+    if not dp.is_main:
+        return 0
     samples = sample_texts(params, gcfg, tok, list(PROMPTS), cfg, compile=cfg.compile)
     final = log["evals"][-1]
     tokens_per_s = log["tokens"] / log["train_s"] if log["train_s"] else float("nan")

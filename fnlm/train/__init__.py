@@ -10,6 +10,7 @@ from fnlm.train._validate import validate_train_state
 from fnlm.train._run import GracefulStop, ResumeError, RunCheckpoints, RunInUseError, RunState, digest
 from fnlm.train._lifecycle import Run
 from fnlm.train._guard import worker_guard
+from fnlm.train._data_parallel import DataParallel, WorkerRun
 from fnlm.train._shard_checkpoint import gather_params, load_sharded, save_sharded
 from fnlm.train._shard import Sharding, make_sharded_train_step, resident_bytes, shard_costs, shard_groups, sharded_step_fn
 from fnlm.train._progress import Progress
@@ -45,4 +46,5 @@ __all__ = [
     "Sharding", "make_sharded_train_step", "resident_bytes", "shard_costs", "shard_groups", "sharded_step_fn",
     "gather_params", "load_sharded", "save_sharded", "worker_guard",
     "validate_train_state",
+    "DataParallel", "WorkerRun",
 ]

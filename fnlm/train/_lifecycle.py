@@ -86,6 +86,7 @@ class Run:
                  repeat: tuple[str, ...] = ()):
         self.config, self.out, self.dir, self.resuming = config, out, partial, resuming
         self.repeat = repeat
+        self.launcher = "python"  # how resume_command starts the script (data parallel: torchrun ...)
         self.explicit, self.per_session, self.compared = explicit, per_session, compared
         self.script = script
         self.environment = EnvironmentRecord(script).start()
@@ -300,7 +301,7 @@ class Run:
                     extra.append(flag(name) if v else "--no-" + flag(name)[2:])
                 elif v is not None:
                     extra += [flag(name), str(v)]
-        return " ".join(["python", self.script, "--resume", str(self.out)] + extra)
+        return " ".join([self.launcher, self.script, "--resume", str(self.out)] + extra)
 
     def __enter__(self) -> "Run":
         return self

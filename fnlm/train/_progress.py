@@ -17,12 +17,17 @@ class Progress:
     ``total``) and on the last; with one, a tqdm bar. ``initial``: updates already done (a resumed run).
     """
 
+    #: True: print nothing (the workers other than rank 0 of a data-parallel run; fnlm.train.DataParallel)
+    quiet = False
+
     def __init__(self, total: int, desc: str, *, initial: int = 0, every: int | None = None,
                  stream: TextIO | None = None, tty: bool | None = None):
         self.stream = stream or sys.stderr
         self.total, self.desc, self.n = total, desc, initial
         self.every = every or max(1, total // 10)
         self.tty = self.stream.isatty() if tty is None else tty
+        if Progress.quiet:
+            self.tty, self.every = False, float("inf")
         self._bar = None
         self._t0 = time.time()
         if self.tty:
@@ -49,6 +54,8 @@ class Progress:
             self.write(f"{self.desc}: {self.n}/{self.total} ({time.time() - self._t0:.0f}s) {text}")
 
     def write(self, msg: str) -> None:
+        if Progress.quiet:
+            return
         if self._bar is not None:
             self._bar.write(msg, file=self.stream)
         else:
