@@ -9,8 +9,18 @@ fine-tuning run that follows. A held-out slice of the training reviews gives MLM
 accuracy at intervals. The output directory is a Hugging Face ``BertForMaskedLM`` checkpoint (it
 keeps the source's pooler), which ``examples/finetune_imdb.py --weights DIR`` fine-tunes.
 
+``--nsp`` adds BERT's second objective, next-sentence prediction (Devlin et al. 2019, §3.1): the
+examples are sentence pairs ``[CLS] A [SEP] B [SEP]`` packed to ``--max-len`` from the training
+reviews (``fnlm.data.nsp_pairs``: half with B the actual continuation of A, half with B from
+another review, drawn afresh each epoch), masked as above; the loss is ``L_MLM + L_NSP``
+(``fnlm.models.pretraining_loss``), the held-out pairs (from the held-out training reviews) give
+NSP loss and accuracy beside the MLM ones, and the output is a ``BertForPreTraining`` checkpoint.
+
     python examples/pretrain_mlm.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --out runs/mlm
     python examples/finetune_imdb.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --weights runs/mlm
+
+    # MLM + next-sentence prediction on sentence pairs (a BertForPreTraining checkpoint)
+    python examples/pretrain_mlm.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --nsp --out runs/mlm-nsp
 
     # a stopped run (Ctrl-C, SIGTERM, a killed process) continues exactly; a finished one trains further
     python examples/pretrain_mlm.py --resume runs/mlm
@@ -23,11 +33,12 @@ The run directory (``fnlm.train.Run``) is ``.<name>.partial`` while unfinished (
 ``metrics.jsonl``, ``checkpoints/``); the finished one also holds ``metrics.json``, ``README.md`` (model
 card), ``environment.json`` and its last checkpoint (for ``--resume`` with a larger ``--steps``).
 
-all-MiniLM-L6-v2 (the default ``--weights``) was distilled without an MLM head: the run then
-starts from a freshly initialised head tied to the word embeddings, and says so.
+all-MiniLM-L6-v2 (the default ``--weights``) was distilled without an MLM head (nor an NSP head):
+the run then starts from freshly initialised heads, the MLM one tied to the word embeddings, and says so.
 """
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import tarfile
@@ -40,9 +51,9 @@ import torch
 import fnlm
 from fnlm import optim, random
 from fnlm.config import check, check_ranges, cli_main, config_to_dict, option, parse_config
-from fnlm.data import bucket_lengths, download_imdb, html_clean, load_imdb_splits, make_batches
-from fnlm.io import MissingHeadError, ensure_minilm, write_json
-from fnlm.models import bert_mlm, load_pretrained, mask_tokens, mlm_loss, save_bert
+from fnlm.data import bucket_lengths, download_imdb, html_clean, load_imdb_splits, make_batches, nsp_pairs
+from fnlm.io import CheckpointError, MissingHeadError, MissingPoolerError, ensure_minilm, write_json
+from fnlm.models import bert_mlm, init_nsp_head, load_pretrained, mask_tokens, mlm_loss, pretraining_loss, save_bert
 from fnlm.train import Progress, Run, digest, make_eval_step, make_train_step, model_card
 from fnlm.tree import num_params
 
@@ -70,6 +81,8 @@ class MlmConfig:
     clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping", ge=0)
     mask_prob: float = option(0.15, "fraction of the word pieces masked at each step", gt=0, lt=1)
     whole_word: bool = option(False, "mask all word pieces of a word together")
+    nsp: bool = option(False, "also train next-sentence prediction on sentence pairs of the training reviews "
+                       "(half IsNext, half NotNext; loss MLM + NSP); saves a BertForPreTraining checkpoint")
     seed: int = option(0, "head init, data order, masks and dropout derive from it")
     compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
     # evaluation, checkpoints and output
@@ -148,19 +161,35 @@ def load_texts(cfg) -> list[str]:
     return [html_clean(t) for t in texts]
 
 
-def load_model(path: Path, key):
+def load_model(path: Path, key, nsp: bool = False):
     """``(params, pooler, cfg, tokenizer, fresh)``: an MLM model, the source's pooler kept aside
-    (None if it has none) so the output can still be fine-tuned as a classifier. What the checkpoint
-    holds is read from which load succeeds: with its MLM head (and pooler), else with a fresh head
-    initialised from ``key``."""
+    (None if it has none) so the output can still be fine-tuned as a classifier; with ``nsp`` a
+    ``BertForPreTraining`` model (MLM + NSP heads; the pooler stays in: NSP reads the pooled [CLS]).
+    What the checkpoint holds is read from which load succeeds: with its heads (and pooler), else
+    with fresh heads initialised from ``key``. ``fresh``: the names of the freshly initialised heads."""
     if path == DEFAULT_WEIGHTS and not (path / "config.json").is_file():
         ensure_minilm(path)
     if not (path / "config.json").is_file():
         raise OSError(f"{path}: no config.json, so not a Hugging Face checkpoint directory")
-    params, cfg, tokenizer, fresh = load_pretrained(path, head="mlm", head_key=key, pooler="if_present")
+    if not nsp:
+        params, cfg, tokenizer, fresh = load_pretrained(path, head="mlm", head_key=key, pooler="if_present")
+        fresh = ("mlm",) if fresh else ()
+    else:
+        try:
+            params, cfg, tokenizer, fresh = load_pretrained(path, head="pretraining", head_key=key, pooler=True)
+            fresh = ("mlm", "nsp") if fresh else ()
+        except MissingPoolerError:
+            raise MissingPoolerError(f"{path}: the checkpoint has no pooler, which --nsp needs (next-sentence "
+                                     "prediction reads the pooled [CLS] vector)") from None
+        except MissingHeadError:
+            raise
+        except CheckpointError:  # an MLM head but no NSP head (e.g. a run without --nsp): a fresh NSP head
+            params, cfg, tokenizer, fresh = load_pretrained(path, head="mlm", head_key=key, pooler=True)
+            params["nsp"] = init_nsp_head(random.fold_in(key, 1), cfg)
+            fresh = ("mlm", "nsp") if fresh else ("nsp",)
     if tokenizer.mask_id is None:
         raise ValueError(f"{path}: the tokenizer has no [MASK] token")
-    pooler = params["bert"].pop("pooler", None)
+    pooler = None if nsp else params["bert"].pop("pooler", None)
     return params, pooler, cfg, tokenizer, fresh
 
 
@@ -172,8 +201,23 @@ def masked(batch: dict, key, tokenizer, vocab_size: int, cfg) -> dict:
     starts = tokenizer.word_starts(batch["input_ids"]) if cfg.whole_word else None
     ids, labels = mask_tokens(key, batch["input_ids"], batch["attention_mask"], tokenizer.mask_id, vocab_size,
                               special, prob=cfg.mask_prob, word_starts=starts)
-    return {"input_ids": ids, "attention_mask": batch["attention_mask"], "token_type_ids": batch["token_type_ids"],
-            "labels": labels}
+    out = {"input_ids": ids, "attention_mask": batch["attention_mask"], "token_type_ids": batch["token_type_ids"],
+           "labels": labels}
+    if "next_sentence_label" in batch:
+        out["next_sentence_label"] = batch["next_sentence_label"]
+    return out
+
+
+# ----------------------------------------------------------------------------- sentence pairs (--nsp)
+def pair_batches(pairs, batch_size: int, buckets, pad_id: int, **kw) -> list[dict]:
+    """``make_batches`` over the pairs ``[CLS] A [SEP] B [SEP]``, with ``token_type_ids`` 1 on B and
+    ``next_sentence_label`` (0 IsNext, 1 NotNext; -100 on the rows that only pad a batch)."""
+    out = []
+    for b in make_batches(pairs.input_ids, pairs.labels, batch_size, buckets, pad_id=pad_id, **kw):
+        b["token_type_ids"] = pairs.token_type_ids(b["index"], b["attention_mask"])
+        b["next_sentence_label"] = torch.where(b["weight"] > 0, b["labels"], -100)
+        out.append(b)
+    return out
 
 
 # ----------------------------------------------------------------------------- training
@@ -181,15 +225,18 @@ def train(run: Run, cfg: MlmConfig) -> int:
     t_start = time.time()
     print(f"run directory: {run.dir}", flush=True)
 
-    # 1. The model (a fresh MLM head where the checkpoint has none) and the text.
-    k_head, k_mask, k_drop, k_eval = random.split(random.key(cfg.seed), 4)
-    params, pooler, bcfg, tokenizer, fresh = load_model(cfg.weights, k_head)
+    # 1. The model (fresh heads where the checkpoint has none) and the text.
+    k_head, k_mask, k_drop, k_eval, k_pairs = random.split(random.key(cfg.seed), 5)
+    params, pooler, bcfg, tokenizer, fresh = load_model(cfg.weights, k_head, nsp=cfg.nsp)
     if cfg.max_len > bcfg.max_position_embeddings:
         raise ValueError(f"--max-len {cfg.max_len} is longer than the model's position table "
                          f"(max_position_embeddings={bcfg.max_position_embeddings})")
-    if fresh:
+    if "mlm" in fresh:
         print(f"note: {cfg.weights} has no MLM head (cls.predictions); training a freshly initialised one, "
               "tied to the word embeddings", flush=True)
+    if "nsp" in fresh:
+        print(f"note: {cfg.weights} has no NSP head (cls.seq_relationship); training a freshly initialised one",
+              flush=True)
     texts = load_texts(cfg)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_eval = min(cfg.eval_size, len(texts) // 5)
@@ -197,43 +244,76 @@ def train(run: Run, cfg: MlmConfig) -> int:
     train_texts = [texts[i] for i in order[n_eval:]]
     if cfg.train_size:
         train_texts = train_texts[: cfg.train_size]
-    ids = tokenizer.encode_ids(train_texts, max_len=cfg.max_len)
-    eval_ids = tokenizer.encode_ids(eval_texts, max_len=cfg.max_len)
     buckets = bucket_lengths(cfg.max_len, 2)
-    print(f"model {cfg.weights} ({num_params(params) / 1e6:.1f}M params), {len(ids)} training / {n_eval} "
-          f"held-out reviews, {cfg.steps} steps of {cfg.batch_size}, masking "
-          f"{'whole words' if cfg.whole_word else 'word pieces'} with p={cfg.mask_prob}", flush=True)
+    if cfg.nsp:  # sentence pairs: the training ones drawn afresh each epoch, the held-out ones once
+        @functools.lru_cache(maxsize=1)
+        def epoch_pairs(epoch: int):
+            return nsp_pairs(tokenizer, train_texts, max_len=cfg.max_len,
+                             seed=random.seed_of(random.fold_in(k_pairs, epoch)))
+
+        ids = epoch_pairs(1).input_ids
+        eval_pairs = nsp_pairs(tokenizer, eval_texts, max_len=cfg.max_len, seed=random.seed_of(k_pairs)) \
+            if n_eval >= 2 else None
+        if not ids:
+            raise ValueError(f"--nsp: no sentence pairs in the {len(train_texts)} training reviews (each pair needs "
+                             "a review of at least two sentences)")
+        eval_batches = pair_batches(eval_pairs, cfg.batch_size, buckets, tokenizer.pad_id, shuffle=False) \
+            if eval_pairs is not None and eval_pairs.labels else []
+        what = (f"{len(ids)} sentence pairs per epoch from {len(train_texts)} training reviews / "
+                f"{len(eval_pairs.labels) if eval_pairs else 0} held-out pairs from {n_eval}")
+    else:
+        ids = tokenizer.encode_ids(train_texts, max_len=cfg.max_len)
+        eval_batches = make_batches(tokenizer.encode_ids(eval_texts, max_len=cfg.max_len), None, cfg.batch_size,
+                                    buckets, shuffle=False, pad_id=tokenizer.pad_id)
+        what = f"{len(ids)} training / {n_eval} held-out reviews"
+    print(f"model {cfg.weights} ({num_params(params) / 1e6:.1f}M params), {what}, {cfg.steps} steps of "
+          f"{cfg.batch_size}, masking {'whole words' if cfg.whole_word else 'word pieces'} with p={cfg.mask_prob}"
+          + (", loss MLM + NSP" if cfg.nsp else ""), flush=True)
 
     # 2. The optimizer and the steps; the held-out batches are masked once, from their own key.
     V = bcfg.vocab_size
-    eval_batches = [masked(b, random.fold_in(k_eval, i), tokenizer, V, cfg) for i, b in enumerate(
-        make_batches(eval_ids, None, cfg.batch_size, buckets, shuffle=False, pad_id=tokenizer.pad_id))]
+    eval_batches = [masked(b, random.fold_in(k_eval, i), tokenizer, V, cfg) for i, b in enumerate(eval_batches)]
     schedule = optim.linear_warmup_linear_decay(cfg.lr, round(cfg.warmup * cfg.steps), cfg.steps)
     optimizer = optim.chain(optim.clip_by_global_norm(cfg.clip),
                             optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay))
     opt_state = optimizer.init(params)
 
+    objective = pretraining_loss if cfg.nsp else mlm_loss  # L_MLM + L_NSP, or L_MLM
+
     def loss_fn(p, batch, key):
-        return mlm_loss(p, batch, bcfg, key=key, train=True)
+        return objective(p, batch, bcfg, key=key, train=True)
 
     def eval_fn(p, batch):
-        loss, aux = mlm_loss(p, batch, bcfg)
-        return loss, aux["accuracy"]
+        loss, aux = objective(p, batch, bcfg)
+        return aux if cfg.nsp else {"mlm_loss": loss, "mlm_accuracy": aux["accuracy"]}
 
     train_step = make_train_step(loss_fn, optimizer, compile=cfg.compile)
     eval_step = make_eval_step(eval_fn, compile=cfg.compile)
 
     def evaluate() -> None:
-        tot_loss = tot_acc = n = 0.0
+        """Held-out means: the MLM ones over masked tokens, the NSP ones over pairs."""
+        sums = {}
         for b in eval_batches:
-            k = float((b["labels"] != -100).sum())
-            loss, acc = eval_step(params, b)
-            tot_loss, tot_acc, n = tot_loss + float(loss) * k, tot_acc + float(acc) * k, n + k
-        entry = {"step": step, "mlm_loss": tot_loss / max(n, 1.0), "mlm_accuracy": tot_acc / max(n, 1.0),
-                 "masked_tokens": int(n)}
+            m = eval_step(params, b)
+            n_tok = float((b["labels"] != -100).sum())
+            sums["masked_tokens"] = sums.get("masked_tokens", 0.0) + n_tok
+            for k in ("mlm_loss", "mlm_accuracy"):
+                sums[k] = sums.get(k, 0.0) + float(m[k]) * n_tok
+            if cfg.nsp:
+                n_pairs = float((b["next_sentence_label"] != -100).sum())
+                sums["pairs"] = sums.get("pairs", 0.0) + n_pairs
+                for k in ("nsp_loss", "nsp_accuracy"):
+                    sums[k] = sums.get(k, 0.0) + float(m[k]) * n_pairs
+        entry = {"step": step, "mlm_loss": sums["mlm_loss"] / max(sums["masked_tokens"], 1.0),
+                 "mlm_accuracy": sums["mlm_accuracy"] / max(sums["masked_tokens"], 1.0),
+                 "masked_tokens": int(sums["masked_tokens"])}
+        if cfg.nsp:
+            entry |= {"nsp_loss": sums["nsp_loss"] / max(sums["pairs"], 1.0),
+                      "nsp_accuracy": sums["nsp_accuracy"] / max(sums["pairs"], 1.0), "pairs": int(sums["pairs"])}
         log["history"].append(entry)
         run.log({"kind": "eval", **entry})
-        print(f"step {step}: held-out MLM loss {entry['mlm_loss']:.4f}, accuracy {entry['mlm_accuracy']:.4f}",
+        print(f"step {step}: held-out MLM loss {entry['mlm_loss']:.4f}, accuracy {entry['mlm_accuracy']:.4f}"
+              + (f"; NSP loss {entry['nsp_loss']:.4f}, accuracy {entry['nsp_accuracy']:.4f}" if cfg.nsp else ""),
               flush=True)
 
     # 3. The run's state: (params, opt_state, step) plus where the data is (epoch, batch) and the log.
@@ -254,8 +334,11 @@ def train(run: Run, cfg: MlmConfig) -> int:
         """The shuffled batches of ``epoch`` (the last one's only: an epoch is a pure function of its number)."""
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = make_batches(ids, None, cfg.batch_size, buckets, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                        pad_id=tokenizer.pad_id, drop_last=len(ids) >= cfg.batch_size)
+            kw = {"shuffle": True, "seed": cfg.seed, "epoch": epoch, "drop_last": len(ids) >= cfg.batch_size}
+            if cfg.nsp:
+                cache[epoch] = pair_batches(epoch_pairs(epoch), cfg.batch_size, buckets, tokenizer.pad_id, **kw)
+            else:
+                cache[epoch] = make_batches(ids, None, cfg.batch_size, buckets, pad_id=tokenizer.pad_id, **kw)
         return cache[epoch]
 
     # 4. The steps: each masks its batch afresh from its own key; SIGINT/SIGTERM finish the step and checkpoint.
@@ -273,7 +356,8 @@ def train(run: Run, cfg: MlmConfig) -> int:
             loss = float(m["loss"])
             step, log["batch"], log["train_s"] = step + 1, log["batch"] + 1, log["train_s"] + time.time() - t
             log["losses"].append(loss)
-            run.log({"kind": "train", "step": step, "epoch": log["epoch"], "loss": loss, "lr": float(m["lr"])})
+            run.log({"kind": "train", "step": step, "epoch": log["epoch"], "loss": loss, "lr": float(m["lr"]),
+                     **({k: float(m[k]) for k in ("mlm_loss", "nsp_loss")} if cfg.nsp else {})})
             bar.update(loss=f"{sum(log['losses'][-20:]) / len(log['losses'][-20:]):.3f}", lr=f"{float(m['lr']):.1e}")
             if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
                 evaluate()
@@ -282,28 +366,36 @@ def train(run: Run, cfg: MlmConfig) -> int:
             if stop.requested and step < cfg.steps:
                 return run.stopped(step, cfg.steps, stop.requested)
 
-    # 5. The outputs: a BertForMaskedLM checkpoint (with the source's pooler), metrics, model card.
+    # 5. The outputs: a BertForMaskedLM checkpoint (with the source's pooler) or, with --nsp, a
+    #    BertForPreTraining one; metrics, model card.
     history = log["history"]
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in PER_SESSION}
     metrics = {"history": history, "train_loss_per_step": log["losses"], "train_seconds": log["train_s"],
-               "fresh_mlm_head": fresh, "source": str(cfg.weights), "texts": len(ids), "held_out": n_eval,
+               "fresh_mlm_head": "mlm" in fresh, "source": str(cfg.weights), "texts": len(ids), "held_out": n_eval,
                "args": settings, "fnlm": fnlm.__version__}
+    if cfg.nsp:
+        metrics |= {"fresh_nsp_head": "nsp" in fresh, "texts": len(train_texts), "pairs_per_epoch": len(ids)}
     if pooler is not None:
         params["bert"]["pooler"] = pooler
     first, last = (history[0], history[-1]) if history else ({}, {})
     with run.finish(ckpts) as tmp:
-        save_bert(params, bcfg, tmp, head="mlm", tokenizer_dir=cfg.weights)
+        save_bert(params, bcfg, tmp, head="pretraining" if cfg.nsp else "mlm", tokenizer_dir=cfg.weights)
         write_json(metrics, tmp / "metrics.json")
+        objective_text = "masked-language-model + next-sentence-prediction" if cfg.nsp else "masked-language-model"
         (tmp / "README.md").write_text(model_card(
             name=run.out.name, base_model=str(cfg.weights), dataset="imdb", task="fill-mask",
-            metrics={k: last[k] for k in ("mlm_loss", "mlm_accuracy") if k in last}, hyperparameters=settings,
-            description=f"{cfg.weights.name} with {step} steps of continued masked-language-model pretraining "
-                        f"(fnlm) on {len(ids)} IMDb training reviews; evaluated on {n_eval} held-out ones."),
+            metrics={k: last[k] for k in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy") if k in last},
+            hyperparameters=settings,
+            description=f"{cfg.weights.name} with {step} steps of continued {objective_text} pretraining "
+                        f"(fnlm) on {metrics['texts']} IMDb training reviews; evaluated on {n_eval} held-out ones."),
             encoding="utf-8")
     print(f"pretrained {step} steps in {log['train_s']:.0f}s"
           + (f"; held-out MLM loss {first['mlm_loss']:.4f} -> {last['mlm_loss']:.4f}, accuracy "
              f"{first['mlm_accuracy']:.4f} -> {last['mlm_accuracy']:.4f}" if history else "")
-          + f"; wrote {run.out}/ (BertForMaskedLM layout) in {time.time() - t_start:.0f}s")
+          + (f"; NSP loss {first['nsp_loss']:.4f} -> {last['nsp_loss']:.4f}, accuracy {first['nsp_accuracy']:.4f} "
+             f"-> {last['nsp_accuracy']:.4f}" if history and cfg.nsp else "")
+          + f"; wrote {run.out}/ ({'BertForPreTraining' if cfg.nsp else 'BertForMaskedLM'} layout) in "
+            f"{time.time() - t_start:.0f}s")
     return 0
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from fnlm import random
 from fnlm.data import load_tokenizer
-from fnlm.models import bert_mlm, load_bert
+from fnlm.models import bert_mlm, bert_pretraining, load_bert
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -215,6 +215,92 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_bert, minilm_dir, archive
         assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
 
 
+@pytest.fixture(scope="module")
+def pair_archive(tmp_path_factory) -> Path:
+    """As ``archive``, with reviews of six sentences (next-sentence pairs need two or more); the test
+    reviews are again not UTF-8."""
+    base = tmp_path_factory.mktemp("imdb_pairs")
+    g = torch.Generator().manual_seed(1)
+    for split in ("train", "test"):
+        for sent, rating in (("pos", 8), ("neg", 2)):
+            d = base / "aclImdb" / split / sent
+            d.mkdir(parents=True)
+            for i in range(10):
+                text = " ".join(" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (6,), generator=g).tolist())
+                                + "." for _ in range(6))
+                (d / f"{i}_{rating}.txt").write_bytes(text.encode() if split == "train" else b"\xff\xfe test \x80")
+    path = base / "aclImdb_v1.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(base / "aclImdb", arcname="aclImdb")
+    shutil.rmtree(base / "aclImdb")
+    return path
+
+
+def test_nsp_run_saves_a_bert_for_pretraining_with_equal_logits(tiny_bert, pair_archive, tmp_path):
+    """--nsp: the losses and held-out NSP accuracy are logged; the output loads in transformers as
+    BertForPreTraining (no missing or unexpected keys) and its MLM and NSP logits on a sentence
+    pair equal fnlm's."""
+    out = tmp_path / "nsp"
+    p = run(*tiny(pair_archive, tiny_bert), "--nsp", "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "has no NSP head (cls.seq_relationship)" in p.stdout and "BertForPreTraining layout" in p.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    hist = metrics["history"]
+    assert [h["step"] for h in hist] == [0, 2, 4] and metrics["fresh_nsp_head"] is True
+    for h in hist:
+        assert {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"} <= h.keys() and h["pairs"] >= 2
+        assert 0 <= h["nsp_accuracy"] <= 1 and h["nsp_loss"] > 0
+    logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:  # the step's loss is L_MLM + L_NSP
+        assert abs(r["loss"] - (r["mlm_loss"] + r["nsp_loss"])) <= 1e-5 * r["loss"]
+    assert [r["nsp_accuracy"] for r in logged if r["kind"] == "eval"] == [h["nsp_accuracy"] for h in hist]
+    assert json.loads((out / "run_config.json").read_text())["nsp"] is True
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
+
+    hf, info = transformers.BertForPreTraining.from_pretrained(str(out), output_loading_info=True,
+                                                               attn_implementation="eager")
+    assert not any(info.values()), info
+    hf_tok = transformers.BertTokenizerFast.from_pretrained(str(out))
+    b = hf_tok(["the film was great .", "a boring plot"], ["i would watch it again .", "the cast was bad ."],
+               padding=True, return_tensors="pt")
+    assert b["token_type_ids"].any()
+    with torch.no_grad():
+        ref = hf.eval()(**b)
+    params, cfg = load_bert(out, head="pretraining")
+    mlm, nsp = bert_pretraining(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
+                                token_type_ids=b["token_type_ids"])
+    assert (nsp - ref.seq_relationship_logits).abs().max() <= 1e-5
+    assert (mlm - ref.prediction_logits).abs().max() <= 1e-4
+
+
+def test_nsp_sigint_then_resume_is_exact_and_keeps_nsp(tiny_bert, pair_archive, tmp_path):
+    """A stopped --nsp run: --resume refuses --no-nsp naming it, then ends bitwise as the
+    uninterrupted run (the pairs are redrawn each epoch from the seed, so the data order resumes too)."""
+    args = tiny(pair_archive, tiny_bert, steps=60) + ["--nsp", "--eval-every", 30, "--save-every", 3]
+    ref = tmp_path / "ref"
+    p = run(*args, "--out", ref)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ma = json.loads((ref / "metrics.json").read_text())
+    assert 3 * ma["pairs_per_epoch"] < 60 * 4  # three epochs or more: the resumed run crosses epochs
+    out, ck = tmp_path / "nsp", tmp_path / ".nsp.partial" / "checkpoints"
+    p = popen(*args, "--out", out)
+    wait_for(ck / "step-00000003", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-2000:]
+    assert not out.exists() and 3 <= int(sorted(ck.glob("step-*"))[-1].name[5:]) < 60
+    p = run("--resume", out, "--no-nsp", "--no-compile")
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "--nsp differs" in p.stderr, p.stderr
+    p = run("--resume", out, "--no-compile")
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    ta, tb = (load_file(d / "model.safetensors") for d in (ref, out))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    mb = json.loads((out / "metrics.json").read_text())
+    assert ma["history"] == mb["history"] and ma["train_loss_per_step"] == mb["train_loss_per_step"]
+
+
 @pytest.mark.slow
 def test_pretrain_minilm_briefly_then_finetune(imdb_archive, minilm_dir, tmp_path):
     """MiniLM's fresh MLM head learns in-domain (held-out loss falls), and finetune_imdb.py fine-tunes the result."""
@@ -230,3 +316,19 @@ def test_pretrain_minilm_briefly_then_finetune(imdb_archive, minilm_dir, tmp_pat
     assert f.returncode == 0, f.stderr[-2000:]
     acc = float(re.search(r"test accuracy (\d\.\d+)", f.stdout)[1])
     assert acc >= 0.70, f.stdout[-1000:]  # chance 0.5; MiniLM itself reaches >= 0.80 on 1,000 at 256 tokens
+
+
+@pytest.mark.slow
+def test_nsp_minilm_briefly(imdb_archive, minilm_dir, tmp_path):
+    """A short --nsp run of MiniLM on real reviews: the held-out MLM loss falls and the held-out NSP
+    metrics are reported on pairs from the held-out training reviews. NOT yet proven: NSP accuracy
+    above chance (measured 0.50 on 188 held-out pairs after 30 steps of 16 at 64 tokens, lr 3e-4
+    and 1e-3: MiniLM has no NSP head and its pooled [CLS] needs more steps than a short test allows)."""
+    out = tmp_path / "nsp"
+    p = run("--data", imdb_archive, "--weights", minilm_dir, "--nsp", "--steps", 15, "--batch-size", 16,
+            "--max-len", 64, "--train-size", 400, "--eval-size", 50, "--eval-every", 15, "--lr", 1e-4,
+            "--no-compile", "--out", out, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"] - 0.5 and hist[-1]["pairs"] >= 100
+    assert 0.0 <= hist[-1]["nsp_accuracy"] <= 1.0
