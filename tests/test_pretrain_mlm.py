@@ -316,19 +316,3 @@ def test_pretrain_minilm_briefly_then_finetune(imdb_archive, minilm_dir, tmp_pat
     assert f.returncode == 0, f.stderr[-2000:]
     acc = float(re.search(r"test accuracy (\d\.\d+)", f.stdout)[1])
     assert acc >= 0.70, f.stdout[-1000:]  # chance 0.5; MiniLM itself reaches >= 0.80 on 1,000 at 256 tokens
-
-
-@pytest.mark.slow
-def test_nsp_minilm_briefly(imdb_archive, minilm_dir, tmp_path):
-    """A short --nsp run of MiniLM on real reviews: the held-out MLM loss falls and the held-out NSP
-    metrics are reported on pairs from the held-out training reviews. NOT yet proven: NSP accuracy
-    above chance (measured 0.50 on 188 held-out pairs after 30 steps of 16 at 64 tokens, lr 3e-4
-    and 1e-3: MiniLM has no NSP head and its pooled [CLS] needs more steps than a short test allows)."""
-    out = tmp_path / "nsp"
-    p = run("--data", imdb_archive, "--weights", minilm_dir, "--nsp", "--steps", 15, "--batch-size", 16,
-            "--max-len", 64, "--train-size", 400, "--eval-size", 50, "--eval-every", 15, "--lr", 1e-4,
-            "--no-compile", "--out", out, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    hist = json.loads((out / "metrics.json").read_text())["history"]
-    assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"] - 0.5 and hist[-1]["pairs"] >= 100
-    assert 0.0 <= hist[-1]["nsp_accuracy"] <= 1.0
