@@ -12,6 +12,7 @@ run id are taken once, before the first save (:meth:`RunCheckpoints.start`). Rep
 max), the bytes written, and, given the seconds per training step, the share of training that
 checkpointing every ``--every`` steps costs: ``t_save / (every * t_step + t_save)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     params, _ = load_bert(args.weights, head="classifier", num_labels=2, head_key=random.key(0))
-    opt = optim.chain(optim.clip_by_global_norm(1.0),
-                      optim.inject_hyperparams(optim.adamw)(lr=optim.constant(1e-4), weight_decay=0.01))
+    opt = optim.chain(
+        optim.clip_by_global_norm(1.0),
+        optim.inject_hyperparams(optim.adamw)(lr=optim.constant(1e-4), weight_decay=0.01),
+    )
     opt_state = opt.init(params)
     extra = {"epoch": 1, "batch": 100, "step_losses": [0.5] * 1000}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -54,13 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         assert state is not None and state.step == args.saves
         run.close()
     s = run.seconds
-    print(f"{args.weights.name}: checkpoint {size / 1e6:.0f} MB (+ {best / 1e6:.0f} MB of best params when they changed)")
-    print(f"save (train state + best params + sha256 + rename + prune), {len(s)} saves: median {statistics.median(s):.2f}s, "
-          f"min {min(s):.2f}s, max {max(s):.2f}s; restore (verify + load): {restore_s:.2f}s")
+    print(
+        f"{args.weights.name}: checkpoint {size / 1e6:.0f} MB (+ {best / 1e6:.0f} MB of best params when they changed)"
+    )
+    print(
+        f"save (train state + best params + sha256 + rename + prune), {len(s)} saves: median {statistics.median(s):.2f}s, "
+        f"min {min(s):.2f}s, max {max(s):.2f}s; restore (verify + load): {restore_s:.2f}s"
+    )
     if args.step_seconds:
         t = statistics.median(s)
-        print(f"every {args.every} steps at {args.step_seconds:.2f}s/step: {t / (args.every * args.step_seconds + t):.2%} "
-              "of training time")
+        print(
+            f"every {args.every} steps at {args.step_seconds:.2f}s/step: {t / (args.every * args.step_seconds + t):.2%} "
+            "of training time"
+        )
     return 0
 
 

@@ -22,6 +22,7 @@ Compilation and export are timed separately and not counted in reviews/s. The re
 ``--chunks`` slices and the variants take turns slice by slice, so a change in machine load hits all
 of them alike. Measure on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,21 +36,36 @@ import torch
 from fnlm import random
 from fnlm.data import html_clean, load_imdb_splits, load_tokenizer, subset
 from fnlm.io import ensure_minilm
-from fnlm.models import (TextClassifier, export_classifier, load_bert, load_classifier_package, save_bert,
-                         text_classifier)
+from fnlm.models import (
+    TextClassifier,
+    export_classifier,
+    load_bert,
+    load_classifier_package,
+    save_bert,
+    text_classifier,
+)
 from fnlm.nn import quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 IMDB = ROOT.parent / "shared" / "data" / "aclImdb_v1_labelled.tar.gz"
 VARIANTS = ("fp32", "dyn_int8", "dyn_int8_compiled", "dyn_int8_package", "bf16_package", "hf_fp32", "ao_int8")
-PACKAGES = {"dyn_int8_package": dict(int8="dynamic", dtype=torch.float32),
-            "bf16_package": dict(int8=False, dtype=torch.bfloat16)}
+PACKAGES = {
+    "dyn_int8_package": dict(int8="dynamic", dtype=torch.float32),
+    "bf16_package": dict(int8=False, dtype=torch.bfloat16),
+}
 
 
 def hf_classifier(run, tokenizer, cfg, max_len: int) -> TextClassifier:
     """A :class:`TextClassifier` over a ``transformers`` model call, so it batches and tokenizes as fnlm's."""
-    return TextClassifier(run=run, tokenizer=tokenizer, labels=cfg.labels, max_len=max_len, truncation="head",
-                          head_tokens=None, meta={"form": "hf"})
+    return TextClassifier(
+        run=run,
+        tokenizer=tokenizer,
+        labels=cfg.labels,
+        max_len=max_len,
+        truncation="head",
+        head_tokens=None,
+        meta={"form": "hf"},
+    )
 
 
 def main() -> None:
@@ -61,7 +77,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--chunks", type=int, default=4, help="slices the variants take turns on")
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    ap.add_argument("--packages", type=Path, help="where to write (or reuse) the exported packages (default: a temp dir)")
+    ap.add_argument(
+        "--packages", type=Path, help="where to write (or reuse) the exported packages (default: a temp dir)"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     only = args.only.split(",")
@@ -74,9 +92,12 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     test = subset(load_imdb_splits(args.data, splits=("test",))["test"], args.reviews, seed=0)
     texts, labels = [html_clean(t) for t in test.texts], torch.tensor(test.labels)
-    print(f"model {model_dir}{'' if args.model else ' (random head: accuracy is chance)'}; {len(texts)} IMDb test "
-          f"reviews, {args.max_len} tokens, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}", flush=True)
+    print(
+        f"model {model_dir}{'' if args.model else ' (random head: accuracy is chance)'}; {len(texts)} IMDb test "
+        f"reviews, {args.max_len} tokens, batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
 
     classify, setup_s = {}, {}
     qparams = quantize_int8(params)
@@ -87,7 +108,7 @@ def main() -> None:
     if "dyn_int8_compiled" in only:
         t0 = time.perf_counter()
         clf = text_classifier(qparams, cfg, tokenizer, max_len=args.max_len, compile=True)
-        clf.predict_proba(texts[:2 * args.batch], batch_size=args.batch)
+        clf.predict_proba(texts[: 2 * args.batch], batch_size=args.batch)
         setup_s["dyn_int8_compiled"] = time.perf_counter() - t0
         classify["dyn_int8_compiled"] = clf.predict_proba
     pkg_root = args.packages or Path(tempfile.mkdtemp(prefix="fnlm-dynamic-int8-"))
@@ -99,7 +120,7 @@ def main() -> None:
         if not (path / "export.json").is_file():
             export_classifier(params, cfg, tokenizer, path, max_len=args.max_len, truncation="head", form="aoti", **kw)
         clf = load_classifier_package(path)
-        clf.predict_proba(texts[:args.batch], batch_size=args.batch)
+        clf.predict_proba(texts[: args.batch], batch_size=args.batch)
         setup_s[name] = time.perf_counter() - t0
         classify[name] = clf.predict_proba
     if "hf_fp32" in only or "ao_int8" in only:
@@ -109,17 +130,20 @@ def main() -> None:
             save_bert(params, cfg, d)
             hf_model = BertForSequenceClassification.from_pretrained(d, attn_implementation="sdpa").eval()
         if "hf_fp32" in only:
-            classify["hf_fp32"] = hf_classifier(lambda i, m: hf_model(input_ids=i, attention_mask=m).logits,
-                                                tokenizer, cfg, args.max_len).predict_proba
+            classify["hf_fp32"] = hf_classifier(
+                lambda i, m: hf_model(input_ids=i, attention_mask=m).logits, tokenizer, cfg, args.max_len
+            ).predict_proba
         if "ao_int8" in only:
             t0 = time.perf_counter()
             import copy
 
-            ao_model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf_model), {torch.nn.Linear},
-                                                              dtype=torch.qint8)
+            ao_model = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(hf_model), {torch.nn.Linear}, dtype=torch.qint8
+            )
             setup_s["ao_int8"] = time.perf_counter() - t0
-            classify["ao_int8"] = hf_classifier(lambda i, m: ao_model(input_ids=i, attention_mask=m).logits,
-                                                tokenizer, cfg, args.max_len).predict_proba
+            classify["ao_int8"] = hf_classifier(
+                lambda i, m: ao_model(input_ids=i, attention_mask=m).logits, tokenizer, cfg, args.max_len
+            ).predict_proba
     for name in only:  # the table's order
         classify[name] = classify.pop(name)
 
@@ -128,7 +152,7 @@ def main() -> None:
     seconds = {k: 0.0 for k in classify}
     probs = {k: [] for k in classify}
     for c in range(args.chunks):
-        chunk = texts[bounds[c]:bounds[c + 1]]
+        chunk = texts[bounds[c] : bounds[c + 1]]
         for name, fn in classify.items():
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -139,7 +163,9 @@ def main() -> None:
 
     ref = torch.cat(probs["fp32"]) if "fp32" in probs else None
     base = n / seconds["fp32"] if "fp32" in seconds else None
-    print(f"\n{'variant':<18} {'reviews/s':>10} {'x fp32':>7} {'accuracy':>9} {'= fp32':>7} {'max |dp|':>9} {'setup s':>8}")
+    print(
+        f"\n{'variant':<18} {'reviews/s':>10} {'x fp32':>7} {'accuracy':>9} {'= fp32':>7} {'max |dp|':>9} {'setup s':>8}"
+    )
     for name in classify:
         p = torch.cat(probs[name])
         rate = n / seconds[name]

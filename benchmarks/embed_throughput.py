@@ -17,6 +17,7 @@ compiled again) and the ratio is taken within the run. The embeddings are compar
 
     python benchmarks/embed_throughput.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --n 2000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,9 +83,11 @@ def main() -> None:
 
     rows = []
     for r in range(1 + args.repeats):
-        runs = [("sentence-transformers encode", lambda: st_encode(texts)),
-                ("fnlm compiled", lambda: fnlm_encode(compiled, texts)[0]),
-                ("fnlm compiled, bf16 autocast", lambda: fnlm_encode(compiled_bf16, texts)[0])]
+        runs = [
+            ("sentence-transformers encode", lambda: st_encode(texts)),
+            ("fnlm compiled", lambda: fnlm_encode(compiled, texts)[0]),
+            ("fnlm compiled, bf16 autocast", lambda: fnlm_encode(compiled_bf16, texts)[0]),
+        ]
         if r == 0 and not args.no_eager:
             runs.append(("fnlm eager", lambda: fnlm_encode(eager, texts)[0]))
         for name, fn in runs:
@@ -97,15 +100,19 @@ def main() -> None:
     best = {}
     for n, s, e in rows:
         best[n] = min(best.get(n, float("inf")), s)
-    print(f"\nall-MiniLM-L6-v2 sentence embeddings of {args.n} IMDb train reviews, max_len {args.max_len}, batch "
-          f"{args.batch_size}, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, fnlm {fnlm.__version__}; buckets {buckets}; compile {compile_s:.0f}s (not in the pass)")
+    print(
+        f"\nall-MiniLM-L6-v2 sentence embeddings of {args.n} IMDb train reviews, max_len {args.max_len}, batch "
+        f"{args.batch_size}, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, fnlm {fnlm.__version__}; buckets {buckets}; compile {compile_s:.0f}s (not in the pass)"
+    )
     print(f"| {'implementation':30s} | seconds | reviews/s | vs sentence-transformers | max abs diff | min cosine |")
     print(f"|{'-' * 32}|---------|-----------|--------------------------|--------------|------------|")
     for n in best:
         e = [x for m, _, x in rows if m == n][0]
-        print(f"| {n:30s} | {best[n]:7.1f} | {args.n / best[n]:9.1f} | {best['sentence-transformers encode'] / best[n]:23.2f}x "
-              f"| {float((e - ref).abs().max()):.1e} | {float((e * ref).sum(-1).min()):.6f} |")
+        print(
+            f"| {n:30s} | {best[n]:7.1f} | {args.n / best[n]:9.1f} | {best['sentence-transformers encode'] / best[n]:23.2f}x "
+            f"| {float((e - ref).abs().max()):.1e} | {float((e * ref).sum(-1).min()):.6f} |"
+        )
 
 
 if __name__ == "__main__":

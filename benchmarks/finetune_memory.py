@@ -19,6 +19,7 @@ peak-RSS counter restarted (``/proc/self/clear_refs``), so the peak reported is 
 own memory is the peak minus the RSS before the steps). The max RSS including compilation is
 printed too. Step time: median of the timed steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def batch_of(cfg: fnlm.BertConfig, b: int, n: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1000, cfg.vocab_size, (b, n), generator=g),
-            "attention_mask": torch.ones(b, n, dtype=torch.long), "labels": torch.randint(0, 2, (b,), generator=g)}
+    return {
+        "input_ids": torch.randint(1000, cfg.vocab_size, (b, n), generator=g),
+        "attention_mask": torch.ones(b, n, dtype=torch.long),
+        "labels": torch.randint(0, 2, (b,), generator=g),
+    }
 
 
 def timed(step, state, batch, key):
@@ -54,8 +58,9 @@ def timed(step, state, batch, key):
 
 
 def run_lora(args) -> None:
-    params, cfg = fnlm.load_bert(ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2"), head="classifier",
-                                 head_key=random.key(0))
+    params, cfg = fnlm.load_bert(
+        ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2"), head="classifier", head_key=random.key(0)
+    )
     batch = batch_of(cfg, args.batch, args.seq)
 
     def full_loss(p, b, key):
@@ -66,15 +71,20 @@ def run_lora(args) -> None:
     trainable = {"head": head, "lora": fnlm.init_lora(random.key(1), params, lcfg)}
 
     def lora_loss(tr, b, key):
-        return fnlm.classifier_loss(fnlm.merge_lora(combine(tr["head"], frozen), tr["lora"], lcfg), b, cfg,
-                                    key=key, train=True)
+        return fnlm.classifier_loss(
+            fnlm.merge_lora(combine(tr["head"], frozen), tr["lora"], lcfg), b, cfg, key=key, train=True
+        )
 
     opt = optim.adamw(2e-5)
-    variants = {"full": (fnlm.make_train_step(full_loss, opt), [params, opt.init(params)]),
-                "lora": (fnlm.make_train_step(lora_loss, opt), [trainable, opt.init(trainable)])}
+    variants = {
+        "full": (fnlm.make_train_step(full_loss, opt), [params, opt.init(params)]),
+        "lora": (fnlm.make_train_step(lora_loss, opt), [trainable, opt.init(trainable)]),
+    }
     if args.inline:  # the alternative design: the projections add (x A) B themselves (q/k/v targets only)
-        variants["lora-inline"] = (fnlm.make_train_step(inline_lora_loss(cfg, frozen, lcfg), opt),
-                                   [trainable, opt.init(trainable)])
+        variants["lora-inline"] = (
+            fnlm.make_train_step(inline_lora_loss(cfg, frozen, lcfg), opt),
+            [trainable, opt.init(trainable)],
+        )
     times: dict[str, list[float]] = {k: [] for k in variants}
     t0 = time.perf_counter()
     for i in range(args.warmup + args.steps):
@@ -85,11 +95,15 @@ def run_lora(args) -> None:
                 times[name].append(dt)
     n_all, n_train = num_params(params), num_params(trainable)
     full, lora = statistics.median(times["full"]), statistics.median(times["lora"])
-    print(f"model all-MiniLM-L6-v2 ({n_all / 1e6:.1f} M params), batch {args.batch} x {args.seq}, CPU, "
-          f"{torch.get_num_threads()} threads, {args.steps} timed steps each, interleaved "
-          f"(run took {time.perf_counter() - t0:.0f} s incl. compiles)")
-    print(f"LoRA r={args.rank} alpha={2 * args.rank} on {lcfg.targets}: trainable {n_train} of {n_all} "
-          f"= {100 * n_train / n_all:.2f}% (adapters {num_params(trainable['lora'])}, head {num_params(head)})")
+    print(
+        f"model all-MiniLM-L6-v2 ({n_all / 1e6:.1f} M params), batch {args.batch} x {args.seq}, CPU, "
+        f"{torch.get_num_threads()} threads, {args.steps} timed steps each, interleaved "
+        f"(run took {time.perf_counter() - t0:.0f} s incl. compiles)"
+    )
+    print(
+        f"LoRA r={args.rank} alpha={2 * args.rank} on {lcfg.targets}: trainable {n_train} of {n_all} "
+        f"= {100 * n_train / n_all:.2f}% (adapters {num_params(trainable['lora'])}, head {num_params(head)})"
+    )
     print("| step | median s | min s |\n|---|---|---|")
     for k in times:
         print(f"| {k} | {statistics.median(times[k]):.3f} | {min(times[k]):.3f} |")
@@ -146,8 +160,17 @@ def run_remat_variant(args) -> None:
         new_state, dt = timed(step, state, batch, random.key(i))
         state = list(new_state)
         times.append(dt)
-    print(json.dumps({"variant": args.variant, "peak_mib": peak_rss(), "before_mib": base,
-                      "max_rss_with_compile_mib": compile_rss, "step_s": statistics.median(times)}))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "peak_mib": peak_rss(),
+                "before_mib": base,
+                "max_rss_with_compile_mib": compile_rss,
+                "step_s": statistics.median(times),
+            }
+        )
+    )
 
 
 def _status_mib(field: str) -> float:
@@ -178,8 +201,21 @@ def peak_rss() -> float:
 def run_remat(args) -> None:
     rows = []
     for variant in ("none", "nothing"):
-        cmd = [sys.executable, __file__, "remat-variant", "--variant", variant, "--layers", str(args.layers),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "remat-variant",
+            "--variant",
+            variant,
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+        ]
         if args.eager:
             cmd.append("--eager")
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,18 +223,26 @@ def run_remat(args) -> None:
             raise SystemExit(f"variant {variant} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     mode = "eager" if args.eager else "compiled"
-    print(f"BERT-base widths, {args.layers} layers, batch {args.batch} x {args.seq}, {mode} step, AdamW, CPU, "
-          f"each variant in its own process (max RSS after 1 warm-up + {args.steps} steps)")
-    print("| remat | peak RSS during the steps MiB | RSS before them MiB | step's own MiB | max RSS incl. compile MiB | step s |\n"
-          "|---|---|---|---|---|---|")
+    print(
+        f"BERT-base widths, {args.layers} layers, batch {args.batch} x {args.seq}, {mode} step, AdamW, CPU, "
+        f"each variant in its own process (max RSS after 1 warm-up + {args.steps} steps)"
+    )
+    print(
+        "| remat | peak RSS during the steps MiB | RSS before them MiB | step's own MiB | max RSS incl. compile MiB | step s |\n"
+        "|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['variant']} | {r['peak_mib']:.0f} | {r['before_mib']:.0f} | {r['peak_mib'] - r['before_mib']:.0f} | "
-              f"{r['max_rss_with_compile_mib']:.0f} | {r['step_s']:.2f} |")
+        print(
+            f"| {r['variant']} | {r['peak_mib']:.0f} | {r['before_mib']:.0f} | {r['peak_mib'] - r['before_mib']:.0f} | "
+            f"{r['max_rss_with_compile_mib']:.0f} | {r['step_s']:.2f} |"
+        )
     base, rem = rows
-    print(f"peak RSS during the steps: {100 * (1 - rem['peak_mib'] / base['peak_mib']):.1f}% lower with remat "
-          f"(the step's own memory above what was resident before: "
-          f"{100 * (1 - (rem['peak_mib'] - rem['before_mib']) / (base['peak_mib'] - base['before_mib'])):.1f}% lower); "
-          f"step time: {100 * (rem['step_s'] / base['step_s'] - 1):+.1f}%")
+    print(
+        f"peak RSS during the steps: {100 * (1 - rem['peak_mib'] / base['peak_mib']):.1f}% lower with remat "
+        f"(the step's own memory above what was resident before: "
+        f"{100 * (1 - (rem['peak_mib'] - rem['before_mib']) / (base['peak_mib'] - base['before_mib'])):.1f}% lower); "
+        f"step time: {100 * (rem['step_s'] / base['step_s'] - 1):+.1f}%"
+    )
 
 
 def main() -> None:
@@ -213,8 +257,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--variant", default="none")
     ap.add_argument("--eager", action="store_true", help="remat: measure the eager step instead")
-    ap.add_argument("--inline", action="store_true",
-                    help="lora: also time LoRA computed inside the attention projections (the alternative design)")
+    ap.add_argument(
+        "--inline",
+        action="store_true",
+        help="lora: also time LoRA computed inside the attention projections (the alternative design)",
+    )
     args = ap.parse_args()
     if args.what == "lora":
         args.batch, args.seq, args.steps = args.batch or 16, args.seq or 256, args.steps or 5

@@ -21,6 +21,7 @@ Training: the configuration of ``examples/pretrain_gpt.py`` (4 layers, d_model 1
     python benchmarks/generate.py --threads 1 --only decode
     python benchmarks/generate.py --device cuda --dtype bf16 --only decode   (untested here: no GPU)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,11 +74,15 @@ def bench_decode(args) -> None:
     param_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(params))
     n_params = sum(t.numel() for t in tree_leaves(params))
     bw = copy_bandwidth_gbs(args.device)
-    print(f"GPT-2 small: {n_params / 1e6:.1f}M parameters ({param_bytes / 1e6:.0f} MB in {args.dtype}); "
-          f"measured copy bandwidth {bw:.1f} GB/s; {args.prompt}-token prompt, {args.new} new tokens, greedy; "
-          f"device {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'fnlm compiled tok/s':>20} {'(BLAS products)':>16} {'HF generate tok/s':>18} "
-          f"{'fnlm / HF':>9} {'bound tok/s':>11} {'fnlm / bound':>12}")
+    print(
+        f"GPT-2 small: {n_params / 1e6:.1f}M parameters ({param_bytes / 1e6:.0f} MB in {args.dtype}); "
+        f"measured copy bandwidth {bw:.1f} GB/s; {args.prompt}-token prompt, {args.new} new tokens, greedy; "
+        f"device {args.device}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'batch':>5} {'fnlm compiled tok/s':>20} {'(BLAS products)':>16} {'HF generate tok/s':>18} "
+        f"{'fnlm / HF':>9} {'bound tok/s':>11} {'fnlm / bound':>12}"
+    )
     for batch in args.batches:
         prompt = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
 
@@ -86,10 +91,17 @@ def bench_decode(args) -> None:
 
         def run_hf():
             with torch.no_grad():
-                out = hf.generate(prompt.to(args.device), attention_mask=torch.ones_like(prompt).to(args.device),
-                                  max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None, use_cache=True)
-            return out[:, args.prompt:].tolist()
+                out = hf.generate(
+                    prompt.to(args.device),
+                    attention_mask=torch.ones_like(prompt).to(args.device),
+                    max_new_tokens=args.new,
+                    min_new_tokens=args.new,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                    use_cache=True,
+                )
+            return out[:, args.prompt :].tolist()
 
         runners = {"fnlm": run_fnlm, "hf": run_hf}
         if batch == 1 and args.device == "cpu":
@@ -107,23 +119,36 @@ def bench_decode(args) -> None:
         tps = {k: batch * args.new / statistics.median(v) for k, v in times.items()}
         bound = batch * bw * 1e9 / param_bytes
         blas = f"{tps['blas']:>16.1f}" if "blas" in tps else f"{'':>16}"
-        print(f"{batch:>5} {tps['fnlm']:>20.1f} {blas} {tps['hf']:>18.1f} {tps['fnlm'] / tps['hf']:>8.2f}x "
-              f"{bound:>11.1f} {tps['fnlm'] / bound:>11.1%}" + ("" if same else "   (tokens DIFFER from HF)"))
+        print(
+            f"{batch:>5} {tps['fnlm']:>20.1f} {blas} {tps['hf']:>18.1f} {tps['fnlm'] / tps['hf']:>8.2f}x "
+            f"{bound:>11.1f} {tps['fnlm'] / bound:>11.1%}" + ("" if same else "   (tokens DIFFER from HF)")
+        )
 
 
 def bench_train(args) -> None:
     V, T, B, D, L, H = 512, 128, 16, 128, 4, 4
     torch.manual_seed(0)
-    hc = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=D, n_layer=L, n_head=H, resid_pdrop=0.0,
-                                 embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hc = transformers.GPT2Config(
+        vocab_size=V,
+        n_positions=T,
+        n_embd=D,
+        n_layer=L,
+        n_head=H,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf = transformers.GPT2LMHeadModel(hc).train().to(args.device)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         params, cfg = load_gpt2(d, device=args.device)
     batch = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
-    opt = optim.chain(optim.clip_by_global_norm(1.0),
-                      optim.inject_hyperparams(optim.adamw)(lr=optim.cosine(1e-3, 1000, warmup_steps=10),
-                                                            weight_decay=0.1))
+    opt = optim.chain(
+        optim.clip_by_global_norm(1.0),
+        optim.inject_hyperparams(optim.adamw)(lr=optim.cosine(1e-3, 1000, warmup_steps=10), weight_decay=0.1),
+    )
     state = opt.init(params)
     step = make_train_step(lambda p, b, k: (lm_loss(p, b, cfg, key=k, train=True), {}), opt)
     torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.1)
@@ -155,10 +180,14 @@ def bench_train(args) -> None:
             sync(args.device)
             times[name].append(time.perf_counter() - t)
     tps = {k: B * T / statistics.median(v) for k, v in times.items()}
-    print(f"\ntraining, examples/pretrain_gpt.py shape ({L} layers, d_model {D}, vocab {V}, batch {B} x {T}), "
-          f"median of {args.train_steps} interleaved steps:")
-    print(f"  fnlm compiled step {tps['fnlm']:,.0f} tokens/s, HF + torch.optim.AdamW eager {tps['hf']:,.0f} tokens/s: "
-          f"{tps['fnlm'] / tps['hf']:.2f}x")
+    print(
+        f"\ntraining, examples/pretrain_gpt.py shape ({L} layers, d_model {D}, vocab {V}, batch {B} x {T}), "
+        f"median of {args.train_steps} interleaved steps:"
+    )
+    print(
+        f"  fnlm compiled step {tps['fnlm']:,.0f} tokens/s, HF + torch.optim.AdamW eager {tps['hf']:,.0f} tokens/s: "
+        f"{tps['fnlm'] / tps['hf']:.2f}x"
+    )
 
 
 def main(argv=None):

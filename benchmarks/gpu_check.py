@@ -22,6 +22,7 @@ The smoke mode runs the same stages with tiny sizes (MiniLM 2 x 32, eager/HF onl
 the compile checks, a 32-review eager IMDb run, the shard stage with two gloo CPU processes), so
 that the first GPU run is not the script's first run; ``tests/test_benchmarks.py`` runs it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def run(name: str, cmd: list[str], env: dict[str, str] | None = None, timeout: f
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
         ok, out = proc.returncode == 0, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         ok, out = False, f"timed out after {timeout:.0f} s\n{e.stdout or ''}"
@@ -60,21 +62,44 @@ def shard_stage(py: str, smoke: bool, tmp: Path) -> dict:
         import torch
 
         if torch.cuda.device_count() < 2:
-            return {"name": "shard", "ok": True, "seconds": 0.0, "tail": "",
-                    "result": f"skipped: needs 2 GPUs, found {torch.cuda.device_count()}"}
+            return {
+                "name": "shard",
+                "ok": True,
+                "seconds": 0.0,
+                "tail": "",
+                "result": f"skipped: needs 2 GPUs, found {torch.cuda.device_count()}",
+            }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp / "shard.json"
-    sizes = (["--model", "tiny", "--device", "cpu", "--compile", "none", "--steps", "1", "--batch", "4", "--seq", "32"]
-             if smoke else ["--model", "gpt2-medium", "--batch", "8", "--seq", "1024", "--steps", "3"])
-    r = run("shard", [py, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                      "benchmarks/shard_memory.py", *sizes, "--json", str(out)], {"OMP_NUM_THREADS": "1"}, timeout=1200)
+    sizes = (
+        ["--model", "tiny", "--device", "cpu", "--compile", "none", "--steps", "1", "--batch", "4", "--seq", "32"]
+        if smoke
+        else ["--model", "gpt2-medium", "--batch", "8", "--seq", "1024", "--steps", "3"]
+    )
+    r = run(
+        "shard",
+        [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "benchmarks/shard_memory.py",
+            *sizes,
+            "--json",
+            str(out),
+        ],
+        {"OMP_NUM_THREADS": "1"},
+        timeout=1200,
+    )
     if r["ok"]:
         res = json.loads(out.read_text())
         w0 = res["workers"][0]
-        parts = [f"L{x['level']}: state {x['state_bytes'] / 2**20:.0f} MB, peak {x['peak_bytes'] / 2**20:.0f} MB"
-                 for x in w0]
+        parts = [
+            f"L{x['level']}: state {x['state_bytes'] / 2**20:.0f} MB, peak {x['peak_bytes'] / 2**20:.0f} MB" for x in w0
+        ]
         diff = max(x["max_abs_diff_vs_first_level"] for w in res["workers"] for x in w)
         r["result"] = f"{res['params'] / 1e6:.0f}M params, worker 0: " + "; ".join(parts) + f"; max |diff| {diff:.1e}"
     return r
@@ -104,44 +129,102 @@ def main(argv=None) -> int:
             r = run("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_device.py"], env)
             r["result"] = r["tail"].splitlines()[-1] if r["tail"] else ""
             rows.append(r)
-        step_args = (["--model", "minilm", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
-                      "--only", "eager,hf"] if smoke else
-                     ["--model", "bert-base", "--batch", "16", "--seq", "512", "--dtype", "bf16", "--steps", "10",
-                      "--warmup", "2", "--only", "compiled,compiled-fused,hf"])
+        step_args = (
+            ["--model", "minilm", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", "--only", "eager,hf"]
+            if smoke
+            else [
+                "--model",
+                "bert-base",
+                "--batch",
+                "16",
+                "--seq",
+                "512",
+                "--dtype",
+                "bf16",
+                "--steps",
+                "10",
+                "--warmup",
+                "2",
+                "--only",
+                "compiled,compiled-fused,hf",
+            ]
+        )
         if "step" not in skip:
             out = tmp / "step.json"
             r = run("step", [py, "benchmarks/train_step.py", "--device", args.device, *step_args, "--json", str(out)])
             if r["ok"]:
                 res = json.loads(out.read_text())
-                parts = [f"{name}: {v['samples_per_s']:.1f} samples/s, MFU {v['mfu']:.1%}"
-                         for name, v in res["variants"].items()]
+                parts = [
+                    f"{name}: {v['samples_per_s']:.1f} samples/s, MFU {v['mfu']:.1%}"
+                    for name, v in res["variants"].items()
+                ]
                 r["result"] = f"peak {res['peak_tflops']:.1f} TFLOP/s measured; " + "; ".join(parts)
             rows.append(r)
         if "compile" not in skip:
             out = tmp / "compile.json"
             cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"), "TRITON_CACHE_DIR": str(tmp / "triton")}
             only = ["--only", "compiled", "--steps", "1", "--warmup", "1"]
-            cargs = (["--model", "minilm", "--batch", "2", "--seq", "32", "--backend", "aot_eager"] if smoke else
-                     ["--model", "minilm", "--batch", "16", "--seq", "128", "--dtype", "bf16"])
-            r = run("cold compile", [py, "benchmarks/train_step.py", "--device", args.device, *cargs, *only,
-                                     "--json", str(out)], cache, timeout=900)
+            cargs = (
+                ["--model", "minilm", "--batch", "2", "--seq", "32", "--backend", "aot_eager"]
+                if smoke
+                else ["--model", "minilm", "--batch", "16", "--seq", "128", "--dtype", "bf16"]
+            )
+            r = run(
+                "cold compile",
+                [py, "benchmarks/train_step.py", "--device", args.device, *cargs, *only, "--json", str(out)],
+                cache,
+                timeout=900,
+            )
             if r["ok"]:
                 v = json.loads(out.read_text())["variants"]["fnlm compiled"]
-                r["result"] = (f"first step {v['warmup_s']:.1f} s with an empty cache (MiniLM classifier step"
-                               f"{', aot_eager: tracing only' if smoke else ''})")
+                r["result"] = (
+                    f"first step {v['warmup_s']:.1f} s with an empty cache (MiniLM classifier step"
+                    f"{', aot_eager: tracing only' if smoke else ''})"
+                )
             rows.append(r)
         if "imdb" not in skip:
             run_dir = tmp / "imdb"
-            sizes = (["--train-size", "32", "--test-size", "32", "--val-size", "16", "--max-len", "32",
-                      "--batch-size", "8", "--no-compile", "--dtype", "fp32"] if smoke else
-                     ["--train-size", "0", "--test-size", "0", "--max-len", "256", "--batch-size", "32"])
-            r = run("imdb", [py, "examples/finetune_imdb.py", "--data", str(args.data), "--device", args.device,
-                             "--out", str(run_dir), *sizes], timeout=1800)
+            sizes = (
+                [
+                    "--train-size",
+                    "32",
+                    "--test-size",
+                    "32",
+                    "--val-size",
+                    "16",
+                    "--max-len",
+                    "32",
+                    "--batch-size",
+                    "8",
+                    "--no-compile",
+                    "--dtype",
+                    "fp32",
+                ]
+                if smoke
+                else ["--train-size", "0", "--test-size", "0", "--max-len", "256", "--batch-size", "32"]
+            )
+            r = run(
+                "imdb",
+                [
+                    py,
+                    "examples/finetune_imdb.py",
+                    "--data",
+                    str(args.data),
+                    "--device",
+                    args.device,
+                    "--out",
+                    str(run_dir),
+                    *sizes,
+                ],
+                timeout=1800,
+            )
             if r["ok"]:
                 m = json.loads((run_dir / "metrics.json").read_text())
                 train_s = sum(e.get("train_seconds") or 0 for e in m["epochs"])
-                r["result"] = (f"test accuracy {m['final_test_accuracy']:.4f} on {m['test_size']} reviews; "
-                               f"training {train_s:.0f} s for {m['train_size']} reviews")
+                r["result"] = (
+                    f"test accuracy {m['final_test_accuracy']:.4f} on {m['test_size']} reviews; "
+                    f"training {train_s:.0f} s for {m['train_size']} reviews"
+                )
             rows.append(r)
         if "shard" not in skip:
             rows.append(shard_stage(py, smoke, tmp))

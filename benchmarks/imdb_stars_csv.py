@@ -8,6 +8,7 @@ into ``--out-dir``, optionally a class-balanced random subset of each split (``f
     python benchmarks/imdb_stars_csv.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --out-dir stars
     python benchmarks/tfidf_baseline.py --train-file stars/train.csv --test-file stars/test.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,12 @@ def main(argv=None) -> dict[str, Path]:
             rows = subset(rows, n, seed=args.seed)
         write_csv(rows, out_dir / f"{split}.csv")
         counts = Counter(label for _, label in rows)
-        print(f"{out_dir / f'{split}.csv'}: {len(rows)} reviews; " +
-              ", ".join(f"{c} stars: {counts[c]}" for c in sorted(set(CLASSES.values()), key=lambda c: int(c.split('-')[0]))))
+        print(
+            f"{out_dir / f'{split}.csv'}: {len(rows)} reviews; "
+            + ", ".join(
+                f"{c} stars: {counts[c]}" for c in sorted(set(CLASSES.values()), key=lambda c: int(c.split("-")[0]))
+            )
+        )
         written[split] = out_dir / f"{split}.csv"
     return written
 

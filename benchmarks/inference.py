@@ -22,6 +22,7 @@ the variants take turns slice by slice, so a change in machine load hits all of 
 table prints reviews/s, the ratio to the pipeline, and the accuracy (and agreement with eager
 float32), all from this one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ from fnlm.models import export_classifier, load_bert, load_classifier_package, s
 ROOT = Path(__file__).resolve().parents[1]
 IMDB = ROOT.parent / "shared" / "data" / "aclImdb_v1_labelled.tar.gz"
 VARIANTS = ("hf", "eager", "compiled", "exported", "int8", "bf16")
-PACKAGES = {"exported": dict(int8=False, dtype=torch.float32), "int8": dict(int8=True, dtype=torch.float32),
-            "bf16": dict(int8=False, dtype=torch.bfloat16)}
+PACKAGES = {
+    "exported": dict(int8=False, dtype=torch.float32),
+    "int8": dict(int8=True, dtype=torch.float32),
+    "bf16": dict(int8=False, dtype=torch.bfloat16),
+}
 
 
 def main() -> None:
@@ -53,7 +57,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="fnlm batch size (the pipeline keeps its default, 1)")
     ap.add_argument("--chunks", type=int, default=4, help="slices the variants take turns on")
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    ap.add_argument("--packages", type=Path, help="where to write (or reuse) the exported packages (default: a temp dir)")
+    ap.add_argument(
+        "--packages", type=Path, help="where to write (or reuse) the exported packages (default: a temp dir)"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     only = args.only.split(",")
@@ -66,8 +72,11 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     test = subset(load_imdb_splits(args.data, splits=("test",))["test"], args.reviews, seed=0)
     texts, labels = [html_clean(t) for t in test.texts], torch.tensor(test.labels)
-    print(f"model {model_dir}{'' if args.model else ' (random head: accuracy is chance)'}; {len(texts)} IMDb test "
-          f"reviews, {args.max_len} tokens, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    print(
+        f"model {model_dir}{'' if args.model else ' (random head: accuracy is chance)'}; {len(texts)} IMDb test "
+        f"reviews, {args.max_len} tokens, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        flush=True,
+    )
 
     classify, setup_s = {}, {}
     if "eager" in only:
@@ -75,7 +84,7 @@ def main() -> None:
     if "compiled" in only:
         t0 = time.perf_counter()
         clf = text_classifier(params, cfg, tokenizer, max_len=args.max_len, compile=True)
-        clf.predict_proba(texts[:2 * args.batch], batch_size=args.batch)  # compile (two lengths: dynamic from here)
+        clf.predict_proba(texts[: 2 * args.batch], batch_size=args.batch)  # compile (two lengths: dynamic from here)
         setup_s["compiled"] = time.perf_counter() - t0
         classify["compiled"] = clf.predict_proba
     pkg_root = args.packages or Path(tempfile.mkdtemp(prefix="fnlm-inference-"))
@@ -87,7 +96,7 @@ def main() -> None:
         if not (path / "export.json").is_file():
             export_classifier(params, cfg, tokenizer, path, max_len=args.max_len, truncation="head", form="aoti", **kw)
         clf = load_classifier_package(path, trust_package=True)  # exported just above by this script
-        clf.predict_proba(texts[:args.batch], batch_size=args.batch)
+        clf.predict_proba(texts[: args.batch], batch_size=args.batch)
         setup_s[name] = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
         print(f"  {name}: package {path} ({size:.0f} MiB), export + compile + load {setup_s[name]:.0f} s", flush=True)
@@ -98,13 +107,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:  # the very same weights, through HF's own loader
             save_bert(params, cfg, d)
             hf_model = BertForSequenceClassification.from_pretrained(d).eval()
-        pipe = pipeline("text-classification", model=hf_model, tokenizer=AutoTokenizer.from_pretrained(model_dir),
-                        device=-1, top_k=None)
+        pipe = pipeline(
+            "text-classification",
+            model=hf_model,
+            tokenizer=AutoTokenizer.from_pretrained(model_dir),
+            device=-1,
+            top_k=None,
+        )
 
         def hf_proba(chunk, batch_size=None):
             out = pipe(chunk, truncation=True, max_length=args.max_len)
-            return torch.tensor([[{d["label"]: d["score"] for d in o}[lab] for lab in hf_model.config.id2label.values()]
-                                 for o in out])
+            return torch.tensor(
+                [[{d["label"]: d["score"] for d in o}[lab] for lab in hf_model.config.id2label.values()] for o in out]
+            )
 
         hf_proba(texts[:4])
         classify["hf"] = hf_proba
@@ -116,7 +131,7 @@ def main() -> None:
     seconds = {k: 0.0 for k in classify}
     probs = {k: [] for k in classify}
     for c in range(args.chunks):
-        chunk = texts[bounds[c]:bounds[c + 1]]
+        chunk = texts[bounds[c] : bounds[c + 1]]
         for name, fn in classify.items():
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -134,7 +149,9 @@ def main() -> None:
         ratio = f"{rate / hf_rate:.2f}" if hf_rate else "-"
         agree = f"{float((pred == ref).float().mean()):.3f}" if ref is not None else "-"
         setup = f"{setup_s[name]:.0f}" if name in setup_s else "-"
-        print(f"{name:<10} {rate:>10.1f} {ratio:>14} {float((pred == labels).float().mean()):>9.3f} {agree:>8} {setup:>8}")
+        print(
+            f"{name:<10} {rate:>10.1f} {ratio:>14} {float((pred == labels).float().mean()):>9.3f} {agree:>8} {setup:>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ and the median is printed, with each variant's time relative to ``fp32``::
     python benchmarks/knobs_step_time.py --steps 10
     python benchmarks/knobs_step_time.py --model tiny --steps 1 --warmup 1 --backend none --seq 16   # smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 from fnlm import optim, random
-from fnlm.models import BertConfig, classifier_loss, init_bert_classifier, load_bert
 from fnlm.io import ensure_minilm
+from fnlm.models import BertConfig, classifier_loss, init_bert_classifier, load_bert
 from fnlm.train import make_train_step
 
 VARIANTS = ("fp32", "accum-2", "accum-4", "bf16", "fp16")
@@ -46,16 +47,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.model == "minilm":
-        params, cfg = load_bert(ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2"), head="classifier",
-                                num_labels=2, head_key=random.key(0))
+        params, cfg = load_bert(
+            ensure_minilm(ROOT / "weights" / "all-MiniLM-L6-v2"),
+            head="classifier",
+            num_labels=2,
+            head_key=random.key(0),
+        )
     else:
-        cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=max(args.seq, 16))
+        cfg = BertConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=max(args.seq, 16),
+        )
         params = init_bert_classifier(random.key(0), cfg)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1, cfg.vocab_size, (args.batch, args.seq), generator=g),
-             "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-             "labels": torch.randint(0, 2, (args.batch,), generator=g)}
+    batch = {
+        "input_ids": torch.randint(1, cfg.vocab_size, (args.batch, args.seq), generator=g),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (args.batch,), generator=g),
+    }
     batch = {k: v.to(args.device) for k, v in batch.items()}
 
     def loss_fn(p, b, key):

@@ -18,6 +18,7 @@ batch (so machine load hits both alike), for ``forward`` (inference, no grad) an
 shapes, while packed batches vary in their number of sequences, so a fair compiled comparison
 needs dynamic shapes (not measured here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,17 @@ from pathlib import Path
 import torch
 
 from fnlm import random
-from fnlm.data import (choose_buckets, html_clean, load_imdb_splits, load_tokenizer, make_batches, pack_rows,
-                       pack_sequences, padding_efficiency, subset)
+from fnlm.data import (
+    choose_buckets,
+    html_clean,
+    load_imdb_splits,
+    load_tokenizer,
+    make_batches,
+    pack_rows,
+    pack_sequences,
+    padding_efficiency,
+    subset,
+)
 from fnlm.io import ensure_minilm
 from fnlm.models import classifier_loss, load_bert, packed_classifier_loss
 
@@ -43,8 +53,12 @@ def main() -> None:
     ap.add_argument("--reviews", type=int, default=2000, help="label-balanced training reviews")
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="reviews per bucketed batch")
-    ap.add_argument("--rows", type=int, default=None,
-                    help="packed rows per batch (default: the bucketed batches' mean real tokens / max-len)")
+    ap.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="packed rows per batch (default: the bucketed batches' mean real tokens / max-len)",
+    )
     ap.add_argument("--steps", type=int, default=8, help="timed batches per variant and mode")
     ap.add_argument("--mode", default="forward,train", help="forward, train or both")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -67,17 +81,30 @@ def main() -> None:
     rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
     packed = []
     for s in range(0, len(rows), rows_per_batch):
-        members = rows[s:s + rows_per_batch]
+        members = rows[s : s + rows_per_batch]
         order = [i for r in members for i in r]
         local = {i: j for j, i in enumerate(order)}
-        packed.append(pack_sequences([ids[i] for i in order], [train.labels[i] for i in order], row_len=args.max_len,
-                                     pad_id=tok.pad_id, rows=[[local[i] for i in r] for r in members]))
-    print(f"{len(ids)} IMDb training reviews, up to {args.max_len} tokens (mean {sum(lengths) / len(ids):.0f}), "
-          f"MiniLM, {torch.get_num_threads()} threads, torch {torch.__version__}; other jobs may share this machine")
-    print(f"bucketed: {len(bucketed)} batches of {args.batch} reviews, lengths {buckets}, "
-          f"padding {1 - padding_efficiency(bucketed):.1%}")
-    print(f"packed:   {len(packed)} batches of {rows_per_batch} rows x {args.max_len}, {len(rows)} rows, "
-          f"padding {1 - padding_efficiency(packed):.1%}\n")
+        packed.append(
+            pack_sequences(
+                [ids[i] for i in order],
+                [train.labels[i] for i in order],
+                row_len=args.max_len,
+                pad_id=tok.pad_id,
+                rows=[[local[i] for i in r] for r in members],
+            )
+        )
+    print(
+        f"{len(ids)} IMDb training reviews, up to {args.max_len} tokens (mean {sum(lengths) / len(ids):.0f}), "
+        f"MiniLM, {torch.get_num_threads()} threads, torch {torch.__version__}; other jobs may share this machine"
+    )
+    print(
+        f"bucketed: {len(bucketed)} batches of {args.batch} reviews, lengths {buckets}, "
+        f"padding {1 - padding_efficiency(bucketed):.1%}"
+    )
+    print(
+        f"packed:   {len(packed)} batches of {rows_per_batch} rows x {args.max_len}, {len(rows)} rows, "
+        f"padding {1 - padding_efficiency(packed):.1%}\n"
+    )
 
     def pick(batches):  # --steps batches spread over the epoch
         n = min(args.steps, len(batches))
@@ -113,8 +140,10 @@ def main() -> None:
             slots = sum(b["attention_mask"].numel() for b in batches)
             real = padding_efficiency(batches) * slots
             rates[name] = real / seconds[name]
-            print(f"{mode:<8} {name:<9} {rates[name]:>10.0f} {slots / seconds[name]:>9.0f} "
-                  f"{1 - real / slots:>8.1%} {len(batches):>8}")
+            print(
+                f"{mode:<8} {name:<9} {rates[name]:>10.0f} {slots / seconds[name]:>9.0f} "
+                f"{1 - real / slots:>8.1%} {len(batches):>8}"
+            )
         print(f"{mode:<8} packed / bucketed real tokens/s: {rates['packed'] / rates['bucketed']:.2f}x")
 
 

@@ -16,6 +16,7 @@ training up to float rounding). Worker 0 prints one table; ``--json`` writes it.
 bytes sent per step) and ``6 n + 12 L d s`` FLOPs per token for BERT-base and the GPT-2 sizes on
 ``--world`` GPUs of ``--gpu-gb`` GB, with the stated bandwidth and throughput assumptions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,17 +58,23 @@ def paper(args) -> int:
     rows = [("BERT-base", bert_base_params(), 12, 768, 512)]
     rows += [(name, gpt2_params(L, d, V, S), L, d, S) for name, (L, d, _, V, S) in MODELS.items() if name != "tiny"]
     budget = args.gpu_gb * GB
-    print(f"Per-worker bytes on {N} workers (float32 weights and gradients, AdamW moments float32; "
-          "activations excluded)\n")
+    print(
+        f"Per-worker bytes on {N} workers (float32 weights and gradients, AdamW moments float32; "
+        "activations excluded)\n"
+    )
     print("| model | parameters | level | resident GB | peak in step GB | sent per step GB |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, n, *_ in rows:
         for level in (0, 1, 2, 3):
             c = shard_costs(n, level, N)
-            print(f"| {name} | {n / 1e6:.0f}M | {level} | {c['resident'] / GB:.2f} | {c['peak'] / GB:.2f} | "
-                  f"{c['sent'] / GB:.2f} |")
-    print(f"\nCommunication against compute per step, {args.tokens} tokens per worker, "
-          f"{args.tflops:g} TFLOP/s achieved, {args.bus_gbs:g} GB/s per worker (ring collectives)\n")
+            print(
+                f"| {name} | {n / 1e6:.0f}M | {level} | {c['resident'] / GB:.2f} | {c['peak'] / GB:.2f} | "
+                f"{c['sent'] / GB:.2f} |"
+            )
+    print(
+        f"\nCommunication against compute per step, {args.tokens} tokens per worker, "
+        f"{args.tflops:g} TFLOP/s achieved, {args.bus_gbs:g} GB/s per worker (ring collectives)\n"
+    )
     print("| model | compute ms | level 0 comm ms | level 1 | level 2 | level 3 |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, n, L, d, S in rows:
@@ -75,15 +82,19 @@ def paper(args) -> int:
         ms = 1e3 * flops / (args.tflops * 1e12)
         comm = [1e3 * shard_costs(n, lv, N)["sent"] / (args.bus_gbs * 1e9) for lv in (0, 1, 2, 3)]
         print(f"| {name} | {ms:.0f} | " + " | ".join(f"{c:.0f}" for c in comm) + " |")
-    print(f"\nActivations per worker, {args.tokens} tokens per step (34 s b h bytes per layer: 16-bit activations, "
-          "fused attention storing no s x s scores; remat: each layer's input, 2 s b h, plus one layer's 34 s b h)\n")
+    print(
+        f"\nActivations per worker, {args.tokens} tokens per step (34 s b h bytes per layer: 16-bit activations, "
+        "fused attention storing no s x s scores; remat: each layer's input, 2 s b h, plus one layer's 34 s b h)\n"
+    )
     print("| model | activations GB | with per-layer remat GB |")
     print("|---|---:|---:|")
     for name, n, L, d, S in rows:
         sbh = args.tokens * d  # s * b * h with s * b = tokens per worker
         print(f"| {name} | {34 * sbh * L / GB:.1f} | {(2 * sbh * L + 34 * sbh) / GB:.1f} |")
-    print(f"\nLargest model whose peak model state fits {args.gpu_gb:g} GB less {args.reserve_gb:g} GB for "
-          "activations and workspace\n")
+    print(
+        f"\nLargest model whose peak model state fits {args.gpu_gb:g} GB less {args.reserve_gb:g} GB for "
+        "activations and workspace\n"
+    )
     print("| level | peak bytes per parameter | largest n |")
     print("|---:|---:|---:|")
     for level in (0, 1, 2, 3):
@@ -138,17 +149,27 @@ def measure(args) -> int:
                 held, state, m = step(held, state, sh.split_batch(batch_at(s)), random.key(s))
             float(m["loss"])
             seconds = time.perf_counter() - t0
-            peak = (torch.cuda.max_memory_allocated() if cuda
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            peak = (
+                torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
             final = sh.unshard(held)
             diff = 0.0
             if final0 is None:
                 final0 = [x.detach().float().cpu() for x in tree_leaves(final)]
             else:
-                diff = max(float((a.detach().float().cpu() - b).abs().max())
-                           for a, b in zip(tree_leaves(final), final0))
-            rows.append({"level": level, "state_bytes": state_bytes, "peak_bytes": peak, "loss": float(m["loss"]),
-                         "max_abs_diff_vs_first_level": diff, "seconds_incl_compile": seconds})
+                diff = max(
+                    float((a.detach().float().cpu() - b).abs().max()) for a, b in zip(tree_leaves(final), final0)
+                )
+            rows.append(
+                {
+                    "level": level,
+                    "state_bytes": state_bytes,
+                    "peak_bytes": peak,
+                    "loss": float(m["loss"]),
+                    "max_abs_diff_vs_first_level": diff,
+                    "seconds_incl_compile": seconds,
+                }
+            )
             del held, state, step, final
     gathered = [None] * world
     if world > 1:
@@ -157,18 +178,26 @@ def measure(args) -> int:
         gathered = [rows]
     if rank == 0:
         n = sum(sh.sizes.values())
-        print(f"GPT-2 {args.model} ({n / 1e6:.1f}M parameters), {world} worker(s) on {device.type}, "
-              f"global batch {args.batch} x {seq}, {args.dtype}, compile={args.compile}")
+        print(
+            f"GPT-2 {args.model} ({n / 1e6:.1f}M parameters), {world} worker(s) on {device.type}, "
+            f"global batch {args.batch} x {seq}, {args.dtype}, compile={args.compile}"
+        )
         print(f"{'level':>5} {'worker':>6} {'state MB':>9} {'peak MB':>9} {'max |diff|':>11} {'loss':>8}")
         for r, rws in enumerate(gathered):
             for row in rws:
-                print(f"{row['level']:>5} {r:>6} {row['state_bytes'] / 2**20:>9.1f} {row['peak_bytes'] / 2**20:>9.1f} "
-                      f"{row['max_abs_diff_vs_first_level']:>11.2e} {row['loss']:>8.4f}")
+                print(
+                    f"{row['level']:>5} {r:>6} {row['state_bytes'] / 2**20:>9.1f} {row['peak_bytes'] / 2**20:>9.1f} "
+                    f"{row['max_abs_diff_vs_first_level']:>11.2e} {row['loss']:>8.4f}"
+                )
         if not cuda:
             print("(CPU peak = process peak RSS since start: it only grows; run one level per process to compare)")
         if args.json:
-            Path(args.json).write_text(json.dumps({"model": args.model, "params": n, "world": world,
-                                                   "device": device.type, "workers": gathered}, indent=2))
+            Path(args.json).write_text(
+                json.dumps(
+                    {"model": args.model, "params": n, "world": world, "device": device.type, "workers": gathered},
+                    indent=2,
+                )
+            )
     bad = [row for rws in gathered for row in rws if not row["max_abs_diff_vs_first_level"] <= args.tolerance]
     if bad and rank == 0:
         print(f"levels disagree beyond {args.tolerance}: {bad}")

@@ -8,6 +8,7 @@ validation file), with the split sizes and the fit time; ``--json`` writes them 
 
     python benchmarks/tfidf_baseline.py --train-file stars/train.csv --test-file stars/test.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 
 
-def tfidf_logreg(train: tuple[list[str], list[int]], test: tuple[list[str], list[int]],
-                 max_features: int = 200_000, c: float = 10.0) -> dict:
+def tfidf_logreg(
+    train: tuple[list[str], list[int]], test: tuple[list[str], list[int]], max_features: int = 200_000, c: float = 10.0
+) -> dict:
     """Fit on ``train`` = ``(texts, label_ids)``, score on ``test``: accuracy, macro-F1, sizes, fit time."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -29,8 +31,13 @@ def tfidf_logreg(train: tuple[list[str], list[int]], test: tuple[list[str], list
     clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, train[1])
     fit_s = time.perf_counter() - t
     pred = clf.predict(vec.transform(test[0]))
-    return {"accuracy": float(accuracy_score(test[1], pred)), "macro_f1": float(f1_score(test[1], pred, average="macro")),
-            "train_size": len(train[0]), "test_size": len(test[0]), "fit_s": round(fit_s, 2)}
+    return {
+        "accuracy": float(accuracy_score(test[1], pred)),
+        "macro_f1": float(f1_score(test[1], pred, average="macro")),
+        "train_size": len(train[0]),
+        "test_size": len(test[0]),
+        "fit_s": round(fit_s, 2),
+    }
 
 
 def main(argv=None) -> dict:
@@ -46,13 +53,20 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.test_file is None and args.validation_file is None:
         ap.error("give --test-file or --validation-file to score on")
-    splits, names = load_labelled_files(args.train_file, args.validation_file, args.test_file,
-                                        text_column=args.text_column, label_column=args.label_column)
+    splits, names = load_labelled_files(
+        args.train_file,
+        args.validation_file,
+        args.test_file,
+        text_column=args.text_column,
+        label_column=args.label_column,
+    )
     on = "test" if "test" in splits else "validation"
     result = {"scored_on": on, "labels": names, **tfidf_logreg(splits["train"], splits[on])}
-    print(f"TF-IDF + logistic regression, {len(names)} classes, {result['train_size']} train / "
-          f"{result['test_size']} {on}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
-          f"(fit {result['fit_s']} s)")
+    print(
+        f"TF-IDF + logistic regression, {len(names)} classes, {result['train_size']} train / "
+        f"{result['test_size']} {on}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
+        f"(fit {result['fit_s']} s)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

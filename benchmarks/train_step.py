@@ -28,6 +28,7 @@ embedding lookups are not matrix products and count nothing; fnlm's [CLS]-only l
 what it computes), and divided by the step time and by this machine's *measured* matrix peak (a
 large square matmul in the step's dtype, timed in the same run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 from fnlm import optim, random
-from fnlm.nn import cross_entropy
-from fnlm.models import BertConfig, bert_classifier, classifier_loss, init_bert_classifier, load_bert, save_bert
 from fnlm.io import ensure_minilm
+from fnlm.models import BertConfig, bert_classifier, classifier_loss, init_bert_classifier, load_bert, save_bert
+from fnlm.nn import cross_entropy
 from fnlm.train import make_train_step
 from fnlm.tree import num_params, tree_map
 
@@ -128,8 +129,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     ap.add_argument("--only", default="compiled,eager,hf", help="comma-separated subset of variants")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    ap.add_argument("--backend", default="inductor",
-                    help="torch.compile backend of the compiled variants (aot_eager: trace only, for smoke runs)")
+    ap.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend of the compiled variants (aot_eager: trace only, for smoke runs)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -139,20 +143,30 @@ def main(argv=None):
     n_params = num_params(params)
     lr, total = 2e-5, 1000
     schedule = optim.linear_warmup_linear_decay(lr, 10, total)
-    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=0.01))
+    opt = optim.chain(
+        optim.clip_by_global_norm(1.0), optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=0.01)
+    )
 
     def loss_fn(p, b, key):
         return classifier_loss(p, b, cfg, key=key, train=True)
 
     def loss_full(p, b, key):  # every position through the last layer, as HF computes it
-        logits = bert_classifier(p, b["input_ids"], cfg, attention_mask=b["attention_mask"], key=key, train=True,
-                                 pooled_only=False)
+        logits = bert_classifier(
+            p, b["input_ids"], cfg, attention_mask=b["attention_mask"], key=key, train=True, pooled_only=False
+        )
         return cross_entropy(logits, b["labels"]), {}
 
     runners, flops = {}, {}
     variants = args.only.split(",")
-    unknown = set(variants) - {"compiled", "compiled-bf16", "compiled-flat", "compiled-fused", "compiled-full", "eager",
-                               "hf"}
+    unknown = set(variants) - {
+        "compiled",
+        "compiled-bf16",
+        "compiled-flat",
+        "compiled-fused",
+        "compiled-full",
+        "eager",
+        "hf",
+    }
     if unknown:
         ap.error(f"--only: unknown variants {sorted(unknown)}")
     v_dtype = {}  # each variant's autocast dtype (None: float32), for its MFU
@@ -167,9 +181,13 @@ def main(argv=None):
         v_opt = optim.flatten(opt) if name == "compiled-flat" else opt
         v_dtype[f"fnlm {name}"] = torch.bfloat16 if name == "compiled-bf16" else autocast
         v_loss = {"compiled-full": loss_full, "compiled-fused": loss_fused}.get(name, loss_fn)
-        step = make_train_step(v_loss, v_opt, compile=(True if args.backend == "inductor" else args.backend)
-                               if name.startswith("compiled") else False, autocast_dtype=v_dtype[f"fnlm {name}"],
-                               seed_global_rng=name == "compiled-fused")
+        step = make_train_step(
+            v_loss,
+            v_opt,
+            compile=(True if args.backend == "inductor" else args.backend) if name.startswith("compiled") else False,
+            autocast_dtype=v_dtype[f"fnlm {name}"],
+            seed_global_rng=name == "compiled-fused",
+        )
         state = {"p": params, "s": v_opt.init(params), "k": random.key(1)}
 
         def run(step=step, state=state):
@@ -177,8 +195,9 @@ def main(argv=None):
             state["p"], state["s"], _ = step(state["p"], state["s"], batch, sub)
 
         runners[f"fnlm {name}"] = run
-        flops[f"fnlm {name}"] = count_flops(lambda step=step, v_opt=v_opt: step.pure(params, v_opt.init(params), batch,
-                                                                                 random.key(1)))
+        flops[f"fnlm {name}"] = count_flops(
+            lambda step=step, v_opt=v_opt: step.pure(params, v_opt.init(params), batch, random.key(1))
+        )
 
     if "hf" in variants:
         from transformers import get_linear_schedule_with_warmup
@@ -186,8 +205,9 @@ def main(argv=None):
         hf.train()
         decay = [p for n, p in hf.named_parameters() if not ("bias" in n or "LayerNorm" in n)]
         no_decay = [p for n, p in hf.named_parameters() if "bias" in n or "LayerNorm" in n]
-        torch_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        torch_opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        )
         sched = get_linear_schedule_with_warmup(torch_opt, 10, total)
         ctx = (lambda: torch.autocast(device_type=torch.device(dev).type, dtype=autocast)) if autocast else None
 
@@ -222,40 +242,66 @@ def main(argv=None):
     peaks = {dt: matmul_peak_tflops(dev, dt or torch.float32) for dt in set(v_dtype.values()) | {autocast}}
     peak = peaks[autocast]
     where = torch.cuda.get_device_name() if dev.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    print(f"\nmodel={args.model} ({n_params / 1e6:.1f}M params) device={dev} dtype={args.dtype} "
-          f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} "
-          f"median of {args.steps} interleaved timed steps per variant (after {args.warmup} warm-up)")
-    print(f"measured matrix peak ({args.dtype} matmul, {where}): {peak:.3f} TFLOP/s; GFLOP/step = counted "
-          f"matrix-product FLOPs of the variant's own step")
+    print(
+        f"\nmodel={args.model} ({n_params / 1e6:.1f}M params) device={dev} dtype={args.dtype} "
+        f"batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} "
+        f"median of {args.steps} interleaved timed steps per variant (after {args.warmup} warm-up)"
+    )
+    print(
+        f"measured matrix peak ({args.dtype} matmul, {where}): {peak:.3f} TFLOP/s; GFLOP/step = counted "
+        f"matrix-product FLOPs of the variant's own step"
+    )
     if peaks.get(torch.bfloat16) and autocast is None:
         print(f"measured bf16 matrix peak: {peaks[torch.bfloat16]:.3f} TFLOP/s (the MFU of compiled-bf16)")
     print(f"{'variant':<28}{'s/step':>9}{'samples/s':>11}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>7}{'warm-up s':>11}")
     for name, (sec, warm) in results.items():
         f = flops[name]
-        print(f"{name:<28}{sec:>9.3f}{args.batch / sec:>11.1f}{f / 1e9:>12.1f}{f / sec / 1e12:>9.3f}"
-              f"{f / sec / 1e12 / peaks[v_dtype[name]]:>7.1%}{warm:>11.1f}")
+        print(
+            f"{name:<28}{sec:>9.3f}{args.batch / sec:>11.1f}{f / 1e9:>12.1f}{f / sec / 1e12:>9.3f}"
+            f"{f / sec / 1e12 / peaks[v_dtype[name]]:>7.1%}{warm:>11.1f}"
+        )
     hf_key = HF
     if "fnlm compiled" in results and hf_key in results:
         print(f"\ncompiled fnlm / HF eager throughput: {results[hf_key][0] / results['fnlm compiled'][0]:.2f}x")
     if "fnlm compiled" in results and "fnlm compiled-bf16" in results:
-        print(f"compiled fnlm, bf16 autocast / fp32:  {results['fnlm compiled'][0] / results['fnlm compiled-bf16'][0]:.2f}x")
+        print(
+            f"compiled fnlm, bf16 autocast / fp32:  {results['fnlm compiled'][0] / results['fnlm compiled-bf16'][0]:.2f}x"
+        )
     if "fnlm compiled" in results and "fnlm compiled-fused" in results:
-        print(f"compiled fnlm, fused attention dropout / keyed: "
-              f"{results['fnlm compiled'][0] / results['fnlm compiled-fused'][0]:.2f}x throughput, "
-              f"warm-up {results['fnlm compiled-fused'][1]:.1f} s vs {results['fnlm compiled'][1]:.1f} s")
+        print(
+            f"compiled fnlm, fused attention dropout / keyed: "
+            f"{results['fnlm compiled'][0] / results['fnlm compiled-fused'][0]:.2f}x throughput, "
+            f"warm-up {results['fnlm compiled-fused'][1]:.1f} s vs {results['fnlm compiled'][1]:.1f} s"
+        )
     if "fnlm compiled" in results and "fnlm compiled-flat" in results:
-        print(f"compiled fnlm, flat optimizer / tree: {results['fnlm compiled'][0] / results['fnlm compiled-flat'][0]:.2f}x "
-              f"throughput, warm-up {results['fnlm compiled-flat'][1]:.1f} s vs {results['fnlm compiled'][1]:.1f} s")
+        print(
+            f"compiled fnlm, flat optimizer / tree: {results['fnlm compiled'][0] / results['fnlm compiled-flat'][0]:.2f}x "
+            f"throughput, warm-up {results['fnlm compiled-flat'][1]:.1f} s vs {results['fnlm compiled'][1]:.1f} s"
+        )
     if "fnlm compiled-full" in results and hf_key in results:
         print(f"compiled fnlm, full last layer / HF: {results[hf_key][0] / results['fnlm compiled-full'][0]:.2f}x")
     if "fnlm eager" in results and hf_key in results:
         print(f"eager fnlm / HF eager throughput:    {results[hf_key][0] / results['fnlm eager'][0]:.2f}x")
-    table = {name: {"s_per_step": sec, "samples_per_s": args.batch / sec, "gflop_per_step": flops[name] / 1e9,
-                    "tflops": flops[name] / sec / 1e12, "mfu": flops[name] / sec / 1e12 / peaks[v_dtype[name]],
-                    "warmup_s": warm}
-             for name, (sec, warm) in results.items()}
-    out = {"device": where, "dtype": args.dtype, "model": args.model, "batch": args.batch, "seq": args.seq,
-           "peak_tflops": peak, "variants": table}
+    table = {
+        name: {
+            "s_per_step": sec,
+            "samples_per_s": args.batch / sec,
+            "gflop_per_step": flops[name] / 1e9,
+            "tflops": flops[name] / sec / 1e12,
+            "mfu": flops[name] / sec / 1e12 / peaks[v_dtype[name]],
+            "warmup_s": warm,
+        }
+        for name, (sec, warm) in results.items()
+    }
+    out = {
+        "device": where,
+        "dtype": args.dtype,
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "peak_tflops": peak,
+        "variants": table,
+    }
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out

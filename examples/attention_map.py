@@ -10,6 +10,7 @@ reads, attends in the last layer (averaged over heads).
     python examples/attention_map.py "the cat sat on the mat because it was tired"
     python examples/attention_map.py "a wonderful , moving film" --layers=-1 --out runs/cls.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ class CliError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("text", help="the sentence to look at")
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="a Hugging Face BERT checkpoint directory")
     ap.add_argument("--layers", default=None, help="layers to draw, e.g. --layers=-1 or --layers=0,5 (default: all)")

@@ -18,6 +18,7 @@ An exported package holds native code and a program: it is loaded only with ``--
 then only if its files match the checksums written when it was exported (SECURITY.md). Without it
 the safetensors weights are used, run by the pure forward (eagerly).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,12 +51,17 @@ class ClassifyConfig:
     test_size: int = option(1000, "with --evaluate: label-balanced test reviews; 0 = all 25,000")
     seed: int = option(0, "with --evaluate: which test subset (the fine-tuning run's --seed gives its test set)")
     errors: Path | None = option(None, "with --evaluate: write the wrongly classified reviews here (TSV)")
-    export: str | None = option(None, "write MODEL/export, the classifier compiled ahead of time, in this dtype",
-                                choices=("fp32", "bf16", "int8"), const="fp32")
+    export: str | None = option(
+        None,
+        "write MODEL/export, the classifier compiled ahead of time, in this dtype",
+        choices=("fp32", "bf16", "int8"),
+        const="fp32",
+    )
     trust_package: bool = option(False, "load MODEL/export (native code) if its checksums match")
     max_len: int | None = option(None, "word pieces per text; default: the model's fine-tuning value")
-    truncation: str | None = option(None, "head or head+tail; default: the model's fine-tuning value",
-                                    choices=("head", "head+tail"))
+    truncation: str | None = option(
+        None, "head or head+tail; default: the model's fine-tuning value", choices=("head", "head+tail")
+    )
     batch_size: int = option(32, "texts per forward pass")
     device: str = option("auto", "auto (cuda if available), cpu, cuda, ...")
 
@@ -101,8 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.export:
         model = load_pretrained(cfg.model, head="classifier", max_len=max_len)
         print(f"exporting {cfg.model} ({cfg.export}, up to {max_len} tokens) ...", file=sys.stderr, flush=True)
-        export_classifier(model.params, model.cfg, model.tokenizer, package, max_len=max_len, truncation=truncation,
-                          int8=cfg.export == "int8", dtype=torch.bfloat16 if cfg.export == "bf16" else torch.float32)
+        export_classifier(
+            model.params,
+            model.cfg,
+            model.tokenizer,
+            package,
+            max_len=max_len,
+            truncation=truncation,
+            int8=cfg.export == "int8",
+            dtype=torch.bfloat16 if cfg.export == "bf16" else torch.float32,
+        )
         print(f"wrote {package}/", file=sys.stderr, flush=True)
         if not (cfg.predict or cfg.predict_file or cfg.evaluate):
             return 0
@@ -116,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         check(bool(texts), "--predict-file {}: no texts (it has no non-empty line)", cfg.predict_file)
     if cfg.evaluate and cfg.test_file is not None:  # labels by name: the model's names give the ids
         texts, names = read_labelled_file(cfg.test_file, text_column=cfg.text_column, label_column=cfg.label_column)
-        model_labels = run_label_names(cfg.model) or load_pretrained(cfg.model, head="classifier",
-                                                                     max_len=max_len).cfg.labels
+        model_labels = (
+            run_label_names(cfg.model) or load_pretrained(cfg.model, head="classifier", max_len=max_len).cfg.labels
+        )
         unknown = sorted(set(names) - set(model_labels))
-        check(not unknown, "--test-file {}: label {!r} is not one of the model's ({})", cfg.test_file,
-              unknown[:1] and unknown[0], ", ".join(model_labels))
+        check(
+            not unknown,
+            "--test-file {}: label {!r} is not one of the model's ({})",
+            cfg.test_file,
+            unknown[:1] and unknown[0],
+            ", ".join(model_labels),
+        )
         labels, ids = [model_labels.index(n) for n in names], list(range(1, len(texts) + 1))
     elif cfg.evaluate:
         test = load_imdb(cfg.data or download_imdb(), "test")
@@ -142,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(cfg.model, head="classifier", max_len=max_len)
         names = run_label_names(cfg.model)  # a LoRA run's adapter directory has no config.json with them
         bert_cfg = dataclasses.replace(model.cfg, id2label=names) if names else model.cfg
-        clf = text_classifier(cast(model.params, device=device), bert_cfg, model.tokenizer, max_len=max_len,
-                              truncation=truncation)
+        clf = text_classifier(
+            cast(model.params, device=device), bert_cfg, model.tokenizer, max_len=max_len, truncation=truncation
+        )
         if device.type != "cpu":
             run = clf.run
             clf.run = lambda x, m: run(x.to(device), m.to(device)).cpu()
@@ -161,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     correct = sum(int(p == y) for p, y in zip(y_pred, labels))
     lo, hi = wilson_interval(correct, len(labels))
     report = classification_report(labels, y_pred, clf.labels)
-    print(f"accuracy {correct / len(labels):.4f} (95% CI {lo:.4f}-{hi:.4f}, {len(labels)} reviews), "
-          f"macro-F1 {report['macro_f1']:.4f}")
+    print(
+        f"accuracy {correct / len(labels):.4f} (95% CI {lo:.4f}-{hi:.4f}, {len(labels)} reviews), "
+        f"macro-F1 {report['macro_f1']:.4f}"
+    )
     for name, r in report["per_class"].items():
-        print(f"  {name}: precision {r['precision']:.4f} recall {r['recall']:.4f} f1 {r['f1']:.4f} "
-              f"support {r['support']}")
+        print(
+            f"  {name}: precision {r['precision']:.4f} recall {r['recall']:.4f} f1 {r['f1']:.4f} support {r['support']}"
+        )
     if cfg.errors is not None:
         n = write_errors(cfg.errors, probs, labels, [html_clean(t) for t in texts], ids, clf.labels)
         print(f"wrote {n} errors to {cfg.errors}")

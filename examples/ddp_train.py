@@ -10,6 +10,7 @@ Every process builds the same tiny Transformer encoder, takes rank 0's parameter
 the flattened gradients (plus loss and accuracy), clipping and AdamW are one compiled graph. At
 the end the processes check that they hold bitwise the same parameters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,18 +20,23 @@ import torch
 
 import fnlm
 from fnlm import optim, random
-from fnlm.train.distributed import all_equal, all_reduce_mean, broadcast_params, destroy_distributed, init_distributed
 from fnlm.train import make_train_step
+from fnlm.train.distributed import all_equal, all_reduce_mean, broadcast_params, destroy_distributed, init_distributed
 from fnlm.tree import tree_map
 
-CFG = fnlm.TransformerConfig(d_model=32, n_heads=4, d_ff=64, n_layers=2, src_vocab_size=16, max_len=16,
-                             dropout=0.1, positional="learned")
+CFG = fnlm.TransformerConfig(
+    d_model=32, n_heads=4, d_ff=64, n_layers=2, src_vocab_size=16, max_len=16, dropout=0.1, positional="learned"
+)
 
 
 def init(key):
     k = random.split(key, 4)
-    return {"embed": fnlm.init_embedding(k[0], 16, 32), "pos": fnlm.init_learned_positional(k[1], 16, 32),
-            "encoder": fnlm.init_encoder(k[2], CFG), "head": fnlm.init_linear(k[3], 32, 16)}
+    return {
+        "embed": fnlm.init_embedding(k[0], 16, 32),
+        "pos": fnlm.init_learned_positional(k[1], 16, 32),
+        "encoder": fnlm.init_encoder(k[2], CFG),
+        "head": fnlm.init_linear(k[3], 32, 16),
+    }
 
 
 def loss_fn(params, batch, key):
@@ -60,8 +66,10 @@ def main():
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world}")
     params = broadcast_params(tree_map(lambda x: x.to(device), init(random.key(0))))
-    opt = optim.chain(optim.clip_by_global_norm(1.0),
-                      optim.adamw(optim.linear_warmup_linear_decay(1e-2, 10, args.steps), weight_decay=0.01))
+    opt = optim.chain(
+        optim.clip_by_global_norm(1.0),
+        optim.adamw(optim.linear_warmup_linear_decay(1e-2, 10, args.steps), weight_decay=0.01),
+    )
     opt_state = opt.init(params)
     step = make_train_step(loss_fn, opt, grad_sync=all_reduce_mean, compile=not args.no_compile)
     shard = slice(rank * args.batch // world, (rank + 1) * args.batch // world)
@@ -75,13 +83,18 @@ def main():
         # each rank drops different units: fold the rank into the step's dropout key
         params, opt_state, m = step(params, opt_state, batch, random.fold_in(sub, rank))
         if rank == 0 and (s % 25 == 0 or s == args.steps - 1):
-            print(f"step {s:3d}  loss {float(m['loss']):.3f}  accuracy {float(m['accuracy']):.3f}  "
-                  f"(averaged over {world} process{'es' if world > 1 else ''})", flush=True)
+            print(
+                f"step {s:3d}  loss {float(m['loss']):.3f}  accuracy {float(m['accuracy']):.3f}  "
+                f"(averaged over {world} process{'es' if world > 1 else ''})",
+                flush=True,
+            )
     elapsed = (time.perf_counter() - t1) / max(1, args.steps - 1)
     same = all_equal(params)
     if rank == 0:
-        print(f"{world} process(es), {args.batch // world} examples each: first step (compile) {t1 - t0:.1f} s, "
-              f"then {1e3 * elapsed:.0f} ms/step; parameters identical on all processes: {same}")
+        print(
+            f"{world} process(es), {args.batch // world} examples each: first step (compile) {t1 - t0:.1f} s, "
+            f"then {1e3 * elapsed:.0f} ms/step; parameters identical on all processes: {same}"
+        )
     destroy_distributed()
     if not same:
         raise SystemExit(1)

@@ -13,6 +13,7 @@ Two uses of the same machinery (:func:`fnlm.train.make_ensemble_step`):
 Params and optimizer states are stacked with ``fnlm.tree.tree_stack`` (leading axis = member);
 the compiled function is ``torch.compile(vmap(train_step))``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,8 @@ import torch
 
 import fnlm
 from fnlm import optim, random
-from fnlm.train import make_train_step
+from fnlm.train import make_ensemble_step, make_train_step
 from fnlm.tree import tree_stack, tree_unstack
-from fnlm.train import make_ensemble_step
 
 
 def spirals(key, n):
@@ -41,8 +41,11 @@ def spirals(key, n):
 
 def init(key, width=64):
     k = random.split(key, 3)
-    return {"l1": fnlm.init_linear(k[0], 2, width), "l2": fnlm.init_linear(k[1], width, width),
-            "out": fnlm.init_linear(k[2], width, 2)}
+    return {
+        "l1": fnlm.init_linear(k[0], 2, width),
+        "l2": fnlm.init_linear(k[1], width, width),
+        "out": fnlm.init_linear(k[2], width, 2),
+    }
 
 
 def logits_fn(params, x, key=None):
@@ -87,8 +90,10 @@ def main():
     logits = torch.stack([logits_fn(p, test["x"]) for p in tree_unstack(params)])  # [n, N, 2]
     accs = (logits.argmax(-1) == test["y"]).float().mean(-1)
     ens_acc = (logits.softmax(-1).mean(0).argmax(-1) == test["y"]).float().mean()
-    print(f"1. {n} MLPs x {args.steps} steps in one {'compiled' if compile else 'eager'} vmap step "
-          f"({t1 - t0:.1f} s first step, then {1e3 * per_step:.1f} ms/step for all {n})")
+    print(
+        f"1. {n} MLPs x {args.steps} steps in one {'compiled' if compile else 'eager'} vmap step "
+        f"({t1 - t0:.1f} s first step, then {1e3 * per_step:.1f} ms/step for all {n})"
+    )
     print(f"   test accuracy per member: {' '.join(f'{a:.3f}' for a in accs.tolist())}")
     print(f"   mean member {accs.mean():.3f}, best member {accs.max():.3f}, averaged ensemble {ens_acc:.3f}")
 

@@ -20,6 +20,7 @@ pass (``fnlm.make_eval_step``); the vectors and their ids are written to one saf
 Other features: ``--pooling cls|mean|max``, ``--layers=-4,-3,-2,-1 --combine concat|mean`` (the
 hidden states of chosen layers), ``--no-normalize``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,17 @@ from pathlib import Path
 import torch
 
 import fnlm
-from fnlm.data import (DatasetError, DownloadError, bucket_lengths, choose_buckets, download_imdb, html_clean, load_imdb_splits,
-                       predict_in_order, subset)
+from fnlm.data import (
+    DatasetError,
+    DownloadError,
+    bucket_lengths,
+    choose_buckets,
+    download_imdb,
+    html_clean,
+    load_imdb_splits,
+    predict_in_order,
+    subset,
+)
 from fnlm.io import CheckpointError, ensure_minilm, read_safetensors, write_safetensors
 from fnlm.models import COMBINES, POOLINGS, fit_linear_probe, linear_probe_logits, load_pretrained, make_embedder
 from fnlm.nn import accuracy
@@ -47,8 +57,9 @@ class CliError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--texts", nargs="+", metavar="TEXT", help="embed these texts")
     src.add_argument("--file", type=Path, help="embed the lines of this UTF-8 text file (blank lines skipped)")
@@ -60,20 +71,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--max-len", type=int, default=256, help="word pieces per text ([CLS], [SEP] included; head kept)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--pooling", choices=POOLINGS, default="mean")
-    g.add_argument("--layers", default=None, help="hidden states to pool, e.g. --layers=-4,-3,-2,-1 (default: the last layer; "
-                   "0 = the embeddings)")
+    g.add_argument(
+        "--layers",
+        default=None,
+        help="hidden states to pool, e.g. --layers=-4,-3,-2,-1 (default: the last layer; 0 = the embeddings)",
+    )
     g.add_argument("--combine", choices=COMBINES, default="concat", help="how --layers are combined")
     g.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation")
     g.add_argument("--no-compile", action="store_true", help="run the forward pass eagerly")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
-                   help="fp32: the embeddings sentence-transformers computes (to 1e-5); bf16: matrix products under "
-                   "bf16 autocast, faster on CPUs with AVX512-BF16/AMX, embeddings close to fp32's (docs/benchmarks.md); "
-                   "auto: bf16 where the CPU multiplies bf16 natively")
-    g.add_argument("--out", type=Path, help="safetensors file (default: embeddings.safetensors, or "
-                   "runs/imdb-embeddings.safetensors with --imdb)")
+    g.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="fp32: the embeddings sentence-transformers computes (to 1e-5); bf16: matrix products under "
+        "bf16 autocast, faster on CPUs with AVX512-BF16/AMX, embeddings close to fp32's (docs/benchmarks.md); "
+        "auto: bf16 where the CPU multiplies bf16 natively",
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        help="safetensors file (default: embeddings.safetensors, or runs/imdb-embeddings.safetensors with --imdb)",
+    )
     g = ap.add_argument_group("uses (with --imdb)")
-    g.add_argument("--probe", action="store_true", help="train a logistic-regression probe on the train embeddings "
-                   "and report test accuracy (reuses --out if it holds IMDb embeddings)")
+    g.add_argument(
+        "--probe",
+        action="store_true",
+        help="train a logistic-regression probe on the train embeddings "
+        "and report test accuracy (reuses --out if it holds IMDb embeddings)",
+    )
     g.add_argument("--probe-steps", type=int, default=300)
     g.add_argument("--probe-lr", type=float, default=0.05)
     g.add_argument("--similar", metavar="TEXT", help="list the reviews of --out most similar to TEXT (cosine)")
@@ -107,8 +132,10 @@ def read_lines(path: Path) -> tuple[list[str], list[int]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CliError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
-                       "convert it, e.g. iconv -f latin1 -t utf-8") from None
+        raise CliError(
+            f"{path}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     rows = [(t.strip(), i + 1) for i, t in enumerate(text.splitlines()) if t.strip()]
     if not rows:
         raise CliError(f"{path}: no text in the file (it is empty or only blank lines)")
@@ -142,8 +169,16 @@ def embedder_of(params, cfg, args):
     """The compiled ``(input_ids, attention_mask) -> [B, D]`` embedder the flags ask for."""
     dtype = autocast_dtype(args.dtype, "cpu")
     try:
-        return make_embedder(params, cfg, pooling=args.pooling, layers=args.layers, combine=args.combine,
-                             normalize=not args.no_normalize, dtype=dtype, compile=not args.no_compile)
+        return make_embedder(
+            params,
+            cfg,
+            pooling=args.pooling,
+            layers=args.layers,
+            combine=args.combine,
+            normalize=not args.no_normalize,
+            dtype=dtype,
+            compile=not args.no_compile,
+        )
     except ValueError as e:
         raise CliError(str(e)) from None
 
@@ -155,20 +190,31 @@ def embed_texts(embedder, tokenizer, texts: list[str], args, desc: str = "embedd
     ids = tokenizer.encode_ids(texts, max_len=args.max_len, truncation="head")
     batch_size = min(args.batch_size, len(ids)) or 1
     # eager: every bucket is free; compiled: only those that pay for their compilation
-    buckets = bucket_lengths(args.max_len) if args.no_compile else \
-        choose_buckets([len(x) for x in ids], args.max_len, batch_size)
+    buckets = (
+        bucket_lengths(args.max_len)
+        if args.no_compile
+        else choose_buckets([len(x) for x in ids], args.max_len, batch_size)
+    )
 
     with tqdm(total=len(ids), desc=desc, unit="text", dynamic_ncols=True, disable=None) as bar:
-        out = predict_in_order(embedder, ids, batch_size=batch_size, buckets=buckets, pad_id=tokenizer.pad_id,
-                               on_batch=bar.update)
+        out = predict_in_order(
+            embedder, ids, batch_size=batch_size, buckets=buckets, pad_id=tokenizer.pad_id, on_batch=bar.update
+        )
     return out
 
 
 def embedding_settings(args) -> dict[str, str]:
     """What the vectors depend on, as the file's metadata records it."""
-    return {"model": str(args.weights), "pooling": args.pooling, "max_len": str(args.max_len),
-            "layers": ",".join(map(str, args.layers)) if args.layers else "last", "combine": args.combine,
-            "normalized": str(not args.no_normalize), "size": str(args.size), "dtype": args.dtype}
+    return {
+        "model": str(args.weights),
+        "pooling": args.pooling,
+        "max_len": str(args.max_len),
+        "layers": ",".join(map(str, args.layers)) if args.layers else "last",
+        "combine": args.combine,
+        "normalized": str(not args.no_normalize),
+        "size": str(args.size),
+        "dtype": args.dtype,
+    }
 
 
 def write_embeddings(path: Path, tensors: dict[str, torch.Tensor], args) -> None:
@@ -213,8 +259,10 @@ def probe(args) -> float:
     p = fit_linear_probe(t["train.embeddings"], y_train, steps=args.probe_steps, lr=args.probe_lr, seed=args.seed)
     train_acc = float(accuracy(linear_probe_logits(p, t["train.embeddings"]), y_train))
     test_acc = float(accuracy(linear_probe_logits(p, t["test.embeddings"]), y_test))
-    print(f"linear probe: train accuracy {train_acc:.4f} ({len(y_train)} reviews), "
-          f"test accuracy {test_acc:.4f} ({len(y_test)} reviews)")
+    print(
+        f"linear probe: train accuracy {train_acc:.4f} ({len(y_train)} reviews), "
+        f"test accuracy {test_acc:.4f} ({len(y_test)} reviews)"
+    )
     return test_acc
 
 

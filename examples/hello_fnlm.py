@@ -17,6 +17,7 @@ held-out sequence accuracy after training is below ``--min-accuracy``. The run d
 (``fnlm.train.Run``, default ``runs/hello-<timestamp>``) holds ``run_config.json``, ``metrics.jsonl``
 and the checkpoints; the finished one also ``metrics.json``, ``README.md`` and ``environment.json``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,8 +51,11 @@ class HelloConfig:
     save_every: int = option(100, "write a checkpoint every N steps (and at the last)", ge=1)
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", ge=1)
     out: Path | None = option(None, "run directory (default runs/hello-<timestamp>)")
-    resume: Path | None = option(None, "continue the run in RUN_DIR from its last checkpoint (a finished one "
-                                 "with a larger --steps)", metavar="RUN_DIR")
+    resume: Path | None = option(
+        None,
+        "continue the run in RUN_DIR from its last checkpoint (a finished one with a larger --steps)",
+        metavar="RUN_DIR",
+    )
     overwrite: bool = option(False, "replace an existing --out")
 
     def __post_init__(self):
@@ -70,9 +74,17 @@ def make_batch(key: random.Key, batch_size: int) -> tuple[torch.Tensor, torch.Te
 def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse_config(HelloConfig, argv, description=__doc__.split("\n\n")[0])
     # Adam's rate is constant, so --steps only says where to stop: a resumed run may raise it.
-    with Run.open(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="hello-%Y%m%d-%H%M%S",
-                  may_change=("steps", "log_every", "min_accuracy", "save_every", "keep_checkpoints"),
-                  per_session=("out", "resume", "overwrite", "compile"), repeat=("compile",)) as run:
+    with Run.open(
+        cfg,
+        explicit,
+        out=cfg.out,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        name="hello-%Y%m%d-%H%M%S",
+        may_change=("steps", "log_every", "min_accuracy", "save_every", "keep_checkpoints"),
+        per_session=("out", "resume", "overwrite", "compile"),
+        repeat=("compile",),
+    ) as run:
         return train(run, run.config)
 
 
@@ -80,8 +92,14 @@ def train(run: Run, args: HelloConfig) -> int:
     print(f"run directory: {run.dir}", flush=True)
     log_every = args.log_every or max(1, args.steps // 10)
     cfg = fnlm.TransformerConfig(
-        d_model=64, n_heads=4, d_ff=128, n_layers=2, dropout=0.1,
-        src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, max_len=SEQ_LEN + 2,
+        d_model=64,
+        n_heads=4,
+        d_ff=128,
+        n_layers=2,
+        dropout=0.1,
+        src_vocab_size=VOCAB,
+        tgt_vocab_size=VOCAB,
+        max_len=SEQ_LEN + 2,
     )
     k_init, k_data, k_eval = random.split(random.key(args.seed), 3)
     params = fnlm.init_transformer(k_init, cfg)
@@ -141,8 +159,9 @@ def train(run: Run, args: HelloConfig) -> int:
     tok_acc = (out == tgt_out).float().mean().item()
 
     def show(ids):
-        return " ".join(str(int(t) - DIGIT0) if t >= DIGIT0 else {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}[int(t)]
-                        for t in ids)
+        return " ".join(
+            str(int(t) - DIGIT0) if t >= DIGIT0 else {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}[int(t)] for t in ids
+        )
 
     print("\nexamples (greedy decoding):")
     for i in range(5):
@@ -152,13 +171,30 @@ def train(run: Run, args: HelloConfig) -> int:
     print(f"held-out accuracy: sequences {seq_acc:.1%}, tokens {tok_acc:.1%}")
     settings = {k: v for k, v in config_to_dict(args).items() if k not in ("out", "resume", "overwrite", "compile")}
     with run.finish(ckpts) as tmp:  # the trained parameters are the kept checkpoint's
-        write_json({"steps": args.steps, "first_loss": first_loss, "final_loss": last_loss, "sequence_accuracy": seq_acc,
-                    "token_accuracy": tok_acc, "train_seconds": train_s}, tmp / "metrics.json")
-        (tmp / "README.md").write_text(model_card(
-            name=run.out.name, base_model=None, dataset="synthetic-digit-reversal", task="text2text-generation",
-            metrics={"sequence_accuracy": seq_acc, "token_accuracy": tok_acc}, hyperparameters=settings,
-            description=f"A {fnlm.tree.num_params(params):,}-parameter encoder-decoder Transformer trained with fnlm "
-                        f"to reverse {SEQ_LEN} digits (examples/hello_fnlm.py)."), encoding="utf-8")
+        write_json(
+            {
+                "steps": args.steps,
+                "first_loss": first_loss,
+                "final_loss": last_loss,
+                "sequence_accuracy": seq_acc,
+                "token_accuracy": tok_acc,
+                "train_seconds": train_s,
+            },
+            tmp / "metrics.json",
+        )
+        (tmp / "README.md").write_text(
+            model_card(
+                name=run.out.name,
+                base_model=None,
+                dataset="synthetic-digit-reversal",
+                task="text2text-generation",
+                metrics={"sequence_accuracy": seq_acc, "token_accuracy": tok_acc},
+                hyperparameters=settings,
+                description=f"A {fnlm.tree.num_params(params):,}-parameter encoder-decoder Transformer trained with fnlm "
+                f"to reverse {SEQ_LEN} digits (examples/hello_fnlm.py).",
+            ),
+            encoding="utf-8",
+        )
     if seq_acc < args.min_accuracy:
         print(f"FAIL: sequence accuracy {seq_acc:.1%} < --min-accuracy {args.min_accuracy:.0%}")
         return 1

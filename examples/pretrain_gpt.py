@@ -36,6 +36,7 @@ one holds ``model/`` (Hugging Face layout: ``GPT2LMHeadModel.from_pretrained`` l
 validation perplexity of an add-one bigram model on the same tokens is printed beside the GPT's:
 what the Transformer bought.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,16 +85,20 @@ class GptConfig:
     seed: int = option(0, "init, batches and dropout all derive from it")
     # how this process runs (a resumed run takes these from its command line)
     compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
-    stop_after: int | None = option(None, "stop (with a checkpoint) after this many steps of this session; "
-                                    "--resume continues", ge=1)
+    stop_after: int | None = option(
+        None, "stop (with a checkpoint) after this many steps of this session; --resume continues", ge=1
+    )
     # evaluation, checkpoints and output
     eval_every: int = option(500, "validation loss every N steps (and at the last)", ge=1)
     save_every: int = option(500, "write a checkpoint every N steps (and at the last)", ge=1)
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", ge=1)
     report_to: str | None = option(None, "also log the scalars for TensorBoard", choices=("tensorboard",))
     out: Path | None = option(None, "run directory (default runs/gpt-imdb)")
-    resume: Path | None = option(None, "continue this run: a stopped one from its last checkpoint, a finished "
-                                 "one with a larger --steps", metavar="RUN_DIR")
+    resume: Path | None = option(
+        None,
+        "continue this run: a stopped one from its last checkpoint, a finished one with a larger --steps",
+        metavar="RUN_DIR",
+    )
     overwrite: bool = option(False, "replace an existing --out")
     # generation (also the samples written at the end of training)
     generate: tuple[str, ...] = option((), "sample continuations of these prompts and exit", metavar="PROMPT")
@@ -107,15 +112,27 @@ class GptConfig:
         check_ranges(self)
         check(self.n_embd % self.n_head == 0, "--n-embd {} must be divisible by --n-head {}", self.n_embd, self.n_head)
         check(self.min_lr <= self.lr, "--min-lr must be <= --lr ({}), got {}", self.lr, self.min_lr)
-        check(not self.generate or self.model is not None, "--generate needs --model DIR (a run directory written "
-              "by this script)")
+        check(
+            not self.generate or self.model is not None,
+            "--generate needs --model DIR (a run directory written by this script)",
+        )
         check(self.model is None or bool(self.generate), "--model is for --generate")
         object.__setattr__(self, "data", self.data.expanduser().resolve())  # --resume from elsewhere: the same path
 
 
 # Settings a resumed run takes from its command line (else the run's); every other one must agree.
-MAY_CHANGE = ("data", "steps", "eval_every", "save_every", "keep_checkpoints", "report_to", "max_new_tokens",
-              "temperature", "top_k", "top_p")
+MAY_CHANGE = (
+    "data",
+    "steps",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "report_to",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+)
 PER_SESSION = ("out", "resume", "overwrite", "compile", "stop_after", "generate", "model")
 
 
@@ -124,10 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.generate:
         return generate_cli(cfg)
     # under torchrun: this worker of N (one process: a no-op); the run directory is rank 0's
-    with DataParallel.start() as dp, dp.open_run(
-            cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="gpt-imdb",
-            may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",), report_to=cfg.report_to,
-            divisible=("batch_size",)) as run:  # N workers: each takes batch_size / N windows of every step
+    with (
+        DataParallel.start() as dp,
+        dp.open_run(
+            cfg,
+            explicit,
+            out=cfg.out,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            name="gpt-imdb",
+            may_change=MAY_CHANGE,
+            per_session=PER_SESSION,
+            repeat=("compile",),
+            report_to=cfg.report_to,
+            divisible=("batch_size",),
+        ) as run,
+    ):  # N workers: each takes batch_size / N windows of every step
         return train(run, run.config, dp)
 
 
@@ -139,7 +168,7 @@ def load_reviews(cfg) -> tuple[list[str], list[str]]:
     texts = [texts[i] for i in order]
     if cfg.val_reviews >= len(texts):
         raise ValueError(f"--val-reviews {cfg.val_reviews} leaves no training reviews (the split has {len(texts)})")
-    val, train = texts[: cfg.val_reviews], texts[cfg.val_reviews:]
+    val, train = texts[: cfg.val_reviews], texts[cfg.val_reviews :]
     if cfg.train_reviews:
         train = train[: cfg.train_reviews]
     return train, val
@@ -154,8 +183,17 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, n_position
     tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT], show_progress=False)
     with atomic_dir(out_dir) as tmp:
         tok.save(str(tmp / "tokenizer.json"))
-        write_json({"tokenizer_class": "GPT2TokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
-                    "model_max_length": n_positions, "add_prefix_space": False}, tmp / "tokenizer_config.json")
+        write_json(
+            {
+                "tokenizer_class": "GPT2TokenizerFast",
+                "bos_token": EOT,
+                "eos_token": EOT,
+                "unk_token": EOT,
+                "model_max_length": n_positions,
+                "add_prefix_space": False,
+            },
+            tmp / "tokenizer_config.json",
+        )
     return load_tokenizer(out_dir)
 
 
@@ -188,7 +226,7 @@ def val_windows(stream: torch.Tensor, block: int, max_tokens: int) -> torch.Tens
     n = min(max_tokens // block, (len(stream) - 1) // block)
     if n < 1:
         raise ValueError(f"the validation reviews hold {len(stream)} tokens, fewer than one window of {block + 1}")
-    return torch.stack([stream[i * block: i * block + block + 1] for i in range(n)])
+    return torch.stack([stream[i * block : i * block + block + 1] for i in range(n)])
 
 
 def bigram_perplexity(train: torch.Tensor, windows: torch.Tensor, vocab: int) -> float:
@@ -228,10 +266,20 @@ def sample_texts(params, cfg: GPT2Config, tok, prompts: list[str], s: GptConfig,
         raise ValueError("every prompt needs at least one token (got an empty prompt)")
     # a prompt as long as the context keeps only its last half (a sliding window); the continuation
     # stops where the context is full
-    ids = [x if len(x) < cfg.n_positions else x[-(cfg.n_positions // 2):] for x in ids]
+    ids = [x if len(x) < cfg.n_positions else x[-(cfg.n_positions // 2) :] for x in ids]
     room = cfg.n_positions - max(len(x) for x in ids)
-    out = generate(params, cfg, ids, max_new_tokens=min(s.max_new_tokens, room), key=random.key(s.seed),
-                   temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p, stop_tokens=[eot], compile=compile)
+    out = generate(
+        params,
+        cfg,
+        ids,
+        max_new_tokens=min(s.max_new_tokens, room),
+        key=random.key(s.seed),
+        temperature=s.temperature,
+        top_k=s.top_k or None,
+        top_p=s.top_p,
+        stop_tokens=[eot],
+        compile=compile,
+    )
     return [p + tok.decode([t for t in new if t != eot]) for p, new in zip(prompts, out)]
 
 
@@ -255,24 +303,43 @@ def train(run: Run, cfg: GptConfig, dp: DataParallel) -> int:
     vocab = tok.get_vocab_size()
     windows = val_windows(val_ids, cfg.block_size, cfg.val_tokens)
     bigram_ppl = bigram_perplexity(train_ids, windows, vocab)
-    print(f"{len(train_texts)} training / {len(val_texts)} validation reviews (IMDb train split); byte-level BPE "
-          f"of {vocab} tokens; {len(train_ids):,} / {len(val_ids):,} tokens ({time.time() - t0:.1f}s)", flush=True)
-    print(f"add-one bigram baseline: validation perplexity {bigram_ppl:.1f} on {windows[:, 1:].numel():,} tokens",
-          flush=True)
+    print(
+        f"{len(train_texts)} training / {len(val_texts)} validation reviews (IMDb train split); byte-level BPE "
+        f"of {vocab} tokens; {len(train_ids):,} / {len(val_ids):,} tokens ({time.time() - t0:.1f}s)",
+        flush=True,
+    )
+    print(
+        f"add-one bigram baseline: validation perplexity {bigram_ppl:.1f} on {windows[:, 1:].numel():,} tokens",
+        flush=True,
+    )
 
     # 2. The model and the optimizer: clipping, then AdamW with warm-up and a cosine over --steps.
-    gcfg = GPT2Config(vocab_size=vocab, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                      bos_token_id=tok.token_to_id(EOT), eos_token_id=tok.token_to_id(EOT))
+    gcfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=tok.token_to_id(EOT),
+        eos_token_id=tok.token_to_id(EOT),
+    )
     k_init, k_data, k_train = random.split(random.key(cfg.seed), 3)
     params = init_gpt2(k_init, gcfg)
     schedule = optim.cosine(cfg.lr, cfg.steps, warmup_steps=cfg.warmup, final_lr=cfg.min_lr)
-    optimizer = optim.chain(optim.clip_by_global_norm(cfg.clip),
-                            optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay))
+    optimizer = optim.chain(
+        optim.clip_by_global_norm(cfg.clip),
+        optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay),
+    )
     opt_state = optimizer.init(params)
-    print(f"GPT-2: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, context {cfg.block_size}: "
-          f"{num_params(params) / 1e6:.2f}M parameters; {cfg.steps} steps of {cfg.batch_size} x {cfg.block_size} "
-          "tokens", flush=True)
+    print(
+        f"GPT-2: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, context {cfg.block_size}: "
+        f"{num_params(params) / 1e6:.2f}M parameters; {cfg.steps} steps of {cfg.batch_size} x {cfg.block_size} "
+        "tokens",
+        flush=True,
+    )
 
     # 3. The steps: pure functions of the parameters, compiled once.
     def loss_fn(p, batch, key):
@@ -285,8 +352,10 @@ def train(run: Run, cfg: GptConfig, dp: DataParallel) -> int:
     eval_step = make_eval_step(eval_fn, compile=cfg.compile)
 
     # 4. The run's state: checkpoints are restored only for the same tokenizer and data.
-    fingerprint = {"tokenizer (contents)": digest({"ids": torch.tensor([i for _, i in sorted(tok.get_vocab().items())])}),
-                   "data (contents)": digest({"train": train_ids, "val": val_ids})}
+    fingerprint = {
+        "tokenizer (contents)": digest({"ids": torch.tensor([i for _, i in sorted(tok.get_vocab().items())])}),
+        "data (contents)": digest({"train": train_ids, "val": val_ids}),
+    }
     ckpts = run.checkpoints(fingerprint, keep=cfg.keep_checkpoints)
     log = {"history": [], "evals": [], "train_s": 0.0, "tokens": 0}
     step = 0
@@ -295,7 +364,7 @@ def train(run: Run, cfg: GptConfig, dp: DataParallel) -> int:
         print(f"resumed from {state.path} (step {step} of {cfg.steps})", flush=True)
 
     def validate() -> dict:
-        chunks = [windows[i: i + cfg.batch_size] for i in range(0, len(windows), cfg.batch_size)]
+        chunks = [windows[i : i + cfg.batch_size] for i in range(0, len(windows), cfg.batch_size)]
         losses = dp.map(lambda c: float(eval_step(params, c)["loss"]), chunks)  # N workers: split, gathered
         val_loss = sum(loss * len(c) for loss, c in zip(losses, chunks)) / len(windows)
         entry = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
@@ -322,8 +391,10 @@ def train(run: Run, cfg: GptConfig, dp: DataParallel) -> int:
             bar.update(loss=f"{loss:.3f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 e = validate()
-                bar.write(f"step {step}: validation loss {e['val_loss']:.3f}, perplexity {e['val_ppl']:.1f} "
-                          f"(bigram {bigram_ppl:.1f})")
+                bar.write(
+                    f"step {step}: validation loss {e['val_loss']:.3f}, perplexity {e['val_ppl']:.1f} "
+                    f"(bigram {bigram_ppl:.1f})"
+                )
             why = dp.agree(stop.requested) or ("--stop-after" if session_steps == cfg.stop_after else None)
             if step % cfg.save_every == 0 or step == cfg.steps or why:
                 ckpts.save(params, opt_state, step, k_train, log)
@@ -338,29 +409,50 @@ def train(run: Run, cfg: GptConfig, dp: DataParallel) -> int:
     final = log["evals"][-1]
     tokens_per_s = log["tokens"] / log["train_s"] if log["train_s"] else float("nan")
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in PER_SESSION}
-    metrics = {"val_loss": final["val_loss"], "val_perplexity": final["val_ppl"], "bigram_val_perplexity": bigram_ppl,
-               "steps": step, "train_tokens_per_s": tokens_per_s, "evals": log["evals"], "history": log["history"],
-               "params": num_params(params), "config": settings | fingerprint,
-               "wall_s": time.time() - t_start}
+    metrics = {
+        "val_loss": final["val_loss"],
+        "val_perplexity": final["val_ppl"],
+        "bigram_val_perplexity": bigram_ppl,
+        "steps": step,
+        "train_tokens_per_s": tokens_per_s,
+        "evals": log["evals"],
+        "history": log["history"],
+        "params": num_params(params),
+        "config": settings | fingerprint,
+        "wall_s": time.time() - t_start,
+    }
     with run.finish(ckpts) as tmp:
         shutil.copytree(tok_dir, tmp / "tokenizer")
         save_gpt2(params, gcfg, tmp / "model", tokenizer_dir=tok_dir)
         plot_curves(tmp / "curves.png", log["history"], log["evals"], bigram_ppl)
         (tmp / "samples.txt").write_text("\n\n".join(samples) + "\n")
         write_json(metrics, tmp / "metrics.json")
-        (tmp / "README.md").write_text(model_card(
-            name=run.out.name, base_model=None, dataset="imdb", task="text-generation",
-            metrics={"val_perplexity": final["val_ppl"], "val_loss": final["val_loss"],
-                     "bigram_val_perplexity": bigram_ppl},
-            hyperparameters=settings,
-            description=f"A {num_params(params) / 1e6:.2f}M-parameter GPT-2 pretrained from scratch with fnlm on "
-                        f"{len(train_texts)} IMDb training reviews ({step} steps); validation on {len(val_texts)} "
-                        "held-out training reviews."), encoding="utf-8")
+        (tmp / "README.md").write_text(
+            model_card(
+                name=run.out.name,
+                base_model=None,
+                dataset="imdb",
+                task="text-generation",
+                metrics={
+                    "val_perplexity": final["val_ppl"],
+                    "val_loss": final["val_loss"],
+                    "bigram_val_perplexity": bigram_ppl,
+                },
+                hyperparameters=settings,
+                description=f"A {num_params(params) / 1e6:.2f}M-parameter GPT-2 pretrained from scratch with fnlm on "
+                f"{len(train_texts)} IMDb training reviews ({step} steps); validation on {len(val_texts)} "
+                "held-out training reviews.",
+            ),
+            encoding="utf-8",
+        )
     print(f"\nsamples (temperature {cfg.temperature:g}, top-k {cfg.top_k}, top-p {cfg.top_p:g}):")
     for s in samples:
         print(f"  {s!r}")
-    print(f"\nvalidation perplexity {final['val_ppl']:.1f} (add-one bigram: {bigram_ppl:.1f}); "
-          f"{tokens_per_s:,.0f} training tokens/s; model in {run.out / 'model'}", flush=True)
+    print(
+        f"\nvalidation perplexity {final['val_ppl']:.1f} (add-one bigram: {bigram_ppl:.1f}); "
+        f"{tokens_per_s:,.0f} training tokens/s; model in {run.out / 'model'}",
+        flush=True,
+    )
     return 0
 
 

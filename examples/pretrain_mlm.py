@@ -36,6 +36,7 @@ card), ``environment.json`` and its last checkpoint (for ``--resume`` with a lar
 all-MiniLM-L6-v2 (the default ``--weights``) was distilled without an MLM head (nor an NSP head):
 the run then starts from freshly initialised heads, the MLM one tied to the word embeddings, and says so.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,11 @@ TEXT_SPLITS = ("train", "unsup")  # the only IMDb text pretraining may read
 class MlmConfig:
     # data and model
     data: Path | None = option(None, "IMDb archive or folder (default: download into ~/.cache/fnlm)")
-    splits: str = option("train,unsup", "IMDb text to pretrain on: train and/or unsup (unsup is used when the "
-                         "archive has it); the test split is refused")
+    splits: str = option(
+        "train,unsup",
+        "IMDb text to pretrain on: train and/or unsup (unsup is used when the "
+        "archive has it); the test split is refused",
+    )
     train_size: int = option(0, "use only this many reviews (0 = all)", ge=0)
     eval_size: int = option(200, "training reviews held out for the MLM evaluation", ge=0)
     weights: Path = option(DEFAULT_WEIGHTS, "the BERT checkpoint to continue from")
@@ -81,8 +85,11 @@ class MlmConfig:
     clip: float = option(1.0, "clip gradients to this global L2 norm; 0 = no clipping", ge=0)
     mask_prob: float = option(0.15, "fraction of the word pieces masked at each step", gt=0, lt=1)
     whole_word: bool = option(False, "mask all word pieces of a word together")
-    nsp: bool = option(False, "also train next-sentence prediction on sentence pairs of the training reviews "
-                       "(half IsNext, half NotNext; loss MLM + NSP); saves a BertForPreTraining checkpoint")
+    nsp: bool = option(
+        False,
+        "also train next-sentence prediction on sentence pairs of the training reviews "
+        "(half IsNext, half NotNext; loss MLM + NSP); saves a BertForPreTraining checkpoint",
+    )
     seed: int = option(0, "head init, data order, masks and dropout derive from it")
     compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
     # evaluation, checkpoints and output
@@ -91,8 +98,11 @@ class MlmConfig:
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", ge=1)
     report_to: str | None = option(None, "also log the scalars for TensorBoard", choices=("tensorboard",))
     out: Path | None = option(None, "output directory (default runs/mlm-<timestamp>)")
-    resume: Path | None = option(None, "continue this run: a stopped one from its last checkpoint, a finished "
-                                 "one with a larger --steps", metavar="RUN_DIR")
+    resume: Path | None = option(
+        None,
+        "continue this run: a stopped one from its last checkpoint, a finished one with a larger --steps",
+        metavar="RUN_DIR",
+    )
     overwrite: bool = option(False, "replace an existing --out")
     # fill-mask
     predict: tuple[str, ...] = option((), "print the top-k fillers of each [MASK] and exit", metavar="TEXT")
@@ -102,10 +112,16 @@ class MlmConfig:
     def __post_init__(self):
         check_ranges(self)
         splits = [s.strip() for s in self.splits.split(",") if s.strip()]
-        check("test" not in splits, "--splits: refusing to pretrain on the IMDb test split's text (it is the "
-              "held-out evaluation set of the fine-tuning that follows); use train and/or unsup")
-        check(bool(splits) and set(splits) <= set(TEXT_SPLITS), "--splits must name train and/or unsup, got {!r}",
-              self.splits)
+        check(
+            "test" not in splits,
+            "--splits: refusing to pretrain on the IMDb test split's text (it is the "
+            "held-out evaluation set of the fine-tuning that follows); use train and/or unsup",
+        )
+        check(
+            bool(splits) and set(splits) <= set(TEXT_SPLITS),
+            "--splits must name train and/or unsup, got {!r}",
+            self.splits,
+        )
         check(self.model is None or bool(self.predict), "--model is for --predict")
         object.__setattr__(self, "splits", ",".join(splits))
         for name in ("data", "weights"):  # absolute, so --resume from elsewhere compares the same paths
@@ -122,8 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse_config(MlmConfig, argv, description=__doc__.split("\n\n")[0])
     if cfg.predict:
         return predict(cfg)
-    with Run.open(cfg, explicit, out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, name="mlm-%Y%m%d-%H%M%S",
-                  may_change=MAY_CHANGE, per_session=PER_SESSION, repeat=("compile",), report_to=cfg.report_to) as run:
+    with Run.open(
+        cfg,
+        explicit,
+        out=cfg.out,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        name="mlm-%Y%m%d-%H%M%S",
+        may_change=MAY_CHANGE,
+        per_session=PER_SESSION,
+        repeat=("compile",),
+        report_to=cfg.report_to,
+    ) as run:
         return train(run, run.config)
 
 
@@ -179,8 +205,10 @@ def load_model(path: Path, key, nsp: bool = False):
             params, cfg, tokenizer, fresh = load_pretrained(path, head="pretraining", head_key=key, pooler=True)
             fresh = ("mlm", "nsp") if fresh else ()
         except MissingPoolerError:
-            raise MissingPoolerError(f"{path}: the checkpoint has no pooler, which --nsp needs (next-sentence "
-                                     "prediction reads the pooled [CLS] vector)") from None
+            raise MissingPoolerError(
+                f"{path}: the checkpoint has no pooler, which --nsp needs (next-sentence "
+                "prediction reads the pooled [CLS] vector)"
+            ) from None
         except MissingHeadError:
             raise
         except CheckpointError:  # an MLM head but no NSP head (e.g. a run without --nsp): a fresh NSP head
@@ -199,10 +227,22 @@ def masked(batch: dict, key, tokenizer, vocab_size: int, cfg) -> dict:
     ``labels`` the original ids at the selected positions, -100 elsewhere."""
     special = [tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id]
     starts = tokenizer.word_starts(batch["input_ids"]) if cfg.whole_word else None
-    ids, labels = mask_tokens(key, batch["input_ids"], batch["attention_mask"], tokenizer.mask_id, vocab_size,
-                              special, prob=cfg.mask_prob, word_starts=starts)
-    out = {"input_ids": ids, "attention_mask": batch["attention_mask"], "token_type_ids": batch["token_type_ids"],
-           "labels": labels}
+    ids, labels = mask_tokens(
+        key,
+        batch["input_ids"],
+        batch["attention_mask"],
+        tokenizer.mask_id,
+        vocab_size,
+        special,
+        prob=cfg.mask_prob,
+        word_starts=starts,
+    )
+    out = {
+        "input_ids": ids,
+        "attention_mask": batch["attention_mask"],
+        "token_type_ids": batch["token_type_ids"],
+        "labels": labels,
+    }
     if "next_sentence_label" in batch:
         out["next_sentence_label"] = batch["next_sentence_label"]
     return out
@@ -229,14 +269,21 @@ def train(run: Run, cfg: MlmConfig) -> int:
     k_head, k_mask, k_drop, k_eval, k_pairs = random.split(random.key(cfg.seed), 5)
     params, pooler, bcfg, tokenizer, fresh = load_model(cfg.weights, k_head, nsp=cfg.nsp)
     if cfg.max_len > bcfg.max_position_embeddings:
-        raise ValueError(f"--max-len {cfg.max_len} is longer than the model's position table "
-                         f"(max_position_embeddings={bcfg.max_position_embeddings})")
+        raise ValueError(
+            f"--max-len {cfg.max_len} is longer than the model's position table "
+            f"(max_position_embeddings={bcfg.max_position_embeddings})"
+        )
     if "mlm" in fresh:
-        print(f"note: {cfg.weights} has no MLM head (cls.predictions); training a freshly initialised one, "
-              "tied to the word embeddings", flush=True)
+        print(
+            f"note: {cfg.weights} has no MLM head (cls.predictions); training a freshly initialised one, "
+            "tied to the word embeddings",
+            flush=True,
+        )
     if "nsp" in fresh:
-        print(f"note: {cfg.weights} has no NSP head (cls.seq_relationship); training a freshly initialised one",
-              flush=True)
+        print(
+            f"note: {cfg.weights} has no NSP head (cls.seq_relationship); training a freshly initialised one",
+            flush=True,
+        )
     texts = load_texts(cfg)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_eval = min(cfg.eval_size, len(texts) // 5)
@@ -246,36 +293,57 @@ def train(run: Run, cfg: MlmConfig) -> int:
         train_texts = train_texts[: cfg.train_size]
     buckets = bucket_lengths(cfg.max_len, 2)
     if cfg.nsp:  # sentence pairs: the training ones drawn afresh each epoch, the held-out ones once
+
         @functools.lru_cache(maxsize=1)
         def epoch_pairs(epoch: int):
-            return nsp_pairs(tokenizer, train_texts, max_len=cfg.max_len,
-                             seed=random.seed_of(random.fold_in(k_pairs, epoch)))
+            return nsp_pairs(
+                tokenizer, train_texts, max_len=cfg.max_len, seed=random.seed_of(random.fold_in(k_pairs, epoch))
+            )
 
         ids = epoch_pairs(1).input_ids
-        eval_pairs = nsp_pairs(tokenizer, eval_texts, max_len=cfg.max_len, seed=random.seed_of(k_pairs)) \
-            if n_eval >= 2 else None
+        eval_pairs = (
+            nsp_pairs(tokenizer, eval_texts, max_len=cfg.max_len, seed=random.seed_of(k_pairs)) if n_eval >= 2 else None
+        )
         if not ids:
-            raise ValueError(f"--nsp: no sentence pairs in the {len(train_texts)} training reviews (each pair needs "
-                             "a review of at least two sentences)")
-        eval_batches = pair_batches(eval_pairs, cfg.batch_size, buckets, tokenizer.pad_id, shuffle=False) \
-            if eval_pairs is not None and eval_pairs.labels else []
-        what = (f"{len(ids)} sentence pairs per epoch from {len(train_texts)} training reviews / "
-                f"{len(eval_pairs.labels) if eval_pairs else 0} held-out pairs from {n_eval}")
+            raise ValueError(
+                f"--nsp: no sentence pairs in the {len(train_texts)} training reviews (each pair needs "
+                "a review of at least two sentences)"
+            )
+        eval_batches = (
+            pair_batches(eval_pairs, cfg.batch_size, buckets, tokenizer.pad_id, shuffle=False)
+            if eval_pairs is not None and eval_pairs.labels
+            else []
+        )
+        what = (
+            f"{len(ids)} sentence pairs per epoch from {len(train_texts)} training reviews / "
+            f"{len(eval_pairs.labels) if eval_pairs else 0} held-out pairs from {n_eval}"
+        )
     else:
         ids = tokenizer.encode_ids(train_texts, max_len=cfg.max_len)
-        eval_batches = make_batches(tokenizer.encode_ids(eval_texts, max_len=cfg.max_len), None, cfg.batch_size,
-                                    buckets, shuffle=False, pad_id=tokenizer.pad_id)
+        eval_batches = make_batches(
+            tokenizer.encode_ids(eval_texts, max_len=cfg.max_len),
+            None,
+            cfg.batch_size,
+            buckets,
+            shuffle=False,
+            pad_id=tokenizer.pad_id,
+        )
         what = f"{len(ids)} training / {n_eval} held-out reviews"
-    print(f"model {cfg.weights} ({num_params(params) / 1e6:.1f}M params), {what}, {cfg.steps} steps of "
-          f"{cfg.batch_size}, masking {'whole words' if cfg.whole_word else 'word pieces'} with p={cfg.mask_prob}"
-          + (", loss MLM + NSP" if cfg.nsp else ""), flush=True)
+    print(
+        f"model {cfg.weights} ({num_params(params) / 1e6:.1f}M params), {what}, {cfg.steps} steps of "
+        f"{cfg.batch_size}, masking {'whole words' if cfg.whole_word else 'word pieces'} with p={cfg.mask_prob}"
+        + (", loss MLM + NSP" if cfg.nsp else ""),
+        flush=True,
+    )
 
     # 2. The optimizer and the steps; the held-out batches are masked once, from their own key.
     V = bcfg.vocab_size
     eval_batches = [masked(b, random.fold_in(k_eval, i), tokenizer, V, cfg) for i, b in enumerate(eval_batches)]
     schedule = optim.linear_warmup_linear_decay(cfg.lr, round(cfg.warmup * cfg.steps), cfg.steps)
-    optimizer = optim.chain(optim.clip_by_global_norm(cfg.clip),
-                            optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay))
+    optimizer = optim.chain(
+        optim.clip_by_global_norm(cfg.clip),
+        optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=cfg.weight_decay),
+    )
     opt_state = optimizer.init(params)
 
     objective = pretraining_loss if cfg.nsp else mlm_loss  # L_MLM + L_NSP, or L_MLM
@@ -304,21 +372,31 @@ def train(run: Run, cfg: MlmConfig) -> int:
                 sums["pairs"] = sums.get("pairs", 0.0) + n_pairs
                 for k in ("nsp_loss", "nsp_accuracy"):
                     sums[k] = sums.get(k, 0.0) + float(m[k]) * n_pairs
-        entry = {"step": step, "mlm_loss": sums["mlm_loss"] / max(sums["masked_tokens"], 1.0),
-                 "mlm_accuracy": sums["mlm_accuracy"] / max(sums["masked_tokens"], 1.0),
-                 "masked_tokens": int(sums["masked_tokens"])}
+        entry = {
+            "step": step,
+            "mlm_loss": sums["mlm_loss"] / max(sums["masked_tokens"], 1.0),
+            "mlm_accuracy": sums["mlm_accuracy"] / max(sums["masked_tokens"], 1.0),
+            "masked_tokens": int(sums["masked_tokens"]),
+        }
         if cfg.nsp:
-            entry |= {"nsp_loss": sums["nsp_loss"] / max(sums["pairs"], 1.0),
-                      "nsp_accuracy": sums["nsp_accuracy"] / max(sums["pairs"], 1.0), "pairs": int(sums["pairs"])}
+            entry |= {
+                "nsp_loss": sums["nsp_loss"] / max(sums["pairs"], 1.0),
+                "nsp_accuracy": sums["nsp_accuracy"] / max(sums["pairs"], 1.0),
+                "pairs": int(sums["pairs"]),
+            }
         log["history"].append(entry)
         run.log({"kind": "eval", **entry})
-        print(f"step {step}: held-out MLM loss {entry['mlm_loss']:.4f}, accuracy {entry['mlm_accuracy']:.4f}"
-              + (f"; NSP loss {entry['nsp_loss']:.4f}, accuracy {entry['nsp_accuracy']:.4f}" if cfg.nsp else ""),
-              flush=True)
+        print(
+            f"step {step}: held-out MLM loss {entry['mlm_loss']:.4f}, accuracy {entry['mlm_accuracy']:.4f}"
+            + (f"; NSP loss {entry['nsp_loss']:.4f}, accuracy {entry['nsp_accuracy']:.4f}" if cfg.nsp else ""),
+            flush=True,
+        )
 
     # 3. The run's state: (params, opt_state, step) plus where the data is (epoch, batch) and the log.
-    fingerprint = {"--weights (contents)": digest(params | {"pooler": pooler or {}}),
-                   "--data (contents)": digest({"train": "\0".join(train_texts), "eval": "\0".join(eval_texts)})}
+    fingerprint = {
+        "--weights (contents)": digest(params | {"pooler": pooler or {}}),
+        "--data (contents)": digest({"train": "\0".join(train_texts), "eval": "\0".join(eval_texts)}),
+    }
     ckpts = run.checkpoints(fingerprint, keep=cfg.keep_checkpoints)
     log = {"epoch": 1, "batch": 0, "history": [], "losses": [], "train_s": 0.0}
     step = 0
@@ -356,8 +434,16 @@ def train(run: Run, cfg: MlmConfig) -> int:
             loss = float(m["loss"])
             step, log["batch"], log["train_s"] = step + 1, log["batch"] + 1, log["train_s"] + time.time() - t
             log["losses"].append(loss)
-            run.log({"kind": "train", "step": step, "epoch": log["epoch"], "loss": loss, "lr": float(m["lr"]),
-                     **({k: float(m[k]) for k in ("mlm_loss", "nsp_loss")} if cfg.nsp else {})})
+            run.log(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "epoch": log["epoch"],
+                    "loss": loss,
+                    "lr": float(m["lr"]),
+                    **({k: float(m[k]) for k in ("mlm_loss", "nsp_loss")} if cfg.nsp else {}),
+                }
+            )
             bar.update(loss=f"{sum(log['losses'][-20:]) / len(log['losses'][-20:]):.3f}", lr=f"{float(m['lr']):.1e}")
             if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
                 evaluate()
@@ -370,9 +456,17 @@ def train(run: Run, cfg: MlmConfig) -> int:
     #    BertForPreTraining one; metrics, model card.
     history = log["history"]
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in PER_SESSION}
-    metrics = {"history": history, "train_loss_per_step": log["losses"], "train_seconds": log["train_s"],
-               "fresh_mlm_head": "mlm" in fresh, "source": str(cfg.weights), "texts": len(ids), "held_out": n_eval,
-               "args": settings, "fnlm": fnlm.__version__}
+    metrics = {
+        "history": history,
+        "train_loss_per_step": log["losses"],
+        "train_seconds": log["train_s"],
+        "fresh_mlm_head": "mlm" in fresh,
+        "source": str(cfg.weights),
+        "texts": len(ids),
+        "held_out": n_eval,
+        "args": settings,
+        "fnlm": fnlm.__version__,
+    }
     if cfg.nsp:
         metrics |= {"fresh_nsp_head": "nsp" in fresh, "texts": len(train_texts), "pairs_per_epoch": len(ids)}
     if pooler is not None:
@@ -382,20 +476,36 @@ def train(run: Run, cfg: MlmConfig) -> int:
         save_bert(params, bcfg, tmp, head="pretraining" if cfg.nsp else "mlm", tokenizer_dir=cfg.weights)
         write_json(metrics, tmp / "metrics.json")
         objective_text = "masked-language-model + next-sentence-prediction" if cfg.nsp else "masked-language-model"
-        (tmp / "README.md").write_text(model_card(
-            name=run.out.name, base_model=str(cfg.weights), dataset="imdb", task="fill-mask",
-            metrics={k: last[k] for k in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy") if k in last},
-            hyperparameters=settings,
-            description=f"{cfg.weights.name} with {step} steps of continued {objective_text} pretraining "
-                        f"(fnlm) on {metrics['texts']} IMDb training reviews; evaluated on {n_eval} held-out ones."),
-            encoding="utf-8")
-    print(f"pretrained {step} steps in {log['train_s']:.0f}s"
-          + (f"; held-out MLM loss {first['mlm_loss']:.4f} -> {last['mlm_loss']:.4f}, accuracy "
-             f"{first['mlm_accuracy']:.4f} -> {last['mlm_accuracy']:.4f}" if history else "")
-          + (f"; NSP loss {first['nsp_loss']:.4f} -> {last['nsp_loss']:.4f}, accuracy {first['nsp_accuracy']:.4f} "
-             f"-> {last['nsp_accuracy']:.4f}" if history and cfg.nsp else "")
-          + f"; wrote {run.out}/ ({'BertForPreTraining' if cfg.nsp else 'BertForMaskedLM'} layout) in "
-            f"{time.time() - t_start:.0f}s")
+        (tmp / "README.md").write_text(
+            model_card(
+                name=run.out.name,
+                base_model=str(cfg.weights),
+                dataset="imdb",
+                task="fill-mask",
+                metrics={k: last[k] for k in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy") if k in last},
+                hyperparameters=settings,
+                description=f"{cfg.weights.name} with {step} steps of continued {objective_text} pretraining "
+                f"(fnlm) on {metrics['texts']} IMDb training reviews; evaluated on {n_eval} held-out ones.",
+            ),
+            encoding="utf-8",
+        )
+    print(
+        f"pretrained {step} steps in {log['train_s']:.0f}s"
+        + (
+            f"; held-out MLM loss {first['mlm_loss']:.4f} -> {last['mlm_loss']:.4f}, accuracy "
+            f"{first['mlm_accuracy']:.4f} -> {last['mlm_accuracy']:.4f}"
+            if history
+            else ""
+        )
+        + (
+            f"; NSP loss {first['nsp_loss']:.4f} -> {last['nsp_loss']:.4f}, accuracy {first['nsp_accuracy']:.4f} "
+            f"-> {last['nsp_accuracy']:.4f}"
+            if history and cfg.nsp
+            else ""
+        )
+        + f"; wrote {run.out}/ ({'BertForPreTraining' if cfg.nsp else 'BertForMaskedLM'} layout) in "
+        f"{time.time() - t_start:.0f}s"
+    )
     return 0
 
 
@@ -409,8 +519,12 @@ def fill_mask(params, cfg, tokenizer, text: str, top_k: int) -> list[list[tuple[
     if not where:
         raise ValueError(f"no [MASK] token in {text!r}: write the word to predict as [MASK]")
     with torch.no_grad():
-        probs = torch.softmax(bert_mlm(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                                       token_type_ids=b["token_type_ids"])[0].float(), -1)
+        probs = torch.softmax(
+            bert_mlm(
+                params, b["input_ids"], cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+            )[0].float(),
+            -1,
+        )
     out = []
     for pos in where:
         top = probs[pos].topk(top_k)
@@ -430,8 +544,10 @@ def predict(cfg: MlmConfig) -> int:
     try:
         params, bcfg, tokenizer, _ = load_pretrained(path, head="mlm")
     except MissingHeadError:
-        raise MissingHeadError(f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
-                               "(python examples/pretrain_mlm.py --weights ...)") from None
+        raise MissingHeadError(
+            f"{path}: no MLM head (cls.predictions) to fill masks with; pretrain it first "
+            "(python examples/pretrain_mlm.py --weights ...)"
+        ) from None
     for text in cfg.predict:
         for k, rows in enumerate(fill_mask(params, bcfg, tokenizer, text, cfg.top_k)):
             print(f"{text}" + (f"  [MASK] #{k + 1}" if k else ""))

@@ -1,4 +1,5 @@
 """Input validation shared by the layers: fail early, naming the argument and the shapes."""
+
 from __future__ import annotations
 
 import torch
@@ -17,17 +18,11 @@ def check_last_dim(name: str, x: Tensor, expected: int, what: str = "d_model") -
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.ndim == 0 or x.shape[-1] != expected:
-        raise ValueError(
-            f"{name} has shape {tuple(x.shape)}, but its last axis must be {what}={expected}"
-        )
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, but its last axis must be {what}={expected}")
 
 
 def check_broadcast(name: str, x: Tensor, target: tuple[int, ...], axes: str) -> None:
     """Raise if ``x`` does not broadcast to ``target`` (named by ``axes`` in the message)."""
-    ok = x.ndim <= len(target) and all(
-        s == 1 or s == t for s, t in zip(reversed(x.shape), reversed(target))
-    )
+    ok = x.ndim <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(x.shape), reversed(target)))
     if not ok:
-        raise ValueError(
-            f"{name} of shape {tuple(x.shape)} does not broadcast to [{axes}] = {list(target)}"
-        )
+        raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to [{axes}] = {list(target)}")

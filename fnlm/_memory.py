@@ -7,14 +7,21 @@ bytes a config's parameters take (their count from the config, times the dtype's
 machine's physical memory (``os.sysconf``) and the process's address-space limit
 (``RLIMIT_AS``), and refuses in one line that says how much is needed and how much there is.
 """
+
 from __future__ import annotations
 
 import math
 import os
 
 #: kind of size -> largest accepted value
-CONFIG_BOUNDS = {"layers": 4096, "width": 1 << 17, "heads": 4096, "vocab": 1 << 24, "positions": 1 << 20,
-                 "labels": 1 << 20}
+CONFIG_BOUNDS = {
+    "layers": 4096,
+    "width": 1 << 17,
+    "heads": 4096,
+    "vocab": 1 << 24,
+    "positions": 1 << 20,
+    "labels": 1 << 20,
+}
 
 
 class ConfigMemoryError(ValueError):
@@ -61,14 +68,22 @@ def check_fits(n_params: int, bytes_per_param: int, where: str) -> None:
     ``bytes_per_param`` bytes exceed :func:`available_bytes`."""
     need, have = n_params * bytes_per_param, available_bytes()
     if have is not None and need > have:
-        raise ConfigMemoryError(f"{where}: the config implies {n_params:,} parameters, {_gb(need)} in memory, "
-                                f"more than this machine's {_gb(have)}")
+        raise ConfigMemoryError(
+            f"{where}: the config implies {n_params:,} parameters, {_gb(need)} in memory, "
+            f"more than this machine's {_gb(have)}"
+        )
 
 
 def bert_param_count(cfg) -> int:
     """Parameters of a BERT with pooler, MLM and classifier heads (an upper bound for any head)."""
-    V, H, P, T, I, L = (cfg.vocab_size, cfg.hidden_size, cfg.max_position_embeddings, cfg.type_vocab_size,
-                        cfg.intermediate_size, cfg.num_hidden_layers)
+    V, H, P, T, I, L = (
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.max_position_embeddings,
+        cfg.type_vocab_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    )
     layer = 4 * H * H + 4 * H + 2 * H * I + I + H + 4 * H
     return (V + P + T + 2) * H + L * layer + (H * H + H) * 2 + 2 * H + V + (H + 1) * cfg.num_labels
 

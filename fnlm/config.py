@@ -23,6 +23,7 @@ Types understood: ``bool`` (``--flag`` / ``--no-flag``), ``int``, ``float``, ``s
 restricts a value to a set, ``gt``/``ge``/``lt``/``le`` to a range (``None`` is always allowed for an
 optional field).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,25 +37,48 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ConfigError", "check", "check_ranges", "cli_main", "config_diff", "config_to_dict", "config_from_dict", "option",
-           "parse_config"]
+__all__ = [
+    "ConfigError",
+    "check",
+    "check_ranges",
+    "cli_main",
+    "config_diff",
+    "config_to_dict",
+    "config_from_dict",
+    "option",
+    "parse_config",
+]
 
 
 class ConfigError(ValueError):
     """A setting is out of range, unknown or malformed (one line, naming the flag or file)."""
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None,
-           const: Any = None, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-           le: float | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    metavar: str | None = None,
+    const: Any = None,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
     """A config field: its ``default``, a one-line ``help`` and, optionally, the allowed ``choices``,
     ``const`` (the value of the flag given without one: ``--remat`` = ``--remat nothing``) and the
     bounds ``gt < value``, ``ge <= value``, ``value < lt``, ``value <= le`` (checked by :func:`check_ranges`)."""
     if gt is not None and ge is not None or lt is not None and le is not None:
         raise TypeError("give at most one lower bound (gt or ge) and one upper bound (lt or le)")
-    meta = {"help": help, "choices": choices, "metavar": metavar, "const": const,
-            "lower": None if gt is None and ge is None else (gt if ge is None else ge, ge is not None),
-            "upper": None if lt is None and le is None else (lt if le is None else le, le is not None)}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "metavar": metavar,
+        "const": const,
+        "lower": None if gt is None and ge is None else (gt if ge is None else ge, ge is not None),
+        "upper": None if lt is None and le is None else (lt if le is None else le, le is not None),
+    }
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default (config fields are immutable)")
     return dataclasses.field(default=default, metadata=meta)
@@ -76,8 +100,9 @@ def check_ranges(cfg) -> None:
         lower, upper, value = f.metadata.get("lower"), f.metadata.get("upper"), getattr(cfg, f.name)
         if value is None or (lower is None and upper is None):
             continue
-        ok = ((lower is None or (value >= lower[0] if lower[1] else value > lower[0]))
-              and (upper is None or (value <= upper[0] if upper[1] else value < upper[0])))
+        ok = (lower is None or (value >= lower[0] if lower[1] else value > lower[0])) and (
+            upper is None or (value <= upper[0] if upper[1] else value < upper[0])
+        )
         check(ok, "{} must be {}, got {}", flag(f.name), _range_text(lower, upper), value)
 
 
@@ -133,13 +158,15 @@ def _coerce(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
     elif base is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {flag(f.name)} must be a string, got {value!r}")
-    for text in (value if isinstance(value, tuple) else (value,)):
+    for text in value if isinstance(value, tuple) else (value,):
         if isinstance(text, str) and base is not Path:  # paths may hold undecodable bytes; texts may not
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise ConfigError(f"{where}: {flag(f.name)} is not valid Unicode text ({ascii(text)[:60]}: "
-                                  "undecodable bytes in the argument?)") from None
+                raise ConfigError(
+                    f"{where}: {flag(f.name)} is not valid Unicode text ({ascii(text)[:60]}: "
+                    "undecodable bytes in the argument?)"
+                ) from None
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {flag(f.name)} must be one of {', '.join(map(str, choices))}; got {value!r}")
@@ -232,13 +259,21 @@ def _help(f: dataclasses.Field, shown_default: Any) -> str:
 def build_parser(cls, description: str, *, epilog: str | None = None) -> argparse.ArgumentParser:
     """The ``argparse`` parser of a config class (every default shown, none ``None``)."""
     ap = _Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, metavar="FILE",
-                    help="read settings from a JSON (or TOML) file; flags on the command line override it")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read settings from a JSON (or TOML) file; flags on the command line override it",
+    )
     ap.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     for f in dataclasses.fields(cls):
         base, _ = _field_type(cls, f)
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                              "help": _help(f, f.default), "metavar": f.metadata.get("metavar")}
+        kw: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": _help(f, f.default),
+            "metavar": f.metadata.get("metavar"),
+        }
         if base is bool:
             kw.pop("metavar")
             ap.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
@@ -270,8 +305,9 @@ def parse_config(cls, argv: list[str] | None = None, *, description: str = "", e
         try:
             a.encode("utf-8")
         except UnicodeEncodeError:
-            raise ConfigError(f"argument {a.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8 "
-                              "text") from None
+            raise ConfigError(
+                f"argument {a.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8 text"
+            ) from None
     ns = vars(build_parser(cls, description, epilog=epilog).parse_args(_join_negative_numbers(argv)))
     file_values = read_config_file(ns.pop("config")) if ns.get("config") is not None else {}
     ns.pop("config", None)

@@ -5,6 +5,7 @@ Plain functions over tensors and lists; results are Python numbers (JSON-ready).
 follow scikit-learn (``confusion_matrix``, ``precision_recall_fscore_support`` with
 ``zero_division=0``) and ``transformers.Trainer`` (keep the lowest validation loss).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,9 +58,12 @@ def classification_report(y_true, y_pred, label_names: Sequence[str]) -> dict:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
     n = int(cm.sum())
-    return {"confusion_matrix": cm.tolist(), "per_class": per_class,
-            "macro_f1": sum(v["f1"] for v in per_class.values()) / c if c else 0.0,
-            "accuracy": int(cm.diagonal().sum()) / n if n else 0.0}
+    return {
+        "confusion_matrix": cm.tolist(),
+        "per_class": per_class,
+        "macro_f1": sum(v["f1"] for v in per_class.values()) / c if c else 0.0,
+        "accuracy": int(cm.diagonal().sum()) / n if n else 0.0,
+    }
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -77,8 +81,15 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def is_better(new: dict, best: dict | None, *, metric: str = "loss", mode: str = "min",
-              tie_break: str | None = "accuracy", tie_mode: str = "max") -> bool:
+def is_better(
+    new: dict,
+    best: dict | None,
+    *,
+    metric: str = "loss",
+    mode: str = "min",
+    tie_break: str | None = "accuracy",
+    tie_mode: str = "max",
+) -> bool:
     """The keep-best rule: ``new[metric]`` beats ``best[metric]`` (lower for ``mode="min"``), ties broken by
     ``new[tie_break]`` (higher for ``tie_mode="max"``); anything beats ``best=None``; a full tie is not better.
 

@@ -20,6 +20,7 @@ then re-traces the chain exponentially (a model with dropout: minutes of compile
 which tells Inductor to store such chains: the hash then compiles in seconds and still fuses into
 one kernel (wrapping it in an opaque custom op instead was measured many times slower at run time).
 """
+
 from __future__ import annotations
 
 import math

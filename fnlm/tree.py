@@ -3,6 +3,7 @@
 One mechanism everywhere: ``torch.utils._pytree``, the same registry that ``torch.func``
 (grad, vmap) and ``torch.compile`` use, so a tree that works here works under every transform.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -115,7 +116,9 @@ def tree_map_with_name(f: Callable[[str, Any], Any], tree: PyTree, sep: str = ".
     return tree_unflatten([f(sep.join(_key_str(k) for k in path), leaf) for path, leaf in flat], spec)
 
 
-def ravel(tree: PyTree, group: Callable[[str], str] | None = None) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], PyTree]]:
+def ravel(
+    tree: PyTree, group: Callable[[str], str] | None = None
+) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], PyTree]]:
     """``v_g = concat(vec(x_i) for leaves i labelled g)``: ``(vectors, unravel)`` with one 1-D vector
     per label, as ``jax.flatten_util.ravel_pytree`` with groups.
 
@@ -139,8 +142,10 @@ def ravel(tree: PyTree, group: Callable[[str], str] | None = None) -> tuple[dict
         first = members.setdefault(label, [leaf])[0]
         if first is not leaf:
             if (leaf.dtype, leaf.device) != (first.dtype, first.device):
-                raise ValueError(f"ravel: group {label!r} mixes {first.dtype} on {first.device} and {leaf.dtype} on "
-                                 f"{leaf.device} (leaf {name!r}); give them different labels")
+                raise ValueError(
+                    f"ravel: group {label!r} mixes {first.dtype} on {first.device} and {leaf.dtype} on "
+                    f"{leaf.device} (leaf {name!r}); give them different labels"
+                )
             members[label].append(leaf)
         labels.append(label)
         shapes.append(leaf.shape)
@@ -178,8 +183,9 @@ def _spec_predicate(spec: Spec, names: list[str], what: str) -> Callable[[str, A
         return lambda name, leaf: flat[name]
     patterns = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{what}: expected a glob pattern, a list of patterns or a predicate (name, leaf) -> bool, "
-                        f"got {spec!r}")
+        raise TypeError(
+            f"{what}: expected a glob pattern, a list of patterns or a predicate (name, leaf) -> bool, got {spec!r}"
+        )
     for p in patterns:
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             example = ", ".join(repr(n) for n in names[:3])

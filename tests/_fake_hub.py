@@ -2,6 +2,7 @@
 uses (``/api/models/{repo}/revision/{rev}``, ``/api/models/{repo}/tree/{sha}``, ``HEAD``/``GET``
 ``/{repo}/resolve/{rev}/{file}``), serving repositories given as ``{repo: {revision: {file: bytes}}}``.
 Every request is recorded in ``hub.requests`` as ``(method, path)``."""
+
 from __future__ import annotations
 
 import hashlib
@@ -63,12 +64,20 @@ class FakeHub:
                     sha, files = found
                     if parts[i] == "revision":
                         return self._json({"id": repo, "sha": sha, "siblings": [{"rfilename": f} for f in files]})
-                    return self._json([{"type": "file", "path": f, "size": len(b),
-                                        "oid": hashlib.sha1(b"blob %d\0" % len(b) + b).hexdigest()}
-                                       for f, b in files.items()])
+                    return self._json(
+                        [
+                            {
+                                "type": "file",
+                                "path": f,
+                                "size": len(b),
+                                "oid": hashlib.sha1(b"blob %d\0" % len(b) + b).hexdigest(),
+                            }
+                            for f, b in files.items()
+                        ]
+                    )
                 if "resolve" in parts:
                     i = parts.index("resolve")
-                    repo, rev, name = "/".join(parts[:i]), parts[i + 1], "/".join(parts[i + 2:])
+                    repo, rev, name = "/".join(parts[:i]), parts[i + 1], "/".join(parts[i + 2 :])
                     found = self._lookup(repo, rev)
                     if found is None:
                         return

@@ -1,5 +1,6 @@
 """One worker of tests/test_shard.py: ``python tests/_shard_worker.py MODE OUT_DIR`` with RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment (the test starts two)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ from fnlm.train.distributed import destroy_distributed, init_distributed
 from fnlm.tree import flatten_names
 
 # n_embd 9: group sizes are odd, so two workers need padding
-CFG = GPT2Config(vocab_size=31, n_positions=12, n_embd=9, n_layer=2, n_head=3, resid_pdrop=0.1, embd_pdrop=0.1,
-                 attn_pdrop=0.1)
+CFG = GPT2Config(
+    vocab_size=31, n_positions=12, n_embd=9, n_layer=2, n_head=3, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
+)
 BATCH, LEN, STEPS, MAX_NORM = 4, 9, 3, 0.5
 
 

@@ -12,6 +12,7 @@ fnlm layouts (docs/design.md) -> ``torch.nn`` layouts:
 Masks: fnlm's boolean masks mean True = may attend; ``nn``'s boolean masks mean True = masked
 out, so the reference gets ``~mask``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,6 +44,7 @@ def layer_norm_sd(p: dict, prefix: str) -> dict[str, Tensor]:
 
 def mha_sd(p: dict, prefix: str) -> dict[str, Tensor]:
     """fnlm multi-head attention params -> ``nn.MultiheadAttention`` state dict entries."""
+
     def w(name):  # [d_in, h, d_k] -> [h * d_k, d_in]
         x = p[name]["weight"]
         return x.reshape(x.shape[0], -1).T

@@ -1,4 +1,5 @@
 """Shared test setup: the --runslow switch and fixtures for real checkpoints and data."""
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,14 @@ def tiny_bert(minilm_dir, tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(cfg).save_pretrained(d)
     for f in minilm_dir.iterdir():
         if f.name.startswith(("vocab", "tokenizer", "special")):

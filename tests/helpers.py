@@ -1,6 +1,7 @@
 """Helpers shared by the tests: running an example as a user does (a fresh interpreter, the command
 line), waiting for a file a running example writes, damaging a file, and writing a small archive in
 the official aclImdb layout. Tests import from here, never from another test module."""
+
 from __future__ import annotations
 
 import os
@@ -18,12 +19,22 @@ EXAMPLES = ROOT / "examples"
 SCRIPT = EXAMPLES / "finetune_imdb.py"  # the main job
 CLASSIFY = EXAMPLES / "classify.py"
 
-POS = ["a wonderful, moving film with superb acting", "great fun from start to finish, I loved it",
-       "the best movie I have seen this year<br /><br />ten stars", "brilliant script and a beautiful score",
-       "charming, funny and smart; see it twice", "an excellent cast in a touching story"]
-NEG = ["a dull, boring mess that wastes its cast", "awful acting and a terrible, stupid plot",
-       "the worst film I have seen this year<br /><br />one star", "two hours I will never get back",
-       "lazy writing, ugly sets and no laughs at all", "a tedious, badly edited disappointment"]
+POS = [
+    "a wonderful, moving film with superb acting",
+    "great fun from start to finish, I loved it",
+    "the best movie I have seen this year<br /><br />ten stars",
+    "brilliant script and a beautiful score",
+    "charming, funny and smart; see it twice",
+    "an excellent cast in a touching story",
+]
+NEG = [
+    "a dull, boring mess that wastes its cast",
+    "awful acting and a terrible, stupid plot",
+    "the worst film I have seen this year<br /><br />one star",
+    "two hours I will never get back",
+    "lazy writing, ugly sets and no laughs at all",
+    "a tedious, badly edited disappointment",
+]
 
 
 def example_env() -> dict:
@@ -35,8 +46,14 @@ def example_env() -> dict:
 
 def run_example(script: Path, *args, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python script args...`` from the repository root, to completion (text output captured)."""
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=example_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=ROOT,
+        env=example_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_script(*args, timeout: float = 600, script: Path = SCRIPT) -> subprocess.CompletedProcess:
@@ -46,8 +63,14 @@ def run_script(*args, timeout: float = 600, script: Path = SCRIPT) -> subprocess
 
 def popen_example(script: Path, *args) -> subprocess.Popen:
     """``python script args...`` started in the background (to be signalled or killed)."""
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=example_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=ROOT,
+        env=example_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -97,5 +120,10 @@ def fnlm_logits(model_dir: Path, texts: list[str], max_len: int) -> torch.Tensor
     tok = load_tokenizer(model_dir)
     batch = tok.encode([t.replace("<br />", " ") for t in texts], max_len=max_len, truncation="head+tail")
     with torch.no_grad():
-        return bert_classifier(params, batch["input_ids"], cfg, attention_mask=batch["attention_mask"],
-                               token_type_ids=batch["token_type_ids"])
+        return bert_classifier(
+            params,
+            batch["input_ids"],
+            cfg,
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        )

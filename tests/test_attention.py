@@ -1,17 +1,18 @@
 """Attention: parity with torch.nn.MultiheadAttention, the two implementations agree, gradients,
 vmap, and clear errors for bad masks and inputs."""
+
 from __future__ import annotations
 
 import itertools
 
 import pytest
 import torch
+from _torch_ref import load, mha_sd, nn_mask, perturb
 from torch import nn
 from torch.func import vmap
 
 import fnlm
 from fnlm import random
-from _torch_ref import load, mha_sd, nn_mask, perturb
 
 D, H = 16, 4
 ATOL = 1e-5
@@ -115,8 +116,9 @@ def _masks(B, Lq, Lk):
     }
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "2d", "padding[b,1,1,k]", "per-head[b,h,q,k]",
-                                       "per-head[h,q,k]", "per-query[b,1,q,k]"])
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "2d", "padding[b,1,1,k]", "per-head[b,h,q,k]", "per-head[h,q,k]", "per-query[b,1,q,k]"]
+)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("cross", [False, True])
@@ -153,12 +155,16 @@ def test_multi_head_attention_impls_agree_with_every_option(cross, batched):
     kv = randn(*batch, Lk, D, seed=2) if cross else None
     kpm = torch.ones(*batch, Lk, dtype=torch.bool)
     kpm[..., -1] = False
-    mask = (randn(Lq, Lk, seed=3) > 0)
+    mask = randn(Lq, Lk, seed=3) > 0
     mask[:, 0] = True
     bias = randn(H, Lq, Lk, seed=4)
     for causal, use_mask, use_kpm, use_bias in itertools.product([False, True], repeat=4):
-        kw = dict(causal=causal, mask=mask if use_mask else None,
-                  key_padding_mask=kpm if use_kpm else None, bias=bias if use_bias else None)
+        kw = dict(
+            causal=causal,
+            mask=mask if use_mask else None,
+            key_padding_mask=kpm if use_kpm else None,
+            bias=bias if use_bias else None,
+        )
         a = fnlm.multi_head_attention(p, x, kv, impl="sdpa", **kw)
         b = fnlm.multi_head_attention(p, x, kv, impl="reference", **kw)
         c = fnlm.multi_head_attention(p, x, kv, **kw)  # impl="auto"
@@ -302,8 +308,9 @@ def test_mask_of_wrong_shape():
         fnlm.multi_head_attention(p, x, mask=torch.ones(5, 4, dtype=torch.bool))
     # also when combined with a key padding mask (the mask is checked before it is combined)
     with pytest.raises(ValueError, match=r"mask of shape \(3, 5, 5\) does not broadcast"):
-        fnlm.multi_head_attention(p, x, mask=torch.ones(3, 5, 5, dtype=torch.bool),
-                                  key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+        fnlm.multi_head_attention(
+            p, x, mask=torch.ones(3, 5, 5, dtype=torch.bool), key_padding_mask=torch.ones(2, 5, dtype=torch.bool)
+        )
     q = torch.zeros(2, 2, 5, 4)
     with pytest.raises(ValueError, match=r"mask of shape \(5, 6\) does not broadcast"):
         fnlm.scaled_dot_product_attention(q, q, q, torch.ones(5, 6, dtype=torch.bool))
@@ -324,7 +331,9 @@ def test_non_bool_mask_is_a_type_error():
 
 def test_key_padding_mask_of_wrong_shape():
     p = mha_params()
-    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(2, 4\), expected \[\*batch, len_k\] = \[2, 5\]"):
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask has shape \(2, 4\), expected \[\*batch, len_k\] = \[2, 5\]"
+    ):
         fnlm.multi_head_attention(p, torch.zeros(2, 5, D), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"key_padding_mask has shape \(5,\)"):
         fnlm.multi_head_attention(p, torch.zeros(2, 5, D), key_padding_mask=torch.ones(5, dtype=torch.bool))
@@ -344,13 +353,16 @@ def test_attention_reference_is_the_literal_formula():
     """eq. 1 with bias and mask, written out element by element in float64:
     out[i] = sum_j softmax_j(q_i . k_j / sqrt(d_k) + B_ij + M_ij) v_j."""
     n_q, n_k, d_k, d_v = 3, 4, 5, 2
-    q, k, v = randn(n_q, d_k, seed=1, dtype=torch.float64), randn(n_k, d_k, seed=2, dtype=torch.float64), \
-        randn(n_k, d_v, seed=3, dtype=torch.float64)
+    q, k, v = (
+        randn(n_q, d_k, seed=1, dtype=torch.float64),
+        randn(n_k, d_k, seed=2, dtype=torch.float64),
+        randn(n_k, d_v, seed=3, dtype=torch.float64),
+    )
     bias = randn(n_q, n_k, seed=4, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     expected = torch.zeros(n_q, d_v, dtype=torch.float64)
     for i in range(n_q):
-        logits = [float(q[i] @ k[j]) / d_k ** 0.5 + float(bias[i, j]) for j in range(n_k) if mask[i, j]]
+        logits = [float(q[i] @ k[j]) / d_k**0.5 + float(bias[i, j]) for j in range(n_k) if mask[i, j]]
         js = [j for j in range(n_k) if mask[i, j]]
         z = sum(pow(2.718281828459045, x) for x in logits)
         for x, j in zip(logits, js):

@@ -1,12 +1,13 @@
 """examples/attention_map.py: the drawn maps are softmax(Q K^T / sqrt(d_k)) computed from
 transformers' own query/key layers on its own hidden states; the PNG is written; the [CLS] summary."""
+
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,17 +24,27 @@ SCRIPT = ROOT / "examples" / "attention_map.py"
 def run(*args):
     """The script as a user runs it: ``(exit status, stdout, stderr)``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     return p.returncode, p.stdout, p.stderr
+
+
 TEXT = "the cat sat on the mat because it was tired"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, minilm_dir):
     d = tmp_path_factory.mktemp("tiny_bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     m = transformers.BertModel(cfg)
     with torch.no_grad():  # sharper, less uniform maps than the N(0, 0.02) init
@@ -97,9 +108,11 @@ def test_maps_are_the_reference_softmax_and_the_png_is_written(tiny, tmp_path):
 
 def test_bad_input_is_one_line(tiny, tmp_path):
     d, _ = tiny
-    for args in (("--weights", d, "--out", tmp_path / "a.png", "--layers=7"),
-                 ("--weights", tmp_path, "--out", tmp_path / "a.png"),
-                 ("--weights", d, "--out", tmp_path / "a.jpg")):
+    for args in (
+        ("--weights", d, "--out", tmp_path / "a.png", "--layers=7"),
+        ("--weights", tmp_path, "--out", tmp_path / "a.png"),
+        ("--weights", d, "--out", tmp_path / "a.jpg"),
+    ):
         rc, _, err = run(TEXT, *args)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert not (tmp_path / "a.png").exists()

@@ -5,6 +5,7 @@
 * torch.func (grad, vmap) and torch.compile(fullgraph=True) against eager;
 * dropout keys, init statistics, BERT's 80/10/10 masking, config parsing and input validation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,18 +50,37 @@ SENTENCES = [
 def hf_config(cfg: BertConfig, **kw) -> "transformers.BertConfig":
     """The same hyper-parameters as a transformers config (written independently of bert_config_to_hf)."""
     return transformers.BertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-        layer_norm_eps=cfg.layer_norm_eps, hidden_act=cfg.hidden_act, hidden_dropout_prob=cfg.hidden_dropout_prob,
-        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob, num_labels=cfg.num_labels,
-        attn_implementation="eager", **kw,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_act=cfg.hidden_act,
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+        num_labels=cfg.num_labels,
+        attn_implementation="eager",
+        **kw,
     )
 
 
-TINY = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                  max_position_embeddings=24, type_vocab_size=2, hidden_act="gelu", num_labels=3,
-                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12)
+TINY = BertConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=24,
+    type_vocab_size=2,
+    hidden_act="gelu",
+    num_labels=3,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    layer_norm_eps=1e-12,
+)
 
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -106,8 +126,9 @@ def test_minilm_matches_hf(minilm, minilm_hf):
     assert enc["attention_mask"].sum(-1).unique().numel() == len(SENTENCES)  # all lengths differ
     with torch.no_grad():
         ref = minilm_hf(**enc)
-    h, pooled = bert(params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"],
-                     token_type_ids=enc["token_type_ids"])
+    h, pooled = bert(
+        params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"]
+    )
     real = enc["attention_mask"].bool()
     assert h.shape == ref.last_hidden_state.shape and pooled.shape == ref.pooler_output.shape
     assert (h - ref.last_hidden_state)[real].abs().max() <= 1e-4
@@ -142,8 +163,13 @@ def test_minilm_without_mask_equals_all_ones(minilm):
     params, cfg, tok = minilm
     enc = tok(SENTENCES[:1], return_tensors="pt")
     a, pa = bert(params, enc["input_ids"], cfg)
-    b, pb = bert(params, enc["input_ids"], cfg, attention_mask=torch.ones_like(enc["input_ids"]),
-                 token_type_ids=torch.zeros_like(enc["input_ids"]))
+    b, pb = bert(
+        params,
+        enc["input_ids"],
+        cfg,
+        attention_mask=torch.ones_like(enc["input_ids"]),
+        token_type_ids=torch.zeros_like(enc["input_ids"]),
+    )
     assert torch.equal(a, b) and torch.equal(pa, pb)
 
 
@@ -187,8 +213,9 @@ def test_classifier_logits_and_loss_match_hf(tiny_classifier):
     b = batch_for(cfg)
     with torch.no_grad():
         out = ref(**b)
-    logits = bert_classifier(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                             token_type_ids=b["token_type_ids"])
+    logits = bert_classifier(
+        params, b["input_ids"], cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+    )
     assert (logits - out.logits).abs().max() <= 1e-5
     loss, aux = classifier_loss(params, b, cfg)
     assert abs(loss.item() - out.loss.item()) <= 1e-5
@@ -242,7 +269,8 @@ def test_per_example_grads_with_vmap(tiny_classifier):
         return classifier_loss(p, ex, cfg)[0]
 
     per_ex = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0, 0))(
-        params, b["input_ids"], b["attention_mask"], b["token_type_ids"], labels)
+        params, b["input_ids"], b["attention_mask"], b["token_type_ids"], labels
+    )
     for i in range(3):
         gi = torch.func.grad(one)(params, b["input_ids"][i], b["attention_mask"][i], b["token_type_ids"][i], labels[i])
         for x, y in zip(tree_leaves(per_ex), tree_leaves(gi)):
@@ -266,7 +294,10 @@ def test_compile_fullgraph_equals_eager(tiny_classifier):
     compiled = compile_fn(classifier_loss)  # torch.compile(fullgraph=True) + fnlm's Inductor options
     k = random.key(11)
     for train, key in ((False, None), (True, k)):
-        (l_c, a_c), (l_e, a_e) = compiled(params, b, cfg, key=key, train=train), classifier_loss(params, b, cfg, key=key, train=train)
+        (l_c, a_c), (l_e, a_e) = (
+            compiled(params, b, cfg, key=key, train=train),
+            classifier_loss(params, b, cfg, key=key, train=train),
+        )
         assert torch.allclose(l_c, l_e, atol=1e-5), train
         assert torch.allclose(a_c["accuracy"], a_e["accuracy"])
 
@@ -314,14 +345,29 @@ def test_mlm_logits_and_loss_match_hf(tmp_path, act):
     params, cfg2 = load_bert(tmp_path, head="mlm")
     assert cfg2 == cfg
     b = batch_for(cfg)
-    ids, labels = mask_tokens(random.key(3), b["input_ids"], b["attention_mask"], mask_id=5,
-                              vocab_size=cfg.vocab_size, special_ids=[0], prob=0.3)
+    ids, labels = mask_tokens(
+        random.key(3),
+        b["input_ids"],
+        b["attention_mask"],
+        mask_id=5,
+        vocab_size=cfg.vocab_size,
+        special_ids=[0],
+        prob=0.3,
+    )
     with torch.no_grad():
         out = ref(input_ids=ids, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"], labels=labels)
     logits = bert_mlm(params, ids, cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"])
     assert (logits - out.logits).abs().max() <= 1e-5
-    loss, aux = mlm_loss(params, {"input_ids": ids, "attention_mask": b["attention_mask"],
-                                  "token_type_ids": b["token_type_ids"], "labels": labels}, cfg)
+    loss, aux = mlm_loss(
+        params,
+        {
+            "input_ids": ids,
+            "attention_mask": b["attention_mask"],
+            "token_type_ids": b["token_type_ids"],
+            "labels": labels,
+        },
+        cfg,
+    )
     assert abs(loss.item() - out.loss.item()) <= 1e-5
     sel = labels != -100
     assert torch.allclose(aux["accuracy"], (out.logits.argmax(-1)[sel] == labels[sel]).float().mean())
@@ -335,7 +381,8 @@ def test_mlm_decoder_is_tied():
     # the word table receives gradient both as input embedding and as decoder matrix
     only_input = torch.func.grad(lambda p: bert(p, ids, TINY)[0].sum())(params["bert"])
     assert (g["bert"]["embeddings"]["word"]["weight"].abs().sum(-1) > 0).sum() > (
-        only_input["embeddings"]["word"]["weight"].abs().sum(-1) > 0).sum()
+        only_input["embeddings"]["word"]["weight"].abs().sum(-1) > 0
+    ).sum()
 
 
 def test_mask_tokens_80_10_10():
@@ -396,12 +443,29 @@ def test_config_from_hf_json(minilm_dir):
     cfg = read_bert_config(minilm_dir / "config.json")
     raw = json.loads((minilm_dir / "config.json").read_text())
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (
-        raw["hidden_size"], raw["num_hidden_layers"], raw["num_attention_heads"], raw["intermediate_size"])
+        raw["hidden_size"],
+        raw["num_hidden_layers"],
+        raw["num_attention_heads"],
+        raw["intermediate_size"],
+    )
     assert cfg.layer_norm_eps == raw["layer_norm_eps"] and cfg.vocab_size == raw["vocab_size"]
     t = cfg.transformer_config()
     assert (t.d_model, t.n_heads, t.d_ff, t.n_layers, t.norm_first, t.use_final_norm, t.max_len) == (
-        384, 12, 1536, 6, False, False, 512)
-    assert (t.dropout, t.attention_dropout, t.activation, t.layer_norm_eps, t.init_std) == (0.1, 0.1, "gelu", 1e-12, 0.02)
+        384,
+        12,
+        1536,
+        6,
+        False,
+        False,
+        512,
+    )
+    assert (t.dropout, t.attention_dropout, t.activation, t.layer_norm_eps, t.init_std) == (
+        0.1,
+        0.1,
+        "gelu",
+        1e-12,
+        0.02,
+    )
     hash(cfg)  # hashable: a constant for torch.compile
     # bert_config_to_hf round-trips through transformers and back
     hf = transformers.BertConfig.from_dict(bert_config_to_hf(cfg, "classifier"))
@@ -465,4 +529,6 @@ def test_unbatched_input_and_tree_shapes():
     assert torch.allclose(h, hb[0], atol=1e-6) and torch.allclose(pooled, pb[0], atol=1e-6)
     layer = params["encoder"]["layers"][0]
     assert layer["attn"]["q"]["weight"].shape == (32, 4, 8) and layer["attn"]["o"]["weight"].shape == (4, 8, 32)
-    assert tree_structure(tree_map(lambda x: 0, params)) == tree_structure(tree_map(lambda x: 0, init_bert(random.key(1), TINY)))
+    assert tree_structure(tree_map(lambda x: 0, params)) == tree_structure(
+        tree_map(lambda x: 0, init_bert(random.key(1), TINY))
+    )

@@ -1,6 +1,7 @@
 """RoBERTa and DistilBERT against transformers on random weights with odd configurations (padding
 index 3, sinusoidal positions): logits, loss and gradients of the HF checkpoint loaded into fnlm,
 and from_pretrained on what fnlm saves."""
+
 import json
 
 import pytest
@@ -11,25 +12,57 @@ transformers = pytest.importorskip("transformers")
 
 from fnlm import random
 from fnlm.io import CheckpointError
-from fnlm.models import (DistilBertConfig, distilbert, distilbert_classifier, init_distilbert,
-                         init_distilbert_classifier, load_distilbert, load_roberta, roberta, roberta_classifier,
-                         save_distilbert, save_roberta, sequence_classifier_loss)
+from fnlm.models import (
+    DistilBertConfig,
+    distilbert,
+    distilbert_classifier,
+    init_distilbert,
+    init_distilbert_classifier,
+    load_distilbert,
+    load_roberta,
+    roberta,
+    roberta_classifier,
+    save_distilbert,
+    save_roberta,
+    sequence_classifier_loss,
+)
 
 PAD = 3
 
 
 def hf_roberta_config(**kw):
-    return transformers.RobertaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=40, max_position_embeddings=24, type_vocab_size=1,
-                                      layer_norm_eps=1e-5, pad_token_id=PAD, bos_token_id=0, eos_token_id=2,
-                                      num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"},
-                                      label2id={"neg": 0, "neu": 1, "pos": 2}, **kw)
+    return transformers.RobertaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=24,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=PAD,
+        bos_token_id=0,
+        eos_token_id=2,
+        num_labels=3,
+        id2label={0: "neg", 1: "neu", 2: "pos"},
+        label2id={"neg": 0, "neu": 1, "pos": 2},
+        **kw,
+    )
 
 
 def hf_distil_config(**kw):
-    return transformers.DistilBertConfig(vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=40,
-                                         max_position_embeddings=24, sinusoidal_pos_embds=True, pad_token_id=2,
-                                         num_labels=3, **kw)
+    return transformers.DistilBertConfig(
+        vocab_size=60,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=40,
+        max_position_embeddings=24,
+        sinusoidal_pos_embds=True,
+        pad_token_id=2,
+        num_labels=3,
+        **kw,
+    )
 
 
 def batch(pad):
@@ -129,10 +162,12 @@ def test_head_key_initialises_a_missing_classifier_and_errors_name_the_file(tmp_
     bad = dict(hf_roberta_config().to_dict(), hidden_size=48, num_attention_heads=4)
     with pytest.raises(CheckpointError, match="model.safetensors.*expected shape"):
         load_roberta(tmp_path / "hf", config=bad)
-    p = init_distilbert_classifier(random.key(0), DistilBertConfig(vocab_size=60, dim=32, n_layers=1, n_heads=4,
-                                                                    hidden_dim=40, num_labels=4))
-    d = save_distilbert(p, DistilBertConfig(vocab_size=60, dim=32, n_layers=1, n_heads=4, hidden_dim=40, num_labels=4),
-                        tmp_path / "d")
+    p = init_distilbert_classifier(
+        random.key(0), DistilBertConfig(vocab_size=60, dim=32, n_layers=1, n_heads=4, hidden_dim=40, num_labels=4)
+    )
+    d = save_distilbert(
+        p, DistilBertConfig(vocab_size=60, dim=32, n_layers=1, n_heads=4, hidden_dim=40, num_labels=4), tmp_path / "d"
+    )
     assert transformers.DistilBertForSequenceClassification.from_pretrained(str(d)).config.num_labels == 4
 
 
@@ -141,8 +176,15 @@ def test_load_classifier_dispatches_on_model_type(family, tmp_path):
     from fnlm.models import any_classifier_loss, classifier_logits, load_classifier, save_classifier
 
     if family == "bert":
-        hc = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=40, max_position_embeddings=24, num_labels=3)
+        hc = transformers.BertConfig(
+            vocab_size=60,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=40,
+            max_position_embeddings=24,
+            num_labels=3,
+        )
         ref, pad = transformers.BertForSequenceClassification(hc), 0
     elif family == "roberta":
         ref, pad = transformers.RobertaForSequenceClassification(hf_roberta_config()), PAD

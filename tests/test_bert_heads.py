@@ -1,5 +1,6 @@
 """Token classification and span heads against transformers' BertForTokenClassification /
 BertForQuestionAnswering, and word/offset alignment against transformers' fast tokenizer."""
+
 from __future__ import annotations
 
 import itertools
@@ -31,8 +32,15 @@ transformers.logging.set_verbosity_error()
 
 def hf_config(num_labels=5):
     return transformers.BertConfig(
-        vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
-        max_position_embeddings=20, num_labels=num_labels, attn_implementation="eager")
+        vocab_size=61,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=40,
+        max_position_embeddings=20,
+        num_labels=num_labels,
+        attn_implementation="eager",
+    )
 
 
 def make_hf(cls, config, seed=0):
@@ -85,12 +93,14 @@ def test_token_classifier_logits_loss_and_grads_equal_transformers(tmp_path):
     labels[0, 3] = -100  # a continuation piece
     out = ref(**x, labels=labels)
     out.loss.backward()
-    logits = token_classifier(params, x["input_ids"], cfg, attention_mask=x["attention_mask"],
-                              token_type_ids=x["token_type_ids"])
+    logits = token_classifier(
+        params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+    )
     real = x["attention_mask"].bool()
     assert (logits - out.logits.detach())[real].abs().max() <= 1e-5
     grads, (loss, aux) = torch.func.grad_and_value(
-        lambda p: token_classifier_loss(p, {**x, "labels": labels}, cfg), has_aux=True)(params)
+        lambda p: token_classifier_loss(p, {**x, "labels": labels}, cfg), has_aux=True
+    )(params)
     assert abs(loss.item() - out.loss.item()) <= 1e-6
     keep = labels != -100
     want_acc = (out.logits.argmax(-1) == labels)[keep].float().mean()
@@ -99,19 +109,29 @@ def test_token_classifier_logits_loss_and_grads_equal_transformers(tmp_path):
 
 
 def test_token_classifier_round_trips_both_ways(tmp_path):
-    cfg = BertConfig(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
-                     max_position_embeddings=20, num_labels=4, id2label=("O", "B-PER", "I-PER", "B-LOC"))
+    cfg = BertConfig(
+        vocab_size=61,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=40,
+        max_position_embeddings=20,
+        num_labels=4,
+        id2label=("O", "B-PER", "I-PER", "B-LOC"),
+    )
     params = init_token_classifier(random.key(3), cfg)
     save_bert(params, cfg, tmp_path / "tc")
     model, info = transformers.BertForTokenClassification.from_pretrained(
-        tmp_path / "tc", output_loading_info=True, attn_implementation="eager")
+        tmp_path / "tc", output_loading_info=True, attn_implementation="eager"
+    )
     assert not any(info.values()), info
     assert model.config.id2label[1] == "B-PER"
     x = inputs()
     with torch.no_grad():
         want = model.eval()(**x).logits
-    got = token_classifier(params, x["input_ids"], cfg, attention_mask=x["attention_mask"],
-                           token_type_ids=x["token_type_ids"])
+    got = token_classifier(
+        params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+    )
     assert (got - want).abs().max() <= 1e-5
     model.save_pretrained(tmp_path / "back")
     again, cfg2 = load_bert(tmp_path / "back", head="token_classifier")
@@ -139,29 +159,39 @@ def test_span_logits_loss_and_grads_equal_transformers(tmp_path):
     end = torch.tensor([7, 0, 40])
     out = ref(**x, start_positions=start, end_positions=end)
     out.loss.backward()
-    s, e = span_logits(params, x["input_ids"], cfg, attention_mask=x["attention_mask"],
-                       token_type_ids=x["token_type_ids"])
+    s, e = span_logits(
+        params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+    )
     assert (s - out.start_logits.detach()).abs().max() <= 1e-5
     assert (e - out.end_logits.detach()).abs().max() <= 1e-5
     grads, (loss, _) = torch.func.grad_and_value(
-        lambda p: span_loss(p, {**x, "start_positions": start, "end_positions": end}, cfg), has_aux=True)(params)
+        lambda p: span_loss(p, {**x, "start_positions": start, "end_positions": end}, cfg), has_aux=True
+    )(params)
     assert abs(loss.item() - out.loss.item()) <= 1e-6
     assert_grads_match(grads, ref, cfg, "span")
 
 
 def test_span_head_round_trips_both_ways(tmp_path):
-    cfg = BertConfig(vocab_size=61, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40,
-                     max_position_embeddings=20)
+    cfg = BertConfig(
+        vocab_size=61,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=20,
+    )
     params = init_span_head(random.key(5), cfg)
     save_bert(params, cfg, tmp_path / "qa")
     model, info = transformers.BertForQuestionAnswering.from_pretrained(
-        tmp_path / "qa", output_loading_info=True, attn_implementation="eager")
+        tmp_path / "qa", output_loading_info=True, attn_implementation="eager"
+    )
     assert not any(info.values()), info
     x = inputs()
     with torch.no_grad():
         out = model.eval()(**x)
-    s, e = span_logits(params, x["input_ids"], cfg, attention_mask=x["attention_mask"],
-                       token_type_ids=x["token_type_ids"])
+    s, e = span_logits(
+        params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+    )
     assert (s - out.start_logits).abs().max() <= 1e-5 and (e - out.end_logits).abs().max() <= 1e-5
     model.save_pretrained(tmp_path / "back")
     again, _ = load_bert(tmp_path / "back", head="span")
@@ -181,8 +211,11 @@ def test_best_span_is_the_brute_force_maximum():
     s[3, 6], e[3, 11] = 50.0, 50.0  # too long (6 pieces > M)
     i, j, score = best_span(s, e, ctx, max_answer_length=M)
     for b in range(B):
-        cands = [(s[b, a] + e[b, c], a, c) for a, c in itertools.product(range(L), range(L))
-                 if a <= c < a + M and ctx[b, a] and ctx[b, c]]
+        cands = [
+            (s[b, a] + e[b, c], a, c)
+            for a, c in itertools.product(range(L), range(L))
+            if a <= c < a + M and ctx[b, a] and ctx[b, c]
+        ]
         want = max(cands)
         assert (i[b].item(), j[b].item()) == (want[1], want[2]) and abs(score[b].item() - want[0].item()) < 1e-6
     assert (i[1].item(), j[1].item()) == (7, 7)
@@ -195,9 +228,45 @@ def test_best_span_is_the_brute_force_maximum():
 # ---------------------------------------------------------------------------------------------
 # alignment and windows against the fast tokenizer
 # ---------------------------------------------------------------------------------------------
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "who", "where", "did",
-         "?", ".", ",", "new", "york", "john", "smith", "lives", "in", "un", "##believ", "##able", "##s", "##ing",
-         "play", "a", "b", "c", "##a", "##b", "##c", "##at", "m", "##t"]
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "who",
+    "where",
+    "did",
+    "?",
+    ".",
+    ",",
+    "new",
+    "york",
+    "john",
+    "smith",
+    "lives",
+    "in",
+    "un",
+    "##believ",
+    "##able",
+    "##s",
+    "##ing",
+    "play",
+    "a",
+    "b",
+    "c",
+    "##a",
+    "##b",
+    "##c",
+    "##at",
+    "m",
+    "##t",
+]
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +276,11 @@ def tokenizers(tmp_path_factory):
     return WordPieceTokenizer.from_vocab(d / "vocab.txt"), transformers.BertTokenizerFast.from_pretrained(str(d))
 
 
-WORDS = [["John", "Smith", "lives", "in", "New", "York", "."],
-         ["unbelievable", "playing", "cats", "abc", "mat"],
-         ["the"]]
+WORDS = [
+    ["John", "Smith", "lives", "in", "New", "York", "."],
+    ["unbelievable", "playing", "cats", "abc", "mat"],
+    ["the"],
+]
 WORD_LABELS = [[1, 2, 0, 0, 3, 4, 0], [0, 5, 6, 0, 1], [2]]
 
 
@@ -232,16 +303,26 @@ def test_label_alignment_equals_the_fast_tokenizer_word_ids_recipe(tokenizers, m
 
 
 QUESTIONS = ["who lives in new york?", "where did the cat sit?"]
-CONTEXTS = ["John Smith lives in New York. the cat sat on the mat, unbelievable. a b c abc the cat sat.",
-            "the cat sat on the mat."]
+CONTEXTS = [
+    "John Smith lives in New York. the cat sat on the mat, unbelievable. a b c abc the cat sat.",
+    "the cat sat on the mat.",
+]
 
 
 @pytest.mark.parametrize("max_len,stride", [(24, 4), (20, 6), (64, 8)])
 def test_windows_with_stride_equal_the_fast_tokenizer_and_cover_the_context(tokenizers, max_len, stride):
     ours_tok, hf = tokenizers
     enc = encode_windows(ours_tok, QUESTIONS, CONTEXTS, max_len=max_len, stride=stride)
-    ref = hf(QUESTIONS, CONTEXTS, truncation="only_second", max_length=max_len, stride=stride,
-             return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    ref = hf(
+        QUESTIONS,
+        CONTEXTS,
+        truncation="only_second",
+        max_length=max_len,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
     assert enc["input_ids"].tolist() == ref["input_ids"]
     assert enc["token_type_ids"].tolist() == ref["token_type_ids"]
     assert enc["attention_mask"].tolist() == ref["attention_mask"]
@@ -273,8 +354,16 @@ def test_span_positions_equal_the_run_qa_recipe_and_decode_back(tokenizers):
     W = enc["input_ids"].shape[0]
     assert W > 2
     start, end = span_positions(enc["offsets"], torch.full((W,), a0), torch.full((W,), a1))
-    ref = hf(QUESTIONS[:1], CONTEXTS[:1], truncation="only_second", max_length=20, stride=6,
-             return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    ref = hf(
+        QUESTIONS[:1],
+        CONTEXTS[:1],
+        truncation="only_second",
+        max_length=20,
+        stride=6,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
     for w in range(W):  # transformers' run_qa prepare_train_features, context pieces only
         offs, seq = ref["offset_mapping"][w], ref.sequence_ids(w)
         ts = seq.index(1)

@@ -4,6 +4,7 @@ The reference is always transformers itself: checkpoints written by ``save_pretr
 loaded by fnlm and must reproduce transformers' outputs; checkpoints written by fnlm are loaded by
 ``from_pretrained`` with no missing / unexpected keys and must reproduce fnlm's outputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,9 +47,19 @@ CONFIGS = {  # (layers, heads, hidden, intermediate, act, type_vocab, eps, label
 def hf_cfg(name: str, **kw) -> "transformers.BertConfig":
     layers, heads, hidden, inter, act, tt, eps, labels = CONFIGS[name]
     return transformers.BertConfig(
-        vocab_size=61, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=inter, hidden_act=act, type_vocab_size=tt, layer_norm_eps=eps,
-        max_position_embeddings=20, num_labels=labels, attn_implementation="eager", **kw)
+        vocab_size=61,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        hidden_act=act,
+        type_vocab_size=tt,
+        layer_norm_eps=eps,
+        max_position_embeddings=20,
+        num_labels=labels,
+        attn_implementation="eager",
+        **kw,
+    )
 
 
 def make_hf(cls, config, seed=0):
@@ -82,8 +93,11 @@ def hf_saved(tmp_path_factory):
     """The three random configs, each saved by transformers as BertModel / classifier / MLM."""
     out = {}
     for name in CONFIGS:
-        for head, cls in (("none", transformers.BertModel), ("classifier", transformers.BertForSequenceClassification),
-                          ("mlm", transformers.BertForMaskedLM)):
+        for head, cls in (
+            ("none", transformers.BertModel),
+            ("classifier", transformers.BertForSequenceClassification),
+            ("mlm", transformers.BertForMaskedLM),
+        ):
             m = make_hf(cls, hf_cfg(name), seed=len(out))
             d = tmp_path_factory.mktemp(f"{name}_{head}")
             m.save_pretrained(d)
@@ -101,26 +115,38 @@ def test_load_hf_models_match(hf_saved, name):
     x = inputs(cfg)
     with torch.no_grad():
         out = ref(**x)
-    h, pooled = bert(params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"])
+    h, pooled = bert(
+        params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+    )
     assert (h - out.last_hidden_state).abs().max() <= 1e-5
     assert (pooled - out.pooler_output).abs().max() <= 1e-5
-    assert tree_structure(tree_map(lambda t: 0, params)) == tree_structure(tree_map(lambda t: 0, init_bert(random.key(0), cfg)))
+    assert tree_structure(tree_map(lambda t: 0, params)) == tree_structure(
+        tree_map(lambda t: 0, init_bert(random.key(0), cfg))
+    )
 
     d, ref = hf_saved[name, "classifier"]
     params, cfg = load_bert(d, head="classifier")
     assert cfg.num_labels == CONFIGS[name][-1]
     with torch.no_grad():
         logits = ref(**x).logits
-    assert (bert_classifier(params, x["input_ids"], cfg, attention_mask=x["attention_mask"],
-                            token_type_ids=x["token_type_ids"]) - logits).abs().max() <= 1e-5
+    assert (
+        bert_classifier(
+            params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+        )
+        - logits
+    ).abs().max() <= 1e-5
 
     d, ref = hf_saved[name, "mlm"]
     params, cfg = load_bert(d, head="mlm")
     with torch.no_grad():
         logits = ref(**x).logits
-    assert (bert_mlm(params, x["input_ids"], cfg, attention_mask=x["attention_mask"],
-                     token_type_ids=x["token_type_ids"]) - logits).abs().max() <= 1e-5
-    assert tree_structure(tree_map(lambda t: 0, params)) == tree_structure(tree_map(lambda t: 0, init_bert_mlm(random.key(0), cfg)))
+    assert (
+        bert_mlm(params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"])
+        - logits
+    ).abs().max() <= 1e-5
+    assert tree_structure(tree_map(lambda t: 0, params)) == tree_structure(
+        tree_map(lambda t: 0, init_bert_mlm(random.key(0), cfg))
+    )
 
 
 def test_attention_layout_is_per_head(hf_saved):
@@ -131,8 +157,8 @@ def test_attention_layout_is_per_head(hf_saved):
     o = ref.encoder.layer[1].attention.output.dense.weight.detach()  # [out, in]
     dk = cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_attention_heads):
-        assert torch.equal(params["encoder"]["layers"][1]["attn"]["q"]["weight"][:, i, :], q[i * dk:(i + 1) * dk].T)
-        assert torch.equal(params["encoder"]["layers"][1]["attn"]["o"]["weight"][i], o[:, i * dk:(i + 1) * dk].T)
+        assert torch.equal(params["encoder"]["layers"][1]["attn"]["q"]["weight"][:, i, :], q[i * dk : (i + 1) * dk].T)
+        assert torch.equal(params["encoder"]["layers"][1]["attn"]["o"]["weight"][i], o[:, i * dk : (i + 1) * dk].T)
 
 
 def test_sharded_checkpoint(hf_saved, tmp_path):
@@ -180,8 +206,10 @@ def test_prefixes_legacy_names_and_ignored_keys(hf_saved, tmp_path):
     x = inputs(cfg)
     with torch.no_grad():
         want = pre(**x).prediction_logits
-    assert (bert_mlm(mlm, x["input_ids"], cfg, attention_mask=x["attention_mask"],
-                     token_type_ids=x["token_type_ids"]) - want).abs().max() <= 1e-5
+    assert (
+        bert_mlm(mlm, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"])
+        - want
+    ).abs().max() <= 1e-5
     with_pooler, _ = load_bert(tmp_path / "pre", head="mlm", pooler=True)
     assert torch.equal(with_pooler["bert"]["pooler"]["weight"], pre.bert.pooler.dense.weight.detach().T)
 
@@ -228,8 +256,16 @@ def test_missing_head_and_pooler(hf_saved):
 # Checkpoints written by fnlm
 # ---------------------------------------------------------------------------------------------
 def test_save_classifier_loads_in_transformers(tmp_path, minilm_dir):
-    cfg = BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-                     max_position_embeddings=20, num_labels=3, id2label=("neg", "neu", "pos"))
+    cfg = BertConfig(
+        vocab_size=61,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=20,
+        num_labels=3,
+        id2label=("neg", "neu", "pos"),
+    )
     params = init_bert_classifier(random.key(0), cfg)
     params = tree_map(lambda t: t + 0.01 * random.normal(random.key(t.numel()), t.shape), params)  # biases too
     out = save_bert(params, cfg, tmp_path / "clf", tokenizer_dir=minilm_dir)
@@ -246,7 +282,9 @@ def test_save_classifier_loads_in_transformers(tmp_path, minilm_dir):
     x = inputs(cfg)
     with torch.no_grad():
         want = ref(**x).logits
-    got = bert_classifier(params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"])
+    got = bert_classifier(
+        params, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+    )
     assert (got - want).abs().max() <= 1e-5
     # load -> save -> load is the identity, tensor by tensor
     loaded, cfg2 = load_bert(out, head="classifier")
@@ -280,8 +318,16 @@ def test_load_save_is_identity_on_hf_files(hf_saved, tmp_path, name):
 
 
 def test_save_bare_and_mlm_load_in_transformers(tmp_path):
-    cfg = BertConfig(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
-                     max_position_embeddings=20, type_vocab_size=1, hidden_act="relu")
+    cfg = BertConfig(
+        vocab_size=61,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=40,
+        max_position_embeddings=20,
+        type_vocab_size=1,
+        hidden_act="relu",
+    )
     x = inputs(cfg)
     params = init_bert(random.key(1), cfg)
     ref = hf_loads(transformers.BertModel, save_bert(params, cfg, tmp_path / "bare"))
@@ -310,7 +356,9 @@ def test_bf16_on_request(hf_saved, tmp_path):
     x = inputs(cfg)
     with torch.no_grad():
         want = ref(**x).logits
-    got = bert_classifier(p16, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"])
+    got = bert_classifier(
+        p16, x["input_ids"], cfg, attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+    )
     assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.05
     save_bert(p16, cfg, tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -355,8 +403,13 @@ def test_not_a_safetensors_file(ckpt):
 
 
 def test_missing_and_unexpected_keys_reported_together(ckpt):
-    rewrite(ckpt, lambda sd: (sd.pop("encoder.layer.1.attention.self.key.bias"),
-                              sd.__setitem__("encoder.layer.0.attention.self.extra", torch.zeros(3))))
+    rewrite(
+        ckpt,
+        lambda sd: (
+            sd.pop("encoder.layer.1.attention.self.key.bias"),
+            sd.__setitem__("encoder.layer.0.attention.self.extra", torch.zeros(3)),
+        ),
+    )
     with pytest.raises(CheckpointError) as e:
         load_bert(ckpt)
     msg = str(e.value)
@@ -435,8 +488,14 @@ def test_pickle_checkpoints_are_refused(ckpt):
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    cfg = BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                     max_position_embeddings=20)
+    cfg = BertConfig(
+        vocab_size=61,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+    )
     params = init_bert(random.key(0), cfg)
 
     def boom(*a, **k):
@@ -458,8 +517,14 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_save_rejects_params_that_disagree_with_config(tmp_path):
-    cfg = BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                     max_position_embeddings=20)
+    cfg = BertConfig(
+        vocab_size=61,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+    )
     params = init_bert(random.key(0), cfg)
     with pytest.raises(ValueError, match="intermediate|ffn.w1.weight"):
         save_bert(params, dataclasses.replace(cfg, intermediate_size=30), tmp_path / "x")

@@ -1,5 +1,6 @@
 """Encoder / decoder blocks and the full Transformer: parity with torch.nn's Transformer layers
 (weights copied), gradients, vmap, the causal and padding properties, and bad input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +8,13 @@ import warnings
 
 import pytest
 import torch
+from _torch_ref import decoder_layer_sd, encoder_layer_sd, load, nn_mask, perturb, transformer_sd
 from torch import nn
 from torch.func import vmap
 
 import fnlm
 from fnlm import random
 from fnlm.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
-from _torch_ref import decoder_layer_sd, encoder_layer_sd, load, nn_mask, perturb, transformer_sd
 
 ATOL = 1e-5
 D, H, FF = 16, 4, 32
@@ -25,8 +26,9 @@ def randn(*shape, seed=0, dtype=torch.float32):
 
 
 def cfg_for(**kw) -> fnlm.TransformerConfig:
-    base = dict(d_model=D, n_heads=H, d_ff=FF, n_layers=2, dropout=0.0,
-                src_vocab_size=SRC_V, tgt_vocab_size=TGT_V, max_len=32)
+    base = dict(
+        d_model=D, n_heads=H, d_ff=FF, n_layers=2, dropout=0.0, src_vocab_size=SRC_V, tgt_vocab_size=TGT_V, max_len=32
+    )
     return fnlm.TransformerConfig(**{**base, **kw})
 
 
@@ -44,8 +46,12 @@ def ids(shape, vocab, seed):
 def test_encoder_block_matches_nn_transformer_encoder_layer(norm_first, activation):
     cfg = cfg_for(norm_first=norm_first, activation=activation, layer_norm_eps=1e-6)
     p = perturb(fnlm.init_encoder_block(random.key(0), cfg), random.key(1))
-    ref = load(nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, activation=activation, layer_norm_eps=1e-6,
-                                          batch_first=True, norm_first=norm_first), encoder_layer_sd(p))
+    ref = load(
+        nn.TransformerEncoderLayer(
+            D, H, FF, dropout=0.0, activation=activation, layer_norm_eps=1e-6, batch_first=True, norm_first=norm_first
+        ),
+        encoder_layer_sd(p),
+    )
     x = randn(3, 6, D, seed=2)
     kpm = lengths_mask([6, 4, 1], 6)
     got = fnlm.encoder_block(p, x, cfg, key_padding_mask=kpm)
@@ -63,15 +69,24 @@ def test_encoder_block_matches_nn_transformer_encoder_layer(norm_first, activati
 def test_decoder_block_matches_nn_transformer_decoder_layer(norm_first, activation):
     cfg = cfg_for(norm_first=norm_first, activation=activation)
     p = perturb(fnlm.init_decoder_block(random.key(0), cfg), random.key(1))
-    ref = load(nn.TransformerDecoderLayer(D, H, FF, dropout=0.0, activation=activation,
-                                          batch_first=True, norm_first=norm_first), decoder_layer_sd(p))
+    ref = load(
+        nn.TransformerDecoderLayer(
+            D, H, FF, dropout=0.0, activation=activation, batch_first=True, norm_first=norm_first
+        ),
+        decoder_layer_sd(p),
+    )
     y, memory = randn(3, 5, D, seed=2), randn(3, 7, D, seed=3)
     mem_pad = lengths_mask([7, 3, 5], 7)
     tgt_pad = lengths_mask([5, 5, 2], 5)
     got = fnlm.decoder_block(p, y, memory, cfg, tgt_padding_mask=tgt_pad, memory_padding_mask=mem_pad)
     with torch.no_grad():
-        want = ref(y, memory, tgt_mask=nn_mask(fnlm.causal_mask(5)), memory_key_padding_mask=nn_mask(mem_pad),
-                   tgt_key_padding_mask=nn_mask(tgt_pad))
+        want = ref(
+            y,
+            memory,
+            tgt_mask=nn_mask(fnlm.causal_mask(5)),
+            memory_key_padding_mask=nn_mask(mem_pad),
+            tgt_key_padding_mask=nn_mask(tgt_pad),
+        )
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -83,18 +98,32 @@ def test_full_transformer_matches_nn_transformer(norm_first, activation):
     params = perturb(fnlm.init_transformer(random.key(0), cfg), random.key(1), std=0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "enable_nested_tensor is True, but ... norm_first"
-        ref = nn.Transformer(D, H, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=FF, dropout=0.0,
-                             activation=activation, batch_first=True, norm_first=norm_first)
+        ref = nn.Transformer(
+            D,
+            H,
+            num_encoder_layers=2,
+            num_decoder_layers=3,
+            dim_feedforward=FF,
+            dropout=0.0,
+            activation=activation,
+            batch_first=True,
+            norm_first=norm_first,
+        )
     load(ref, transformer_sd(params))
     src, tgt = ids((3, 7), SRC_V, 2), ids((3, 5), TGT_V, 3)
     src_pad, tgt_pad = lengths_mask([7, 4, 2], 7), lengths_mask([5, 5, 3], 5)
 
     got = fnlm.transformer(params, src, tgt, cfg, src_padding_mask=src_pad, tgt_padding_mask=tgt_pad)
     with torch.no_grad(), warnings.catch_warnings():  # embeddings (x sqrt(d_model) + sinusoids) and
-        warnings.simplefilter("ignore")              # the output projection are applied outside
-        out = ref(fnlm.embed(params, src, cfg, "src"), fnlm.embed(params, tgt, cfg, "tgt"),
-                  tgt_mask=nn_mask(fnlm.causal_mask(5)), src_key_padding_mask=nn_mask(src_pad),
-                  tgt_key_padding_mask=nn_mask(tgt_pad), memory_key_padding_mask=nn_mask(src_pad))
+        warnings.simplefilter("ignore")  # the output projection are applied outside
+        out = ref(
+            fnlm.embed(params, src, cfg, "src"),
+            fnlm.embed(params, tgt, cfg, "tgt"),
+            tgt_mask=nn_mask(fnlm.causal_mask(5)),
+            src_key_padding_mask=nn_mask(src_pad),
+            tgt_key_padding_mask=nn_mask(tgt_pad),
+            memory_key_padding_mask=nn_mask(src_pad),
+        )
         want = fnlm.linear(params["out"], out)
     assert got.shape == (3, 5, TGT_V)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
@@ -108,16 +137,18 @@ def test_embed_is_scaled_lookup_plus_positions():
     torch.testing.assert_close(fnlm.embed(params, src, cfg, "src"), want, atol=1e-6, rtol=0)
     cfg_l = cfg_for(positional="learned", scale_embeddings=False)
     pl = fnlm.init_transformer(random.key(0), cfg_l)
-    torch.testing.assert_close(fnlm.embed(pl, src, cfg_l, "src"),
-                               pl["src_embed"]["weight"][src] + pl["src_pos"]["weight"][:6], atol=0, rtol=0)
+    torch.testing.assert_close(
+        fnlm.embed(pl, src, cfg_l, "src"), pl["src_embed"]["weight"][src] + pl["src_pos"]["weight"][:6], atol=0, rtol=0
+    )
     cfg_t = cfg_for(tie_output=True)
     pt = fnlm.init_transformer(random.key(0), cfg_t)
     assert "out" not in pt
     tgt = ids((2, 4), TGT_V, 2)
     mem = fnlm.encode(pt, src, cfg_t)
     hidden = fnlm.decoder(pt["decoder"], fnlm.embed(pt, tgt, cfg_t, "tgt"), mem, cfg_t)
-    torch.testing.assert_close(fnlm.decode(pt, tgt, mem, cfg_t), hidden @ pt["tgt_embed"]["weight"].T,
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        fnlm.decode(pt, tgt, mem, cfg_t), hidden @ pt["tgt_embed"]["weight"].T, atol=ATOL, rtol=0
+    )
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -202,8 +233,11 @@ def test_block_queries_compute_exactly_those_rows(norm_first):
     p = perturb(fnlm.init_encoder_block(random.key(0), cfg), random.key(1))
     x = randn(3, 6, D, seed=2, dtype=torch.float64)
     p = tree_map(lambda t: t.double(), p)
-    kw = dict(key_padding_mask=lengths_mask([6, 4, 2], 6), mask=randn(6, 6, seed=3) > -1.0,
-              bias=randn(H, 6, 6, seed=4, dtype=torch.float64))
+    kw = dict(
+        key_padding_mask=lengths_mask([6, 4, 2], 6),
+        mask=randn(6, 6, seed=3) > -1.0,
+        bias=randn(H, 6, 6, seed=4, dtype=torch.float64),
+    )
     full = fnlm.encoder_block(p, x, cfg, **kw)
     for rows in (slice(0, 1), slice(2, 5), slice(None)):
         got = fnlm.encoder_block(p, x, cfg, queries=rows, **kw)
@@ -236,8 +270,10 @@ def test_padded_tokens_have_no_effect(positional):
     a = fnlm.transformer(params, src, tgt, cfg, **kw)
     b = fnlm.transformer(params, src2, tgt2, cfg, **kw)
     torch.testing.assert_close(b[tgt_pad], a[tgt_pad], atol=ATOL, rtol=0)
-    mem_a, mem_b = fnlm.encode(params, src, cfg, src_padding_mask=src_pad), fnlm.encode(params, src2, cfg,
-                                                                                       src_padding_mask=src_pad)
+    mem_a, mem_b = (
+        fnlm.encode(params, src, cfg, src_padding_mask=src_pad),
+        fnlm.encode(params, src2, cfg, src_padding_mask=src_pad),
+    )
     torch.testing.assert_close(mem_b[src_pad], mem_a[src_pad], atol=ATOL, rtol=0)
     # and the same sentence alone, unpadded, gives the same encoding as inside the padded batch
     alone = fnlm.encode(params, src[1:2, :3], cfg)
@@ -313,7 +349,9 @@ def test_full_model_rejects_bad_token_ids_and_long_sequences():
         fnlm.transformer(params, ids((2, 9), SRC_V, 3), tgt, cfg)
     with pytest.raises(ValueError, match=r"tgt sequence length 10 is longer than the position table"):
         fnlm.transformer(params, src, ids((2, 10), TGT_V, 3), cfg)
-    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(2, 4\), expected \[\*batch, len_k\] = \[2, 5\]"):
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask has shape \(2, 4\), expected \[\*batch, len_k\] = \[2, 5\]"
+    ):
         fnlm.transformer(params, src, tgt, cfg, src_padding_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
@@ -342,5 +380,6 @@ def test_sublayer_is_either_residual_order(norm_first):
     out = fnlm.nn.sublayer(norm, x, f, norm_first=norm_first, eps=eps, rate=rate, key=key, train=True)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     no_drop = x + f(ln(x)) if norm_first else ln(x + f(x))
-    torch.testing.assert_close(fnlm.nn.sublayer(norm, x, f, norm_first=norm_first, eps=eps, rate=rate), no_drop,
-                               atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        fnlm.nn.sublayer(norm, x, f, norm_first=norm_first, eps=eps, rate=rate), no_drop, atol=1e-12, rtol=1e-12
+    )

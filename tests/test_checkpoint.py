@@ -1,4 +1,5 @@
 """fnlm.checkpoint: exact round trips, atomic replacement, and bitwise resume in a fresh process."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import torch
 
 import fnlm
 from fnlm import optim, random
-from fnlm.train import load_train_state, save_train_state
 from fnlm.io import CheckpointError, read_safetensors
+from fnlm.train import load_train_state, save_train_state
 from fnlm.tree import tree_flatten, tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +34,15 @@ def assert_same_tree(a, b):
 
 
 def test_round_trip_is_exact(tmp_path):
-    cfg = fnlm.TransformerConfig(d_model=8, n_heads=2, d_ff=16, n_layers=2, src_vocab_size=11, tgt_vocab_size=11,
-                                 max_len=8)
+    cfg = fnlm.TransformerConfig(
+        d_model=8, n_heads=2, d_ff=16, n_layers=2, src_vocab_size=11, tgt_vocab_size=11, max_len=8
+    )
     params = fnlm.init_transformer(random.key(0), cfg)
     params["tied"] = params["src_embed"]["weight"]  # an alias: saved as its own copy
     params["half"] = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
-    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine(1e-3, 100, 10)),
-                      optim.sgd(0.1, momentum=0.9))
+    opt = optim.chain(
+        optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine(1e-3, 100, 10)), optim.sgd(0.1, momentum=0.9)
+    )
     opt_state = opt.init(params)
     opt_state = (opt_state[0], opt_state[1]._replace(count=torch.tensor(7)), opt_state[2])
     key = random.split(random.key(3))[1]
@@ -106,7 +109,7 @@ def test_bad_inputs_and_corrupt_checkpoints(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-TRAIN_SCRIPT = textwrap.dedent('''
+TRAIN_SCRIPT = textwrap.dedent("""
     import sys, torch
     import fnlm
     from fnlm import optim, random
@@ -148,7 +151,7 @@ TRAIN_SCRIPT = textwrap.dedent('''
             params, opt_state, step, key, extra = load_train_state(path)
             params, opt_state, key = train(params, opt_state, key, step, 2 * k)
             save_train_state(path + "_final", params, opt_state, 2 * k, key, extra)
-''')
+""")
 
 
 def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
@@ -157,8 +160,9 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
     ckpt, k = str(tmp_path / "ckpt"), 3
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for mode in ("first_half", "second_half"):  # two separate interpreters
-        subprocess.run([sys.executable, str(script), mode, ckpt, str(k)], check=True, env=env, cwd=tmp_path,
-                       timeout=300)
+        subprocess.run(
+            [sys.executable, str(script), mode, ckpt, str(k)], check=True, env=env, cwd=tmp_path, timeout=300
+        )
     resumed, resumed_state, step, resumed_key, extra = load_train_state(ckpt + "_final")
     assert step == 2 * k and extra == {"k": k}
 

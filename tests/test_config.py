@@ -1,5 +1,6 @@
 """fnlm.config as a library: flags generated from a frozen dataclass, --config files under the command
 line, declared ranges checked when the config is built (one-line ConfigError naming the flag)."""
+
 from __future__ import annotations
 
 import json
@@ -26,18 +27,21 @@ class Cfg:
         check(self.eval_every is None or self.eval_every <= self.steps, "--eval-every must be <= --steps")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "-1e-4"], "--lr must be > 0, got -0.0001"),  # a negative number is a value, not a flag
-    (["--lr=0"], "--lr must be > 0, got 0.0"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
-    (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
-    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-    (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
-    (["--eval-every", "20"], "--eval-every must be <= --steps"),
-    (["--steps", "x"], "--steps"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "-1e-4"], "--lr must be > 0, got -0.0001"),  # a negative number is a value, not a flag
+        (["--lr=0"], "--lr must be > 0, got 0.0"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
+        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+        (["--eval-every", "20"], "--eval-every must be <= --steps"),
+        (["--steps", "x"], "--steps"),
+    ],
+)
 def test_out_of_range_values_are_one_line_errors_naming_the_flag(argv, message):
     with pytest.raises(ConfigError) as e:
         parse_config(Cfg, argv)

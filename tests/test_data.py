@@ -1,4 +1,5 @@
 """fnlm.data: reading IMDb in its official layout, subsets, downloads, length-bucketed batches."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 from fnlm.data import (
-    choose_buckets,
     DatasetError,
     DownloadError,
     IMDb,
     bucket_lengths,
+    choose_buckets,
     download_imdb,
     html_clean,
     load_imdb,
@@ -91,9 +92,13 @@ def tiny_tar(tmp_path, tiny_dir):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_tiny_folder_and_archive_agree_with_what_was_written(tiny_dir, tiny_tar, tmp_path, split):
     want = [(lab, i, r, t) for lab, i, r, t in expected(split)]
-    sources = [tiny_dir, tiny_dir / "aclImdb", tiny_tar,
-               write_tar(tmp_path / "dot.tar.gz", tiny_dir, prefix="./", reverse=False),
-               write_tar(tmp_path / "plain.tar", tiny_dir, mode="w")]
+    sources = [
+        tiny_dir,
+        tiny_dir / "aclImdb",
+        tiny_tar,
+        write_tar(tmp_path / "dot.tar.gz", tiny_dir, prefix="./", reverse=False),
+        write_tar(tmp_path / "plain.tar", tiny_dir, mode="w"),
+    ]
     for src in sources:
         ds = load_imdb(src, split)
         assert as_rows(ds) == want, src
@@ -139,8 +144,11 @@ def test_truncated_archive(tmp_path, keep):
     """Cut at a fraction of the bytes, or only the gzip trailer (-4), or a flipped CRC byte."""
     rng = np.random.default_rng(0)
     words = np.array("good bad plot actor scene film boring great awful music".split())
-    reviews = {("train", s, i, 8 if s == "pos" else 2): " ".join(rng.choice(words, 400))
-               for s in ("pos", "neg") for i in range(20)}
+    reviews = {
+        ("train", s, i, 8 if s == "pos" else 2): " ".join(rng.choice(words, 400))
+        for s in ("pos", "neg")
+        for i in range(20)
+    }
     reviews[("test", "pos", 0, 9)] = "x"
     reviews[("test", "neg", 0, 1)] = "y"
     write_tree(tmp_path / "t", reviews)
@@ -209,7 +217,9 @@ def test_real_archive_counts_and_labels(real):
         assert keys == sorted(keys) and len(set(keys)) == len(keys)
         assert all(isinstance(t, str) and t.strip() for t in ds.texts)
     # documented exclusions (replaced reviews) are absent; their neighbours are present
-    pos_train = set(zip(np.array(train.ids)[np.array(train.labels) == 1], np.array(train.ratings)[np.array(train.labels) == 1]))
+    pos_train = set(
+        zip(np.array(train.ids)[np.array(train.labels) == 1], np.array(train.ratings)[np.array(train.labels) == 1])
+    )
     assert (0, 9) not in pos_train and (7, 7) not in pos_train
     assert sum("<br />" in t for t in train.texts) > 10000  # raw text, tags kept
 
@@ -294,7 +304,9 @@ def real_rows(batch):
 def test_each_example_once_per_epoch(drop_last):
     seqs, labels = skewed(1003)
     buckets = bucket_lengths(256)
-    batches = make_batches(seqs, labels, 32, buckets, shuffle=True, seed=3, pad_id=0, drop_last=drop_last, chunk_batches=5)
+    batches = make_batches(
+        seqs, labels, 32, buckets, shuffle=True, seed=3, pad_id=0, drop_last=drop_last, chunk_batches=5
+    )
     rows = [row for b in batches for row in real_rows(b)]
     want = Counter((tuple(s), lab) for s, lab in zip(seqs, labels))
     got = Counter(rows)

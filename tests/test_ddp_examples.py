@@ -11,6 +11,7 @@ batches: compared exactly where they depend only on the model's argmax (accuraci
 where they are the model's floats. The BERT here has dropout 0: with dropout every worker draws its own
 masks (``fold_in(key, rank)``), which are not the single process's.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,11 +41,54 @@ from safetensors.torch import load_file
 GPT = EXAMPLES / "pretrain_gpt.py"
 # 22 training reviews (2 of the 24 validate) in batches of 4: the last batch holds 2 real rows and 2 padding
 # rows (weight 0), so worker 1 of 2 gets a shard that weighs nothing (the scaled loss must still be exact)
-FT = ["--train-size", "0", "--test-size", "0", "--max-len", "32", "--batch-size", "4", "--epochs", "3",
-      "--eval-every", "0", "--save-every", "1", "--buckets", "1", "--no-compile"]
-GPT_TINY = ["--val-reviews", "40", "--val-tokens", "256", "--vocab-size", "300", "--n-layer", "1", "--n-head", "2",
-            "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--steps", "10", "--eval-every", "5",
-            "--save-every", "4", "--warmup", "2", "--max-new-tokens", "8", "--no-compile"]
+FT = [
+    "--train-size",
+    "0",
+    "--test-size",
+    "0",
+    "--max-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "3",
+    "--eval-every",
+    "0",
+    "--save-every",
+    "1",
+    "--buckets",
+    "1",
+    "--no-compile",
+]
+GPT_TINY = [
+    "--val-reviews",
+    "40",
+    "--val-tokens",
+    "256",
+    "--vocab-size",
+    "300",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "10",
+    "--eval-every",
+    "5",
+    "--save-every",
+    "4",
+    "--warmup",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--no-compile",
+]
 ATOL = 1e-6
 
 
@@ -55,18 +99,38 @@ def free_port() -> int:
 
 
 def torchrun_cmd(script: Path, *args, n: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
-            str(script), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={n}",
+        f"--master_port={free_port()}",
+        str(script),
+        *map(str, args),
+    ]
 
 
 def torchrun(script: Path, *args, n: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(script, *args, n=n), cwd=ROOT, env=example_env(), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        torchrun_cmd(script, *args, n=n),
+        cwd=ROOT,
+        env=example_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def popen_torchrun(script: Path, *args, n: int = 2) -> subprocess.Popen:
-    return subprocess.Popen(torchrun_cmd(script, *args, n=n), cwd=ROOT, env=example_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        torchrun_cmd(script, *args, n=n),
+        cwd=ROOT,
+        env=example_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def key_bias(name: str, x: torch.Tensor) -> slice | None:
@@ -98,8 +162,9 @@ def assert_same_finetune(a: Path, b: Path) -> None:
     assert_same_model(a, b)
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert ma["steps"] == mb["steps"]
-    torch.testing.assert_close(torch.tensor(ma["train_loss_per_step"]), torch.tensor(mb["train_loss_per_step"]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(ma["train_loss_per_step"]), torch.tensor(mb["train_loss_per_step"]), atol=1e-5, rtol=0
+    )
     assert [e["val_accuracy"] for e in ma["evals"]] == [e["val_accuracy"] for e in mb["evals"]]
     assert ma["final_test_accuracy"] == mb["final_test_accuracy"]
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
@@ -192,8 +257,10 @@ def test_batch_size_not_divisible_is_one_line_before_loading(script, tmp_path):
     p = torchrun(script, "--data", tmp_path / "missing.tar.gz", "--batch-size", "5", "--out", out, "--no-compile")
     assert p.returncode != 0
     ours = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    line = ("error: --batch-size 5 must be divisible by the number of workers (2): each worker takes an equal "
-            "share of every batch")
+    line = (
+        "error: --batch-size 5 must be divisible by the number of workers (2): each worker takes an equal "
+        "share of every batch"
+    )
     assert ours == [line], p.stderr[-3000:]
     assert "missing.tar.gz" not in p.stderr  # before the data is looked at
     assert not list(tmp_path.iterdir())  # nothing written
@@ -204,8 +271,10 @@ def gpt_archive(tmp_path_factory) -> Path:
     """300 training reviews of word salad (the pretrain_gpt tests' kind of data)."""
     import tarfile
 
-    words = ("film movie plot actor scene great bad boring funny story music ending character director "  # noqa: SIM905
-             "camera love hate watch again never best worst script twist cast").split()
+    words = (
+        "film movie plot actor scene great bad boring funny story music ending character director "  # noqa: SIM905
+        "camera love hate watch again never best worst script twist cast"
+    ).split()
     base = tmp_path_factory.mktemp("gpt_imdb")
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 150), ("test", 10)):
@@ -226,10 +295,18 @@ def assert_same_gpt(a: Path, b: Path, atol: float = ATOL) -> None:
     assert_same_model(a / "model", b / "model", atol)
     assert (a / "tokenizer" / "tokenizer.json").read_text() == (b / "tokenizer" / "tokenizer.json").read_text()
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    torch.testing.assert_close(torch.tensor([h["loss"] for h in ma["history"]]),
-                               torch.tensor([h["loss"] for h in mb["history"]]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.tensor([e["val_loss"] for e in ma["evals"]]),
-                               torch.tensor([e["val_loss"] for e in mb["evals"]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in ma["history"]]),
+        torch.tensor([h["loss"] for h in mb["history"]]),
+        atol=1e-5,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        torch.tensor([e["val_loss"] for e in ma["evals"]]),
+        torch.tensor([e["val_loss"] for e in mb["evals"]]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 @pytest.fixture(scope="module")

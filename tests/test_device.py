@@ -4,6 +4,7 @@ They run on the device named by ``FNLM_TEST_DEVICE`` (``benchmarks/gpu_check.py`
 ``cuda`` on a GPU machine, ``cpu`` in its smoke mode, with ``FNLM_TEST_COMPILE=aot_eager``); without
 it, on ``cuda`` when available, and are skipped otherwise (the rest of the suite covers the CPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,15 @@ DEVICE = os.environ.get("FNLM_TEST_DEVICE") or ("cuda" if torch.cuda.is_availabl
 COMPILE = {"inductor": True}.get(os.environ.get("FNLM_TEST_COMPILE", "inductor"), os.environ.get("FNLM_TEST_COMPILE"))
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no accelerator (set FNLM_TEST_DEVICE to run on one)")
 
-CFG = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                 max_position_embeddings=64, num_labels=3)
+CFG = BertConfig(
+    vocab_size=120,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    num_labels=3,
+)
 
 
 def batch(device, seed=0, b=4, n=24):
@@ -32,8 +40,11 @@ def batch(device, seed=0, b=4, n=24):
     lengths = torch.tensor([n, n - 5, 7, 1][:b])
     mask = (torch.arange(n)[None] < lengths[:, None]).long()
     ids = torch.randint(1, CFG.vocab_size, (b, n), generator=g) * mask
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": torch.randint(0, CFG.num_labels, (b,), generator=g).to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": torch.randint(0, CFG.num_labels, (b,), generator=g).to(device),
+    }
 
 
 def test_bert_on_the_device_matches_float64_on_the_cpu():

@@ -1,5 +1,6 @@
 """fnlm.distributed: two gloo processes on CPU, each with half the batch, end where one process
 with the whole batch ends; the all-reduce sits inside the single compiled graph."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,11 @@ STEPS, BATCH = 3, 8
 
 def init(seed):
     k = random.split(random.key(seed), 3)
-    return {"embed": fnlm.init_embedding(k[0], 13, 16), "encoder": fnlm.init_encoder(k[1], CFG),
-            "head": fnlm.init_linear(k[2], 16, 13)}
+    return {
+        "embed": fnlm.init_embedding(k[0], 13, 16),
+        "encoder": fnlm.init_encoder(k[1], CFG),
+        "head": fnlm.init_linear(k[2], 16, 13),
+    }
 
 
 def loss_fn(params, batch, key):
@@ -42,13 +46,14 @@ def make_opt():
 
 
 def worker(rank, world, port, out_dir, compile):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from torch._dynamo.utils import counters
 
-    from fnlm.train.distributed import all_reduce_mean, broadcast_params, destroy_distributed, init_distributed
     from fnlm.io import write_safetensors
+    from fnlm.train.distributed import all_reduce_mean, broadcast_params, destroy_distributed, init_distributed
 
     r, w, _ = init_distributed()
     assert (r, w) == (rank, world)

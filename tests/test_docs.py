@@ -1,5 +1,6 @@
 """Documentation that cannot drift: every qualified fnlm name, file path and test named in the
 README and docs/ exists (the idea of jax's tests/documentation_coverage_test.py)."""
+
 from __future__ import annotations
 
 import importlib
@@ -76,7 +77,10 @@ def test_the_checker_catches_drift():
     with pytest.raises(AttributeError):
         resolve("fnlm.nn.no_such_function")
     assert paths_in("`fnlm/encoder.py`, [a](docs/design.md), `tests/test_x.py::test_y`, `x.py`") == {
-        "fnlm/encoder.py", "docs/design.md", "tests/test_x.py::test_y"}
+        "fnlm/encoder.py",
+        "docs/design.md",
+        "tests/test_x.py::test_y",
+    }
     assert not (ROOT / "fnlm/encoder.py").exists()
 
 

@@ -1,6 +1,7 @@
 """Dynamic int8 (fnlm.nn.dynamic_int8_matmul, the pure forward on quantize_int8's tree, the exported
 package): against an explicit int64 reference of the formula, transformers' float32 logits, and
 torch.ao's quantize_dynamic on the same transformers model."""
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,12 @@ def test_matmul_equals_the_explicit_formula():
     b = torch.randn(7, generator=g)
     w_q, s = quantize_weight(w := torch.randn(24, 7, generator=g))
     x = torch.randn(4, 24, generator=g)
-    torch.testing.assert_close(int8_linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, x,
-                                           backend="int_mm").double(),
-                               reference(x, w) + b.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        int8_linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, x, backend="int_mm").double(),
+        reference(x, w) + b.double(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="features"):
         int8_linear({"weight_int8": w_q, "weight_scale": s}, torch.randn(4, 23))
     with pytest.raises(ValueError, match="backend"):
@@ -64,8 +68,9 @@ def test_fbgemm_backend_equals_torch_ao_dynamic_linear_on_the_same_int8_weights(
     x = torch.randn(3, 7, 48, generator=g) * 2
     w_q, s = quantize_weight(w)
     ref = torch.ao.nn.quantized.dynamic.Linear(48, 20, dtype=torch.qint8)
-    qw = torch.quantize_per_channel(w_q.t().float() * s[:, None], s.double(), torch.zeros(20, dtype=torch.long), 0,
-                                    torch.qint8)
+    qw = torch.quantize_per_channel(
+        w_q.t().float() * s[:, None], s.double(), torch.zeros(20, dtype=torch.long), 0, torch.qint8
+    )
     assert torch.equal(qw.int_repr(), w_q.t())
     ref.set_weight_bias(qw, b)
     with torch.no_grad():
@@ -76,14 +81,25 @@ def test_fbgemm_backend_equals_torch_ao_dynamic_linear_on_the_same_int8_weights(
     assert (got - (x @ w + b)).abs().max() <= 0.05 * (x @ w).abs().max()
     # with autograd the same call takes the traceable int_mm formula
     xg = x.clone().requires_grad_()
-    torch.testing.assert_close(linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, xg).detach().double(),
-                               reference(x, w) + b.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        linear({"weight_int8": w_q, "weight_scale": s, "bias": b}, xg).detach().double(),
+        reference(x, w) + b.double(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def hf_classifier(seed=0):
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64, num_labels=3,
-                                  attn_implementation="eager")
+    cfg = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=3,
+        attn_implementation="eager",
+    )
     torch.manual_seed(seed)
     m = transformers.BertForSequenceClassification(cfg)
     g = torch.Generator().manual_seed(seed + 1)
@@ -122,8 +138,10 @@ def test_logits_within_the_stated_tolerance_of_float32_and_of_torch_ao(tmp_path)
     assert not torch.equal(got, got_int_mm)
     for name, z in (("auto", got), ("int_mm", got_int_mm)):
         err = (z - want).abs().max()
-        print(f"{name}: max |int8 - fp32| = {err:.4f}, torch.ao quantize_dynamic: {(ao_logits - want).abs().max():.4f}, "
-              f"max |fp32| = {want.abs().max():.3f}")
+        print(
+            f"{name}: max |int8 - fp32| = {err:.4f}, torch.ao quantize_dynamic: {(ao_logits - want).abs().max():.4f}, "
+            f"max |fp32| = {want.abs().max():.3f}"
+        )
         assert err <= bound, (name, err, bound)
         assert (z.argmax(-1) == want.argmax(-1)).float().mean() >= 5 / 6
         assert err > 0  # the int8 path really ran (it is not the float forward)
@@ -151,8 +169,13 @@ def test_exported_dynamic_int8_program_equals_the_pure_forward_in_a_fresh_proces
     assert any("_int_mm" in o for o in ops), ops  # int8 x int8 products inside the exported graph
     path = export_classifier(params, cfg, tok, tmp_path / "pkg", max_len=48, int8="dynamic", form="program")
     ids, mask = batch(seed=1, B=3, L=20)
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(path), json.dumps(ids.tolist()), json.dumps(mask.tolist())],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(path), json.dumps(ids.tolist()), json.dumps(mask.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["meta"]["int8"] is True and out["meta"]["int8_mode"] == "dynamic"

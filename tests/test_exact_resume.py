@@ -6,6 +6,7 @@ compiled, deterministic ones marked slow).
 The reference is the uninterrupted run in its own fresh process, compared with ``torch.equal``; the
 test first checks that two uninterrupted runs agree bitwise (else there is nothing exact to ask of
 resume)."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 K, TOTAL = 2, 4
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
 
@@ -69,15 +70,21 @@ SCRIPT = textwrap.dedent('''
     else:
         save_file({k: v.contiguous() for k, v in flatten_names(params).items()}, str(Path(run_dir) / "final.safetensors"))
     ckpts.close()
-''')
+""")
 
 
 def _run(tmp_path: Path, weights: Path, run_dir: Path, mode: str, dtype: str, compiled: str) -> None:
     script = tmp_path / "exact_resume_script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(script), str(weights), str(run_dir), mode, dtype, compiled, str(K),
-                           str(TOTAL)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(weights), str(run_dir), mode, dtype, compiled, str(K), str(TOTAL)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -91,8 +98,10 @@ def _check(tmp_path, minilm_dir, dtype, compiled):
     assert a.keys() == b.keys() == r.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "two uninterrupted runs differ: nothing exact to compare"
     differ = [k for k in a if not torch.equal(a[k], r[k])]
-    assert not differ, f"{len(differ)} of {len(a)} tensors differ after resume, e.g. {differ[0]}: max |diff| " \
-                       f"{(a[differ[0]].float() - r[differ[0]].float()).abs().max().item():.3g}"
+    assert not differ, (
+        f"{len(differ)} of {len(a)} tensors differ after resume, e.g. {differ[0]}: max |diff| "
+        f"{(a[differ[0]].float() - r[differ[0]].float()).abs().max().item():.3g}"
+    )
 
 
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16 eager: minutes

@@ -1,4 +1,5 @@
 """The examples run end to end (as a user runs them: a fresh interpreter, the command line)."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ def run_hello(*args: str, timeout: float) -> subprocess.CompletedProcess:
     # one intra-op thread: on a shared CI runner an oversubscribed thread pool is what makes a
     # small model slow, not the arithmetic
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, str(HELLO), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(HELLO), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def logged_losses(stdout: str) -> list[float]:
@@ -29,8 +31,18 @@ def logged_losses(stdout: str) -> list[float]:
 
 def test_hello_runs(tmp_path):
     """A short eager run: exits 0, and the printed training loss falls."""
-    proc = run_hello("--steps", "80", "--seed", "1", "--no-compile", "--min-accuracy", "0", "--out",
-                     str(tmp_path / "hello"), timeout=120)
+    proc = run_hello(
+        "--steps",
+        "80",
+        "--seed",
+        "1",
+        "--no-compile",
+        "--min-accuracy",
+        "0",
+        "--out",
+        str(tmp_path / "hello"),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = logged_losses(proc.stdout)
     assert len(losses) >= 5, proc.stdout
@@ -52,7 +64,9 @@ def test_hello_compiled_learns_the_task(tmp_path):
     assert acc >= 90.0, proc.stdout
 
 
-def run_example(name: str, *args: str, timeout: float, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_example(
+    name: str, *args: str, timeout: float, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = (launcher or [sys.executable]) + [str(ROOT / "examples" / name), *args]
@@ -76,8 +90,10 @@ def test_ensemble_example_eager():
     tested in test_vmap_tricks) and the averaged ensemble is at least as good as a typical member."""
     proc = run_example("ensemble.py", "--no-compile", "--steps", "150", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    mean, ens = map(float, re.search(r"mean member ([0-9.]+), best member [0-9.]+, averaged ensemble ([0-9.]+)",
-                                     proc.stdout).groups())
+    mean, ens = map(
+        float,
+        re.search(r"mean member ([0-9.]+), best member [0-9.]+, averaged ensemble ([0-9.]+)", proc.stdout).groups(),
+    )
     assert ens >= mean - 0.01, proc.stdout
     assert proc.stdout.count("   lr ") == 6 and "<- best" in proc.stdout
 

@@ -1,5 +1,6 @@
 """Exported inference: weight-only int8 (fnlm.nn.quantize_int8) and the classifier package
 (fnlm.models.export_classifier / load_classifier_package), against the eager pure forward."""
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,26 @@ from fnlm.models import (
 from fnlm.nn import dequantize_int8, quantize_int8, with_int8_weights
 from fnlm.tree import flatten_names
 
-WORDS = ("a great wonderful moving film awful boring waste of time the plot acting was and it "
-         "i loved hated this movie never again brilliant dull").split()
-CFG = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=64, max_position_embeddings=40, id2label=("neg", "pos"))
-TEXTS = ["A great, wonderful film.", "Awful. Boring, a waste of time and it never ends " * 3,
-         "I loved this movie", "dull", "The plot was brilliant and the acting was great, I loved it."]
+WORDS = (
+    "a great wonderful moving film awful boring waste of time the plot acting was and it "
+    "i loved hated this movie never again brilliant dull"
+).split()
+CFG = BertConfig(
+    vocab_size=5 + len(WORDS),
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=40,
+    id2label=("neg", "pos"),
+)
+TEXTS = [
+    "A great, wonderful film.",
+    "Awful. Boring, a waste of time and it never ends " * 3,
+    "I loved this movie",
+    "dull",
+    "The plot was brilliant and the acting was great, I loved it.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +76,16 @@ def test_quantize_int8_per_output_channel(params):
     flat, qflat = flatten_names(params), flatten_names(q)
     # which weights: every matrix product's, not the embedding tables
     assert {n for n in qflat if n.endswith("weight_int8")} == {
-        n + "_int8" for n, w in flat.items() if n.endswith(".weight") and w.ndim >= 2 and "embeddings" not in n}
+        n + "_int8" for n, w in flat.items() if n.endswith(".weight") and w.ndim >= 2 and "embeddings" not in n
+    }
     assert qflat["bert.embeddings.word.weight"] is flat["bert.embeddings.word.weight"]
     layer = "bert.encoder.layers.0."
     # the scales, written out per output channel on the [inputs, outputs] matrix of each layout
-    as_matrix = {"attn.q.weight": "d h k -> d (h k)", "attn.o.weight": "h k d -> (h k) d",
-                 "ffn.w1.weight": "i o -> i o"}
+    as_matrix = {
+        "attn.q.weight": "d h k -> d (h k)",
+        "attn.o.weight": "h k d -> (h k) d",
+        "ffn.w1.weight": "i o -> i o",
+    }
     for name, pattern in as_matrix.items():
         w = flat[layer + name]
         w_q, s = qflat[layer + name + "_int8"], qflat[layer + name.replace("weight", "weight_scale")]
@@ -74,7 +93,7 @@ def test_quantize_int8_per_output_channel(params):
         m, s_m = rearrange(w, pattern), rearrange(s, "... -> (...)")
         torch.testing.assert_close(s_m, m.abs().max(0).values / 127)
         assert int(rearrange(w_q, pattern).abs().max(0).values.min()) == 127  # each channel uses the full range
-        err = (w - dequantize_int8(q)["bert"]["encoder"]["layers"][0][name.split(".")[0]][name.split(".")[1]]["weight"])
+        err = w - dequantize_int8(q)["bert"]["encoder"]["layers"][0][name.split(".")[0]][name.split(".")[1]]["weight"]
         assert float((rearrange(err, pattern).abs() / s_m).max()) <= 0.5 + 1e-4  # rounding error <= s/2
     # the bytes: int8 takes a quarter
     assert qflat[layer + "ffn.w1.weight_int8"].element_size() == 1
@@ -103,8 +122,10 @@ def test_quantize_errors(params):
 def packages(params, tokenizer, tmp_path_factory):
     """The float32 and the int8 package, ``form='program'`` (no C++ compile)."""
     root = tmp_path_factory.mktemp("packages")
-    return {int8: export_classifier(params, CFG, tokenizer, root / f"int8={int8}", max_len=32, int8=int8,
-                                    form="program") for int8 in (False, True)}
+    return {
+        int8: export_classifier(params, CFG, tokenizer, root / f"int8={int8}", max_len=32, int8=int8, form="program")
+        for int8 in (False, True)
+    }
 
 
 def test_exported_program_equals_eager(params, packages):
@@ -114,10 +135,11 @@ def test_exported_program_equals_eager(params, packages):
     for b, n in ((3, 20), (1, 2), (5, 32)):  # dynamic batch and length, one export
         ids = torch.randint(5, CFG.vocab_size, (b, n), generator=g)
         mask = torch.ones_like(ids)
-        mask[0, n // 2:] = 0
+        mask[0, n // 2 :] = 0
         with torch.no_grad():
-            torch.testing.assert_close(run(ids, mask), bert_classifier(params, ids, CFG, attention_mask=mask),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                run(ids, mask), bert_classifier(params, ids, CFG, attention_mask=mask), atol=1e-5, rtol=0
+            )
     names = {n for n, _ in program.named_buffers()}
     assert "bert__encoder__layers__1__ffn__w2__weight" in names  # parameters bound as named buffers
 
@@ -155,8 +177,9 @@ print(json.dumps(out))
 
 def fresh_process_probs(paths, texts):
     """Each package's probabilities for ``texts``, computed in one new Python process."""
-    proc = subprocess.run([sys.executable, "-c", FRESH, json.dumps(texts), *map(str, paths)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, json.dumps(texts), *map(str, paths)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [(torch.tensor(o["probs"]), o["labels"]) for o in json.loads(proc.stdout.strip().splitlines()[-1])]
 
@@ -240,16 +263,18 @@ def model_dir(params, tokenizer, tmp_path_factory):
 
 
 def run_example(*args, timeout=300):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def check_predict_file(model_dir, params, tokenizer, tmp_path, form, *flags):
     """--predict-file prints one line per non-empty line of the file, as the eager forward says."""
     reviews = tmp_path / "reviews.txt"
     reviews.write_text("\n".join(TEXTS[:3]) + "\n\n" + "\n".join(TEXTS[3:]) + "\n")  # a blank line is skipped
-    proc = run_example("--model", model_dir, "--predict-file", reviews, "--truncation", "head", "--batch-size", 2,
-                       *flags)
+    proc = run_example(
+        "--model", model_dir, "--predict-file", reviews, "--truncation", "head", "--batch-size", 2, *flags
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out, err = proc.stdout, proc.stderr
     assert f"({form})" in err, err[-500:]

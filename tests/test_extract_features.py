@@ -1,6 +1,7 @@
 """examples/extract_features.py: embeddings of command-line texts, text files and IMDb, the
 linear probe, nearest neighbours, and its one-line errors. Run as a subprocess, as a user runs it
 (eager forward, a tiny archive); the slow test probes a few hundred real reviews."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(*argv, capsys):
     """The script as a user runs it: a subprocess (capsys is unused, kept for the call sites)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, str(ROOT / "examples" / "extract_features.py"), *map(str, argv)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "extract_features.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     return p.returncode, p.stdout, p.stderr
 
 
@@ -39,8 +45,9 @@ def reference(minilm, texts, max_len=256):
     params, cfg, tok = minilm
     b = tok.encode(texts, max_len=max_len)
     with torch.no_grad():
-        return sentence_embedding(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                                  token_type_ids=b["token_type_ids"])
+        return sentence_embedding(
+            params, b["input_ids"], cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+        )
 
 
 def test_texts_and_file(minilm, minilm_dir, tmp_path, capsys):
@@ -53,26 +60,50 @@ def test_texts_and_file(minilm, minilm_dir, tmp_path, capsys):
     assert (t["embeddings"] - reference(minilm, texts)).abs().max() <= 1e-5
     f = tmp_path / "s.txt"
     f.write_text(f"{texts[0]}\n\n  {texts[1]}  \n", encoding="utf-8")
-    rc, _, _ = run("--file", f, "--weights", minilm_dir, "--no-compile", "--out", out, "--layers=-2,-1",
-                   "--combine", "mean", "--pooling", "max", capsys=capsys)
+    rc, _, _ = run(
+        "--file",
+        f,
+        "--weights",
+        minilm_dir,
+        "--no-compile",
+        "--out",
+        out,
+        "--layers=-2,-1",
+        "--combine",
+        "mean",
+        "--pooling",
+        "max",
+        capsys=capsys,
+    )
     t = load_file(out)
     assert rc == 0 and t["ids"].tolist() == [1, 3]  # line numbers of the non-blank lines
     params, cfg, tok = minilm
     b = tok.encode(texts[:2])
     with torch.no_grad():
-        ref = sentence_embedding(params, b["input_ids"], cfg, attention_mask=b["attention_mask"], layers=[-2, -1],
-                                 combine="mean", pooling="max")
+        ref = sentence_embedding(
+            params,
+            b["input_ids"],
+            cfg,
+            attention_mask=b["attention_mask"],
+            layers=[-2, -1],
+            combine="mean",
+            pooling="max",
+        )
     assert (t["embeddings"] - ref).abs().max() <= 1e-5
     with safe_open(out, "pt") as fh:
         assert fh.metadata()["pooling"] == "max"
 
 
 def test_bf16_embeddings_stay_within_cosine_0999_of_float32(minilm, minilm_dir, tmp_path, capsys):
-    texts = ["A wonderful film.", "Two hours I will never get back, sadly.", "The plot made no sense at all but the "
-             "acting was superb and the music unforgettable."]
+    texts = [
+        "A wonderful film.",
+        "Two hours I will never get back, sadly.",
+        "The plot made no sense at all but the acting was superb and the music unforgettable.",
+    ]
     out = tmp_path / "e.safetensors"
-    rc, o, _ = run("--texts", *texts, "--weights", minilm_dir, "--no-compile", "--dtype", "bf16", "--out", out,
-                   capsys=capsys)
+    rc, o, _ = run(
+        "--texts", *texts, "--weights", minilm_dir, "--no-compile", "--dtype", "bf16", "--out", out, capsys=capsys
+    )
     assert rc == 0, o
     e, ref = load_file(out)["embeddings"], reference(minilm, texts)
     assert e.dtype == torch.float32 and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-6)
@@ -85,8 +116,20 @@ def test_bf16_embeddings_stay_within_cosine_0999_of_float32(minilm, minilm_dir, 
 def test_imdb_probe_then_similar(minilm, minilm_dir, tmp_path, capsys):
     archive = write_imdb_archive(tmp_path / "aclImdb_v1.tar.gz", n_per_class=6)
     out = tmp_path / "imdb.safetensors"
-    common = ("--imdb", "--data", archive, "--size", 0, "--weights", minilm_dir, "--no-compile", "--max-len", 32,
-              "--out", out)
+    common = (
+        "--imdb",
+        "--data",
+        archive,
+        "--size",
+        0,
+        "--weights",
+        minilm_dir,
+        "--no-compile",
+        "--max-len",
+        32,
+        "--out",
+        out,
+    )
     rc, o, _ = run(*common, "--probe", capsys=capsys)
     assert rc == 0, o
     acc = float(re.search(r"test accuracy (\d\.\d+)", o)[1])
@@ -94,6 +137,7 @@ def test_imdb_probe_then_similar(minilm, minilm_dir, tmp_path, capsys):
     t = load_file(out)
     assert t["train.embeddings"].shape == (12, 384) and t["test.labels"].tolist() == [0] * 6 + [1] * 6
     from fnlm.data import html_clean, load_imdb
+
     test = load_imdb(archive, "test")
     i = int(t["test.index"][7])
     assert (t["test.embeddings"][7] - reference(minilm, [html_clean(test.texts[i])], 32)[0]).abs().max() <= 1e-5
@@ -144,7 +188,20 @@ def test_bad_input_is_one_line(minilm_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_probe_on_real_embeddings_beats_chance(imdb_archive, minilm_dir, tmp_path, capsys):
-    rc, o, _ = run("--imdb", "--data", imdb_archive, "--size", 300, "--max-len", 128, "--weights", minilm_dir,
-                   "--probe", "--out", tmp_path / "e.safetensors", capsys=capsys)
+    rc, o, _ = run(
+        "--imdb",
+        "--data",
+        imdb_archive,
+        "--size",
+        300,
+        "--max-len",
+        128,
+        "--weights",
+        minilm_dir,
+        "--probe",
+        "--out",
+        tmp_path / "e.safetensors",
+        capsys=capsys,
+    )
     acc = float(re.search(r"test accuracy (\d\.\d+)", o)[1])
     assert rc == 0 and acc >= 0.65, o  # chance is 0.5 on the balanced 300 test reviews

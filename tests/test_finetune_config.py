@@ -1,6 +1,7 @@
 """examples/finetune_imdb.py's command line and run directory, as a user meets them: one typed config
 (flags, --config files, --print-config), one-line errors before any work, the run's record while it
 runs (metrics.jsonl), its model card and environment, extending a finished run, --clip 0."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,21 @@ from helpers import ROOT, SCRIPT, popen_example, run_script, write_imdb_archive
 from safetensors.torch import load_file
 
 # 16 training reviews in batches of 4: 4 steps an epoch on a tiny random BERT, eagerly
-TINY = ("--train-size", 16, "--test-size", 8, "--val-size", 4, "--max-len", 32, "--batch-size", 4,
-        "--dtype", "fp32", "--no-compile")
+TINY = (
+    "--train-size",
+    16,
+    "--test-size",
+    8,
+    "--val-size",
+    4,
+    "--max-len",
+    32,
+    "--batch-size",
+    4,
+    "--dtype",
+    "fp32",
+    "--no-compile",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +50,24 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 NOWHERE = ("--data", "/nonexistent/imdb.tar.gz", "--weights", "/nonexistent/bert")
 
 
-@pytest.mark.parametrize("args, named", [
-    (("--lr", "-1e-4"), "--lr must be > 0, got -0.0001"),
-    (("--lr=-1e-4",), "--lr must be > 0, got -0.0001"),
-    (("--weight-decay", "-1"), "--weight-decay must be >= 0"),
-    (("--clip", "-1"), "--clip must be >= 0"),
-    (("--warmup", "1.5"), "--warmup must be in [0, 1)"),
-    (("--batch-size", "0"), "--batch-size must be >= 1"),
-    (("--buckets", "many"), "--buckets must be auto or a number"),
-    (("--epochs", "two"), "--epochs: invalid int value"),
-    (("--truncation", "tail"), "--truncation: invalid choice"),
-    (("--merge",), "--merge go with --lora-rank"),
-    (("--remat", "matmuls"), "--remat matmuls runs eagerly only"),
-    (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
-    (("--report-to", "wandb"), "--report-to: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (("--lr", "-1e-4"), "--lr must be > 0, got -0.0001"),
+        (("--lr=-1e-4",), "--lr must be > 0, got -0.0001"),
+        (("--weight-decay", "-1"), "--weight-decay must be >= 0"),
+        (("--clip", "-1"), "--clip must be >= 0"),
+        (("--warmup", "1.5"), "--warmup must be in [0, 1)"),
+        (("--batch-size", "0"), "--batch-size must be >= 1"),
+        (("--buckets", "many"), "--buckets must be auto or a number"),
+        (("--epochs", "two"), "--epochs: invalid int value"),
+        (("--truncation", "tail"), "--truncation: invalid choice"),
+        (("--merge",), "--merge go with --lora-rank"),
+        (("--remat", "matmuls"), "--remat matmuls runs eagerly only"),
+        (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
+        (("--report-to", "wandb"), "--report-to: invalid choice"),
+    ],
+)
 def test_bad_flags_are_one_line_before_any_work(tmp_path, args, named):
     out = tmp_path / "runs" / "x"
     err = one_error_line(run_script(*NOWHERE, *args, "--out", out, timeout=120))
@@ -67,17 +84,43 @@ def test_unwritable_out_is_found_before_loading(tmp_path):
 
 def test_failed_start_leaves_nothing_that_blocks_the_rerun(archive, tmp_path):
     out = tmp_path / "runs" / "x"
-    err = one_error_line(run_script("--data", archive, "--train-size", 0, "--test-size", 0, "--weights",
-                                    tmp_path / "missing", "--out", out, timeout=120))
+    err = one_error_line(
+        run_script(
+            "--data",
+            archive,
+            "--train-size",
+            0,
+            "--test-size",
+            0,
+            "--weights",
+            tmp_path / "missing",
+            "--out",
+            out,
+            timeout=120,
+        )
+    )
     assert str(tmp_path / "missing") in err
     assert list((tmp_path / "runs").iterdir()) == []  # neither runs/x nor runs/.x.partial
 
 
 def test_config_file_flags_print_config_and_the_stored_config_agree(archive, tiny_bert, tmp_path):
     conf = tmp_path / "run.json"
-    conf.write_text(json.dumps({"train_size": 16, "test_size": 8, "val_size": 4, "max_len": 32, "batch_size": 4,
-                                "lr": 5e-3, "dtype": "fp32", "compile": False, "data": str(archive),
-                                "weights": str(tiny_bert)}))
+    conf.write_text(
+        json.dumps(
+            {
+                "train_size": 16,
+                "test_size": 8,
+                "val_size": 4,
+                "max_len": 32,
+                "batch_size": 4,
+                "lr": 5e-3,
+                "dtype": "fp32",
+                "compile": False,
+                "data": str(archive),
+                "weights": str(tiny_bert),
+            }
+        )
+    )
     shown = run_script("--config", conf, "--lr", "2e-3", "--print-config", timeout=120)
     assert shown.returncode == 0, shown.stderr
     printed = json.loads(shown.stdout)
@@ -104,8 +147,21 @@ def test_resume_with_a_larger_epochs_extends_a_finished_run(archive, tiny_bert, 
     """--schedule constant --warmup 0: the rate does not depend on the total, so one epoch then
     --resume --epochs 2 is bitwise the two-epoch run. (With the default linear schedule, extending
     re-plans the decay over the new total from the resumed step on; the steps taken keep their rates.)"""
-    common = ("--data", archive, "--weights", tiny_bert, *TINY, "--schedule", "constant", "--warmup", 0,
-              "--lr", "3e-3", "--eval-every", 0)
+    common = (
+        "--data",
+        archive,
+        "--weights",
+        tiny_bert,
+        *TINY,
+        "--schedule",
+        "constant",
+        "--warmup",
+        0,
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        0,
+    )
     two = run_script(*common, "--epochs", 2, "--out", tmp_path / "two", timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     one = run_script(*common, "--epochs", 1, "--out", tmp_path / "one", timeout=300)
@@ -123,8 +179,27 @@ def test_resume_with_a_larger_epochs_extends_a_finished_run(archive, tiny_bert, 
 
 
 def test_clip_zero_is_no_clipping_and_learns(archive, minilm_dir, tmp_path):
-    common = ("--data", archive, "--weights", minilm_dir, "--train-size", 0, "--test-size", 8, "--max-len", 32,
-              "--batch-size", 8, "--epochs", 2, "--dtype", "fp32", "--no-compile", "--eval-every", 0)
+    common = (
+        "--data",
+        archive,
+        "--weights",
+        minilm_dir,
+        "--train-size",
+        0,
+        "--test-size",
+        8,
+        "--max-len",
+        32,
+        "--batch-size",
+        8,
+        "--epochs",
+        2,
+        "--dtype",
+        "fp32",
+        "--no-compile",
+        "--eval-every",
+        0,
+    )
     runs = {}
     for clip in ("0", "inf"):
         proc = run_script(*common, "--clip", clip, "--out", tmp_path / clip, timeout=300)
@@ -139,8 +214,9 @@ def test_metrics_jsonl_grows_while_the_run_goes_and_the_outputs_describe_it(arch
     import yaml
 
     out = tmp_path / "run"
-    p = popen_example(SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--epochs", 3, "--eval-every", 2,
-              "--out", out)
+    p = popen_example(
+        SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--epochs", 3, "--eval-every", 2, "--out", out
+    )
     log = tmp_path / ".run.partial" / "metrics.jsonl"
     t0 = time.time()
     seen = []
@@ -175,8 +251,18 @@ def test_metrics_jsonl_grows_while_the_run_goes_and_the_outputs_describe_it(arch
 
 
 def test_report_to_tensorboard(archive, tiny_bert, tmp_path):
-    proc = run_script("--data", archive, "--weights", tiny_bert, *TINY, "--report-to", "tensorboard",
-                      "--out", tmp_path / "run", timeout=300)
+    proc = run_script(
+        "--data",
+        archive,
+        "--weights",
+        tiny_bert,
+        *TINY,
+        "--report-to",
+        "tensorboard",
+        "--out",
+        tmp_path / "run",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
@@ -187,8 +273,13 @@ def test_report_to_tensorboard_without_it_installed(tmp_path):
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *NOWHERE, "--report-to", "tensorboard", "--out",
-                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *NOWHERE, "--report-to", "tensorboard", "--out", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "pip install tensorboard" in one_error_line(proc)
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
 
@@ -199,7 +290,7 @@ def test_no_test_or_benchmark_loads_an_example_by_path():
     for path in [*ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py")]:
         text = path.read_text()
         for m in re.finditer(r"(spec_from_file_location|run_path)\(", text):  # the ways to import a file by path
-            window = text[m.start(): m.start() + 200]
+            window = text[m.start() : m.start() + 200]
             if "examples" in window:
                 offenders.append(f"{path.relative_to(ROOT)}: {window.splitlines()[0][:80]}")
     assert not offenders, offenders

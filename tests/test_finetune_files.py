@@ -1,6 +1,7 @@
 """examples/finetune_imdb.py beyond IMDb: labelled CSV/JSON Lines files with any number of classes,
 models by hub id, and the knobs fine-tuners reach for (--freeze, --grad-accum,
 --early-stopping-patience, --dtype fp16); classify.py --evaluate on a labelled file."""
+
 from __future__ import annotations
 
 import csv
@@ -15,19 +16,39 @@ from helpers import CLASSIFY, ROOT, SCRIPT
 from safetensors.torch import load_file
 
 # three moods, easy to tell apart by their words
-ROWS = {"happy": ["what a joyful, delightful day", "I loved every sunny minute", "pure happiness and smiles",
-                  "a cheerful, lovely surprise"],
-        "sad": ["a gloomy, miserable evening", "I cried through the lonely night", "grief and tears everywhere",
-                "a heartbreaking, sorrowful loss"],
-        "angry": ["furious about the rude service", "I am outraged and livid", "a maddening, infuriating mess",
-                  "rage at the insulting delay"]}
+ROWS = {
+    "happy": [
+        "what a joyful, delightful day",
+        "I loved every sunny minute",
+        "pure happiness and smiles",
+        "a cheerful, lovely surprise",
+    ],
+    "sad": [
+        "a gloomy, miserable evening",
+        "I cried through the lonely night",
+        "grief and tears everywhere",
+        "a heartbreaking, sorrowful loss",
+    ],
+    "angry": [
+        "furious about the rude service",
+        "I am outraged and livid",
+        "a maddening, infuriating mess",
+        "rage at the insulting delay",
+    ],
+}
 EAGER = ("--max-len", 32, "--batch-size", 4, "--dtype", "fp32", "--no-compile", "--eval-every", 0)
 
 
 def run(script, *args, env=None, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_csv(path, copies=3):
@@ -59,8 +80,26 @@ def files(tmp_path_factory):
 def three_class_run(files, minilm_dir, tmp_path_factory):
     train, test = files
     out = tmp_path_factory.mktemp("runs") / "moods"
-    proc = run(SCRIPT, "--train-file", train, "--test-file", test, "--text-column", "sentence", "--label-column",
-               "mood", "--weights", minilm_dir, *EAGER, "--epochs", 3, "--lr", "1e-4", "--out", out)
+    proc = run(
+        SCRIPT,
+        "--train-file",
+        train,
+        "--test-file",
+        test,
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "mood",
+        "--weights",
+        minilm_dir,
+        *EAGER,
+        "--epochs",
+        3,
+        "--lr",
+        "1e-4",
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -77,17 +116,32 @@ def test_three_classes_from_csv_and_jsonl_with_their_names(three_class_run, file
     clf = pipeline("text-classification", model=str(three_class_run), device="cpu")
     assert clf("what a joyful, delightful day")[0]["label"] in {"angry", "happy", "sad"}
     # classify.py --evaluate on the labelled file: the run's own test accuracy
-    proc = run(CLASSIFY, "--model", three_class_run, "--evaluate", "--test-file", files[1], "--text-column",
-               "sentence", "--label-column", "mood")
+    proc = run(
+        CLASSIFY,
+        "--model",
+        three_class_run,
+        "--evaluate",
+        "--test-file",
+        files[1],
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "mood",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith(f"accuracy {metrics['final_test_accuracy']:.4f}") and "  sad: precision" in proc.stdout
+    assert (
+        proc.stdout.startswith(f"accuracy {metrics['final_test_accuracy']:.4f}") and "  sad: precision" in proc.stdout
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--test-file", "t.csv"), "--validation-file and --test-file go with --train-file"),
-    (("--train-file", "{train}"), "--train-file needs --test-file too"),
-    (("--train-file", "{bad}", "--test-file", "{test}"), "column 'text'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--test-file", "t.csv"), "--validation-file and --test-file go with --train-file"),
+        (("--train-file", "{train}"), "--train-file needs --test-file too"),
+        (("--train-file", "{bad}", "--test-file", "{test}"), "column 'text'"),
+    ],
+)
 def test_file_mistakes_are_one_line(files, minilm_dir, tmp_path, args, message):
     train, test = files
     bad = tmp_path / "bad.csv"
@@ -101,9 +155,24 @@ def test_file_mistakes_are_one_line(files, minilm_dir, tmp_path, args, message):
 
 def test_freeze_keeps_the_frozen_weights_and_trains_the_rest(files, tiny_bert, tmp_path):
     train, test = files
-    proc = run(SCRIPT, "--train-file", train, "--test-file", test, "--text-column", "sentence", "--label-column",
-               "mood", "--weights", tiny_bert, *EAGER, "--freeze", "embeddings.*,encoder.layers.0.*", "--out",
-               tmp_path / "run")
+    proc = run(
+        SCRIPT,
+        "--train-file",
+        train,
+        "--test-file",
+        test,
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "mood",
+        "--weights",
+        tiny_bert,
+        *EAGER,
+        "--freeze",
+        "embeddings.*,encoder.layers.0.*",
+        "--out",
+        tmp_path / "run",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     before = {k.removeprefix("bert."): v for k, v in load_file(tiny_bert / "model.safetensors").items()}
     after = {k.removeprefix("bert."): v for k, v in load_file(tmp_path / "run" / "model.safetensors").items()}
@@ -115,14 +184,37 @@ def test_freeze_keeps_the_frozen_weights_and_trains_the_rest(files, tiny_bert, t
 
 def test_grad_accum_halves_the_updates_and_early_stopping_ends_cleanly(files, tiny_bert, tmp_path):
     train, test = files
-    common = ("--train-file", train, "--test-file", test, "--text-column", "sentence", "--label-column", "mood",
-              "--weights", tiny_bert, *EAGER)
+    common = (
+        "--train-file",
+        train,
+        "--test-file",
+        test,
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "mood",
+        "--weights",
+        tiny_bert,
+        *EAGER,
+    )
     proc = run(SCRIPT, *common, "--grad-accum", 2, "--out", tmp_path / "accum")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "accum" / "metrics.json").read_text())
     assert m["steps"] == -(-m["train_size"] // 8)  # one update per 2 x 4 texts
-    proc = run(SCRIPT, *common, "--epochs", 20, "--eval-every", 1, "--lr", "5e-2", "--early-stopping-patience", 2,
-               "--out", tmp_path / "early")
+    proc = run(
+        SCRIPT,
+        *common,
+        "--epochs",
+        20,
+        "--eval-every",
+        1,
+        "--lr",
+        "5e-2",
+        "--early-stopping-patience",
+        2,
+        "--out",
+        tmp_path / "early",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "early" / "metrics.json").read_text())
     assert "early stopping at step" in proc.stdout and m["early_stopped_at"] is not None
@@ -132,9 +224,28 @@ def test_grad_accum_halves_the_updates_and_early_stopping_ends_cleanly(files, ti
 
 def test_fp16_with_loss_scaling_trains(files, tiny_bert, tmp_path):
     train, test = files
-    proc = run(SCRIPT, "--train-file", train, "--test-file", test, "--text-column", "sentence", "--label-column",
-               "mood", "--weights", tiny_bert, "--max-len", 32, "--batch-size", 4, "--no-compile", "--dtype", "fp16",
-               "--out", tmp_path / "run")
+    proc = run(
+        SCRIPT,
+        "--train-file",
+        train,
+        "--test-file",
+        test,
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "mood",
+        "--weights",
+        tiny_bert,
+        "--max-len",
+        32,
+        "--batch-size",
+        4,
+        "--no-compile",
+        "--dtype",
+        "fp16",
+        "--out",
+        tmp_path / "run",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert all(torch.isfinite(torch.tensor(m["train_loss_per_step"]))) and m["autocast"] == "torch.float16"
@@ -149,17 +260,45 @@ def test_weights_by_hub_id_download_once(files, tiny_bert, tmp_path):
     try:
         train, test = files
         for name in ("a", "b"):
-            proc = run(SCRIPT, "--train-file", train, "--test-file", test, "--text-column", "sentence",
-                       "--label-column", "mood", "--weights", "org/tiny-bert", *EAGER, "--out", tmp_path / name,
-                       env=env)
+            proc = run(
+                SCRIPT,
+                "--train-file",
+                train,
+                "--test-file",
+                test,
+                "--text-column",
+                "sentence",
+                "--label-column",
+                "mood",
+                "--weights",
+                "org/tiny-bert",
+                *EAGER,
+                "--out",
+                tmp_path / name,
+                env=env,
+            )
             assert proc.returncode == 0, proc.stderr[-2000:]
             if name == "a":
                 downloads = sum(1 for method, path in hub.requests if method == "GET" and "/resolve/" in path)
         # the second run asks which commit "main" is, and downloads no file: they are in the HF cache
         assert sum(1 for method, path in hub.requests if method == "GET" and "/resolve/" in path) == downloads > 0
-        proc = run(SCRIPT, "--train-file", train, "--test-file", test, "--text-column", "sentence", "--label-column",
-                   "mood", "--weights", "org/other", "--out",
-                   tmp_path / "c", env={**env, "HF_HUB_OFFLINE": "1"}, timeout=120)
+        proc = run(
+            SCRIPT,
+            "--train-file",
+            train,
+            "--test-file",
+            test,
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "mood",
+            "--weights",
+            "org/other",
+            "--out",
+            tmp_path / "c",
+            env={**env, "HF_HUB_OFFLINE": "1"},
+            timeout=120,
+        )
         assert proc.returncode == 2 and "local directory" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         hub.close()

@@ -4,6 +4,7 @@ Fast tests use a small archive in the official aclImdb layout that they write th
 run everywhere) and the real all-MiniLM-L6-v2 checkpoint; one variant reads the shared archive.
 The slow test fine-tunes on 1,000 real reviews and checks the accuracy on 1,000 held-out ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,19 @@ from helpers import CLASSIFY, fnlm_logits, run_script
 from fnlm.data import load_tokenizer
 from fnlm.models import bert_classifier, load_bert
 
-MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "metrics.json", "errors.tsv",
-               "training.png", "README.md", "metrics.jsonl", "run_config.json", "environment.json")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "vocab.txt",
+    "tokenizer.json",
+    "metrics.json",
+    "errors.tsv",
+    "training.png",
+    "README.md",
+    "metrics.jsonl",
+    "run_config.json",
+    "environment.json",
+)
 
 
 def check_run_dir(out: Path, texts: list[str], labels: list[int], max_len: int) -> dict:
@@ -60,23 +72,47 @@ def check_run_dir(out: Path, texts: list[str], labels: list[int], max_len: int) 
     hf = BertForSequenceClassification.from_pretrained(out).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     assert hf.config.id2label == {0: "neg", 1: "pos"}
-    enc = hf_tok([t.replace("<br />", " ") for t in texts[:8]], padding=True, truncation=True,
-                 max_length=max_len, return_tensors="pt")
+    enc = hf_tok(
+        [t.replace("<br />", " ") for t in texts[:8]],
+        padding=True,
+        truncation=True,
+        max_length=max_len,
+        return_tensors="pt",
+    )
     ours = load_tokenizer(out).encode([t.replace("<br />", " ") for t in texts[:8]], max_len=max_len)
     assert torch.equal(enc["input_ids"], ours["input_ids"])  # same tokenizer, same head truncation
     params, cfg = load_bert(out, head="classifier")
     with torch.no_grad():  # on the very same (head-truncated) ids: real reviews are longer than max_len
         hf_logits = hf(**enc).logits
-        our_logits = bert_classifier(params, ours["input_ids"], cfg, attention_mask=ours["attention_mask"],
-                                     token_type_ids=ours["token_type_ids"])
+        our_logits = bert_classifier(
+            params, ours["input_ids"], cfg, attention_mask=ours["attention_mask"], token_type_ids=ours["token_type_ids"]
+        )
     torch.testing.assert_close(hf_logits, our_logits, atol=1e-4, rtol=0)
     return metrics
 
 
 def test_finetune_small_archive_end_to_end(small_archive, minilm_dir, tmp_path):
     out = tmp_path / "runs" / "tiny"
-    proc = run_script("--data", small_archive, "--weights", minilm_dir, "--train-size", 0, "--test-size", 0,
-                      "--max-len", 64, "--batch-size", 8, "--epochs", 2, "--no-compile", "--out", out, timeout=300)
+    proc = run_script(
+        "--data",
+        small_archive,
+        "--weights",
+        minilm_dir,
+        "--train-size",
+        0,
+        "--test-size",
+        0,
+        "--max-len",
+        64,
+        "--batch-size",
+        8,
+        "--epochs",
+        2,
+        "--no-compile",
+        "--out",
+        out,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "test accuracy" in proc.stdout and "epoch 2/2" in proc.stderr  # tqdm bars go to stderr
     from fnlm.data import load_imdb
@@ -92,8 +128,24 @@ def test_same_seed_same_result(small_archive, minilm_dir, tmp_path):
     """Randomness is key-based: the same --seed gives the same losses and accuracy (CPU)."""
     runs = []
     for name in ("a", "b"):
-        proc = run_script("--data", small_archive, "--weights", minilm_dir, "--train-size", 16, "--test-size", 8,
-                          "--max-len", 32, "--batch-size", 8, "--no-compile", "--out", tmp_path / name, timeout=300)
+        proc = run_script(
+            "--data",
+            small_archive,
+            "--weights",
+            minilm_dir,
+            "--train-size",
+            16,
+            "--test-size",
+            8,
+            "--max-len",
+            32,
+            "--batch-size",
+            8,
+            "--no-compile",
+            "--out",
+            tmp_path / name,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert runs[0]["train_loss_per_step"] == runs[1]["train_loss_per_step"]
@@ -103,8 +155,21 @@ def test_same_seed_same_result(small_archive, minilm_dir, tmp_path):
 def test_finetune_shared_archive(imdb_archive, minilm_dir, tmp_path):
     """The same on a few dozen real reviews of the shared archive, with the compiled steps."""
     out = tmp_path / "run"
-    proc = run_script("--data", imdb_archive, "--weights", minilm_dir, "--train-size", 32, "--test-size", 32,
-                      "--max-len", 64, "--out", out, timeout=900)
+    proc = run_script(
+        "--data",
+        imdb_archive,
+        "--weights",
+        minilm_dir,
+        "--train-size",
+        32,
+        "--test-size",
+        32,
+        "--max-len",
+        64,
+        "--out",
+        out,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from fnlm.data import load_imdb, subset
 
@@ -157,15 +222,29 @@ def test_weights_without_config(small_archive, minilm_dir, tmp_path):
     shutil.copy(minilm_dir / "vocab.txt", weights / "vocab.txt")
     out = tmp_path / "runs" / "x"
     # (the data are read first, since the label names size the head: this archive's sizes are valid)
-    proc = run_script("--data", small_archive, "--train-size", 0, "--test-size", 0, "--weights", weights, "--out", out,
-                      timeout=120)
+    proc = run_script(
+        "--data", small_archive, "--train-size", 0, "--test-size", 0, "--weights", weights, "--out", out, timeout=120
+    )
     assert_clean_failure(proc, out, "config.json")
 
 
 def test_max_len_above_position_table(small_archive, minilm_dir, tmp_path):
     out = tmp_path / "runs" / "x"
-    proc = run_script("--data", small_archive, "--train-size", 0, "--test-size", 0, "--weights", minilm_dir,
-                      "--max-len", 1024, "--out", out, timeout=120)
+    proc = run_script(
+        "--data",
+        small_archive,
+        "--train-size",
+        0,
+        "--test-size",
+        0,
+        "--weights",
+        minilm_dir,
+        "--max-len",
+        1024,
+        "--out",
+        out,
+        timeout=120,
+    )
     assert_clean_failure(proc, out, "--max-len 1024", "max_position_embeddings=512")
 
 
@@ -176,8 +255,25 @@ def test_finetune_minilm_learns(imdb_archive, minilm_dir, tmp_path):
     test reviews well above chance (0.5). This only proves learning; the default run's accuracy is
     measured on the benchmarks page."""
     out = tmp_path / "run"
-    proc = run_script("--data", imdb_archive, "--weights", minilm_dir, "--train-size", 400, "--test-size", 400,
-                      "--max-len", 128, "--epochs", 2, "--lr", "1e-4", "--out", out, timeout=1500)
+    proc = run_script(
+        "--data",
+        imdb_archive,
+        "--weights",
+        minilm_dir,
+        "--train-size",
+        400,
+        "--test-size",
+        400,
+        "--max-len",
+        128,
+        "--epochs",
+        2,
+        "--lr",
+        "1e-4",
+        "--out",
+        out,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_size"] == 400 and metrics["train_size"] == 400

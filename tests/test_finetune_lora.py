@@ -1,5 +1,6 @@
 """examples/finetune_imdb.py --lora-rank: trains adapters + classifier only, writes a peft adapter
 directory that peft loads (same logits), and with --merge a plain checkpoint; --predict takes either."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,42 @@ transformers = pytest.importorskip("transformers")
 
 def test_lora_rank_4_end_to_end_and_peft_reloads(small_archive, minilm_dir, tmp_path):  # noqa: F811
     out = tmp_path / "runs" / "lora"
-    proc = run_script("--data", small_archive, "--weights", minilm_dir, "--train-size", 0, "--test-size", 0,
-                      "--max-len", 64, "--batch-size", 8, "--epochs", 1, "--no-compile", "--dtype", "fp32",
-                      "--lora-rank", 4, "--merge", "--remat", "--out", out, timeout=600)
+    proc = run_script(
+        "--data",
+        small_archive,
+        "--weights",
+        minilm_dir,
+        "--train-size",
+        0,
+        "--test-size",
+        0,
+        "--max-len",
+        64,
+        "--batch-size",
+        8,
+        "--epochs",
+        1,
+        "--no-compile",
+        "--dtype",
+        "fp32",
+        "--lora-rank",
+        4,
+        "--merge",
+        "--remat",
+        "--out",
+        out,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("adapter_config.json", "adapter_model.safetensors", "vocab.txt", "metrics.json",
-                 "merged/config.json", "merged/model.safetensors", "merged/vocab.txt"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "vocab.txt",
+        "metrics.json",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/vocab.txt",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "model.safetensors").exists()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -52,9 +83,24 @@ def test_lora_rank_4_end_to_end_and_peft_reloads(small_archive, minilm_dir, tmp_
 
 
 def test_lora_bad_flags_are_one_line_errors(small_archive, minilm_dir, tmp_path):  # noqa: F811
-    proc = run_script("--data", small_archive, "--weights", minilm_dir, "--train-size", 0, "--test-size", 0,
-                      "--lora-rank", 4, "--lora-targets",
-                      "*.attn.query", "--no-compile", "--out", tmp_path / "x", timeout=120)
+    proc = run_script(
+        "--data",
+        small_archive,
+        "--weights",
+        minilm_dir,
+        "--train-size",
+        0,
+        "--test-size",
+        0,
+        "--lora-rank",
+        4,
+        "--lora-targets",
+        "*.attn.query",
+        "--no-compile",
+        "--out",
+        tmp_path / "x",
+        timeout=120,
+    )
     assert proc.returncode == 2 and "matches no linear map" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = run_script("--merge", "--out", tmp_path / "y", timeout=60)
@@ -64,6 +110,7 @@ def test_lora_bad_flags_are_one_line_errors(small_archive, minilm_dir, tmp_path)
 def test_lora_gets_its_own_default_learning_rate():
     """Adapters start at B = 0 with 0.3% of the parameters: the full fine-tuning lr (1e-4) left the
     default LoRA run at chance, so --lora-rank has its own default; an explicit --lr wins."""
+
     def lr(*flags):
         proc = run_script(*flags, "--print-config", timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -77,8 +124,23 @@ def test_lora_run_learns(imdb_archive, minilm_dir, tmp_path):  # noqa: F811
     """--lora-rank 8 with its default lr on 400 training reviews (128 tokens): well above chance on
     400 test reviews (the default run's accuracy is on the benchmarks page)."""
     out = tmp_path / "lora"
-    proc = run_script("--data", imdb_archive, "--weights", minilm_dir, "--lora-rank", 8, "--train-size", 400,
-                      "--test-size", 400, "--max-len", 128, "--out", out, timeout=1500)
+    proc = run_script(
+        "--data",
+        imdb_archive,
+        "--weights",
+        minilm_dir,
+        "--lora-rank",
+        8,
+        "--train-size",
+        400,
+        "--test-size",
+        400,
+        "--max-len",
+        128,
+        "--out",
+        out,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_size"] == 400 and metrics["train_size"] == 400 and metrics["lora"]["rank"] == 8

@@ -1,5 +1,6 @@
 """KV-cache decoding: cached == full forward, greedy == HF generate, sampling rules, one compiled
 decode graph, bad input; the encoder–decoder's cached greedy decoding == recomputing the prefix."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,16 @@ PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14]]
 def hf_and_fnlm(tmp_path_factory):
     """A random GPT-2 whose greedy continuations are not one repeated token (wide init)."""
     torch.manual_seed(0)
-    hc = transformers.GPT2Config(vocab_size=97, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                                 initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+    hc = transformers.GPT2Config(
+        vocab_size=97,
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf = transformers.GPT2LMHeadModel(hc).eval()
     d = tmp_path_factory.mktemp("gpt2")
     hf.save_pretrained(d)
@@ -44,9 +53,10 @@ def test_greedy_equals_hf_generate_for_a_ragged_batch(hf_and_fnlm):
     ids, start = left_pad(PROMPTS)
     mask = (torch.arange(ids.shape[1])[None] >= start[:, None]).long()
     with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
-                          eos_token_id=None)
-    ref = ref[:, ids.shape[1]:].tolist()
+        ref = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    ref = ref[:, ids.shape[1] :].tolist()
     assert out == ref
     assert all(len(set(row)) > 3 for row in out)  # a real test: continuations vary
 
@@ -120,8 +130,10 @@ def test_matvec_pass_rewrites_every_product_and_keeps_logits_and_tokens(hf_and_f
     tok = torch.tensor([9])
     ref, _ = decode_step(params, cache, tok, cfg)
     counters.clear()
-    step = compile_fn(lambda p, c, t: decode_step(p, c, t, cfg), compile_options={
-        "post_grad_custom_post_pass": matvec_pass(), "fx_graph_cache": False})  # so the pass runs
+    step = compile_fn(
+        lambda p, c, t: decode_step(p, c, t, cfg),
+        compile_options={"post_grad_custom_post_pass": matvec_pass(), "fx_graph_cache": False},
+    )  # so the pass runs
     with torch.no_grad():
         logits, _ = step(matvec_layout(params), cache, tok)
     # q, k, v, o, W_1, W_2 per layer and the tied LM head (E^T, input-contiguous without a copy)
@@ -135,8 +147,9 @@ def test_matvec_pass_rewrites_every_product_and_keeps_logits_and_tokens(hf_and_f
         ids, start = left_pad(prompts)
         mask = (torch.arange(ids.shape[1])[None] >= start[:, None]).long()
         with torch.no_grad():
-            want = hf.generate(ids, attention_mask=mask, max_new_tokens=33, do_sample=False, pad_token_id=0,
-                               eos_token_id=None)[:, ids.shape[1]:].tolist()
+            want = hf.generate(
+                ids, attention_mask=mask, max_new_tokens=33, do_sample=False, pad_token_id=0, eos_token_id=None
+            )[:, ids.shape[1] :].tolist()
         assert out == want and all(len(set(row)) > 3 for row in want)
 
 
@@ -188,10 +201,16 @@ def test_per_row_stop_tokens_and_max_new_tokens(hf_and_fnlm):
 def test_bad_input_is_a_one_line_error_before_compute(hf_and_fnlm):
     _, params, cfg = hf_and_fnlm
     cases = [
-        (dict(prompts=[[1] * 100], max_new_tokens=29), "prompt length 100 \\+ max_new_tokens 29 = 129 is longer than the position table"),
+        (
+            dict(prompts=[[1] * 100], max_new_tokens=29),
+            "prompt length 100 \\+ max_new_tokens 29 = 129 is longer than the position table",
+        ),
         (dict(prompts=[[1, 2], []], max_new_tokens=4), "empty prompt\\(s\\) at row\\(s\\) \\[1\\]"),
         (dict(prompts=[[1, 2]], max_new_tokens=4, cache_len=5), "cache_len=5 is too small"),
-        (dict(prompts=[[1, 200]], max_new_tokens=4), "prompt token ids contain 200, outside the vocabulary \\[0, 97\\)"),
+        (
+            dict(prompts=[[1, 200]], max_new_tokens=4),
+            "prompt token ids contain 200, outside the vocabulary \\[0, 97\\)",
+        ),
         (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
         (dict(prompts=[[1]], max_new_tokens=3, temperature=1.0), "needs key="),
         (dict(prompts=[[1]], max_new_tokens=3, top_p=1.5), "top_p must be in"),
@@ -204,8 +223,14 @@ def test_bad_input_is_a_one_line_error_before_compute(hf_and_fnlm):
     with pytest.raises(ValueError, match="longer than the position table"):
         init_gpt2_cache(cfg, 1, 129)
     with pytest.raises(ValueError, match="left padding"):
-        generate(params, cfg, torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1]]),
-                 max_new_tokens=2, compile=False)
+        generate(
+            params,
+            cfg,
+            torch.ones(1, 3, dtype=torch.long),
+            attention_mask=torch.tensor([[1, 0, 1]]),
+            max_new_tokens=2,
+            compile=False,
+        )
 
 
 # ----------------------------------------------------------------------------- encoder–decoder
@@ -219,11 +244,26 @@ def greedy_recomputing(params, src, cfg, bos_id, max_len, src_padding_mask=None)
     return ys
 
 
-@pytest.mark.parametrize("kw", [dict(positional="sinusoidal"), dict(positional="learned", norm_first=True),
-                                dict(positional="relative", tie_output=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(positional="sinusoidal"),
+        dict(positional="learned", norm_first=True),
+        dict(positional="relative", tie_output=True),
+    ],
+)
 def test_encoder_decoder_cached_greedy_equals_recomputing(kw):
-    cfg = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, src_vocab_size=23, tgt_vocab_size=23
-                                 if kw.get("tie_output") else 19, max_len=24, init_std=0.5, **kw)
+    cfg = fnlm.TransformerConfig(
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_layers=2,
+        src_vocab_size=23,
+        tgt_vocab_size=23 if kw.get("tie_output") else 19,
+        max_len=24,
+        init_std=0.5,
+        **kw,
+    )
     params = fnlm.init_transformer(fnlm.random.key(0), cfg)
     src = torch.randint(0, 23, (3, 7), generator=torch.Generator().manual_seed(0))
     pad = torch.ones(3, 7, dtype=torch.bool)
@@ -238,5 +278,5 @@ def test_encoder_decoder_cached_greedy_equals_recomputing(kw):
     full = fnlm.decode(params, tgt, memory, cfg, memory_padding_mask=pad)
     cache = fnlm.models.init_decoder_cache(params, memory, cfg, 12)
     for t in range(12):
-        logits, cache = fnlm.models.decode_cached(params, tgt[:, t:t + 1], cache, cfg, memory_padding_mask=pad)
+        logits, cache = fnlm.models.decode_cached(params, tgt[:, t : t + 1], cache, cfg, memory_padding_mask=pad)
         torch.testing.assert_close(logits[:, 0], full[:, t], atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 """GPT-2 as pure functions vs Hugging Face ``GPT2LMHeadModel`` (random weights, same tensors),
 and the checkpoint mapping both ways."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ transformers.logging.set_verbosity_error()
 # several small shapes, both spellings of tanh-GELU that GPT-2 checkpoints use
 CONFIGS = {
     "gelu_new": dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, activation_function="gelu_new"),
-    "pytorch_tanh": dict(vocab_size=61, n_positions=24, n_embd=24, n_layer=3, n_head=2, n_inner=40,
-                         activation_function="gelu_pytorch_tanh", layer_norm_epsilon=1e-6),
+    "pytorch_tanh": dict(
+        vocab_size=61,
+        n_positions=24,
+        n_embd=24,
+        n_layer=3,
+        n_head=2,
+        n_inner=40,
+        activation_function="gelu_pytorch_tanh",
+        layer_norm_epsilon=1e-6,
+    ),
     "one_head": dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=1, activation_function="gelu_new"),
 }
 
@@ -28,8 +37,9 @@ CONFIGS = {
 def make_hf(name: str, seed: int = 0) -> transformers.GPT2LMHeadModel:
     """A random-weight HF model; biases and LayerNorms randomised too (HF initialises them to 0/1)."""
     torch.manual_seed(seed)
-    hc = transformers.GPT2Config(**CONFIGS[name], bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                 embd_pdrop=0.0, attn_pdrop=0.0)
+    hc = transformers.GPT2Config(
+        **CONFIGS[name], bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     model = transformers.GPT2LMHeadModel(hc).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -157,8 +167,10 @@ def test_bare_names_sharded_and_buffers(saved, tmp_path):
     bare["h.0.attn.masked_bias"] = torch.tensor(-1e4)
     names = sorted(bare)
     (tmp_path / "sh").mkdir()
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for f, keys in shards.items():
         save_file({k: bare[k].contiguous() for k in keys}, tmp_path / "sh" / f)
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
@@ -170,8 +182,9 @@ def test_bare_names_sharded_and_buffers(saved, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("field,value", [("scale_attn_weights", False), ("add_cross_attention", True),
-                                         ("tie_word_embeddings", False)])
+@pytest.mark.parametrize(
+    "field,value", [("scale_attn_weights", False), ("add_cross_attention", True), ("tie_word_embeddings", False)]
+)
 def test_unimplemented_config_options_are_refused(field, value):
     d = transformers.GPT2Config(**CONFIGS["gelu_new"]).to_dict()
     d[field] = value
@@ -180,13 +193,25 @@ def test_unimplemented_config_options_are_refused(field, value):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("flags", [dict(scale_attn_by_inverse_layer_idx=True),
-                                   dict(reorder_and_upcast_attn=True),
-                                   dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(scale_attn_by_inverse_layer_idx=True),
+        dict(reorder_and_upcast_attn=True),
+        dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+    ],
+)
 def test_inverse_layer_scaling_and_upcast_attention_match_transformers(tmp_path, flags):
     torch.manual_seed(0)
-    hc = transformers.GPT2Config(**CONFIGS["pytorch_tanh"], bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                 embd_pdrop=0.0, attn_pdrop=0.0, **flags)
+    hc = transformers.GPT2Config(
+        **CONFIGS["pytorch_tanh"],
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **flags,
+    )
     model = transformers.GPT2LMHeadModel(hc).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -233,9 +258,13 @@ def test_pickle_refused_and_key_reports(saved, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_gpt2(tmp_path / "bad.safetensors", config=saved["one_head"] / "config.json")
     msg = str(e.value)
-    for part in ("bad.safetensors", "missing keys (1): h.0.mlp.c_fc.bias", "unexpected keys (1): transformer.extra.weight",
-                 "transformer.h.0.attn.c_attn.weight: expected shape (16, 48) [n_embd, 3 * n_embd]",
-                 "lm_head.weight: differs from wte.weight"):
+    for part in (
+        "bad.safetensors",
+        "missing keys (1): h.0.mlp.c_fc.bias",
+        "unexpected keys (1): transformer.extra.weight",
+        "transformer.h.0.attn.c_attn.weight: expected shape (16, 48) [n_embd, 3 * n_embd]",
+        "lm_head.weight: differs from wte.weight",
+    ):
         assert part in msg, msg
     with pytest.raises(CheckpointError, match="no config.json found"):
         load_gpt2(tmp_path / "bad.safetensors")

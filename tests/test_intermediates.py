@@ -1,6 +1,7 @@
 """Intermediates, the pure way: hidden states after the embeddings and every layer, and every
 layer's attention probabilities, returned as an extra output (``output_hidden_states`` /
 ``output_attentions``), against transformers' ``BertModel`` on the real all-MiniLM-L6-v2."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,10 +30,18 @@ def minilm_both(minilm_dir):
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         ref = hf(**enc, output_hidden_states=True, output_attentions=True)
-        out = bert(params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"],
-                   token_type_ids=enc["token_type_ids"], output_hidden_states=True, output_attentions=True)
-        plain = bert(params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"],
-                     token_type_ids=enc["token_type_ids"])
+        out = bert(
+            params,
+            enc["input_ids"],
+            cfg,
+            attention_mask=enc["attention_mask"],
+            token_type_ids=enc["token_type_ids"],
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+        plain = bert(
+            params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"]
+        )
     return cfg, enc, ref, out, plain
 
 
@@ -80,8 +89,9 @@ def test_only_what_is_asked_for(minilm_dir):
 def test_encoder_intermediates_are_the_blocks_own_outputs():
     """Pre-LN stack with a final LayerNorm: x_i = block_i(x_{i-1}); P_i is the probability matrix
     of block i's attention (reference formula on its own projections); output = LN(x_N)."""
-    cfg = TransformerConfig(d_model=16, n_heads=2, d_ff=32, n_layers=3, dropout=0.0, attention_dropout=0.0,
-                            norm_first=True, final_norm=True)
+    cfg = TransformerConfig(
+        d_model=16, n_heads=2, d_ff=32, n_layers=3, dropout=0.0, attention_dropout=0.0, norm_first=True, final_norm=True
+    )
     params = init_encoder(random.key(0), cfg)
     x = random.normal(random.key(1), (2, 5, 16))
     kpm = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -91,8 +101,14 @@ def test_encoder_intermediates_are_the_blocks_own_outputs():
     assert len(hs) == 4 and len(att) == 3 and torch.equal(hs[0], x)
     for i, layer in enumerate(params["layers"]):
         assert torch.allclose(hs[i + 1], encoder_block(layer, hs[i], cfg, key_padding_mask=kpm), atol=1e-5)
-        _, p = multi_head_attention(layer["attn"], torch.nn.functional.layer_norm(hs[i], (16,), layer["norm1"]["gamma"],
-                                    layer["norm1"]["beta"], cfg.layer_norm_eps), key_padding_mask=kpm, return_probs=True)
+        _, p = multi_head_attention(
+            layer["attn"],
+            torch.nn.functional.layer_norm(
+                hs[i], (16,), layer["norm1"]["gamma"], layer["norm1"]["beta"], cfg.layer_norm_eps
+            ),
+            key_padding_mask=kpm,
+            return_probs=True,
+        )
         assert torch.equal(att[i], p)
         assert torch.allclose(att[i].sum(-1), torch.ones(2, 2, 5))
         assert (att[i][1, :, :, 3:] == 0).all()  # padded keys get no attention

@@ -1,5 +1,6 @@
 """fnlm.data.load_labelled_files: CSV / JSON Lines with any labels, one-line errors naming file and
 line; label names travel into config.json so transformers' pipeline prints them."""
+
 import json
 
 import pytest
@@ -19,8 +20,10 @@ def write_jsonl(path, recs):
 
 
 def test_csv_string_labels_sorted_like_run_glue(tmp_path):
-    tr = write_csv(tmp_path / "train.csv", ['"good, really",pos', "bad,neg", "meh,neu", "great,pos", "awful,neg",
-                                            '"so-so\nindeed",neu'])
+    tr = write_csv(
+        tmp_path / "train.csv",
+        ['"good, really",pos', "bad,neg", "meh,neu", "great,pos", "awful,neg", '"so-so\nindeed",neu'],
+    )
     va = write_csv(tmp_path / "val.csv", ["fine,pos", "poor,neg"])
     splits, names = load_labelled_files(tr, va)
     assert names == ["neg", "neu", "pos"]  # sorted(set(labels)), as run_glue.py
@@ -44,15 +47,18 @@ def test_json_array_file(tmp_path):
     assert load_labelled_files(tr) == ({"train": (["a", "b", "c", "d"], [1, 0, 1, 0])}, ["0", "1"])
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("empty_text", "train.csv: line 3: empty text in column 'text'"),
-    ("missing_column", "train.csv: line 1: no column 'label'"),
-    ("missing_key_jsonl", "train.jsonl: line 2: no column 'label'"),
-    ("once", "train.csv: line 4: label 'neu' occurs only once"),
-    ("unknown_val", "val.csv: line 3: label 'neu' does not occur in the training file"),
-    ("not_utf8", "train.csv: line 3: not UTF-8"),
-    ("bad_json", "train.jsonl: line 2: not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("empty_text", "train.csv: line 3: empty text in column 'text'"),
+        ("missing_column", "train.csv: line 1: no column 'label'"),
+        ("missing_key_jsonl", "train.jsonl: line 2: no column 'label'"),
+        ("once", "train.csv: line 4: label 'neu' occurs only once"),
+        ("unknown_val", "val.csv: line 3: label 'neu' does not occur in the training file"),
+        ("not_utf8", "train.csv: line 3: not UTF-8"),
+        ("bad_json", "train.jsonl: line 2: not a JSON object"),
+    ],
+)
 def test_bad_files_give_one_line_naming_file_and_line(tmp_path, case, expect):
     ok = ["a,pos", "b,neg", "c,pos", "d,neg"]
     va = None
@@ -83,15 +89,27 @@ def test_label_names_reach_the_transformers_pipeline(tmp_path):
     transformers = pytest.importorskip("transformers")
     from fnlm.models import BertConfig, init_bert_classifier, save_bert
 
-    tr = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": l} for t, l in
-                                                [("a", "sad"), ("b", "happy"), ("c", "angry"), ("d", "sad"),
-                                                 ("e", "happy"), ("f", "angry")]])
+    tr = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"text": t, "label": l}
+            for t, l in [("a", "sad"), ("b", "happy"), ("c", "angry"), ("d", "sad"), ("e", "happy"), ("f", "angry")]
+        ],
+    )
     splits, names = load_labelled_files(tr)
     vocab = tmp_path / "tok"
     vocab.mkdir()
     (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]) + "\n")
-    cfg = BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
-                     max_position_embeddings=16, num_labels=len(names), id2label=tuple(names))
+    cfg = BertConfig(
+        vocab_size=7,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        max_position_embeddings=16,
+        num_labels=len(names),
+        id2label=tuple(names),
+    )
     out = save_bert(init_bert_classifier(random.key(0), cfg), cfg, tmp_path / "model", tokenizer_dir=vocab)
     conf = json.loads((out / "config.json").read_text())
     assert conf["id2label"] == {"0": "angry", "1": "happy", "2": "sad"}
@@ -116,8 +134,16 @@ def test_imdb_stars_csv_and_tfidf_baseline(tmp_path):
         spec.loader.exec_module(m)
         return m
 
-    words = {1: "awful terrible", 2: "bad awful", 3: "poor weak", 4: "weak dull", 7: "good nice", 8: "nice fine",
-             9: "great superb", 10: "superb masterpiece"}
+    words = {
+        1: "awful terrible",
+        2: "bad awful",
+        3: "poor weak",
+        4: "weak dull",
+        7: "good nice",
+        8: "nice fine",
+        9: "great superb",
+        10: "superb masterpiece",
+    }
     for split in ("train", "test"):
         for i, r in enumerate([1, 2, 3, 4, 7, 8, 9, 10] * 3):
             d = tmp_path / "aclImdb" / split / ("pos" if r >= 7 else "neg")
@@ -128,7 +154,19 @@ def test_imdb_stars_csv_and_tfidf_baseline(tmp_path):
     assert names == ["1-2", "3-4", "7-8", "9-10"]
     assert splits["train"][1].count(0) == 6 and "<br" not in splits["train"][0][0]
     texts, ids = splits["test"]
-    assert all(names[k] == {"awful": "1-2", "bad": "1-2", "poor": "3-4", "weak": "3-4", "good": "7-8", "nice": "7-8",
-                            "great": "9-10", "superb": "9-10"}[t.split()[0]] for t, k in zip(texts, ids))
+    assert all(
+        names[k]
+        == {
+            "awful": "1-2",
+            "bad": "1-2",
+            "poor": "3-4",
+            "weak": "3-4",
+            "good": "7-8",
+            "nice": "7-8",
+            "great": "9-10",
+            "superb": "9-10",
+        }[t.split()[0]]
+        for t, k in zip(texts, ids)
+    )
     res = load("tfidf_baseline").main(["--train-file", str(out["train"]), "--test-file", str(out["test"])])
     assert res["test_size"] == 24 and 0 <= res["macro_f1"] <= 1 and 0.25 <= res["accuracy"] <= 1

@@ -1,6 +1,7 @@
 """Single layers: linear, embedding, positional encodings, layer norm, dropout, feed-forward, losses.
 Each is checked against an independent implementation (torch.nn, Hugging Face, the formula in
 plain Python) or a property."""
+
 from __future__ import annotations
 
 import math
@@ -8,11 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _torch_ref import linear_sd, load, perturb
 from torch import nn
 
 import fnlm
 from fnlm import random
-from _torch_ref import linear_sd, load, perturb
 
 ATOL = 1e-5
 
@@ -46,9 +47,11 @@ def test_feed_forward_is_act_xw1_b1_w2_b2(activation):
     p = perturb(fnlm.init_feed_forward(random.key(0), 8, 32), random.key(1))
     x = randn(2, 3, 8)
     h = x @ p["w1"]["weight"] + p["w1"]["bias"]
-    h = {"relu": torch.clamp(h, min=0),  # max(0, x W1 + b1)
-         "gelu": 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
-         "gelu_tanh": 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))}[activation]
+    h = {
+        "relu": torch.clamp(h, min=0),  # max(0, x W1 + b1)
+        "gelu": 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
+        "gelu_tanh": 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
+    }[activation]
     want = h @ p["w2"]["weight"] + p["w2"]["bias"]
     torch.testing.assert_close(fnlm.feed_forward(p, x, activation), want, atol=ATOL, rtol=0)
 
@@ -133,17 +136,18 @@ def test_learned_positional_adds_rows_and_rejects_long_sequences():
 def test_gradcheck_positional_params():
     p = {"weight": randn(6, 4, dtype=torch.float64).requires_grad_()}
     x = randn(2, 5, 4, seed=1, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda w, x: fnlm.learned_positional({"weight": w}, x, offset=1),
-                                    (p["weight"], x))
+    assert torch.autograd.gradcheck(lambda w, x: fnlm.learned_positional({"weight": w}, x, offset=1), (p["weight"], x))
     b = randn(32, 3, seed=2, dtype=torch.float64).requires_grad_()
     for bidirectional in (True, False):
         assert torch.autograd.gradcheck(
-            lambda b: fnlm.relative_bias({"weight": b}, 5, 7, bidirectional=bidirectional, max_distance=8), (b,))
+            lambda b: fnlm.relative_bias({"weight": b}, 5, 7, bidirectional=bidirectional, max_distance=8), (b,)
+        )
     # through attention: the bias enters the logits
     q = randn(1, 3, 5, 4, seed=3, dtype=torch.float64)
     k = randn(1, 3, 7, 4, seed=4, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda b: fnlm.scaled_dot_product_attention(q, k, k, bias=fnlm.relative_bias({"weight": b}, 5, 7)), (b,))
+        lambda b: fnlm.scaled_dot_product_attention(q, k, k, bias=fnlm.relative_bias({"weight": b}, 5, 7)), (b,)
+    )
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -151,10 +155,10 @@ def test_gradcheck_positional_params():
 def test_relative_position_bucket_matches_hf_t5(bidirectional, n_buckets, max_distance):
     T5Attention = pytest.importorskip("transformers.models.t5.modeling_t5").T5Attention
     r = torch.arange(-400, 401)[None, :] + torch.zeros(2, 1, dtype=torch.long)  # a 2-D grid of r = j - i
-    want = T5Attention._relative_position_bucket(r, bidirectional=bidirectional, num_buckets=n_buckets,
-                                                 max_distance=max_distance)
-    got = fnlm.relative_position_bucket(r, bidirectional=bidirectional, n_buckets=n_buckets,
-                                        max_distance=max_distance)
+    want = T5Attention._relative_position_bucket(
+        r, bidirectional=bidirectional, num_buckets=n_buckets, max_distance=max_distance
+    )
+    got = fnlm.relative_position_bucket(r, bidirectional=bidirectional, n_buckets=n_buckets, max_distance=max_distance)
     assert torch.equal(got, want)
     assert got.min() >= 0 and got.max() == n_buckets - 1
 
@@ -207,7 +211,9 @@ def test_layer_norm_matches_reference_and_nn():
     y = fnlm.layer_norm(fnlm.init_layer_norm(12, dtype=torch.float64), x.double(), 0.0)
     torch.testing.assert_close(y.mean(-1), torch.zeros(3, 4, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(3, 4, dtype=torch.float64), atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match=r"layer_norm input has shape \(3, 4, 12\), but its last axis must be d_model=8"):
+    with pytest.raises(
+        ValueError, match=r"layer_norm input has shape \(3, 4, 12\), but its last axis must be d_model=8"
+    ):
         fnlm.layer_norm(fnlm.init_layer_norm(8), x)
 
 
@@ -254,15 +260,21 @@ def test_cross_entropy_matches_torch(smoothing):
     labels = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(1))
     labels[0, :2] = -100
     want = F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), ignore_index=-100, label_smoothing=smoothing)
-    torch.testing.assert_close(fnlm.cross_entropy(logits, labels, label_smoothing=smoothing), want,
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        fnlm.cross_entropy(logits, labels, label_smoothing=smoothing), want, atol=1e-6, rtol=1e-6
+    )
     # weights: a weighted mean of per-example losses
     w = torch.rand(4, 5, generator=torch.Generator().manual_seed(2))
-    per = F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), reduction="none",
-                          label_smoothing=smoothing).reshape(4, 5)
+    per = F.cross_entropy(
+        logits.reshape(-1, 7), labels.reshape(-1), reduction="none", label_smoothing=smoothing
+    ).reshape(4, 5)
     valid = (labels != -100).float()
-    torch.testing.assert_close(fnlm.cross_entropy(logits, labels, weight=w, label_smoothing=smoothing),
-                               (per * w * valid).sum() / (w * valid).sum(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        fnlm.cross_entropy(logits, labels, weight=w, label_smoothing=smoothing),
+        (per * w * valid).sum() / (w * valid).sum(),
+        atol=1e-6,
+        rtol=1e-6,
+    )
     with pytest.raises(ValueError, match="disagree"):
         fnlm.cross_entropy(logits, labels[:, :3])
 

@@ -1,5 +1,6 @@
 """The package layout: no module is shadowed by a function, every ``__all__`` resolves, the public
 names of 0.1 are still ``fnlm.X``, and every public function or class says what it computes."""
+
 from __future__ import annotations
 
 import importlib
@@ -13,18 +14,79 @@ import fnlm
 
 #: What ``fnlm.X`` offered before the layout change (0.1's fnlm/__init__.py), written out here.
 PUBLIC_IN_0_1 = [
-    "BertConfig", "COMPILE_OPTIONS", "TransformerConfig", "accuracy", "attention_reference", "bert",
-    "bert_classifier", "bert_mlm", "causal_mask", "check_token_ids", "classifier_loss", "compile_fn",
-    "cross_entropy", "data", "decode", "decoder", "decoder_block", "dp_aggregate", "dropout", "embed", "embedding",
-    "encode", "encoder", "encoder_block", "feed_forward", "gelu", "gelu_tanh", "get_activation", "greedy_decode",
-    "init_bert", "init_bert_classifier", "init_bert_mlm", "init_decoder", "init_decoder_block", "init_embedding",
-    "init_encoder", "init_encoder_block", "init_feed_forward", "init_layer_norm", "init_learned_positional",
-    "init_linear", "init_multi_head_attention", "init_relative_bias", "init_transformer", "layer_norm",
-    "layer_norm_reference", "learned_positional", "linear", "load_bert", "load_tokenizer", "load_train_state",
-    "make_dp_sgd_step", "make_ensemble_step", "make_eval_step", "make_train_step", "mask_tokens", "mlm_loss",
-    "models", "multi_head_attention", "optim", "padding_mask", "per_example_grad_norms", "per_example_grads",
-    "random", "relative_bias", "relative_position_bucket", "save_bert", "save_train_state",
-    "scaled_dot_product_attention", "sinusoidal_encoding", "sinusoidal_table", "transformer", "tree",
+    "BertConfig",
+    "COMPILE_OPTIONS",
+    "TransformerConfig",
+    "accuracy",
+    "attention_reference",
+    "bert",
+    "bert_classifier",
+    "bert_mlm",
+    "causal_mask",
+    "check_token_ids",
+    "classifier_loss",
+    "compile_fn",
+    "cross_entropy",
+    "data",
+    "decode",
+    "decoder",
+    "decoder_block",
+    "dp_aggregate",
+    "dropout",
+    "embed",
+    "embedding",
+    "encode",
+    "encoder",
+    "encoder_block",
+    "feed_forward",
+    "gelu",
+    "gelu_tanh",
+    "get_activation",
+    "greedy_decode",
+    "init_bert",
+    "init_bert_classifier",
+    "init_bert_mlm",
+    "init_decoder",
+    "init_decoder_block",
+    "init_embedding",
+    "init_encoder",
+    "init_encoder_block",
+    "init_feed_forward",
+    "init_layer_norm",
+    "init_learned_positional",
+    "init_linear",
+    "init_multi_head_attention",
+    "init_relative_bias",
+    "init_transformer",
+    "layer_norm",
+    "layer_norm_reference",
+    "learned_positional",
+    "linear",
+    "load_bert",
+    "load_tokenizer",
+    "load_train_state",
+    "make_dp_sgd_step",
+    "make_ensemble_step",
+    "make_eval_step",
+    "make_train_step",
+    "mask_tokens",
+    "mlm_loss",
+    "models",
+    "multi_head_attention",
+    "optim",
+    "padding_mask",
+    "per_example_grad_norms",
+    "per_example_grads",
+    "random",
+    "relative_bias",
+    "relative_position_bucket",
+    "save_bert",
+    "save_train_state",
+    "scaled_dot_product_attention",
+    "sinusoidal_encoding",
+    "sinusoidal_table",
+    "transformer",
+    "tree",
     "distributed",
 ]
 
@@ -49,7 +111,8 @@ def test_no_package_attribute_shadows_one_of_its_submodules():
                 attr = getattr(pkg, info.name)
                 assert isinstance(attr, types.ModuleType), (
                     f"{pkg.__name__}.{info.name} is a {type(attr).__name__}, hiding the module "
-                    f"{pkg.__name__}.{info.name}")
+                    f"{pkg.__name__}.{info.name}"
+                )
                 assert attr.__name__ == f"{pkg.__name__}.{info.name}"
     assert checked > 20  # the walk really visited the tree
 

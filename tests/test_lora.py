@@ -4,6 +4,7 @@ The reference is peft itself: adapters written by fnlm are loaded by ``PeftModel
 on the same base checkpoint and must give fnlm's logits; adapters written by peft are loaded by
 fnlm and must give peft's logits.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,15 @@ from einops import rearrange
 import fnlm
 from fnlm import random
 from fnlm.io import CheckpointError
-from fnlm.models import bert_classifier, init_bert_classifier, load_bert, load_lora, read_lora_config, save_bert, save_lora
+from fnlm.models import (
+    bert_classifier,
+    init_bert_classifier,
+    load_bert,
+    load_lora,
+    read_lora_config,
+    save_bert,
+    save_lora,
+)
 from fnlm.nn import LoraConfig, init_lora, lora_targets, merge_lora
 from fnlm.tree import flatten_names, partition, tree_map
 
@@ -23,8 +32,15 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 transformers.logging.set_verbosity_error()
 
-CFG = fnlm.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=16, num_labels=3)
+CFG = fnlm.BertConfig(
+    vocab_size=60,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    num_labels=3,
+)
 
 
 def batch(seed=0, b=3, n=10):
@@ -45,8 +61,9 @@ def test_b_zero_is_exactly_the_base_model():
     params = init_bert_classifier(random.key(0), CFG)
     lcfg = LoraConfig(rank=4, alpha=8)
     adapters = init_lora(random.key(1), params, lcfg)
-    assert set(flatten_names(adapters)) == {f"bert.encoder.layers.{i}.attn.{m}.lora_{f}"
-                                            for i in range(2) for m in "qv" for f in "AB"}
+    assert set(flatten_names(adapters)) == {
+        f"bert.encoder.layers.{i}.attn.{m}.lora_{f}" for i in range(2) for m in "qv" for f in "AB"
+    }
     a = adapters["bert"]["encoder"]["layers"][0]["attn"]["q"]
     assert a["lora_A"].shape == (16, 4) and a["lora_B"].shape == (4, 16) and not a["lora_B"].any()
     assert a["lora_A"].abs().max() <= 1 / 4 and a["lora_A"].std() > 0  # U(-1/sqrt(d_in), 1/sqrt(d_in))
@@ -90,9 +107,13 @@ def test_fnlm_adapter_loads_in_peft_with_the_same_logits(base_dir, tmp_path):
     tuned = dict(params, classifier=head)
     save_lora(tmp_path / "ad", adapters, lcfg, cfg, head=head, base_model_name_or_path=str(base_dir))
     conf = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert sorted(conf["target_modules"]) == ["bert.encoder.layer.0.attention.output.dense",
-                                              "bert.encoder.layer.1.attention.output.dense",
-                                              "bert.encoder.layer.1.output.dense", "query", "value"]
+    assert sorted(conf["target_modules"]) == [
+        "bert.encoder.layer.0.attention.output.dense",
+        "bert.encoder.layer.1.attention.output.dense",
+        "bert.encoder.layer.1.output.dense",
+        "query",
+        "value",
+    ]
     assert conf["modules_to_save"] == ["classifier", "score"] and conf["r"] == 4 and conf["lora_alpha"] == 8
     ids, mask = batch()
     ours = bert_classifier(merge_lora(tuned, adapters, lcfg), ids, cfg, attention_mask=mask)
@@ -111,8 +132,14 @@ def test_fnlm_adapter_loads_in_peft_with_the_same_logits(base_dir, tmp_path):
 
 def test_peft_adapter_loads_in_fnlm_with_the_same_logits(base_dir, tmp_path):
     base = transformers.BertForSequenceClassification.from_pretrained(base_dir)
-    conf = peft.LoraConfig(task_type="SEQ_CLS", r=3, lora_alpha=5, lora_dropout=0.1, init_lora_weights=False,
-                           target_modules=["query", "key", "value", "dense"])
+    conf = peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=3,
+        lora_alpha=5,
+        lora_dropout=0.1,
+        init_lora_weights=False,
+        target_modules=["query", "key", "value", "dense"],
+    )
     model = peft.get_peft_model(base, conf)
     with torch.no_grad():
         model.base_model.model.classifier.modules_to_save["default"].weight.normal_()
@@ -156,26 +183,52 @@ def test_lora_training_step_moves_only_adapters_and_head():
 def test_bad_input_is_a_one_line_error(base_dir, tmp_path):
     params = init_bert_classifier(random.key(0), CFG)
     cases = [
-        (lambda: init_lora(random.key(0), params, LoraConfig(targets=("*.attn.query",))), ValueError,
-         r"LoRA target '\*\.attn\.query' matches no linear map"),
-        (lambda: init_lora(random.key(0), params, LoraConfig(rank=17)), ValueError,
-         r"LoRA rank 17 is above the width of bert\.encoder\.layers\.0\.attn\.q"),
+        (
+            lambda: init_lora(random.key(0), params, LoraConfig(targets=("*.attn.query",))),
+            ValueError,
+            r"LoRA target '\*\.attn\.query' matches no linear map",
+        ),
+        (
+            lambda: init_lora(random.key(0), params, LoraConfig(rank=17)),
+            ValueError,
+            r"LoRA rank 17 is above the width of bert\.encoder\.layers\.0\.attn\.q",
+        ),
         (lambda: LoraConfig(rank=0), ValueError, "rank must be a positive int"),
-        (lambda: init_lora(random.key(0), params, LoraConfig(dropout=0.1)), ValueError,
-         r"LoraConfig.dropout=0.1: dropout on the adapter input is not implemented"),
+        (
+            lambda: init_lora(random.key(0), params, LoraConfig(dropout=0.1)),
+            ValueError,
+            r"LoraConfig.dropout=0.1: dropout on the adapter input is not implemented",
+        ),
     ]
     lcfg = LoraConfig(rank=2)
     save_lora(tmp_path / "ad", init_lora(random.key(1), params, lcfg), lcfg, CFG)
-    other = fnlm.BertConfig(vocab_size=60, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=16, num_labels=3)
-    cases.append((lambda: load_lora(tmp_path / "ad", init_bert_classifier(random.key(0), other), other),
-                  CheckpointError, r"has shape \(2, 16\) but the base model's bert\.encoder\.layers\.0\.attn\.q"))
+    other = fnlm.BertConfig(
+        vocab_size=60,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    cases.append(
+        (
+            lambda: load_lora(tmp_path / "ad", init_bert_classifier(random.key(0), other), other),
+            CheckpointError,
+            r"has shape \(2, 16\) but the base model's bert\.encoder\.layers\.0\.attn\.q",
+        )
+    )
     conf = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     conf.update(use_dora=True, bias="lora_only")
     (tmp_path / "dora").mkdir()
     (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps(conf))
-    cases.append((lambda: read_lora_config(tmp_path / "dora"), CheckpointError,
-                  r"peft features fnlm does not implement: use_dora=True, bias='lora_only'"))
+    cases.append(
+        (
+            lambda: read_lora_config(tmp_path / "dora"),
+            CheckpointError,
+            r"peft features fnlm does not implement: use_dora=True, bias='lora_only'",
+        )
+    )
     for fn, exc, pattern in cases:
         with pytest.raises(exc, match=pattern) as e:
             fn()

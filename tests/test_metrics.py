@@ -1,4 +1,5 @@
 """fnlm.metrics against scikit-learn and the Wilson interval's closed form computed here."""
+
 import math
 import random
 
@@ -38,8 +39,9 @@ def test_report_matches_sklearn(seed):
         pc = rep["per_class"][n]
         assert (pc["precision"], pc["recall"], pc["f1"]) == pytest.approx((p[k], r[k], f[k]))
         assert pc["support"] == s[k]
-    assert rep["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro",
-                                                         zero_division=0))
+    assert rep["macro_f1"] == pytest.approx(
+        skm.f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0)
+    )
     assert rep["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
 
 

@@ -1,15 +1,18 @@
 """fnlm.data.nsp_pairs: IsNext/NotNext balance and provenance read back from the token ids alone,
 sentence splitting, packing to max_len; slow: a short `pretrain_mlm.py --nsp` run beats chance."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 
 from fnlm.data import WordPieceTokenizer, make_batches, nsp_pairs, split_sentences
 
 N_DOCS, N_SENTS = 40, 9
-VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "!", "?", "x", "test"]
-         + [f"d{i}" for i in range(N_DOCS + 5)] + [f"s{j}" for j in range(N_SENTS)])
+VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "!", "?", "x", "test"]
+    + [f"d{i}" for i in range(N_DOCS + 5)]
+    + [f"s{j}" for j in range(N_SENTS)]
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +37,18 @@ def parse(tok, ids: list[int], b_start: int):
     def sentences(seg):
         return [(int(a[1:]), int(b[1:])) for a, b in zip(seg, seg[1:]) if a.startswith("d") and b.startswith("s")]
 
-    return sentences(toks[1:b_start - 1]), sentences(toks[b_start:-1])
+    return sentences(toks[1 : b_start - 1]), sentences(toks[b_start:-1])
 
 
 def test_split_sentences():
-    assert split_sentences("One. Two!  Three? \"Four.\" (Five.) six") == ["One.", "Two!", "Three?", "\"Four.\"",
-                                                                         "(Five.)", "six"]
+    assert split_sentences('One. Two!  Three? "Four." (Five.) six') == [
+        "One.",
+        "Two!",
+        "Three?",
+        '"Four."',
+        "(Five.)",
+        "six",
+    ]
     assert split_sentences("3.14 is pi. ok") == ["3.14 is pi.", "ok"]
     assert split_sentences("   ") == []
 

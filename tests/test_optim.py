@@ -1,4 +1,5 @@
 """fnlm.optim against independent references: torch.optim, clip_grad_norm_, HF schedules."""
+
 from __future__ import annotations
 
 import math
@@ -190,9 +191,7 @@ def test_clip_by_global_norm_then_adamw_matches_clip_grad_norm_():
     max_norm = min(norms)
     opt = optim.chain(optim.clip_by_global_norm(max_norm), optim.adamw(1e-2, weight_decay=0.1))
     ours = run_fnlm(opt, p0)
-    ref = run_torch(
-        lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=False), p0, groups=decay_groups(0.1), clip=max_norm
-    )
+    ref = run_torch(lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=False), p0, groups=decay_groups(0.1), clip=max_norm)
     assert_matches(ours, ref, p0)
     unclipped = run_fnlm(optim.adamw(1e-2, weight_decay=0.1), p0)
     assert max_rel_err(unclipped, ref) > 1e-4  # clipping was active
@@ -420,8 +419,9 @@ def test_inject_hyperparams_updates_equal_the_plain_optimizer_and_hold_the_lr():
     peak, warmup, total = 1e-2, 3, 10
     schedule = optim.linear_warmup_linear_decay(peak, warmup, total)
     plain = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(schedule, weight_decay=0.1))
-    injected = optim.chain(optim.clip_by_global_norm(1.0),
-                           optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=0.1))
+    injected = optim.chain(
+        optim.clip_by_global_norm(1.0), optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=0.1)
+    )
     gen = torch.Generator().manual_seed(0)
     p = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
     pa, pb, sa, sb = p, p, plain.init(p), injected.init(p)
@@ -493,20 +493,25 @@ def test_flatten_clip_adamw_matches_torch_param_groups():
     norms = [torch.nn.utils.get_total_norm(tree_leaves(grad_fn(p0, t))).item() for t in BATCHES[:10]]
     opt = optim.chain(optim.clip_by_global_norm(min(norms)), optim.adamw(1e-2, weight_decay=0.1))
     ours = run_fnlm(optim.flatten(opt), p0)
-    ref = run_torch(lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=False), p0, groups=decay_groups(0.1),
-                    clip=min(norms))
+    ref = run_torch(
+        lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=False), p0, groups=decay_groups(0.1), clip=min(norms)
+    )
     assert_matches(ours, ref, p0, rtol=1e-5)  # the global norm sums in another order: a few ulps
     state = optim.flatten(opt).init(p0)
-    assert [tuple(x.shape) for x in tree_leaves(state.inner[1].mu)] == [(D * H + H * D + V * D + D * V,),
-                                                                       (2 * D + H + D + V,)]
+    assert [tuple(x.shape) for x in tree_leaves(state.inner[1].mu)] == [
+        (D * H + H * D + V * D + D * V,),
+        (2 * D + H + D + V,),
+    ]
 
 
 def test_flatten_in_the_compiled_step_equals_the_tree_step_and_does_not_recompile():
     from fnlm.train import make_train_step
 
     p0 = init_model(9)
-    opt = optim.chain(optim.clip_by_global_norm(1.0),
-                      optim.inject_hyperparams(optim.adamw)(lr=optim.linear_warmup_linear_decay(1e-2, 3, 20)))
+    opt = optim.chain(
+        optim.clip_by_global_norm(1.0),
+        optim.inject_hyperparams(optim.adamw)(lr=optim.linear_warmup_linear_decay(1e-2, 3, 20)),
+    )
 
     def loss(p, tokens, key):
         return loss_fn(p, tokens), {}

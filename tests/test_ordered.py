@@ -1,4 +1,5 @@
 """length_sorted_batches / predict_in_order against a plain per-example loop in input order."""
+
 import random
 
 import pytest
@@ -41,8 +42,8 @@ def test_batches_are_length_sorted_and_bucketed(buckets):
             assert input_ids.shape[0] == 4 and input_ids.shape[1] == min(b for b in buckets if b >= longest)
         for j, i in enumerate(idx.tolist()):
             if i >= 0:
-                assert input_ids[j, :len(ids[i])].tolist() == ids[i] and int(mask[j].sum()) == len(ids[i])
-                assert (input_ids[j, len(ids[i]):] == 7).all()
+                assert input_ids[j, : len(ids[i])].tolist() == ids[i] and int(mask[j].sum()) == len(ids[i])
+                assert (input_ids[j, len(ids[i]) :] == 7).all()
         all_idx += idx[real].tolist()
     expected = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # a stable sort by length, as a loop
     assert all_idx == expected

@@ -1,5 +1,6 @@
 """Packed sequences (fnlm.data.pack_sequences, fnlm.models.bert_classifier_packed): each packed
 sequence's logits equal the sequence run alone, and no attention crosses a sequence boundary."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,11 +8,26 @@ import torch
 
 import fnlm
 from fnlm.data import pack_rows, pack_sequences, padding_efficiency
-from fnlm.models import (BertConfig, bert_classifier, bert_classifier_packed, classifier_loss, init_bert_classifier,
-                         packed_attention_mask, packed_classifier_loss)
+from fnlm.models import (
+    BertConfig,
+    bert_classifier,
+    bert_classifier_packed,
+    classifier_loss,
+    init_bert_classifier,
+    packed_attention_mask,
+    packed_classifier_loss,
+)
 
-CFG = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+CFG = BertConfig(
+    vocab_size=50,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+)
 LENGTHS = [30, 5, 17, 2, 40, 11, 23, 9]
 CLS = 2
 
@@ -49,9 +65,9 @@ def test_pack_sequences_layout():
     assert b["input_ids"].shape == (3, 64) and b["labels"].tolist() == list(range(len(seqs)))
     r, t = b["cls_index"][1].tolist()  # sequence 1 (5 tokens) is the last of row 1: 30 + 17 + 11 = 58
     assert (r, t) == (1, 58)
-    assert b["input_ids"][r, t:t + 5].tolist() == seqs[1]
-    assert b["position_ids"][r, t:t + 5].tolist() == [0, 1, 2, 3, 4]
-    assert b["sequence_ids"][r, t:t + 5].tolist() == [4] * 5 and b["sequence_ids"][r, 63] == 0
+    assert b["input_ids"][r, t : t + 5].tolist() == seqs[1]
+    assert b["position_ids"][r, t : t + 5].tolist() == [0, 1, 2, 3, 4]
+    assert b["sequence_ids"][r, t : t + 5].tolist() == [4] * 5 and b["sequence_ids"][r, 63] == 0
     assert (b["input_ids"][b["cls_index"][:, 0], b["cls_index"][:, 1]] == CLS).all()
     assert padding_efficiency([b]) == pytest.approx(sum(LENGTHS) / (3 * 64))
     m = packed_attention_mask(b["sequence_ids"])
@@ -85,9 +101,11 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(params):
     labels = [i % 2 for i in range(len(seqs))]
     packed = pack_sequences(seqs, labels, row_len=64)
     width = max(LENGTHS)
-    padded = {"input_ids": torch.tensor([s + [0] * (width - len(s)) for s in seqs]),
-              "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-              "labels": torch.tensor(labels)}
+    padded = {
+        "input_ids": torch.tensor([s + [0] * (width - len(s)) for s in seqs]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+        "labels": torch.tensor(labels),
+    }
     g_packed, (l_packed, _) = torch.func.grad_and_value(packed_classifier_loss, has_aux=True)(params, packed, CFG)
     g_padded, (l_padded, _) = torch.func.grad_and_value(classifier_loss, has_aux=True)(params, padded, CFG)
     torch.testing.assert_close(l_packed, l_padded, atol=1e-5, rtol=0)

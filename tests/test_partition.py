@@ -1,5 +1,6 @@
 """Frozen parameters: fnlm.tree.partition/combine, fnlm.train.with_frozen, and the optimizer-side
 fnlm.optim.multi_transform / masked / set_to_zero."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,14 @@ from fnlm import optim, random
 from fnlm.train import make_train_step, with_frozen
 from fnlm.tree import combine, flatten_names, mask, partition
 
-CFG = fnlm.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=16)
+CFG = fnlm.BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+)
 TRAIN = ["classifier.*", "bert.encoder.layers.1.*"]
 
 
@@ -21,15 +28,23 @@ def loss_fn(params, batch, key):
 
 def batches(n=3):
     g = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(1, 50, (4, 9), generator=g), "attention_mask": torch.ones(4, 9, dtype=torch.long),
-             "labels": torch.randint(0, 2, (4,), generator=g)} for _ in range(n)]
+    return [
+        {
+            "input_ids": torch.randint(1, 50, (4, 9), generator=g),
+            "attention_mask": torch.ones(4, 9, dtype=torch.long),
+            "labels": torch.randint(0, 2, (4,), generator=g),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_partition_combine_round_trip_and_names():
     params = fnlm.init_bert_classifier(random.key(0), CFG)
     trainable, frozen = partition(params, TRAIN)
     names = flatten_names(params)
-    assert set(flatten_names(trainable)) == {n for n in names if n.startswith(("classifier.", "bert.encoder.layers.1."))}
+    assert set(flatten_names(trainable)) == {
+        n for n in names if n.startswith(("classifier.", "bert.encoder.layers.1."))
+    }
     assert set(flatten_names(trainable)) | set(flatten_names(frozen)) == set(names)
     back = flatten_names(combine(trainable, frozen))
     assert back.keys() == names.keys() and all(back[n] is names[n] for n in names)
@@ -47,7 +62,8 @@ def test_trainable_step_equals_full_step_with_frozen_updates_zeroed():
     state = inner.init(trainable)
     # one tree: the same optimizer on the trainable leaves, set_to_zero on the frozen ones
     labels = lambda p: fnlm.tree.tree_map_with_name(  # noqa: E731
-        lambda n, _: "train" if n.startswith(("classifier.", "bert.encoder.layers.1.")) else "frozen", p)
+        lambda n, _: "train" if n.startswith(("classifier.", "bert.encoder.layers.1.")) else "frozen", p
+    )
     full_opt = optim.multi_transform({"train": inner, "frozen": optim.set_to_zero()}, labels)
     full_step = make_train_step(loss_fn, full_opt, compile=False)
     full, full_state = params, full_opt.init(params)

@@ -1,6 +1,7 @@
 """Pooling and sentence embeddings: ``sentence_embedding`` equals sentence-transformers'
 all-MiniLM-L6-v2 ``encode(..., normalize_embeddings=True)``; cls / mean / max over real tokens;
 concatenation or mean of the last k layers."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,13 +40,15 @@ def sentence_transformer(model_dir):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 def test_sentence_embedding_equals_sentence_transformers(minilm, minilm_dir):
     params, cfg, tok = minilm
-    ref = sentence_transformer(minilm_dir).encode(SENTENCES, batch_size=8, normalize_embeddings=True,
-                                                  convert_to_tensor=True)
+    ref = sentence_transformer(minilm_dir).encode(
+        SENTENCES, batch_size=8, normalize_embeddings=True, convert_to_tensor=True
+    )
     b = tok.encode(SENTENCES, max_len=256)
     assert (b["attention_mask"] == 0).any()  # one padded batch
     with torch.no_grad():
-        e = sentence_embedding(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                               token_type_ids=b["token_type_ids"])
+        e = sentence_embedding(
+            params, b["input_ids"], cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+        )
     assert e.shape == ref.shape == (len(SENTENCES), cfg.hidden_size)
     assert (e - ref).abs().max() <= 1e-5
     assert torch.allclose(e.norm(dim=-1), torch.ones(len(SENTENCES)))
@@ -78,7 +81,7 @@ def test_last_k_layers(minilm):
         default = sentence_embedding(params, b["input_ids"], cfg, **kw)
     assert cat.shape == (2, 4 * cfg.hidden_size)
     for j, i in enumerate(range(-4, 0)):
-        assert torch.allclose(cat[:, j * cfg.hidden_size:(j + 1) * cfg.hidden_size], pool(hs[i], b["attention_mask"]))
+        assert torch.allclose(cat[:, j * cfg.hidden_size : (j + 1) * cfg.hidden_size], pool(hs[i], b["attention_mask"]))
     expect = torch.nn.functional.normalize((hs[-2][:, 0] + hs[-1][:, 0]) / 2, dim=-1)
     assert torch.allclose(avg, expect, atol=1e-6)
     assert torch.allclose(last, default, atol=1e-6)

@@ -1,5 +1,6 @@
 """bf16 autocast: native-bf16 detection for --dtype auto, and the compiled MiniLM step in bf16 on a
 real batch (float32 master weights, loss close to float32's, no recompiles)."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,12 @@ def test_compiled_minilm_bf16_step_matches_float32_on_real_reviews(minilm_dir, i
     tok = load_tokenizer(minilm_dir)
     train = subset(load_imdb(imdb_archive, "train"), 16, seed=0)
     enc = tok.encode(train.texts, max_len=128, padding="max_length")
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-             "token_type_ids": enc["token_type_ids"], "labels": torch.tensor(train.labels)}
+    batch = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "token_type_ids": enc["token_type_ids"],
+        "labels": torch.tensor(train.labels),
+    }
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-4, weight_decay=0.01))
 
     def loss_fn(p, b, key):
@@ -57,7 +62,9 @@ def test_compiled_minilm_bf16_step_matches_float32_on_real_reviews(minilm_dir, i
         losses32.append(float(m32["loss"]))
         losses16.append(float(m16["loss"]))
     assert counters["stats"]["unique_graphs"] == graphs  # steps 2 and 3 reuse the one compiled graph
-    assert all(t.dtype == torch.float32 for t in (p16["classifier"]["weight"], p16["bert"]["embeddings"]["word"]["weight"]))
+    assert all(
+        t.dtype == torch.float32 for t in (p16["classifier"]["weight"], p16["bert"]["embeddings"]["word"]["weight"])
+    )
     assert m16["loss"].dtype == torch.float32
     torch.testing.assert_close(torch.tensor(losses16), torch.tensor(losses32), atol=2e-2, rtol=2e-2)
     assert losses16 != losses32  # the matrix products really ran in bf16

@@ -2,6 +2,7 @@
 few hundred synthetic reviews (every output file, Hugging Face reload, SIGINT then exact resume,
 extending a finished run, --config round trip, generation, one-line errors), and (slow) a real run
 on IMDb that beats the add-one bigram baseline."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,40 @@ from safetensors.torch import load_file
 from fnlm.models import gpt2, load_gpt2
 
 SCRIPT = EXAMPLES / "pretrain_gpt.py"
-WORDS = ("film movie plot actor scene great bad boring funny story music ending character director camera "
-         "love hate watch again never best worst script twist cast").split()
+WORDS = (
+    "film movie plot actor scene great bad boring funny story music ending character director camera "
+    "love hate watch again never best worst script twist cast"
+).split()
 TEST_ONLY = "zyxwvtestonly"  # appears only in the test split: the tokenizer must never learn it
-TINY = ["--val-reviews", "40", "--val-tokens", "256", "--vocab-size", "300", "--n-layer", "1", "--n-head", "2",
-        "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--steps", "10", "--eval-every", "5",
-        "--save-every", "4", "--warmup", "2", "--max-new-tokens", "8", "--no-compile"]
+TINY = [
+    "--val-reviews",
+    "40",
+    "--val-tokens",
+    "256",
+    "--vocab-size",
+    "300",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "10",
+    "--eval-every",
+    "5",
+    "--save-every",
+    "4",
+    "--warmup",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--no-compile",
+]
 
 
 def run(*args, script: Path = SCRIPT, timeout: float = 600):
@@ -83,9 +112,20 @@ def tiny_run(archive, tmp_path_factory) -> Path:
 
 def test_tiny_run_writes_every_output(tiny_run):
     out = tiny_run
-    for f in ("tokenizer/tokenizer.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json",
-              "model/tokenizer_config.json", "curves.png", "samples.txt", "metrics.json", "metrics.jsonl",
-              "run_config.json", "environment.json", "README.md"):
+    for f in (
+        "tokenizer/tokenizer.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/tokenizer_config.json",
+        "curves.png",
+        "samples.txt",
+        "metrics.json",
+        "metrics.jsonl",
+        "run_config.json",
+        "environment.json",
+        "README.md",
+    ):
         assert (out / f).is_file(), f
     assert not (out.parent / ".gpt.partial").exists()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -185,10 +225,27 @@ def test_stop_after_then_resume_with_more_steps_extends_the_run(archive, tiny_ru
 
 def test_config_file_plus_a_flag_is_what_print_config_shows_and_the_run_stores(archive, tmp_path):
     cfg_file = tmp_path / "gpt.json"
-    cfg_file.write_text(json.dumps({"data": str(archive), "steps": 3, "eval_every": 3, "save_every": 3,
-                                    "val_reviews": 40, "val_tokens": 256, "vocab_size": 300, "n_layer": 1,
-                                    "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 4,
-                                    "max_new_tokens": 4, "compile": False, "lr": 0.01}))
+    cfg_file.write_text(
+        json.dumps(
+            {
+                "data": str(archive),
+                "steps": 3,
+                "eval_every": 3,
+                "save_every": 3,
+                "val_reviews": 40,
+                "val_tokens": 256,
+                "vocab_size": 300,
+                "n_layer": 1,
+                "n_head": 2,
+                "n_embd": 16,
+                "block_size": 16,
+                "batch_size": 4,
+                "max_new_tokens": 4,
+                "compile": False,
+                "lr": 0.01,
+            }
+        )
+    )
     out = tmp_path / "gpt"
     printed = run("--config", cfg_file, "--lr", "0.005", "--out", out, "--print-config")
     assert printed.returncode == 0, printed.stderr
@@ -206,14 +263,17 @@ def test_generate_from_a_run(tiny_run):
     assert len(printed) == 2 and printed[0].startswith("great film") and printed[1].startswith("the")
 
 
-@pytest.mark.parametrize("argv, names", [
-    (("--dropout", "1.5"), "--dropout"),
-    (("--lr", "-1e-4"), "--lr"),
-    (("--weight-decay", "-1"), "--weight-decay"),
-    (("--top-p", "0"), "--top-p"),
-    (("--generate", "hi"), "--generate needs --model"),
-    (("--data", "nope.tar.gz"), "--data"),
-])
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (("--dropout", "1.5"), "--dropout"),
+        (("--lr", "-1e-4"), "--lr"),
+        (("--weight-decay", "-1"), "--weight-decay"),
+        (("--top-p", "0"), "--top-p"),
+        (("--generate", "hi"), "--generate needs --model"),
+        (("--data", "nope.tar.gz"), "--data"),
+    ],
+)
 def test_bad_input_is_one_line_and_leaves_nothing(argv, names, tmp_path):
     out = tmp_path / "runs" / "gpt"
     p = run(*argv, "--out", out, *TINY, timeout=120)
@@ -223,8 +283,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(argv, names, tmp_path):
 
 
 def test_bad_resume_and_model_are_one_line(tmp_path):
-    for argv, msg in ((("--resume", tmp_path / "empty"), "no run there"),
-                      (("--model", tmp_path, "--generate", "hi"), "no config.json")):
+    for argv, msg in (
+        (("--resume", tmp_path / "empty"), "no run there"),
+        (("--model", tmp_path, "--generate", "hi"), "no config.json"),
+    ):
         p = run(*argv, timeout=120)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], p.stderr
@@ -235,8 +297,7 @@ def test_pretraining_on_imdb_beats_the_bigram_baseline(imdb_archive, tmp_path):
     """The default configuration, shortened to 800 of its 6000 steps and run eagerly (the compiled
     step is tested elsewhere) to fit the slow-test budget, on the real IMDb train split."""
     out = tmp_path / "gpt"
-    p = run("--data", imdb_archive, "--out", out, "--steps", "800", "--eval-every", "400", "--no-compile",
-            timeout=1800)
+    p = run("--data", imdb_archive, "--out", out, "--steps", "800", "--eval-every", "400", "--no-compile", timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["val_perplexity"] < m["bigram_val_perplexity"], m

@@ -2,6 +2,7 @@
 the HF BertForMaskedLM output, fill-mask equal to transformers' pipeline, the test split never read,
 SIGINT then exact resume, the --config round trip, one-line errors; slow: pretrain MiniLM briefly,
 then fine-tune it."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ transformers.logging.set_verbosity_error()
 
 SCRIPT = EXAMPLES / "pretrain_mlm.py"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-WORDS = ("the film movie plot actor scene great bad boring funny story music ending character director love hate "
-         "watch again never best worst script twist cast").split()
+WORDS = (
+    "the film movie plot actor scene great bad boring funny story music ending character director love hate "
+    "watch again never best worst script twist cast"
+).split()
 
 
 def run(*args, script: Path = SCRIPT, timeout: float = 600):
@@ -49,8 +52,14 @@ def popen(*args):
 def tiny_bert(tmp_path_factory, minilm_dir):
     """A small random BertModel (pooler, no MLM head) with MiniLM's real WordPiece tokenizer."""
     d = tmp_path_factory.mktemp("tiny_bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.BertModel(cfg).save_pretrained(d)
     for f in TOKENIZER_FILES:
@@ -78,8 +87,26 @@ def archive(tmp_path_factory) -> Path:
 
 
 def tiny(archive, tiny_bert, steps: int = 4) -> list:
-    return ["--data", archive, "--weights", tiny_bert, "--steps", steps, "--batch-size", 4, "--max-len", 32,
-            "--eval-every", 2, "--eval-size", 4, "--whole-word", "--no-compile", "--lr", 1e-3]
+    return [
+        "--data",
+        archive,
+        "--weights",
+        tiny_bert,
+        "--steps",
+        steps,
+        "--batch-size",
+        4,
+        "--max-len",
+        32,
+        "--eval-every",
+        2,
+        "--eval-size",
+        4,
+        "--whole-word",
+        "--no-compile",
+        "--lr",
+        1e-3,
+    ]
 
 
 def test_pretrain_then_fill_mask_equals_the_hf_pipeline(tiny_bert, archive, tmp_path):
@@ -99,8 +126,9 @@ def test_pretrain_then_fill_mask_equals_the_hf_pipeline(tiny_bert, archive, tmp_
     assert [r["mlm_loss"] for r in logged if r["kind"] == "eval"] == [h["mlm_loss"] for h in hist]
 
     # HF BertForMaskedLM layout (plus the source's pooler, so the run can be fine-tuned as a classifier)
-    hf, info = transformers.BertForMaskedLM.from_pretrained(str(out), output_loading_info=True,
-                                                            attn_implementation="eager")
+    hf, info = transformers.BertForMaskedLM.from_pretrained(
+        str(out), output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["mismatched_keys"]
     assert all(k.startswith("bert.pooler.") for k in info["unexpected_keys"])
     params, cfg = load_bert(out, head="mlm")
@@ -181,8 +209,21 @@ def test_sigkill_then_corrupted_newest_checkpoint_resume_is_exact(tiny_bert, arc
 
 def test_config_file_plus_a_flag_is_what_print_config_shows_and_the_run_stores(tiny_bert, archive, tmp_path):
     cfg_file = tmp_path / "mlm.json"
-    cfg_file.write_text(json.dumps({"data": str(archive), "weights": str(tiny_bert), "steps": 2, "batch_size": 4,
-                                    "max_len": 32, "eval_every": 2, "eval_size": 4, "compile": False, "lr": 1e-3}))
+    cfg_file.write_text(
+        json.dumps(
+            {
+                "data": str(archive),
+                "weights": str(tiny_bert),
+                "steps": 2,
+                "batch_size": 4,
+                "max_len": 32,
+                "eval_every": 2,
+                "eval_size": 4,
+                "compile": False,
+                "lr": 1e-3,
+            }
+        )
+    )
     out = tmp_path / "mlm"
     printed = run("--config", cfg_file, "--mask-prob", 0.2, "--out", out, "--print-config")
     assert printed.returncode == 0, printed.stderr
@@ -210,8 +251,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_bert, minilm_dir, archive
     for argv, msg in cases:
         p = run(*argv, timeout=300)
         lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], \
-            (argv, p.stderr)
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (
+            argv,
+            p.stderr,
+        )
         assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
 
 
@@ -226,8 +269,10 @@ def pair_archive(tmp_path_factory) -> Path:
             d = base / "aclImdb" / split / sent
             d.mkdir(parents=True)
             for i in range(10):
-                text = " ".join(" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (6,), generator=g).tolist())
-                                + "." for _ in range(6))
+                text = " ".join(
+                    " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (6,), generator=g).tolist()) + "."
+                    for _ in range(6)
+                )
                 (d / f"{i}_{rating}.txt").write_bytes(text.encode() if split == "train" else b"\xff\xfe test \x80")
     path = base / "aclImdb_v1.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
@@ -259,18 +304,24 @@ def test_nsp_run_saves_a_bert_for_pretraining_with_equal_logits(tiny_bert, pair_
     assert json.loads((out / "run_config.json").read_text())["nsp"] is True
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
 
-    hf, info = transformers.BertForPreTraining.from_pretrained(str(out), output_loading_info=True,
-                                                               attn_implementation="eager")
+    hf, info = transformers.BertForPreTraining.from_pretrained(
+        str(out), output_loading_info=True, attn_implementation="eager"
+    )
     assert not any(info.values()), info
     hf_tok = transformers.BertTokenizerFast.from_pretrained(str(out))
-    b = hf_tok(["the film was great .", "a boring plot"], ["i would watch it again .", "the cast was bad ."],
-               padding=True, return_tensors="pt")
+    b = hf_tok(
+        ["the film was great .", "a boring plot"],
+        ["i would watch it again .", "the cast was bad ."],
+        padding=True,
+        return_tensors="pt",
+    )
     assert b["token_type_ids"].any()
     with torch.no_grad():
         ref = hf.eval()(**b)
     params, cfg = load_bert(out, head="pretraining")
-    mlm, nsp = bert_pretraining(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                                token_type_ids=b["token_type_ids"])
+    mlm, nsp = bert_pretraining(
+        params, b["input_ids"], cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+    )
     assert (nsp - ref.seq_relationship_logits).abs().max() <= 1e-5
     assert (mlm - ref.prediction_logits).abs().max() <= 1e-4
 
@@ -305,14 +356,50 @@ def test_nsp_sigint_then_resume_is_exact_and_keeps_nsp(tiny_bert, pair_archive, 
 def test_pretrain_minilm_briefly_then_finetune(imdb_archive, minilm_dir, tmp_path):
     """MiniLM's fresh MLM head learns in-domain (held-out loss falls), and finetune_imdb.py fine-tunes the result."""
     out = tmp_path / "mlm"
-    p = run("--data", imdb_archive, "--weights", minilm_dir, "--steps", 15, "--batch-size", 8, "--max-len", 64,
-            "--train-size", 1000, "--eval-size", 32, "--eval-every", 15, "--lr", 1e-4, "--no-compile", "--out", out,
-            timeout=900)
+    p = run(
+        "--data",
+        imdb_archive,
+        "--weights",
+        minilm_dir,
+        "--steps",
+        15,
+        "--batch-size",
+        8,
+        "--max-len",
+        64,
+        "--train-size",
+        1000,
+        "--eval-size",
+        32,
+        "--eval-every",
+        15,
+        "--lr",
+        1e-4,
+        "--no-compile",
+        "--out",
+        out,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     hist = json.loads((out / "metrics.json").read_text())["history"]
     assert hist[-1]["mlm_loss"] < hist[0]["mlm_loss"] - 0.5
-    f = run("--data", imdb_archive, "--weights", out, "--train-size", 1000, "--test-size", 200, "--max-len", 64,
-            "--no-compile", "--out", tmp_path / "ft", script=ROOT / "examples" / "finetune_imdb.py", timeout=900)
+    f = run(
+        "--data",
+        imdb_archive,
+        "--weights",
+        out,
+        "--train-size",
+        1000,
+        "--test-size",
+        200,
+        "--max-len",
+        64,
+        "--no-compile",
+        "--out",
+        tmp_path / "ft",
+        script=ROOT / "examples" / "finetune_imdb.py",
+        timeout=900,
+    )
     assert f.returncode == 0, f.stderr[-2000:]
     acc = float(re.search(r"test accuracy (\d\.\d+)", f.stdout)[1])
     assert acc >= 0.70, f.stdout[-1000:]  # chance 0.5; MiniLM itself reaches >= 0.80 on 1,000 at 256 tokens

@@ -1,5 +1,6 @@
 """BERT's pretraining heads (MLM + next-sentence prediction, ``BertForPreTraining``) both ways,
 the combined loss, sentence-pair batches, and (whole-word) masking."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,15 @@ import torch
 from fnlm import random
 from fnlm.data import load_tokenizer
 from fnlm.io import CheckpointError
-from fnlm.models import (bert_mlm, bert_pretraining, init_bert_pretraining, load_bert, mask_tokens,
-                         pretraining_loss, save_bert)
+from fnlm.models import (
+    bert_mlm,
+    bert_pretraining,
+    init_bert_pretraining,
+    load_bert,
+    mask_tokens,
+    pretraining_loss,
+    save_bert,
+)
 from fnlm.models._bert_hf import infer_head
 
 transformers = pytest.importorskip("transformers")
@@ -17,9 +25,17 @@ transformers.logging.set_verbosity_error()
 
 
 def hf_config(layers, heads, hidden, act, type_vocab):
-    return transformers.BertConfig(vocab_size=57, hidden_size=hidden, num_hidden_layers=layers,
-                                   num_attention_heads=heads, intermediate_size=2 * hidden, hidden_act=act,
-                                   type_vocab_size=type_vocab, max_position_embeddings=16, attn_implementation="eager")
+    return transformers.BertConfig(
+        vocab_size=57,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        hidden_act=act,
+        type_vocab_size=type_vocab,
+        max_position_embeddings=16,
+        attn_implementation="eager",
+    )
 
 
 def random_hf(cls, config, seed):
@@ -40,10 +56,16 @@ def pair_batch(V, seed=0):
     ids = torch.zeros(3, L, dtype=torch.long)
     am, tt = torch.zeros_like(ids), torch.zeros_like(ids)
     for i, (a, b) in enumerate(zip(lens_a, lens_b)):
-        row = [1, *torch.randint(5, V, (a,), generator=g).tolist(), 2, *torch.randint(5, V, (b,), generator=g).tolist(), 2]
-        ids[i, :len(row)] = torch.tensor(row)
-        am[i, :len(row)] = 1
-        tt[i, a + 2:len(row)] = 1
+        row = [
+            1,
+            *torch.randint(5, V, (a,), generator=g).tolist(),
+            2,
+            *torch.randint(5, V, (b,), generator=g).tolist(),
+            2,
+        ]
+        ids[i, : len(row)] = torch.tensor(row)
+        am[i, : len(row)] = 1
+        tt[i, a + 2 : len(row)] = 1
     return {"input_ids": ids, "attention_mask": am, "token_type_ids": tt}
 
 
@@ -60,18 +82,31 @@ def test_logits_and_loss_match_hf(hf_pretraining):
     params, cfg = load_bert(d, head="pretraining")
     assert infer_head(params) == "pretraining" and set(params) == {"bert", "mlm", "nsp"}
     b = pair_batch(cfg.vocab_size)
-    ids, labels = mask_tokens(random.key(0), b["input_ids"], b["attention_mask"], 4, cfg.vocab_size, [0, 1, 2], prob=0.4)
+    ids, labels = mask_tokens(
+        random.key(0), b["input_ids"], b["attention_mask"], 4, cfg.vocab_size, [0, 1, 2], prob=0.4
+    )
     assert (labels != -100).any()
     nsp = torch.tensor([0, 1, 1])
     with torch.no_grad():
-        out = ref(input_ids=ids, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
-                  labels=labels, next_sentence_label=nsp)
-    mlm_logits, nsp_logits = bert_pretraining(params, ids, cfg, attention_mask=b["attention_mask"],
-                                              token_type_ids=b["token_type_ids"])
+        out = ref(
+            input_ids=ids,
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+            labels=labels,
+            next_sentence_label=nsp,
+        )
+    mlm_logits, nsp_logits = bert_pretraining(
+        params, ids, cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+    )
     assert (mlm_logits - out.prediction_logits).abs().max() <= 1e-5
     assert (nsp_logits - out.seq_relationship_logits).abs().max() <= 1e-5
-    batch = {"input_ids": ids, "attention_mask": b["attention_mask"], "token_type_ids": b["token_type_ids"],
-             "labels": labels, "next_sentence_label": nsp}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": b["attention_mask"],
+        "token_type_ids": b["token_type_ids"],
+        "labels": labels,
+        "next_sentence_label": nsp,
+    }
     loss, aux = pretraining_loss(params, batch, cfg)
     assert abs(loss.item() - out.loss.item()) <= 1e-5
     assert torch.allclose(aux["mlm_loss"] + aux["nsp_loss"], loss)
@@ -82,19 +117,23 @@ def test_save_then_transformers_loads_the_same_model(hf_pretraining, tmp_path):
     _, d = hf_pretraining
     params, cfg = load_bert(d, head="pretraining")
     save_bert(params, cfg, tmp_path / "out")
-    m, info = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "out"), output_loading_info=True,
-                                                              attn_implementation="eager")
+    m, info = transformers.BertForPreTraining.from_pretrained(
+        str(tmp_path / "out"), output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     b = pair_batch(cfg.vocab_size, seed=1)
     with torch.no_grad():
         out = m.eval()(**b)
-    mlm_logits, nsp_logits = bert_pretraining(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                                              token_type_ids=b["token_type_ids"])
+    mlm_logits, nsp_logits = bert_pretraining(
+        params, b["input_ids"], cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+    )
     assert (mlm_logits - out.prediction_logits).abs().max() <= 1e-5
     assert (nsp_logits - out.seq_relationship_logits).abs().max() <= 1e-5
     params2, _ = load_bert(tmp_path / "out", head="pretraining")
-    assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(params),
-                                                   torch.utils._pytree.tree_leaves(params2)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.utils._pytree.tree_leaves(params), torch.utils._pytree.tree_leaves(params2))
+    )
 
 
 def test_other_heads_from_a_pretraining_checkpoint_and_back(hf_pretraining, tmp_path):
@@ -104,8 +143,10 @@ def test_other_heads_from_a_pretraining_checkpoint_and_back(hf_pretraining, tmp_
     b = pair_batch(cfg.vocab_size)
     with torch.no_grad():
         ref_logits = ref(**b).prediction_logits
-    assert (bert_mlm(mlm, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                     token_type_ids=b["token_type_ids"]) - ref_logits).abs().max() <= 1e-5
+    assert (
+        bert_mlm(mlm, b["input_ids"], cfg, attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"])
+        - ref_logits
+    ).abs().max() <= 1e-5
     load_bert(d, head="classifier", head_key=random.key(0))
     # a bare BertModel gets fresh MLM + NSP heads on request, and a clear error otherwise
     bare = random_hf(transformers.BertModel, ref.config, seed=5)
@@ -194,8 +235,10 @@ def test_whole_word_masking_all_pieces_or_none():
     assert not torch.equal(labels, labels3)
     # every piece a word of its own: whole-word masking is token masking with the same key
     ones = torch.ones_like(starts)
-    assert torch.equal(mask_tokens(random.key(2), ids, am, 103, V, special, word_starts=ones)[1],
-                       mask_tokens(random.key(2), ids, am, 103, V, special)[1])
+    assert torch.equal(
+        mask_tokens(random.key(2), ids, am, 103, V, special, word_starts=ones)[1],
+        mask_tokens(random.key(2), ids, am, 103, V, special)[1],
+    )
     with pytest.raises(ValueError, match="word_starts has shape"):
         mask_tokens(random.key(0), ids, am, 103, V, special, word_starts=starts[:, :5])
 
@@ -206,8 +249,16 @@ def test_tokenizer_word_starts_drive_whole_word_masking(minilm_dir):
     ws = tok.word_starts(b["input_ids"])
     pieces = [tok.id_to_token(int(i)) for i in b["input_ids"][0]]
     assert ws[0].tolist() == [not p.startswith("##") for p in pieces]
-    _, labels = mask_tokens(random.key(0), b["input_ids"], b["attention_mask"], tok.mask_id, tok.vocab_size,
-                            [tok.cls_id, tok.sep_id, tok.pad_id], prob=0.5, word_starts=ws)
+    _, labels = mask_tokens(
+        random.key(0),
+        b["input_ids"],
+        b["attention_mask"],
+        tok.mask_id,
+        tok.vocab_size,
+        [tok.cls_id, tok.sep_id, tok.pad_id],
+        prob=0.5,
+        word_starts=ws,
+    )
     sel = labels != -100
     un = [i for i, p in enumerate(pieces) if i and i < 6]  # un ##bel ##ie ##va ##bly
     assert pieces[1:6] == ["un", "##bel", "##ie", "##va", "##bly"]

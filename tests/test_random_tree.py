@@ -1,4 +1,5 @@
 """Explicit random keys (fnlm.random) and parameter pytrees (fnlm.tree)."""
+
 from __future__ import annotations
 
 import math
@@ -10,11 +11,30 @@ from torch.func import vmap
 import fnlm
 from fnlm import random
 from fnlm.train import compile_fn
-from fnlm.tree import (cast, flatten_names, num_params, tree_leaves, tree_map, tree_map_with_name, tree_stack,
-                       tree_structure, tree_unstack, unflatten_names)
+from fnlm.tree import (
+    cast,
+    flatten_names,
+    num_params,
+    tree_leaves,
+    tree_map,
+    tree_map_with_name,
+    tree_stack,
+    tree_structure,
+    tree_unstack,
+    unflatten_names,
+)
 
-SMALL = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, dropout=0.0,
-                               src_vocab_size=10, tgt_vocab_size=12, max_len=16, positional="learned")
+SMALL = fnlm.TransformerConfig(
+    d_model=16,
+    n_heads=2,
+    d_ff=32,
+    n_layers=2,
+    dropout=0.0,
+    src_vocab_size=10,
+    tgt_vocab_size=12,
+    max_len=16,
+    positional="learned",
+)
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,8 +204,13 @@ def test_tree_map_with_name_sees_the_flatten_names():
 
 
 def test_cast_keeps_integer_leaves():
-    tree = {"w": torch.ones(2, 3), "step": torch.tensor(7), "key": random.key(1), "layers": [torch.zeros(4)],
-            "mask": torch.tensor([True, False])}
+    tree = {
+        "w": torch.ones(2, 3),
+        "step": torch.tensor(7),
+        "key": random.key(1),
+        "layers": [torch.zeros(4)],
+        "mask": torch.tensor([True, False]),
+    }
     out = cast(tree, torch.float64)
     assert out["w"].dtype == torch.float64 and out["layers"][0].dtype == torch.float64
     assert out["step"].dtype == torch.int64 and out["step"].item() == 7

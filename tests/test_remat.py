@@ -1,5 +1,6 @@
 """Rematerialisation (fnlm.nn.remat, encoder/bert(remat=)): same loss and gradients as keeping the
 activations, under torch.func.grad eagerly and inside the compiled whole step, with dropout."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,22 +14,33 @@ from fnlm import optim, random
 from fnlm.nn import remat
 from fnlm.tree import flatten_names
 
-CFG = fnlm.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.2,
-                      attention_probs_dropout_prob=0.2)
+CFG = fnlm.BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    hidden_dropout_prob=0.2,
+    attention_probs_dropout_prob=0.2,
+)
 
 
 def batch():
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(4, 10, dtype=torch.long)
     mask[1, 6:] = 0
-    return {"input_ids": torch.randint(1, 50, (4, 10), generator=g), "attention_mask": mask,
-            "labels": torch.tensor([0, 1, 1, 0])}
+    return {
+        "input_ids": torch.randint(1, 50, (4, 10), generator=g),
+        "attention_mask": mask,
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
 
 
 def loss_with(remat_spec, cfg=CFG):
     def loss_fn(params, b, key):
         return fnlm.classifier_loss(params, b, cfg, key=key, train=True, remat=remat_spec)
+
     return loss_fn
 
 
@@ -100,8 +112,16 @@ def test_gpt2_and_encoder_decoder_remat_same_loss_and_grads(model):
     encoder-decoder Transformer's encoder and decoder blocks (transformer(remat=)), with dropout."""
     g = torch.Generator().manual_seed(1)
     if model == "gpt2":
-        cfg = fnlm.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=3, n_head=2, resid_pdrop=0.2,
-                              embd_pdrop=0.2, attn_pdrop=0.2)
+        cfg = fnlm.GPT2Config(
+            vocab_size=40,
+            n_positions=16,
+            n_embd=16,
+            n_layer=3,
+            n_head=2,
+            resid_pdrop=0.2,
+            embd_pdrop=0.2,
+            attn_pdrop=0.2,
+        )
         params = fnlm.models.init_gpt2(random.key(0), cfg)
         ids = torch.randint(0, 40, (3, 12), generator=g)
         mask = torch.ones_like(ids)
@@ -110,8 +130,9 @@ def test_gpt2_and_encoder_decoder_remat_same_loss_and_grads(model):
         def loss(p, key, spec):
             return fnlm.models.lm_loss(p, ids, cfg, attention_mask=mask, key=key, train=True, remat=spec)
     else:
-        cfg = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, src_vocab_size=30,
-                                     tgt_vocab_size=30, max_len=16, dropout=0.2)
+        cfg = fnlm.TransformerConfig(
+            d_model=16, n_heads=2, d_ff=32, n_layers=2, src_vocab_size=30, tgt_vocab_size=30, max_len=16, dropout=0.2
+        )
         params = fnlm.init_transformer(random.key(0), cfg)
         src, tgt = torch.randint(0, 30, (3, 10), generator=g), torch.randint(0, 30, (3, 8), generator=g)
 

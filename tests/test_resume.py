@@ -1,5 +1,6 @@
 """Runs that survive interruption: fnlm.train.RunCheckpoints / GracefulStop (library), and the
 examples that use them (finetune_imdb.py, hello_fnlm.py) killed and resumed as a user would."""
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,18 @@ def test_digest_sees_values_dtypes_and_names():
     t = torch.arange(6.0).reshape(2, 3)
     d = digest({"a": t, "n": 3})
     assert d.startswith("sha256:") and d == digest({"a": t.clone(), "n": 3})
-    assert len({d, digest({"a": t + 1e-6, "n": 3}), digest({"a": t.double(), "n": 3}), digest({"b": t, "n": 3}),
-                digest({"a": t, "n": 4})}) == 5
+    assert (
+        len(
+            {
+                d,
+                digest({"a": t + 1e-6, "n": 3}),
+                digest({"a": t.double(), "n": 3}),
+                digest({"b": t, "n": 3}),
+                digest({"a": t, "n": 4}),
+            }
+        )
+        == 5
+    )
 
 
 def test_graceful_stop_first_signal_flags_second_interrupts():
@@ -134,11 +145,41 @@ def test_graceful_stop_first_signal_flags_second_interrupts():
 # ============================================================================= the examples, killed and resumed
 # 16 training reviews in batches of 4 for 2 epochs = 8 steps, a checkpoint and a validation evaluation after
 # each, on a tiny random BERT with MiniLM's vocabulary; this lr makes the best evaluation an early one (step 2)
-TINY = ("--train-size", 16, "--test-size", 8, "--val-size", 4, "--eval-every", 1, "--max-len", 32,
-        "--batch-size", 4, "--epochs", 2, "--lr", "3e-2", "--warmup", 0, "--dtype", "fp32", "--no-compile",
-        "--save-every", 1)
-SAME = ("confusion_matrix", "evals", "final_test_accuracy", "kept", "per_class", "steps", "test_accuracy_95ci",
-        "train_loss_per_step")
+TINY = (
+    "--train-size",
+    16,
+    "--test-size",
+    8,
+    "--val-size",
+    4,
+    "--eval-every",
+    1,
+    "--max-len",
+    32,
+    "--batch-size",
+    4,
+    "--epochs",
+    2,
+    "--lr",
+    "3e-2",
+    "--warmup",
+    0,
+    "--dtype",
+    "fp32",
+    "--no-compile",
+    "--save-every",
+    1,
+)
+SAME = (
+    "confusion_matrix",
+    "evals",
+    "final_test_accuracy",
+    "kept",
+    "per_class",
+    "steps",
+    "test_accuracy_95ci",
+    "train_loss_per_step",
+)
 
 
 def assert_same_model(a: Path, b: Path) -> None:
@@ -165,7 +206,8 @@ def reference_run(archive, tiny_bert, tmp_path_factory) -> Path:
 
 
 def test_sigint_then_sigkill_then_corrupted_checkpoint_resume_to_the_uninterrupted_result(
-        archive, tiny_bert, reference_run, tmp_path):
+    archive, tiny_bert, reference_run, tmp_path
+):
     out, ck = tmp_path / "run", tmp_path / ".run.partial" / "checkpoints"
     # SIGINT: the step finishes, a checkpoint is written, one line says how to resume
     p = popen_example(SCRIPT, "--data", archive, "--weights", tiny_bert, *TINY, "--out", out)
@@ -173,8 +215,9 @@ def test_sigint_then_sigkill_then_corrupted_checkpoint_resume_to_the_uninterrupt
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and re.search(rf"resume with: .* --resume {re.escape(str(out))} --no-compile$",
-                                                err.strip().splitlines()[-1])
+    assert "Traceback" not in err and re.search(
+        rf"resume with: .* --resume {re.escape(str(out))} --no-compile$", err.strip().splitlines()[-1]
+    )
     stopped = int(sorted(ck.glob("step-*"))[-1].name[5:])
     assert 1 <= stopped < 8 and not out.exists()
     # resumed, then SIGKILLed after its next checkpoint: no chance to clean up
@@ -212,8 +255,16 @@ def _files(d: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in d.rglob("*")}
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "2e-3"), ("--max-len", "64"), ("--train-size", "12"),
-                                         ("--weights", "/elsewhere/bert"), ("--data", "/elsewhere/imdb.tar.gz")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "2e-3"),
+        ("--max-len", "64"),
+        ("--train-size", "12"),
+        ("--weights", "/elsewhere/bert"),
+        ("--data", "/elsewhere/imdb.tar.gz"),
+    ],
+)
 def test_resume_with_another_setting_names_it(stopped_run, flag, value):
     out, _ = stopped_run
     before = _files(out.with_name(".run.partial"))
@@ -297,8 +348,9 @@ def test_keep_best_saves_the_best_validation_evaluation(reference_run, archive):
     probs = torch.softmax(fnlm_logits(reference_run, data["val"].texts, 32), -1)
     loss, acc = loss_and_accuracy(probs, torch.tensor(data["val"].labels))
     assert loss == pytest.approx(best["val_loss"], abs=1e-5) and acc == best["val_accuracy"]
-    assert best["step"] != evals[-1]["step"] and abs(loss - evals[-1]["val_loss"]) > 1e-4, \
+    assert best["step"] != evals[-1]["step"] and abs(loss - evals[-1]["val_loss"]) > 1e-4, (
         "this configuration must have its best evaluation before the last step, else the test proves nothing"
+    )
 
 
 def test_classification_metrics_equal_sklearn(reference_run, archive):
@@ -307,15 +359,18 @@ def test_classification_metrics_equal_sklearn(reference_run, archive):
     from fnlm.metrics import classification_report
 
     g = torch.Generator().manual_seed(0)
-    for y_true, y_pred in [(torch.randint(0, 2, (200,), generator=g).tolist(),
-                            torch.randint(0, 2, (200,), generator=g).tolist()),
-                           ([0, 0, 1, 1], [1, 1, 1, 1])]:  # no prediction of label 0: precision 0 (sklearn's zero_division=0)
+    for y_true, y_pred in [
+        (torch.randint(0, 2, (200,), generator=g).tolist(), torch.randint(0, 2, (200,), generator=g).tolist()),
+        ([0, 0, 1, 1], [1, 1, 1, 1]),
+    ]:  # no prediction of label 0: precision 0 (sklearn's zero_division=0)
         report = classification_report(y_true, y_pred, ("neg", "pos"))
         assert report["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
         p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1], zero_division=0)
         for k, name in enumerate(("neg", "pos")):
             got = report["per_class"][name]
-            assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[k], r[k], f[k], s[k]))
+            assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(
+                (p[k], r[k], f[k], s[k])
+            )
     # the run's metrics.json, on the predictions of the saved model
     metrics = json.loads((reference_run / "metrics.json").read_text())
     test = load_data(archive, 16, 4, 8)["test"]
@@ -335,15 +390,19 @@ def test_confidence_interval_and_errors_file(tmp_path):
     for k, n in ((869, 1000), (8, 8), (0, 5), (23013, 25000)):
         ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
         assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-6)
-    test = Namespace(texts=["great<br />film", "awful\tstuff " * 40, "fine", "meh"], labels=[0, 1, 1, 0],
-                     ids=[10, 11, 12, 13])
+    test = Namespace(
+        texts=["great<br />film", "awful\tstuff " * 40, "fine", "meh"], labels=[0, 1, 1, 0], ids=[10, 11, 12, 13]
+    )
     probs = torch.tensor([[0.2, 0.8], [0.95, 0.05], [0.1, 0.9], [0.4, 0.6]])
     texts = [html_clean(t) for t in test.texts]
     assert write_errors(tmp_path / "e.tsv", probs, test.labels, texts, test.ids, ("neg", "pos"), chars=30) == 3
     rows = [r.split("\t") for r in (tmp_path / "e.tsv").read_text().splitlines()]
     assert rows[0] == ["probability", "predicted", "label", "id", "text"]
-    assert [(r[0], r[1], r[2], r[3]) for r in rows[1:]] == [("0.9500", "neg", "pos", "11"), ("0.8000", "pos", "neg", "10"),
-                                                            ("0.6000", "pos", "neg", "13")]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows[1:]] == [
+        ("0.9500", "neg", "pos", "11"),
+        ("0.8000", "pos", "neg", "10"),
+        ("0.6000", "pos", "neg", "13"),
+    ]
     assert rows[1][4] == "awful stuff awful stuff awful " and rows[2][4] == "great film"
 
 
@@ -354,8 +413,9 @@ HELLO_TINY = ("--save-every", 4, "--no-compile", "--min-accuracy", 0, "--batch-s
 def run_hello(*args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, str(HELLO), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(HELLO), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_hello_resumed_from_an_earlier_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
@@ -376,12 +436,20 @@ def test_hello_resumed_from_an_earlier_checkpoint_ends_as_the_uninterrupted_run(
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     held_out = [ln for ln in ref.stdout.splitlines() if ln.startswith("held-out")]
     assert held_out and held_out == [ln for ln in res.stdout.splitlines() if ln.startswith("held-out")]
-    assert [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(1, 13))
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 13)
+    )
 
 
-@pytest.mark.parametrize("argv, flag", [(("--lr", "-1e-4"), "--lr"), (("--steps", "0"), "--steps"),
-                                        (("--min-accuracy", "2"), "--min-accuracy"), (("--steps", "x"), "--steps")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (("--lr", "-1e-4"), "--lr"),
+        (("--steps", "0"), "--steps"),
+        (("--min-accuracy", "2"), "--min-accuracy"),
+        (("--steps", "x"), "--steps"),
+    ],
+)
 def test_hello_bad_input_is_one_line_and_leaves_nothing(argv, flag, tmp_path):
     p = run_hello(*argv, "--out", tmp_path / "runs" / "hello")
     lines = p.stderr.strip().splitlines()

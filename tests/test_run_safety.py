@@ -3,6 +3,7 @@ parameters, one-writer lock, and fnlm.io.atomic_dir's rename window (issue 21, i
 
 Every check of "intact" reads the files back with safetensors' own loader and compares them with
 the tensors that were saved (``torch.equal``)."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ def _intact_steps(run_dir: Path) -> list[int]:
             t = load_file(str(d / "tensors.safetensors"))
         except Exception:
             continue
-        if torch.equal(t["params.w"], _params(step)["w"]) and torch.equal(t["params.layers.0.b"],
-                                                                          _params(step)["layers"][0]["b"]):
+        if torch.equal(t["params.w"], _params(step)["w"]) and torch.equal(
+            t["params.layers.0.b"], _params(step)["layers"][0]["b"]
+        ):
             out.append(step)
     return out
 
@@ -162,10 +164,12 @@ def test_damaged_or_foreign_best_params_cost_only_the_best_params(tmp_path, dama
             sums = json.loads((best / "checksums.json").read_text())
             os.replace(src / "params.safetensors", best / "params.safetensors")
             sums["sha256"]["params.safetensors"] = json.loads((src / "checksums.json").read_text())["sha256"][
-                "params.safetensors"]
+                "params.safetensors"
+            ]
             (best / "checksums.json").write_text(json.dumps(sums))
         else:
             import shutil
+
             shutil.rmtree(best)
             os.rename(src, best)
     with pytest.warns(RuntimeWarning, match="best parameters of step 1 unusable.*falling back to the last step's"):
@@ -182,13 +186,13 @@ def test_intact_best_params_are_restored_with_their_step(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one writer
-HOLDER = textwrap.dedent('''
+HOLDER = textwrap.dedent("""
     import sys, time
     from fnlm.train import RunCheckpoints
     run = RunCheckpoints(sys.argv[1], {}).start()
     print("locked", flush=True)
     time.sleep(120)
-''')
+""")
 
 
 def test_a_second_writer_is_refused_naming_the_pid_and_a_dead_owner_is_taken_over(tmp_path):
@@ -229,7 +233,7 @@ def test_the_run_id_is_written_once_and_kept(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the rename window
-KILLER = textwrap.dedent('''
+KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from fnlm import optim, random
@@ -263,7 +267,7 @@ KILLER = textwrap.dedent('''
     params = {"w": torch.full((3, 4), 7.0), "layers": [{"b": torch.arange(4.0) * 7}]}
     run = RunCheckpoints(run_dir, {}, keep=2).start()
     run.save(params, optim.adamw(1e-3).init(params), 2, random.key(0), {"step": 2})
-''')
+""")
 
 
 @pytest.mark.parametrize("mode", ["fallback", "before", "after"])
@@ -276,8 +280,9 @@ def test_a_kill_during_the_renames_leaves_a_complete_checkpoint_under_the_final_
     with RunCheckpoints(run_dir, {}, keep=2) as run:
         _save(run, 1)
         _save(run, 2)  # the state a re-save of step 2 replaces (the killed process writes 7s)
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(run_dir), mode], env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(run_dir), mode], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     final = run_dir / "checkpoints" / "step-00000002"
     if mode == "fallback":
@@ -312,9 +317,14 @@ class _Cfg:
 
 
 def _open(tmp_path, **kw):
-    return Run.open(_Cfg(**{k: v for k, v in kw.items() if k in ("steps",)}),
-                    {k for k in kw if k in ("steps",)}, out=None if kw.get("resume") else tmp_path / "run",
-                    resume=kw.get("resume"), may_change=("steps", "keep_checkpoints"), script="train.py")
+    return Run.open(
+        _Cfg(**{k: v for k, v in kw.items() if k in ("steps",)}),
+        {k for k in kw if k in ("steps",)},
+        out=None if kw.get("resume") else tmp_path / "run",
+        resume=kw.get("resume"),
+        may_change=("steps", "keep_checkpoints"),
+        script="train.py",
+    )
 
 
 def test_run_holds_the_lock_until_finish_and_an_extension_keeps_the_run_id(tmp_path):

@@ -2,6 +2,7 @@
 where ONE process ends with make_train_step(accum_steps=2) (GPT-2 with dropout, AdamW, clipping);
 each worker holds 1/N of the state; sharded checkpoints move between 2 and 1 workers; a dead
 worker stops the other with one line."""
+
 from __future__ import annotations
 
 import json
@@ -38,12 +39,27 @@ def start_workers(mode: str, out: Path, timeout: float = 60, extra_env: dict | N
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "FNLM_TEST_TIMEOUT": str(timeout),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
-               **(extra_env or {})}
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "_shard_worker.py"), mode, str(out)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "FNLM_TEST_TIMEOUT": str(timeout),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "_shard_worker.py"), mode, str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -87,8 +103,9 @@ def test_every_level_equals_one_process_and_holds_a_1_over_n_share(tmp_path):
         r1, _ = read_safetensors(tmp_path / f"rank1_level{level}.safetensors")
         for name in ref:
             assert torch.equal(r0[name], r1[name]), (level, name)  # the workers agree bitwise
-            torch.testing.assert_close(r0[name], ref[name], atol=2e-6, rtol=1e-5,
-                                       msg=lambda m: f"level {level}, {name}: {m}")
+            torch.testing.assert_close(
+                r0[name], ref[name], atol=2e-6, rtol=1e-5, msg=lambda m: f"level {level}, {name}: {m}"
+            )
     c0, _ = read_safetensors(tmp_path / "rank0_compiled.safetensors")
     ref2, _ = reference(2)
     for name in ref2:
@@ -146,8 +163,9 @@ def test_a_dead_worker_stops_the_other_with_one_line(tmp_path):
     elapsed = time.monotonic() - t0
     assert r1.returncode == 3
     assert r0.returncode == 1, r0.stderr[-2000:]
-    lines = [ln for ln in r0.stderr.strip().splitlines() if ln.strip() and "Warning" not in ln
-             and not ln.startswith(" ")]
+    lines = [
+        ln for ln in r0.stderr.strip().splitlines() if ln.strip() and "Warning" not in ln and not ln.startswith(" ")
+    ]
     assert lines[-1].startswith("fnlm: worker 0 of 2: stopped at a collective"), r0.stderr[-2000:]
     assert sum(ln.startswith("fnlm: worker") for ln in lines) == 1
     assert "Traceback" not in r0.stderr
@@ -185,12 +203,12 @@ def test_single_process_layout_and_errors():
         Sharding(params, 4)
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3))
     from fnlm.train import make_sharded_train_step
+
     with pytest.raises(ValueError, match="max_grad_norm"):
         make_sharded_train_step(W.loss_fn, opt, sh, compile=False)
     # one worker, accum_steps=2: make_train_step's accumulation (same micro keys fold_in(key, i))
     ref, _ = reference(2)
-    step = make_sharded_train_step(W.loss_fn, W.make_opt(), sh, max_grad_norm=W.MAX_NORM, accum_steps=2,
-                                   compile=False)
+    step = make_sharded_train_step(W.loss_fn, W.make_opt(), sh, max_grad_norm=W.MAX_NORM, accum_steps=2, compile=False)
     state = sh.init(W.make_opt(), held)
     for s in range(2):
         micro = {k: v.reshape(2, W.BATCH // 2, *v.shape[1:]) for k, v in W.global_batch(s).items()}

@@ -4,6 +4,7 @@ In transformers >= 5 ``BertTokenizer`` is itself backed by the Rust ``tokenizers
 the independent reference is ``BertTokenizerLegacy`` (the original Python WordPiece); with
 transformers 4 it is ``BertTokenizer``.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,11 +46,57 @@ PAIRS = [
 
 # A small *cased* vocabulary: upper and lower case forms are different tokens, accents kept.
 CASED_VOCAB = [
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-    "Hello", "hello", "World", "world", "Café", "cafe", "café", "Caf", "##é", "na", "##ïve",
-    "Å", "##ng", "##str", "##öm", "The", "the", "movie", "Movie", "was", "great", "GREAT",
-    "!", ",", ".", "?", "'", "-", "<", ">", "/", "br", "中", "文", "##s", "##ing", "play",
-    "a", "b", "c", "##a", "##b", "##c", "I", "i", "##I",
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "Hello",
+    "hello",
+    "World",
+    "world",
+    "Café",
+    "cafe",
+    "café",
+    "Caf",
+    "##é",
+    "na",
+    "##ïve",
+    "Å",
+    "##ng",
+    "##str",
+    "##öm",
+    "The",
+    "the",
+    "movie",
+    "Movie",
+    "was",
+    "great",
+    "GREAT",
+    "!",
+    ",",
+    ".",
+    "?",
+    "'",
+    "-",
+    "<",
+    ">",
+    "/",
+    "br",
+    "中",
+    "文",
+    "##s",
+    "##ing",
+    "play",
+    "a",
+    "b",
+    "c",
+    "##a",
+    "##b",
+    "##c",
+    "I",
+    "i",
+    "##I",
 ]
 
 
@@ -119,8 +166,9 @@ def test_batch_padding_longest_matches_reference(uncased, uncased_ref):
 
 def test_padding_max_length(uncased, uncased_ref):
     enc = uncased.encode(["short one", "a bit longer than the first"], max_len=16, padding="max_length")
-    ref = uncased_ref(["short one", "a bit longer than the first"], padding="max_length", max_length=16,
-                      return_token_type_ids=True)
+    ref = uncased_ref(
+        ["short one", "a bit longer than the first"], padding="max_length", max_length=16, return_token_type_ids=True
+    )
     assert enc["input_ids"].shape == (2, 16)
     for k in ("input_ids", "attention_mask", "token_type_ids"):
         assert enc[k].tolist() == ref[k]
@@ -138,8 +186,10 @@ def test_pairs_match_reference(uncased, uncased_ref):
     assert 1 in enc["token_type_ids"][0].tolist()  # the second segment is type 1
 
 
-@pytest.mark.parametrize("na,nb,max_len", [(20, 3, 12), (3, 20, 12), (10, 10, 12), (10, 9, 12), (9, 10, 12),
-                                          (30, 30, 13), (5, 5, 13), (2, 40, 8), (1, 1, 3)])
+@pytest.mark.parametrize(
+    "na,nb,max_len",
+    [(20, 3, 12), (3, 20, 12), (10, 10, 12), (10, 9, 12), (9, 10, 12), (30, 30, 13), (5, 5, 13), (2, 40, 8), (1, 1, 3)],
+)
 def test_pair_truncation_matches_longest_first(uncased, uncased_ref, na, nb, max_len):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
     a = " ".join(words[i % len(words)] for i in range(na))
@@ -159,8 +209,17 @@ def test_long_text_not_cut_by_tokenizer_json(uncased, uncased_ref):
 
 
 # ----------------------------------------------------------------------------- cased vocab
-CASED_TEXTS = ["Hello World!", "hello world", "The movie was GREAT, the Movie was great.",
-               "Café café cafe", "naïve Ångström", "playing plays I i", "中文 <br /> abc", "", "xyz?"]
+CASED_TEXTS = [
+    "Hello World!",
+    "hello world",
+    "The movie was GREAT, the Movie was great.",
+    "Café café cafe",
+    "naïve Ångström",
+    "playing plays I i",
+    "中文 <br /> abc",
+    "",
+    "xyz?",
+]
 
 
 @pytest.mark.parametrize("text", CASED_TEXTS)
@@ -200,7 +259,7 @@ def test_head_tail_truncation_keeps_first_and_last(uncased, uncased_ref, long_re
     assert len(pieces) > 600
     budget = max_len - 2
     h = max_len // 4 if head is None else min(head, budget)
-    expected = [uncased_ref.cls_token_id, *pieces[:h], *pieces[len(pieces) - (budget - h):], uncased_ref.sep_token_id]
+    expected = [uncased_ref.cls_token_id, *pieces[:h], *pieces[len(pieces) - (budget - h) :], uncased_ref.sep_token_id]
     got = uncased.encode_ids([long_review], max_len=max_len, truncation="head+tail", head_tokens=head)[0]
     assert got == expected
     assert len(got) == max_len
@@ -234,8 +293,9 @@ def test_truncation_of_adversarial_long_texts(which, uncased, uncased_from_vocab
         budget = max_len - 2
         for mode in ("head", "head+tail"):
             h = budget if mode == "head" else max_len // 4
-            want = [[cls, *p, sep] if len(p) <= budget else [cls, *p[:h], *p[len(p) - (budget - h):], sep]
-                    for p in pieces]
+            want = [
+                [cls, *p, sep] if len(p) <= budget else [cls, *p[:h], *p[len(p) - (budget - h) :], sep] for p in pieces
+            ]
             assert tok.encode_ids(texts, max_len=max_len, truncation=mode) == want, (max_len, mode)
 
 
@@ -306,7 +366,7 @@ def test_encodes_all_imdb_train_reviews(uncased, uncased_ref, imdb_archive):
     full = [e.ids for e in uncased.backend.encode_batch(train.texts, add_special_tokens=False)]
     for mode, h in (("head", 510), ("head+tail", 128)):
         got = ids if mode == "head+tail" else uncased.encode_ids(train.texts, max_len=512, truncation=mode)
-        assert got == [[101, *p, 102] if len(p) <= 510 else [101, *p[:h], *p[len(p) - (510 - h):], 102] for p in full]
+        assert got == [[101, *p, 102] if len(p) <= 510 else [101, *p[:h], *p[len(p) - (510 - h) :], 102] for p in full]
     assert sum(len(p) > 510 for p in full) > 3000  # many reviews really are cut
     for i in range(0, len(train), 997):  # a spread-out sample against the slow reference
         ref = uncased_ref(train.texts[i], truncation=True, max_length=512)["input_ids"]

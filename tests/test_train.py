@@ -1,5 +1,6 @@
 """fnlm.train: the compiled step against torch.autograd + torch.optim, recompiles, accumulation,
 non-finite detection, autocast, eval steps."""
+
 from __future__ import annotations
 
 import warnings
@@ -14,8 +15,17 @@ from fnlm import optim, random
 from fnlm.train import make_eval_step, make_train_step, param_group
 from fnlm.tree import flatten_names, tree_leaves, tree_map, unflatten_names
 
-CFG = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=32, n_layers=1, src_vocab_size=23, tgt_vocab_size=19,
-                             max_len=16, dropout=0.1, attention_dropout=0.1)
+CFG = fnlm.TransformerConfig(
+    d_model=16,
+    n_heads=2,
+    d_ff=32,
+    n_layers=1,
+    src_vocab_size=23,
+    tgt_vocab_size=19,
+    max_len=16,
+    dropout=0.1,
+    attention_dropout=0.1,
+)
 LR, WD, CLIP, TOTAL, EPS = 3e-3, 0.01, 1.0, 20, 1e-6  # eps 1e-6 as BERT: tames Adam on ~0 grads
 
 
@@ -27,15 +37,19 @@ def transformer_loss(params, batch, key):
 
 def transformer_batch(seed, b=4, ls=7, lt=6):
     g = torch.Generator().manual_seed(seed)
-    return {"src": torch.randint(0, 23, (b, ls), generator=g), "tgt_in": torch.randint(0, 19, (b, lt), generator=g),
-            "tgt_out": torch.randint(0, 19, (b, lt), generator=g)}
+    return {
+        "src": torch.randint(0, 23, (b, ls), generator=g),
+        "tgt_in": torch.randint(0, 19, (b, lt), generator=g),
+        "tgt_out": torch.randint(0, 19, (b, lt), generator=g),
+    }
 
 
 def make_opt():
     """The schedule is given once, to the optimizer; the step reports the lr from its state."""
     schedule = optim.linear_warmup_linear_decay(LR, 0, TOTAL)
-    return optim.chain(optim.clip_by_global_norm(CLIP),
-                       optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=WD, eps=EPS))
+    return optim.chain(
+        optim.clip_by_global_norm(CLIP), optim.inject_hyperparams(optim.adamw)(lr=schedule, weight_decay=WD, eps=EPS)
+    )
 
 
 def torch_reference(loss_fn, params, batches, keys):
@@ -43,8 +57,9 @@ def torch_reference(loss_fn, params, batches, keys):
     flat = {n: t.detach().clone().requires_grad_() for n, t in flatten_names(params).items()}
     decay = [t for n, t in flat.items() if n.endswith(".weight")]
     other = [t for n, t in flat.items() if not n.endswith(".weight")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}],
-                            lr=LR, eps=EPS, foreach=False)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WD}, {"params": other, "weight_decay": 0.0}], lr=LR, eps=EPS, foreach=False
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (TOTAL - s) / TOTAL))
     losses, norms = [], []
     for batch, key in zip(batches, keys):
@@ -118,8 +133,15 @@ def test_compiled_transformer_step_matches_torch_optim_and_does_not_recompile():
 
 def test_compiled_bert_classifier_step_matches_torch_optim_and_does_not_recompile():
     bert = fnlm.models
-    cfg = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    cfg = bert.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     params = bert.init_bert_classifier(random.key(2), cfg, 3)
 
     def loss_fn(p, batch, key):
@@ -128,8 +150,11 @@ def test_compiled_bert_classifier_step_matches_torch_optim_and_does_not_recompil
     def batch(seed):
         g = torch.Generator().manual_seed(seed)
         mask = (torch.arange(8)[None] < torch.tensor([[8], [5], [3]])).long()
-        return {"input_ids": torch.randint(1, 40, (3, 8), generator=g) * mask, "attention_mask": mask,
-                "labels": torch.randint(0, 3, (3,), generator=g)}
+        return {
+            "input_ids": torch.randint(1, 40, (3, 8), generator=g) * mask,
+            "attention_mask": mask,
+            "labels": torch.randint(0, 3, (3,), generator=g),
+        }
 
     check_compiled_step(loss_fn, params, [batch(i) for i in range(3)], list(random.split(random.key(3), 3)))
 
@@ -137,8 +162,12 @@ def test_compiled_bert_classifier_step_matches_torch_optim_and_does_not_recompil
 # ----------------------------------------------------------------------------- a small MLP for the rest
 def mlp_params(seed=0, d=6, h=8, c=3):
     k = random.split(random.key(seed), 2)
-    return {"layers": [{"weight": random.normal(k[0], (d, h), std=0.5), "bias": torch.zeros(h)},
-                       {"weight": random.normal(k[1], (h, c), std=0.5), "bias": torch.zeros(c)}]}
+    return {
+        "layers": [
+            {"weight": random.normal(k[0], (d, h), std=0.5), "bias": torch.zeros(h)},
+            {"weight": random.normal(k[1], (h, c), std=0.5), "bias": torch.zeros(c)},
+        ]
+    }
 
 
 def mlp_loss(params, batch, key):
@@ -216,8 +245,13 @@ def test_accumulation_folds_the_key_per_micro_batch():
     new, _, m = step(params, optim.sgd(1.0).init(params), batch, key)
     # reference: torch.autograd on each micro-batch with dropout key fold_in(key, i), grads averaged
     flat = {n: t.clone().requires_grad_() for n, t in flatten_names(params).items()}
-    total = sum(mlp_loss(unflatten_names(flat), tree_map(lambda x: x[i], batch), random.fold_in(key, i))[0]
-                for i in range(2)) / 2
+    total = (
+        sum(
+            mlp_loss(unflatten_names(flat), tree_map(lambda x: x[i], batch), random.fold_in(key, i))[0]
+            for i in range(2)
+        )
+        / 2
+    )
     total.backward()
     expected = {n: t.detach() - t.grad for n, t in flat.items()}
     assert_tree_close(flatten_names(new), expected, atol=1e-6, rtol=1e-5)
@@ -239,8 +273,9 @@ def test_nonfinite_grads_raise_naming_the_step_and_the_parameter_group():
 
 
 def test_nonfinite_loss_is_reported():
-    step = make_train_step(lambda p, b, k: (mlp_loss(p, b, k)[0] * b["x"].sum() / 0.0, {}), optim.sgd(0.1),
-                           compile=False)
+    step = make_train_step(
+        lambda p, b, k: (mlp_loss(p, b, k)[0] * b["x"].sum() / 0.0, {}), optim.sgd(0.1), compile=False
+    )
     p = mlp_params()
     with pytest.raises(FloatingPointError, match="step 0"):
         step(p, optim.sgd(0.1).init(p), mlp_batch(0), random.key(0))
@@ -273,8 +308,9 @@ def test_autocast_bf16_forward_keeps_float32_master_weights():
     opt = optim.sgd(0.1)
     p = mlp_params()
     f32 = make_train_step(lambda p, b, k: mlp_loss(p, b, None), opt, compile=False)
-    bf16 = make_train_step(lambda p, b, k: mlp_loss(p, b, None), opt, compile="aot_eager",
-                           autocast_dtype=torch.bfloat16)
+    bf16 = make_train_step(
+        lambda p, b, k: mlp_loss(p, b, None), opt, compile="aot_eager", autocast_dtype=torch.bfloat16
+    )
     pa, _, ma = f32(p, opt.init(p), mlp_batch(0), random.key(0))
     pb, _, mb = bf16(p, opt.init(p), mlp_batch(0), random.key(0))
     assert all(x.dtype == torch.float32 for x in tree_leaves(pb)) and mb["loss"].dtype == torch.float32
@@ -358,8 +394,9 @@ def test_every_step_maker_returns_the_same_kind_of_step():
         "train": make_train_step(loss_fn, opt, compile=False),
         "eval": make_eval_step(lambda p, b: {"loss": loss_fn(p, b, None)[0]}, compile=False),
         "ensemble": make_ensemble_step(loss_fn, opt, compile=False),
-        "dp_sgd": make_dp_sgd_step(lambda p, b: loss_fn(p, b, None)[0], opt, clip_norm=1.0, noise_multiplier=0.0,
-                                   compile=False),
+        "dp_sgd": make_dp_sgd_step(
+            lambda p, b: loss_fn(p, b, None)[0], opt, clip_norm=1.0, noise_multiplier=0.0, compile=False
+        ),
     }
     assert all(isinstance(s, Step) and callable(s.pure) for s in steps.values())
     key = random.key(0)
@@ -387,17 +424,27 @@ def test_non_finite_checks_are_shared_by_train_ensemble_and_dp_sgd_steps():
 
     opt = optim.sgd(0.1)
     state = opt.init(params)
-    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 0 \(loss = nan\): in 1 parameter group\(s\): layers.0 \(weight\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite gradients at step 0 \(loss = nan\): in 1 parameter group\(s\): layers.0 \(weight\)",
+    ):
         make_train_step(loss_fn, opt, compile=False)(params, state, batch, random.key(0))
-    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 0 \(loss = nan\): in 1 parameter group\(s\): layers.0 \(weight\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite gradients at step 0 \(loss = nan\): in 1 parameter group\(s\): layers.0 \(weight\)",
+    ):
         make_dp_sgd_step(lambda p, b: loss_fn(p, b)[0], opt, clip_norm=1.0, noise_multiplier=0.0, compile=False)(
-            params, state, batch, random.key(0))
+            params, state, batch, random.key(0)
+        )
     ens = make_ensemble_step(loss_fn, opt, compile=False)
-    with pytest.raises(FloatingPointError, match=r"ensemble: member 0: non-finite gradients at step 0 .*; member 1: non-finite"):
+    with pytest.raises(
+        FloatingPointError, match=r"ensemble: member 0: non-finite gradients at step 0 .*; member 1: non-finite"
+    ):
         ens(tree_stack([params, params]), tree_stack([state, state]), batch, random.split(random.key(0), 2))
     with pytest.warns(RuntimeWarning, match="skipped"):
-        p, s, _ = make_dp_sgd_step(lambda p, b: loss_fn(p, b)[0], opt, clip_norm=1.0, noise_multiplier=0.0,
-                                   compile=False, nonfinite="skip")(params, state, batch, random.key(0))
+        p, s, _ = make_dp_sgd_step(
+            lambda p, b: loss_fn(p, b)[0], opt, clip_norm=1.0, noise_multiplier=0.0, compile=False, nonfinite="skip"
+        )(params, state, batch, random.key(0))
     assert torch.equal(p["layers"][0]["weight"], params["layers"][0]["weight"]) and int(s.count) == 0
 
 
@@ -406,13 +453,24 @@ def test_seed_global_rng_makes_fused_attention_dropout_a_function_of_the_key():
     which the step seeds from the key (and restores): same key, same step; another key, another
     step; the caller's global RNG stream is untouched. Eager and traced agree, in float32 and
     under bf16 autocast."""
-    cfg = fnlm.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.3, fused_attention_dropout=True)
+    cfg = fnlm.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.3,
+        fused_attention_dropout=True,
+    )
     params = fnlm.init_bert_classifier(random.key(0), cfg)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1, 50, (4, 10), generator=g), "attention_mask": torch.ones(4, 10, dtype=torch.long),
-             "labels": torch.tensor([0, 1, 1, 0])}
+    batch = {
+        "input_ids": torch.randint(1, 50, (4, 10), generator=g),
+        "attention_mask": torch.ones(4, 10, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
     opt = optim.sgd(0.1)
 
     def loss_fn(p, b, key):

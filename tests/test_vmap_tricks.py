@@ -1,4 +1,5 @@
 """fnlm.vmap_tricks against Python loops: per-example gradients, DP-SGD, ensembles."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,17 +7,26 @@ import torch
 
 import fnlm
 from fnlm import optim, random
-from fnlm.train import make_train_step
+from fnlm.train import (
+    dp_aggregate,
+    make_dp_sgd_step,
+    make_ensemble_step,
+    make_train_step,
+    per_example_grad_norms,
+    per_example_grads,
+)
 from fnlm.tree import flatten_names, tree_leaves, tree_map, tree_stack, tree_unstack
-from fnlm.train import dp_aggregate, make_dp_sgd_step, make_ensemble_step, per_example_grad_norms, per_example_grads
 
 ENC = fnlm.TransformerConfig(d_model=16, n_heads=2, d_ff=24, n_layers=1, src_vocab_size=17, max_len=12, dropout=0.0)
 
 
 def init_classifier(seed):
     k = random.split(random.key(seed), 3)
-    return {"embed": fnlm.init_embedding(k[0], 17, 16), "encoder": fnlm.init_encoder(k[1], ENC),
-            "head": fnlm.init_linear(k[2], 16, 3)}
+    return {
+        "embed": fnlm.init_embedding(k[0], 17, 16),
+        "encoder": fnlm.init_encoder(k[1], ENC),
+        "head": fnlm.init_linear(k[2], 16, 3),
+    }
 
 
 def classifier_loss(params, batch):
@@ -31,8 +41,11 @@ def classifier_loss(params, batch):
 def make_batch(seed, b=5, n=6):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, n + 1, (b,), generator=g)
-    return {"ids": torch.randint(0, 17, (b, n), generator=g), "mask": torch.arange(n)[None] < lengths[:, None],
-            "y": torch.randint(0, 3, (b,), generator=g)}
+    return {
+        "ids": torch.randint(0, 17, (b, n), generator=g),
+        "mask": torch.arange(n)[None] < lengths[:, None],
+        "y": torch.randint(0, 3, (b,), generator=g),
+    }
 
 
 def loop_grads(params, batch):
@@ -40,7 +53,7 @@ def loop_grads(params, batch):
     out = []
     for i in range(batch["y"].shape[0]):
         flat = {n: t.clone().requires_grad_() for n, t in flatten_names(params).items()}
-        loss = classifier_loss(fnlm.tree.unflatten_names(flat), tree_map(lambda x: x[i:i + 1], batch))
+        loss = classifier_loss(fnlm.tree.unflatten_names(flat), tree_map(lambda x: x[i : i + 1], batch))
         grads = torch.autograd.grad(loss, list(flat.values()), allow_unused=True)
         out.append({n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(flat.items(), grads)})
     return out
@@ -69,8 +82,9 @@ def test_dp_aggregate_clips_each_example_and_adds_calibrated_noise():
     C = 0.5 * float(per_example_grad_norms(grads).median())  # about half the examples get clipped
     clipped = dp_aggregate(grads, random.key(0), clip_norm=C, noise_multiplier=0.0)
     for name, g in flatten_names(clipped).items():
-        expected = sum(r[name] / max(1.0, float(torch.sqrt(sum((x**2).sum() for x in r.values()))) / C)
-                       for r in ref) / 8
+        expected = (
+            sum(r[name] / max(1.0, float(torch.sqrt(sum((x**2).sum() for x in r.values()))) / C) for r in ref) / 8
+        )
         torch.testing.assert_close(g, expected, atol=1e-7, rtol=1e-5)
     # noise: N(0, sigma^2 C^2) on the sum, so (noisy - clean) * B has std sigma * C
     sigma = 2.0
@@ -87,8 +101,9 @@ def test_dp_sgd_step_compiles_and_matches_manual_algorithm():
     opt = optim.sgd(0.1)
     step = make_dp_sgd_step(classifier_loss, opt, clip_norm=0.1, noise_multiplier=1.0, compile="aot_eager")
     new, state, m = step(params, opt.init(params), batch, random.key(5))
-    g = dp_aggregate(per_example_grads(classifier_loss, params, batch), random.key(5), clip_norm=0.1,
-                     noise_multiplier=1.0)
+    g = dp_aggregate(
+        per_example_grads(classifier_loss, params, batch), random.key(5), clip_norm=0.1, noise_multiplier=1.0
+    )
     for (name, p), gp, np_ in zip(flatten_names(params).items(), tree_leaves(g), tree_leaves(new)):
         torch.testing.assert_close(np_, p - 0.1 * gp, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(m["loss"], classifier_loss(params, batch), atol=1e-6, rtol=1e-5)
@@ -149,8 +164,9 @@ def test_ensemble_of_learning_rates_equals_separate_runs():
     state = tree_stack([optim.adam(1.0).init(params0)] * 3)
     hp = {"lr": torch.tensor(lrs, dtype=torch.float64)}
     key = random.key(0)
-    refs = [(params0, optim.adam(lr).init(params0), make_train_step(mlp_loss, optim.adam(lr), compile=False))
-            for lr in lrs]
+    refs = [
+        (params0, optim.adam(lr).init(params0), make_train_step(mlp_loss, optim.adam(lr), compile=False)) for lr in lrs
+    ]
     for t in range(3):
         params, state, _ = ens(params, state, mlp_batch(t), torch.stack([key] * 3), hp)
         refs = [(*step(p, s, mlp_batch(t), key)[:2], step) for p, s, step in refs]
@@ -161,10 +177,17 @@ def test_ensemble_of_learning_rates_equals_separate_runs():
 
 def test_ensemble_skip_is_per_member():
     opt = optim.sgd(0.1)
-    ens = make_ensemble_step(lambda p, b, k: (mlp_loss(p, b, k)[0] * b["scale"], {}), opt, nonfinite="skip",
-                             shared_batch=False, compile="aot_eager")
+    ens = make_ensemble_step(
+        lambda p, b, k: (mlp_loss(p, b, k)[0] * b["scale"], {}),
+        opt,
+        nonfinite="skip",
+        shared_batch=False,
+        compile="aot_eager",
+    )
     members = [mlp_init(s) for s in range(2)]
-    batch = tree_stack([{**mlp_batch(0), "scale": torch.tensor(1.0)}, {**mlp_batch(0), "scale": torch.tensor(float("inf"))}])
+    batch = tree_stack(
+        [{**mlp_batch(0), "scale": torch.tensor(1.0)}, {**mlp_batch(0), "scale": torch.tensor(float("inf"))}]
+    )
     params = tree_stack(members)
     with pytest.warns(RuntimeWarning, match="member 1"):
         new, state, m = ens(params, tree_stack([opt.init(x) for x in members]), batch, random.split(random.key(0), 2))

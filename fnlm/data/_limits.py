@@ -6,6 +6,7 @@ longest IMDb review, 13,704 characters) is truncated to it with a warning, or re
 no single input can make tokenization or reading use unbounded memory. Undecodable text (lone
 surrogates, which no UTF-8 file or tokenizer accepts) is refused in one line naming the input.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -29,8 +30,10 @@ def cap_text(text: str, where: str, long_text: str = "truncate", *, max_chars: i
     if len(text) > max_chars:
         check_long_text(long_text)
         if long_text == "error":
-            raise TextTooLongError(f"{where}: {len(text):,} characters, over MAX_TEXT_CHARS={max_chars:,} "
-                                   "(pass long_text='truncate' to keep the first ones)")
+            raise TextTooLongError(
+                f"{where}: {len(text):,} characters, over MAX_TEXT_CHARS={max_chars:,} "
+                "(pass long_text='truncate' to keep the first ones)"
+            )
         warnings.warn(f"{where}: {len(text):,} characters, truncated to MAX_TEXT_CHARS={max_chars:,}", stacklevel=3)
         text = text[:max_chars]
     return text
@@ -42,5 +45,7 @@ def check_encodable(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{where}: not valid Unicode text (character {e.start}: {text[e.start]!r}, a lone "
-                         "surrogate; undecodable bytes in a file or command-line argument?)") from None
+        raise ValueError(
+            f"{where}: not valid Unicode text (character {e.start}: {text[e.start]!r}, a lone "
+            "surrogate; undecodable bytes in a file or command-line argument?)"
+        ) from None

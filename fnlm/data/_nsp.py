@@ -12,6 +12,7 @@ and the back of B, longer side first, so an IsNext pair's A still ends where its
 The sampler sees only the documents it is given: feed it training text only (the scripts never
 pass the test split).
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,7 @@ def split_sentences(text: str) -> list[str]:
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     out, start = [], 0
     for m in _SENTENCE_END.finditer(text):
-        out.append(text[start:m.start() + len(m.group(0).rstrip())].strip())
+        out.append(text[start : m.start() + len(m.group(0).rstrip())].strip())
         start = m.end()
     out.append(text[start:].strip())
     return [s for s in out if s]
@@ -64,7 +65,7 @@ def nsp_pairs(tokenizer, documents: Sequence[str], *, max_len: int = 128, seed: 
     enc = tokenizer.backend.encode_batch(flat, add_special_tokens=False) if flat else []
     pieces, k = [], 0
     for d in docs:
-        pieces.append([e.ids for e in enc[k:k + len(d)]])
+        pieces.append([e.ids for e in enc[k : k + len(d)]])
         k += len(d)
     target = max_len - 3
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +84,9 @@ def nsp_pairs(tokenizer, documents: Sequence[str], *, max_len: int = 128, seed: 
                 first, length = i + 1, 0
     sources = [d for d, sents in enumerate(pieces) if any(sents)]
     if cands and len(sources) < 2:
-        raise ValueError("nsp_pairs needs at least two documents with text: NotNext segments come from another document")
+        raise ValueError(
+            "nsp_pairs needs at least two documents with text: NotNext segments come from another document"
+        )
     pos_in_sources = {d: i for i, d in enumerate(sources)}
     not_next = set(torch.randperm(len(cands), generator=g)[: len(cands) // 2].tolist())
 
@@ -115,4 +118,3 @@ def nsp_pairs(tokenizer, documents: Sequence[str], *, max_len: int = 128, seed: 
         out.labels.append(1 if c in not_next else 0)
         out.source.append(src)
     return out
-

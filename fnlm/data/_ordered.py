@@ -3,6 +3,7 @@
 Sorting by length puts similar lengths together, so little padding is computed; the results are
 scattered back so row ``i`` of the output belongs to ``token_ids[i]``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -15,9 +16,9 @@ from fnlm.data._batching import make_batches
 __all__ = ["length_sorted_batches", "predict_in_order"]
 
 
-def length_sorted_batches(token_ids: Sequence[Sequence[int]], *, batch_size: int,
-                          buckets: Sequence[int] | None = None,
-                          pad_id: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def length_sorted_batches(
+    token_ids: Sequence[Sequence[int]], *, batch_size: int, buckets: Sequence[int] | None = None, pad_id: int = 0
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(indices [B], input_ids [B, L], attention_mask [B, L])`` over ``token_ids`` sorted by length.
 
     ``indices[j]`` is the position in ``token_ids`` of row ``j``. With ``buckets``, batches come from
@@ -30,27 +31,32 @@ def length_sorted_batches(token_ids: Sequence[Sequence[int]], *, batch_size: int
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # stable: ties keep input order
     if buckets is not None:
         order_t = torch.tensor(order, dtype=torch.long)
-        for b in make_batches([token_ids[i] for i in order], None, batch_size, buckets, shuffle=False,
-                              pad_id=pad_id):
+        for b in make_batches([token_ids[i] for i in order], None, batch_size, buckets, shuffle=False, pad_id=pad_id):
             real = b["index"] >= 0
             idx = torch.full_like(b["index"], -1)
             idx[real] = order_t[b["index"][real]]
             yield idx, b["input_ids"], b["attention_mask"]
         return
     for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
+        rows = order[s : s + batch_size]
         width = max(2, max(len(token_ids[i]) for i in rows))
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for j, i in enumerate(rows):
-            input_ids[j, :len(token_ids[i])] = torch.as_tensor(token_ids[i], dtype=torch.long)
-            mask[j, :len(token_ids[i])] = 1
+            input_ids[j, : len(token_ids[i])] = torch.as_tensor(token_ids[i], dtype=torch.long)
+            mask[j, : len(token_ids[i])] = 1
         yield torch.tensor(rows, dtype=torch.long), input_ids, mask
 
 
-def predict_in_order(fn: Callable[[Tensor, Tensor], Tensor], token_ids: Sequence[Sequence[int]], *,
-                     batch_size: int, buckets: Sequence[int] | None = None, pad_id: int = 0,
-                     on_batch: Callable[[int], None] | None = None) -> Tensor:
+def predict_in_order(
+    fn: Callable[[Tensor, Tensor], Tensor],
+    token_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    buckets: Sequence[int] | None = None,
+    pad_id: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> Tensor:
     """``out[i] = fn(input_ids, attention_mask)[row of token_ids[i]]``: ``[N, ...]`` results in input order.
 
     Runs ``fn`` (``[B, L]`` ids and mask -> ``[B, ...]``) over :func:`length_sorted_batches` and scatters
@@ -58,8 +64,7 @@ def predict_in_order(fn: Callable[[Tensor, Tensor], Tensor], token_ids: Sequence
     The output has ``fn``'s dtype; with no texts it is ``torch.empty(0)``.
     """
     out: Tensor | None = None
-    for idx, input_ids, mask in length_sorted_batches(token_ids, batch_size=batch_size, buckets=buckets,
-                                                      pad_id=pad_id):
+    for idx, input_ids, mask in length_sorted_batches(token_ids, batch_size=batch_size, buckets=buckets, pad_id=pad_id):
         y = fn(input_ids, mask)
         real = idx >= 0
         if out is None:

@@ -13,6 +13,7 @@ longest first (first-fit decreasing bin packing). Each row carries, besides the 
 and the batch says where each sequence's first token (its [CLS]) is: ``cls_index [N, 2]`` =
 ``(row, position)``, in the order the sequences were given, with ``labels [N]``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,8 +43,15 @@ def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def pack_sequences(token_ids: Sequence[Sequence[int]], labels: Sequence[int] | None = None, *, row_len: int = 512,
-                   pad_id: int = 0, multiple: int = 8, rows: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+def pack_sequences(
+    token_ids: Sequence[Sequence[int]],
+    labels: Sequence[int] | None = None,
+    *,
+    row_len: int = 512,
+    pad_id: int = 0,
+    multiple: int = 8,
+    rows: list[list[int]] | None = None,
+) -> dict[str, torch.Tensor]:
     """One packed batch of all ``token_ids`` (unpadded, each starting with [CLS]).
 
     Returns int64 ``input_ids``, ``position_ids``, ``sequence_ids``, ``attention_mask`` (1 on
@@ -71,12 +79,17 @@ def pack_sequences(token_ids: Sequence[Sequence[int]], labels: Sequence[int] | N
         start = 0
         for k, i in enumerate(members):
             m = lengths[i]
-            input_ids[r, start:start + m] = torch.as_tensor(token_ids[i], dtype=torch.long)
-            position_ids[r, start:start + m] = torch.arange(m)
-            sequence_ids[r, start:start + m] = k + 1
+            input_ids[r, start : start + m] = torch.as_tensor(token_ids[i], dtype=torch.long)
+            position_ids[r, start : start + m] = torch.arange(m)
+            sequence_ids[r, start : start + m] = k + 1
             cls_index[i] = torch.tensor([r, start])
             start += m
     label_list = list(labels) if labels is not None else [0] * n
-    return {"input_ids": input_ids, "position_ids": position_ids, "sequence_ids": sequence_ids,
-            "attention_mask": (sequence_ids > 0).long(), "cls_index": cls_index,
-            "labels": torch.as_tensor(label_list, dtype=torch.long)}
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "sequence_ids": sequence_ids,
+        "attention_mask": (sequence_ids > 0).long(),
+        "cls_index": cls_index,
+        "labels": torch.as_tensor(label_list, dtype=torch.long),
+    }

@@ -1,5 +1,6 @@
 """A label-balanced, disjoint train / validation split of one labelled pool (e.g. IMDb's training
 reviews): the validation slice is never trained on, and the test split is never touched."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ def train_val_split(labels: Sequence[int], n_train: int, n_val: int, seed: int =
     try:
         val_idx = [i for i, _ in subset(rest, n_val, seed=seed + 1)]
     except ValueError:
-        raise ValueError(f"--val-size {n_val}: only {len(rest)} examples are left beside the --train-size "
-                         f"{n_train} subset for a label-balanced validation slice") from None
+        raise ValueError(
+            f"--val-size {n_val}: only {len(rest)} examples are left beside the --train-size "
+            f"{n_train} subset for a label-balanced validation slice"
+        ) from None
     if not n_train:
         chosen = set(val_idx)
         train_idx = [i for i in range(len(labels)) if i not in chosen]
@@ -47,11 +50,19 @@ class Split(NamedTuple):
 IMDB_LABELS = ("neg", "pos")  # label 0 = negative review (rating <= 4), 1 = positive (rating >= 7)
 
 
-def classification_splits(*, data: str | os.PathLike | None = None, train_file: str | os.PathLike | None = None,
-                          validation_file: str | os.PathLike | None = None,
-                          test_file: str | os.PathLike | None = None, text_column: str = "text",
-                          label_column: str = "label", train_size: int = 0, val_size: int | None = None,
-                          test_size: int = 0, seed: int = 0) -> tuple[dict[str, Split], tuple[str, ...]]:
+def classification_splits(
+    *,
+    data: str | os.PathLike | None = None,
+    train_file: str | os.PathLike | None = None,
+    validation_file: str | os.PathLike | None = None,
+    test_file: str | os.PathLike | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    train_size: int = 0,
+    val_size: int | None = None,
+    test_size: int = 0,
+    seed: int = 0,
+) -> tuple[dict[str, Split], tuple[str, ...]]:
     """``({'train', 'val', 'test'}: Split, label_names)`` for a text classifier.
 
     IMDb (``data``: the archive or folder, downloaded when None; label-balanced subsets of
@@ -76,14 +87,17 @@ def classification_splits(*, data: str | os.PathLike | None = None, train_file: 
 
     if test_file is None:
         raise ValueError("--train-file needs --test-file too (the split evaluated once, at the end)")
-    files, names = load_labelled_files(train_file, validation_file, test_file, text_column=text_column,
-                                       label_column=label_column)
+    files, names = load_labelled_files(
+        train_file, validation_file, test_file, text_column=text_column, label_column=label_column
+    )
     out = {k: Split(t, y, list(range(1, len(t) + 1))) for k, (t, y) in files.items()}  # ids: row numbers
     out["val"] = out.pop("validation", None)
     if out["val"] is None:
         texts, labels, ids = out["train"]
         n_val = val_size if val_size is not None else default_val_size(len(texts))
         train_idx, val_idx = train_val_split(labels, 0, n_val, seed=seed)
-        out["train"], out["val"] = (Split([texts[i] for i in idx], [labels[i] for i in idx], [ids[i] for i in idx])
-                                    for idx in (train_idx, val_idx))
+        out["train"], out["val"] = (
+            Split([texts[i] for i in idx], [labels[i] for i in idx], [ids[i] for i in idx])
+            for idx in (train_idx, val_idx)
+        )
     return out, tuple(names)

@@ -21,6 +21,7 @@ Two levels of output:
 * :meth:`WordPieceTokenizer.encode` / ``__call__`` — padded int64 tensors ``input_ids``,
   ``attention_mask``, ``token_type_ids`` of shape ``[B, L]``.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,10 @@ def build_bert_tokenizer(
             raise ValueError(f"the vocabulary has no {tok} token, so it is not a BERT WordPiece vocabulary")
     tk = Tokenizer(WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=max_input_chars_per_word))
     tk.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=handle_chinese_chars,
-        strip_accents=strip_accents, lowercase=lowercase,
+        clean_text=True,
+        handle_chinese_chars=handle_chinese_chars,
+        strip_accents=strip_accents,
+        lowercase=lowercase,
     )
     tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tk.post_processor = processors.TemplateProcessing(
@@ -125,7 +128,7 @@ def _head_tail_split(ids: list[int], head: int, tail: int) -> list[int]:
     """The first ``head`` and last ``tail`` of ``ids`` (all of ``ids`` if that is no longer)."""
     if len(ids) <= head + tail:
         return ids
-    return ids[:head] + (ids[len(ids) - tail:] if tail else [])
+    return ids[:head] + (ids[len(ids) - tail :] if tail else [])
 
 
 def _head_tail(ids: list[int], budget: int, truncation: str, head_tokens: int) -> list[int]:
@@ -149,8 +152,14 @@ class WordPieceTokenizer:
     Build it with :func:`load_tokenizer` (a checkpoint directory) or :meth:`from_vocab`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, do_lower_case: bool = True,
-                 strip_accents: bool | None = None, model_max_length: int = 512):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        do_lower_case: bool = True,
+        strip_accents: bool | None = None,
+        model_max_length: int = 512,
+    ):
         tokenizer.no_truncation()  # some tokenizer.json files ship with truncation/padding on
         tokenizer.no_padding()
         self._tk = tokenizer
@@ -167,16 +176,28 @@ class WordPieceTokenizer:
         # Tokenizing only the ends of long texts is exact for BERT's normalizer + pre-tokenizer.
         cfg = json.loads(tokenizer.to_str())
         norm, pre = cfg.get("normalizer") or {}, cfg.get("pre_tokenizer") or {}
-        self._cuttable = norm.get("type", "BertNormalizer") == "BertNormalizer" and pre.get("type") == "BertPreTokenizer"
+        self._cuttable = (
+            norm.get("type", "BertNormalizer") == "BertNormalizer" and pre.get("type") == "BertPreTokenizer"
+        )
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_vocab(cls, vocab_file: Path | str, *, lowercase: bool = True,
-                   strip_accents: bool | None = None, handle_chinese_chars: bool = True,
-                   model_max_length: int = 512) -> "WordPieceTokenizer":
+    def from_vocab(
+        cls,
+        vocab_file: Path | str,
+        *,
+        lowercase: bool = True,
+        strip_accents: bool | None = None,
+        handle_chinese_chars: bool = True,
+        model_max_length: int = 512,
+    ) -> "WordPieceTokenizer":
         """From a ``vocab.txt`` alone; ``lowercase=False`` for cased vocabularies."""
-        tk = build_bert_tokenizer(_read_vocab(Path(vocab_file)), lowercase=lowercase,
-                                  strip_accents=strip_accents, handle_chinese_chars=handle_chinese_chars)
+        tk = build_bert_tokenizer(
+            _read_vocab(Path(vocab_file)),
+            lowercase=lowercase,
+            strip_accents=strip_accents,
+            handle_chinese_chars=handle_chinese_chars,
+        )
         return cls(tk, do_lower_case=lowercase, strip_accents=strip_accents, model_max_length=model_max_length)
 
     @property
@@ -308,7 +329,7 @@ class WordPieceTokenizer:
             if kind == "full":
                 out.append(_head_tail_split(pieces[a], head, tail))
             elif len(pieces[a]) >= head and (b < 0 or len(pieces[b]) >= tail):
-                out.append(pieces[a][:head] + (pieces[b][len(pieces[b]) - tail:] if tail else []))
+                out.append(pieces[a][:head] + (pieces[b][len(pieces[b]) - tail :] if tail else []))
             else:
                 out.append(None)
                 redo.append(i)
@@ -348,18 +369,34 @@ class WordPieceTokenizer:
                 types_out.append(len(a) + 2)  # positions >= this have token type 1
         return ids_out, types_out
 
-    def encode_ids(self, texts: str | Sequence[str], max_len: int = 512, truncation: str = "head",
-                   *, head_tokens: int | None = None, pairs: Sequence[str] | None = None,
-                   long_text: str = "truncate") -> list[list[int]]:
+    def encode_ids(
+        self,
+        texts: str | Sequence[str],
+        max_len: int = 512,
+        truncation: str = "head",
+        *,
+        head_tokens: int | None = None,
+        pairs: Sequence[str] | None = None,
+        long_text: str = "truncate",
+    ) -> list[list[int]]:
         """Token ids with ``[CLS]``/``[SEP]``, truncated to at most ``max_len``; no padding.
         A text over ``MAX_TEXT_CHARS`` characters is first cut to them with a warning
         (``long_text="error"``: :class:`fnlm.data.TextTooLongError`)."""
         ids, _ = self._encode(texts, pairs, max_len, truncation, head_tokens, long_text)
         return ids
 
-    def encode(self, texts: str | Sequence[str], pairs: Sequence[str] | None = None, *,
-               max_len: int = 512, padding: str = "longest", truncation: str = "head",
-               head_tokens: int | None = None, return_tensors: bool = True, long_text: str = "truncate") -> dict:
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        pairs: Sequence[str] | None = None,
+        *,
+        max_len: int = 512,
+        padding: str = "longest",
+        truncation: str = "head",
+        head_tokens: int | None = None,
+        return_tensors: bool = True,
+        long_text: str = "truncate",
+    ) -> dict:
         """Padded model inputs: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``[B, L]``.
 
         ``padding="longest"`` pads to the longest sequence of the batch, ``"max_length"`` to
@@ -371,8 +408,10 @@ class WordPieceTokenizer:
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if padding == "max_length" and isinstance(max_len, int) and max_len > self.model_max_length:
-            raise ValueError(f"max_len={max_len:,} is beyond the model's {self.model_max_length:,} positions "
-                             "(model_max_length); padding to it would only allocate")
+            raise ValueError(
+                f"max_len={max_len:,} is beyond the model's {self.model_max_length:,} positions "
+                "(model_max_length); padding to it would only allocate"
+            )
         ids, types = self._encode(texts, pairs, max_len, truncation, head_tokens, long_text)
         n = len(ids)
         width = max_len if padding == "max_length" else max((len(r) for r in ids), default=0)
@@ -383,7 +422,7 @@ class WordPieceTokenizer:
             input_ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
             if t is not None:
-                token_types[i, t: len(row)] = 1
+                token_types[i, t : len(row)] = 1
         out = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types}
         if return_tensors:
             return {k: torch.from_numpy(v) for k, v in out.items()}
@@ -419,8 +458,10 @@ class WordPieceTokenizer:
         return d
 
     def __repr__(self) -> str:
-        return (f"WordPieceTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
-                f"strip_accents={self.strip_accents})")
+        return (
+            f"WordPieceTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
+            f"strip_accents={self.strip_accents})"
+        )
 
 
 def _is_bpe_dir(d: Path) -> bool:
@@ -472,7 +513,9 @@ def load_tokenizer(path: Path | str) -> WordPieceTokenizer:
         try:
             tk = Tokenizer.from_file(str(d / "tokenizer.json"))
         except Exception as e:  # the Rust library's parse errors (a plain Exception)
-            raise ValueError(f"{d / 'tokenizer.json'}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
+            raise ValueError(
+                f"{d / 'tokenizer.json'}: not a tokenizers file ({str(e).splitlines()[0][:200]})"
+            ) from None
         norm = json.loads(tk.to_str()).get("normalizer") or {}
         if norm.get("type") == "BertNormalizer":  # tokenizer.json is the authority
             lower, strip = bool(norm.get("lowercase", lower)), norm.get("strip_accents", strip)
@@ -480,6 +523,9 @@ def load_tokenizer(path: Path | str) -> WordPieceTokenizer:
     if not vocab_file.is_file():
         raise FileNotFoundError(f"{d} has neither tokenizer.json nor vocab.txt")
     return WordPieceTokenizer.from_vocab(
-        vocab_file, lowercase=lower, strip_accents=strip,
-        handle_chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)), model_max_length=max_len,
+        vocab_file,
+        lowercase=lower,
+        strip_accents=strip,
+        handle_chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)),
+        model_max_length=max_len,
     )

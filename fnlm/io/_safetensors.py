@@ -5,6 +5,7 @@ Writes go to a temporary file in the same directory and are moved into place wit
 ``os.replace`` (atomic on POSIX), so a crash never leaves a half-written file under the final
 name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,23 +56,28 @@ def _check_safetensors_header(path: Path) -> None:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is a JSON {type(header).__name__}, not an object)")
+        raise CheckpointError(
+            f"{path}: not a safetensors file (header is a JSON {type(header).__name__}, not an object)"
+        )
     end = 0
     for k, v in header.items():
         if k == "__metadata__":
             continue
         offsets = v.get("data_offsets") if isinstance(v, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-                or offsets[0] > offsets[1]):
-            raise CheckpointError(f"{path}: not a safetensors file (tensor {k!r} has no valid data_offsets [begin, end])")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise CheckpointError(
+                f"{path}: not a safetensors file (tensor {k!r} has no valid data_offsets [begin, end])"
+            )
         if not isinstance(v.get("shape"), list) or not isinstance(v.get("dtype"), str):
             raise CheckpointError(f"{path}: not a safetensors file (tensor {k!r} lacks a shape list or a dtype)")
         end = max(end, offsets[1])
     if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}"
-        )
+        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -82,7 +88,7 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise CheckpointError(
             f"{path}: pickle checkpoints are refused (unpickling can run arbitrary code). Convert it once "
-            "with: python -c \"import torch; from safetensors.torch import save_file; "
+            'with: python -c "import torch; from safetensors.torch import save_file; '
             "sd = torch.load('pytorch_model.bin', weights_only=True); "
             "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\""
         )
@@ -140,7 +146,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Atomically write ``tensors`` (made contiguous, moved to CPU) to ``path``."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -176,8 +184,13 @@ def _renameat2() -> Any:
                 nr = {"x86_64": 316, "aarch64": 276}.get(platform.machine())
                 if nr is not None:
                     _renameat2_fn = lambda *a: libc.syscall(
-                        ctypes.c_long(nr), ctypes.c_int(a[0]), ctypes.c_char_p(a[1]), ctypes.c_int(a[2]),
-                        ctypes.c_char_p(a[3]), ctypes.c_uint(a[4]))
+                        ctypes.c_long(nr),
+                        ctypes.c_int(a[0]),
+                        ctypes.c_char_p(a[1]),
+                        ctypes.c_int(a[2]),
+                        ctypes.c_char_p(a[3]),
+                        ctypes.c_uint(a[4]),
+                    )
     return _renameat2_fn or None
 
 
@@ -243,8 +256,14 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """``'fp32' | 'float32' | 'bf16' | 'bfloat16' | 'fp16' | 'float16'`` -> ``torch.dtype``."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     try:
         return table[name]
     except KeyError:

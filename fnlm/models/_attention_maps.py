@@ -1,4 +1,5 @@
 """Attention you can look at: a sentence's attention probabilities per layer and head, and where [CLS] looks."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,14 @@ def attention_maps(params, cfg, tokenizer, text: str, max_len: int = 64) -> tupl
     ``P [layers, heads, len, len]`` of every layer (``P[l, h, i, j]``: how much query ``i`` takes from key ``j``)."""
     b = tokenizer.encode([text], max_len=min(max_len, cfg.max_position_embeddings))
     with torch.no_grad():
-        _, _, inter = bert(params, b["input_ids"], cfg, attention_mask=b["attention_mask"],
-                           token_type_ids=b["token_type_ids"], output_attentions=True)
+        _, _, inter = bert(
+            params,
+            b["input_ids"],
+            cfg,
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+            output_attentions=True,
+        )
     tokens = [tokenizer.id_to_token(i) for i in b["input_ids"][0].tolist()]
     return tokens, torch.stack([p[0] for p in inter["attentions"]]).float()
 

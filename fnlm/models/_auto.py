@@ -1,6 +1,7 @@
 """One entry point for sequence classifiers of the BERT family, chosen by ``config.json``'s
 ``model_type`` (``bert``, ``roberta``, ``distilbert``): load, run, loss and save, so a fine-tuning
 script handles all three with the same four calls."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,13 @@ from torch import Tensor
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError
 from fnlm.models._bert import BertConfig, bert_classifier, classifier_loss
-from fnlm.models._bert_family import (DistilBertConfig, RobertaConfig, distilbert_classifier, roberta_classifier,
-                                      sequence_classifier_loss)
+from fnlm.models._bert_family import (
+    DistilBertConfig,
+    RobertaConfig,
+    distilbert_classifier,
+    roberta_classifier,
+    sequence_classifier_loss,
+)
 from fnlm.models._bert_family_hf import load_distilbert, load_roberta, save_distilbert, save_roberta
 from fnlm.models._bert_hf import load_bert, save_bert
 from fnlm.tree import Params
@@ -40,9 +46,15 @@ def read_model_type(path: str | os.PathLike) -> str:
     return t
 
 
-def load_classifier(path: str | os.PathLike, *, num_labels: int | None = None, head_key: random.Key | None = None,
-                    strict: bool = True, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> tuple[Params, BertConfig | RobertaConfig | DistilBertConfig]:
+def load_classifier(
+    path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    head_key: random.Key | None = None,
+    strict: bool = True,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Params, BertConfig | RobertaConfig | DistilBertConfig]:
     """``(params, cfg)`` of a sequence classifier from a BERT, RoBERTa or DistilBERT directory
     (:func:`load_bert` / :func:`load_roberta` / :func:`load_distilbert` with ``head='classifier'``);
     ``head_key`` initialises the head when the checkpoint has none, ``num_labels`` overrides the config's."""
@@ -51,29 +63,49 @@ def load_classifier(path: str | os.PathLike, *, num_labels: int | None = None, h
     return loader(path, **kw)
 
 
-def classifier_logits(params: Params, input_ids: Tensor, cfg: BertConfig | RobertaConfig | DistilBertConfig, *,
-                      attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                      key: random.Key | None = None, train: bool = False) -> Tensor:
+def classifier_logits(
+    params: Params,
+    input_ids: Tensor,
+    cfg: BertConfig | RobertaConfig | DistilBertConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
     """``logits [*batch, C]`` of the classifier ``cfg`` describes (DistilBERT ignores ``token_type_ids``)."""
     if isinstance(cfg, RobertaConfig):
-        return roberta_classifier(params, input_ids, cfg, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                  key=key, train=train)
+        return roberta_classifier(
+            params, input_ids, cfg, attention_mask=attention_mask, token_type_ids=token_type_ids, key=key, train=train
+        )
     if isinstance(cfg, DistilBertConfig):
         return distilbert_classifier(params, input_ids, cfg, attention_mask=attention_mask, key=key, train=train)
-    return bert_classifier(params, input_ids, cfg, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           key=key, train=train)
+    return bert_classifier(
+        params, input_ids, cfg, attention_mask=attention_mask, token_type_ids=token_type_ids, key=key, train=train
+    )
 
 
-def any_classifier_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig | RobertaConfig | DistilBertConfig,
-                        *, key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def any_classifier_loss(
+    params: Params,
+    batch: Mapping[str, Tensor],
+    cfg: BertConfig | RobertaConfig | DistilBertConfig,
+    *,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`classifier_loss` for BERT, :func:`sequence_classifier_loss` for RoBERTa/DistilBERT."""
     if isinstance(cfg, (RobertaConfig, DistilBertConfig)):
         return sequence_classifier_loss(params, batch, cfg, key=key, train=train)
     return classifier_loss(params, batch, cfg, key=key, train=train)
 
 
-def save_classifier(params: Params, cfg: BertConfig | RobertaConfig | DistilBertConfig, out_dir: str | os.PathLike, *,
-                    tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def save_classifier(
+    params: Params,
+    cfg: BertConfig | RobertaConfig | DistilBertConfig,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
     """:func:`save_bert` / :func:`save_roberta` / :func:`save_distilbert`, by the type of ``cfg``."""
     if isinstance(cfg, RobertaConfig):
         return save_roberta(params, cfg, out_dir, tokenizer_dir=tokenizer_dir)

@@ -18,6 +18,7 @@ Params are plain pytrees (layout in :func:`init_bert`); hyper-parameters live in
 hashable :class:`BertConfig`. :mod:`fnlm.models._bert_hf` maps Hugging Face checkpoints (and ``config.json``) onto
 these trees and back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,10 +27,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from fnlm._memory import check_bound, check_eps
-from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import is_traced
+from fnlm._memory import check_bound, check_eps
 from fnlm.nn._config import TransformerConfig
 from fnlm.nn._dropout import dropout
 from fnlm.nn._embedding import check_token_ids, embedding, init_embedding
@@ -39,6 +39,7 @@ from fnlm.nn._linear import init_linear, linear
 from fnlm.nn._losses import accuracy, cross_entropy
 from fnlm.nn._norm import init_layer_norm, layer_norm
 from fnlm.nn._positional import check_length, init_learned_positional, learned_positional
+from fnlm.tree import Params
 
 #: ``hidden_act`` values understood both by fnlm and by Hugging Face's ``ACT2FN``.
 HF_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
@@ -48,11 +49,26 @@ HF_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 #: ``BertForQuestionAnswering``).
 HEADS = ("none", "classifier", "mlm", "pretraining", "token_classifier", "span")
 
-_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings", "type_vocab_size", "num_labels")
-_BOUNDS = {"vocab_size": "vocab", "hidden_size": "width", "num_hidden_layers": "layers",
-           "num_attention_heads": "heads", "intermediate_size": "width", "max_position_embeddings": "positions",
-           "type_vocab_size": "vocab", "num_labels": "labels"}
+_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "num_labels",
+)
+_BOUNDS = {
+    "vocab_size": "vocab",
+    "hidden_size": "width",
+    "num_hidden_layers": "layers",
+    "num_attention_heads": "heads",
+    "intermediate_size": "width",
+    "max_position_embeddings": "positions",
+    "type_vocab_size": "vocab",
+    "num_labels": "labels",
+}
 _FLOAT_FIELDS = ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
 
 
@@ -96,8 +112,10 @@ class BertConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ValueError(f"BertConfig.{name} must be a number, got {v!r}")
         if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(f"BertConfig.hidden_size={self.hidden_size} must be divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
+            raise ValueError(
+                f"BertConfig.hidden_size={self.hidden_size} must be divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.hidden_act not in HF_ACTIVATIONS:
             raise ValueError(f"BertConfig.hidden_act must be one of {HF_ACTIVATIONS}, got {self.hidden_act!r}")
         check_eps("BertConfig", "layer_norm_eps", self.layer_norm_eps)
@@ -110,24 +128,37 @@ class BertConfig:
             if v is not None and not 0.0 <= v < 1.0:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {v}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"BertConfig.pad_token_id={self.pad_token_id} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+            raise ValueError(
+                f"BertConfig.pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
         if self.id2label is not None:
             if not isinstance(self.id2label, tuple) or not all(isinstance(s, str) for s in self.id2label):
                 raise ValueError(f"BertConfig.id2label must be a tuple of label names, got {self.id2label!r}")
             if len(self.id2label) != self.num_labels:
-                raise ValueError(f"BertConfig.id2label has {len(self.id2label)} names but num_labels="
-                                 f"{self.num_labels}")
+                raise ValueError(f"BertConfig.id2label has {len(self.id2label)} names but num_labels={self.num_labels}")
         # Built once here, so that apply functions (also under torch.compile) only read it.
-        object.__setattr__(self, "_transformer_config", TransformerConfig(
-            d_model=self.hidden_size, n_heads=self.num_attention_heads, d_ff=self.intermediate_size,
-            n_layers=self.num_hidden_layers, dropout=self.hidden_dropout_prob,
-            attention_dropout=self.attention_probs_dropout_prob, activation=self.hidden_act,
-            norm_first=False, final_norm=False, layer_norm_eps=float(self.layer_norm_eps),
-            max_len=self.max_position_embeddings, init_std=float(self.initializer_range),
-            positional="learned", scale_embeddings=False, src_vocab_size=self.vocab_size,
-            fused_attention_dropout=bool(self.fused_attention_dropout),
-        ))
+        object.__setattr__(
+            self,
+            "_transformer_config",
+            TransformerConfig(
+                d_model=self.hidden_size,
+                n_heads=self.num_attention_heads,
+                d_ff=self.intermediate_size,
+                n_layers=self.num_hidden_layers,
+                dropout=self.hidden_dropout_prob,
+                attention_dropout=self.attention_probs_dropout_prob,
+                activation=self.hidden_act,
+                norm_first=False,
+                final_norm=False,
+                layer_norm_eps=float(self.layer_norm_eps),
+                max_len=self.max_position_embeddings,
+                init_std=float(self.initializer_range),
+                positional="learned",
+                scale_embeddings=False,
+                src_vocab_size=self.vocab_size,
+                fused_attention_dropout=bool(self.fused_attention_dropout),
+            ),
+        )
 
     def transformer_config(self) -> TransformerConfig:
         """The equivalent :class:`fnlm.TransformerConfig` (post-LN, no final LN, BERT's init)."""
@@ -251,8 +282,9 @@ def _check_same_shape(name: str, x: Any, input_ids: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.shape != input_ids.shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, but input_ids has shape "
-                         f"{tuple(input_ids.shape)}; they must be equal")
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, but input_ids has shape {tuple(input_ids.shape)}; they must be equal"
+        )
 
 
 def bert_embeddings(
@@ -320,8 +352,10 @@ def bert(
     _check_ids(input_ids)
     capture = output_hidden_states or output_attentions
     if capture and pooled_only:
-        raise ValueError("pooled_only=True computes only the [CLS] row of the last layer; it cannot be "
-                         "combined with output_hidden_states / output_attentions")
+        raise ValueError(
+            "pooled_only=True computes only the [CLS] row of the last layer; it cannot be "
+            "combined with output_hidden_states / output_attentions"
+        )
     mask = None
     if attention_mask is not None:
         _check_same_shape("attention_mask", attention_mask, input_ids)
@@ -329,9 +363,18 @@ def bert(
         mask = mask | ~mask.any(-1, keepdim=True)  # all-padding rows: no -inf-only softmax (NaN)
     k_emb, k_enc = random.split_or_none(key, 2)
     x = bert_embeddings(params["embeddings"], input_ids, cfg, token_type_ids=token_type_ids, key=k_emb, train=train)
-    h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=mask, key=k_enc, train=train,
-                last_queries=slice(0, 1) if pooled_only else None,
-                output_hidden_states=output_hidden_states, output_attentions=output_attentions, remat=remat)
+    h = encoder(
+        params["encoder"],
+        x,
+        cfg.transformer_config(),
+        key_padding_mask=mask,
+        key=k_enc,
+        train=train,
+        last_queries=slice(0, 1) if pooled_only else None,
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+        remat=remat,
+    )
     h, intermediates = h if capture else (h, None)
     pooled = torch.tanh(linear(params["pooler"], h[..., 0, :])) if "pooler" in params else None
     return (h, pooled, intermediates) if capture else (h, pooled)
@@ -355,9 +398,17 @@ def bert_classifier(
     ``pooled_only=False`` runs it at every position, as HF does: same logits, more work.
     ``remat``: as :func:`bert`'s."""
     k_bert, k_drop = random.split_or_none(key, 2)
-    _, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, key=k_bert, train=train, pooled_only=pooled_only,
-                     remat=remat)
+    _, pooled = bert(
+        params["bert"],
+        input_ids,
+        cfg,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        key=k_bert,
+        train=train,
+        pooled_only=pooled_only,
+        remat=remat,
+    )
     if pooled is None:
         raise ValueError("bert_classifier needs a pooler: params['bert'] has no 'pooler'")
     p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
@@ -376,8 +427,15 @@ def bert_mlm(
 ) -> Tensor:
     """Masked-LM logits ``[*batch, len, V]``: ``t = LN(act(h W_t + b_t))``, ``logits = t E^T + b``
     with ``E`` the word embedding table (tied decoder, as ``BertForMaskedLM``)."""
-    h, _ = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
-                token_type_ids=token_type_ids, key=key, train=train)
+    h, _ = bert(
+        params["bert"],
+        input_ids,
+        cfg,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        key=key,
+        train=train,
+    )
     return _mlm_head(params, h, cfg)
 
 
@@ -405,8 +463,15 @@ def bert_pretraining(
     [CLS] vector (no dropout, as HF). ``token_type_ids`` mark sentence B (1) in a pair."""
     if "pooler" not in params["bert"]:
         raise ValueError("bert_pretraining needs a pooler (NSP reads the pooled [CLS] vector): params['bert'] has none")
-    h, pooled = bert(params["bert"], input_ids, cfg, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, key=key, train=train)
+    h, pooled = bert(
+        params["bert"],
+        input_ids,
+        cfg,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        key=key,
+        train=train,
+    )
     return _mlm_head(params, h, cfg), linear(params["nsp"], pooled)
 
 
@@ -425,9 +490,15 @@ def _check_labels(labels: Any, n_classes: int, shape: tuple[int, ...], what: str
         raise ValueError(f"labels contain {int(labels[bad][0])}, outside [0, {n_classes}) (use -100 to ignore)")
 
 
-def classifier_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
-                    key: random.Key | None = None, train: bool = False,
-                    remat: str | list[str | None] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def classifier_loss(
+    params: Params,
+    batch: Mapping[str, Tensor],
+    cfg: BertConfig,
+    *,
+    key: random.Key | None = None,
+    train: bool = False,
+    remat: str | list[str | None] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``(L, {'accuracy': acc})`` with ``L = sum_n w_n (-log softmax(z_n)[y_n]) / sum_n w_n``.
 
     ``batch``: ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels`` ``[B]``
@@ -435,47 +506,74 @@ def classifier_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig
     ``torch.func.grad_and_value(..., has_aux=True)`` and ``torch.compile(fullgraph=True)``.
     ``remat``: recompute the encoder's activations in the backward pass (see :func:`bert`).
     """
-    logits = bert_classifier(params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"),
-                             token_type_ids=batch.get("token_type_ids"), key=key, train=train, remat=remat)
+    logits = bert_classifier(
+        params,
+        batch["input_ids"],
+        cfg,
+        attention_mask=batch.get("attention_mask"),
+        token_type_ids=batch.get("token_type_ids"),
+        key=key,
+        train=train,
+        remat=remat,
+    )
     labels, weight = batch["labels"], batch.get("weight")
     _check_labels(labels, logits.shape[-1], logits.shape[:-1], "one per sequence")
     loss = cross_entropy(logits, labels, weight=weight)
     return loss, {"accuracy": accuracy(logits, labels, weight=weight)}
 
 
-def mlm_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
-             key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def mlm_loss(
+    params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *, key: random.Key | None = None, train: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``(L, {'accuracy': acc})``, ``L`` = mean cross-entropy over positions whose label is not -100.
 
     ``batch``: ``input_ids`` (already masked, see :func:`mask_tokens`), ``attention_mask``,
     optional ``token_type_ids``, ``labels`` ``[B, len]`` (original ids at masked positions, -100
     elsewhere).
     """
-    logits = bert_mlm(params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"),
-                      token_type_ids=batch.get("token_type_ids"), key=key, train=train)
+    logits = bert_mlm(
+        params,
+        batch["input_ids"],
+        cfg,
+        attention_mask=batch.get("attention_mask"),
+        token_type_ids=batch.get("token_type_ids"),
+        key=key,
+        train=train,
+    )
     labels = batch["labels"]
     _check_labels(labels, logits.shape[-1], logits.shape[:-1], "one per token")
     loss = cross_entropy(logits, labels)
     return loss, {"accuracy": accuracy(logits, labels)}
 
 
-def pretraining_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
-                     key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def pretraining_loss(
+    params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *, key: random.Key | None = None, train: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``L = L_MLM + L_NSP`` (``BertForPreTraining``'s loss): ``L_MLM`` the mean cross-entropy over
     positions whose ``labels`` are not -100, ``L_NSP`` the mean cross-entropy of
     ``next_sentence_label`` ``[B]`` (0 = B follows A, 1 = random B; -100 ignored).
 
     Aux: ``mlm_loss``, ``nsp_loss``, ``mlm_accuracy``, ``nsp_accuracy``.
     """
-    mlm_logits, nsp_logits = bert_pretraining(params, batch["input_ids"], cfg,
-                                              attention_mask=batch.get("attention_mask"),
-                                              token_type_ids=batch.get("token_type_ids"), key=key, train=train)
+    mlm_logits, nsp_logits = bert_pretraining(
+        params,
+        batch["input_ids"],
+        cfg,
+        attention_mask=batch.get("attention_mask"),
+        token_type_ids=batch.get("token_type_ids"),
+        key=key,
+        train=train,
+    )
     labels, nsp_labels = batch["labels"], batch["next_sentence_label"]
     _check_labels(labels, mlm_logits.shape[-1], mlm_logits.shape[:-1], "one per token")
     _check_labels(nsp_labels, 2, nsp_logits.shape[:-1], "one per sequence pair")
     l_mlm, l_nsp = cross_entropy(mlm_logits, labels), cross_entropy(nsp_logits, nsp_labels)
-    return l_mlm + l_nsp, {"mlm_loss": l_mlm, "nsp_loss": l_nsp, "mlm_accuracy": accuracy(mlm_logits, labels),
-                           "nsp_accuracy": accuracy(nsp_logits, nsp_labels)}
+    return l_mlm + l_nsp, {
+        "mlm_loss": l_mlm,
+        "nsp_loss": l_nsp,
+        "mlm_accuracy": accuracy(mlm_logits, labels),
+        "nsp_accuracy": accuracy(nsp_logits, nsp_labels),
+    }
 
 
 def mask_tokens(
@@ -508,8 +606,9 @@ def mask_tokens(
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} is outside the vocabulary [0, {vocab_size})")
     shape, dev = input_ids.shape, input_ids.device
-    special = torch.as_tensor(list(special_ids) if not isinstance(special_ids, Tensor) else special_ids,
-                              dtype=input_ids.dtype, device=dev).reshape(-1)
+    special = torch.as_tensor(
+        list(special_ids) if not isinstance(special_ids, Tensor) else special_ids, dtype=input_ids.dtype, device=dev
+    ).reshape(-1)
     candidates = ~torch.isin(input_ids, special)
     if attention_mask is not None:
         _check_same_shape("attention_mask", attention_mask, input_ids)

@@ -13,6 +13,7 @@ blocks; only what differs is written here:
 
 :mod:`fnlm.models._bert_family_hf` maps Hugging Face checkpoints of both onto these trees and back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,24 +79,38 @@ def init_roberta_classifier(key: random.Key, cfg: RobertaConfig, num_labels: int
     kb, kd, ko = random.split(key, 3)
     n = cfg.num_labels if num_labels is None else num_labels
     std = float(cfg.initializer_range)
-    return {"roberta": init_roberta(kb, cfg, pooler=False),
-            "classifier": {"dense": init_linear(kd, cfg.hidden_size, cfg.hidden_size, std=std),
-                           "out_proj": init_linear(ko, cfg.hidden_size, n, std=std)}}
+    return {
+        "roberta": init_roberta(kb, cfg, pooler=False),
+        "classifier": {
+            "dense": init_linear(kd, cfg.hidden_size, cfg.hidden_size, std=std),
+            "out_proj": init_linear(ko, cfg.hidden_size, n, std=std),
+        },
+    }
 
 
 def _mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
     if attention_mask is None:
         return None
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but input_ids has shape "
-                         f"{tuple(input_ids.shape)}; they must be equal")
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, but input_ids has shape "
+            f"{tuple(input_ids.shape)}; they must be equal"
+        )
     m = attention_mask.bool()
     return m | ~m.any(-1, keepdim=True)  # all-padding rows: no -inf-only softmax (NaN)
 
 
-def roberta(params: Params, input_ids: Tensor, cfg: RobertaConfig, *, attention_mask: Tensor | None = None,
-            token_type_ids: Tensor | None = None, key: random.Key | None = None, train: bool = False,
-            pooled_only: bool = False) -> tuple[Tensor, Tensor | None]:
+def roberta(
+    params: Params,
+    input_ids: Tensor,
+    cfg: RobertaConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+    pooled_only: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """``(last_hidden [*batch, len, H], pooled [*batch, H] or None)``, as ``RobertaModel``:
     ``x_t = Dropout(LN(E[w_t] + S[s_t] + P[p_t]))`` with the offset positions of
     :func:`roberta_position_ids`, then BERT's encoder (``pooled_only``: as :func:`fnlm.models.bert`)."""
@@ -106,23 +121,49 @@ def roberta(params: Params, input_ids: Tensor, cfg: RobertaConfig, *, attention_
     else:
         check_token_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids")
     pos = roberta_position_ids(input_ids, cfg.pad_token_id)
-    x = embedding(emb["word"], input_ids) + embedding(emb["token_type"], token_type_ids) + emb["position"]["weight"][pos]
+    x = (
+        embedding(emb["word"], input_ids)
+        + embedding(emb["token_type"], token_type_ids)
+        + emb["position"]["weight"][pos]
+    )
     k_emb, k_enc = random.split_or_none(key, 2)
     x = dropout(layer_norm(emb["norm"], x, cfg.layer_norm_eps), cfg.hidden_dropout_prob, key=k_emb, train=train)
-    h = encoder(params["encoder"], x, cfg.transformer_config(), key_padding_mask=_mask(attention_mask, input_ids),
-                key=k_enc, train=train, last_queries=slice(0, 1) if pooled_only else None)
+    h = encoder(
+        params["encoder"],
+        x,
+        cfg.transformer_config(),
+        key_padding_mask=_mask(attention_mask, input_ids),
+        key=k_enc,
+        train=train,
+        last_queries=slice(0, 1) if pooled_only else None,
+    )
     pooled = torch.tanh(linear(params["pooler"], h[..., 0, :])) if "pooler" in params else None
     return h, pooled
 
 
-def roberta_classifier(params: Params, input_ids: Tensor, cfg: RobertaConfig, *,
-                       attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                       key: random.Key | None = None, train: bool = False) -> Tensor:
+def roberta_classifier(
+    params: Params,
+    input_ids: Tensor,
+    cfg: RobertaConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
     """``logits [*batch, C] = W_o Dropout(tanh(W_d Dropout(h_<s>) + b_d)) + b_o``
     (``RobertaForSequenceClassification``; rate ``classifier_dropout``, else ``hidden_dropout_prob``)."""
     k_body, k1, k2 = random.split_or_none(key, 3)
-    h, _ = roberta(params["roberta"], input_ids, cfg, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                   key=k_body, train=train, pooled_only=True)
+    h, _ = roberta(
+        params["roberta"],
+        input_ids,
+        cfg,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        key=k_body,
+        train=train,
+        pooled_only=True,
+    )
     p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
     head = params["classifier"]
     x = torch.tanh(linear(head["dense"], dropout(h[..., 0, :], p, key=k1, train=train)))
@@ -156,13 +197,27 @@ class DistilBertConfig:
             raise ValueError(f"DistilBertConfig.activation must be one of {HF_ACTIVATIONS}, got {self.activation!r}")
         if not 0.0 <= self.seq_classif_dropout < 1.0:
             raise ValueError(f"DistilBertConfig.seq_classif_dropout must be in [0, 1), got {self.seq_classif_dropout}")
-        object.__setattr__(self, "_bert", BertConfig(
-            vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
-            num_attention_heads=self.n_heads, intermediate_size=self.hidden_dim,
-            max_position_embeddings=self.max_position_embeddings, type_vocab_size=1, layer_norm_eps=1e-12,
-            hidden_act=self.activation, hidden_dropout_prob=float(self.dropout),
-            attention_probs_dropout_prob=float(self.attention_dropout), initializer_range=float(self.initializer_range),
-            pad_token_id=self.pad_token_id, num_labels=self.num_labels, id2label=self.id2label))
+        object.__setattr__(
+            self,
+            "_bert",
+            BertConfig(
+                vocab_size=self.vocab_size,
+                hidden_size=self.dim,
+                num_hidden_layers=self.n_layers,
+                num_attention_heads=self.n_heads,
+                intermediate_size=self.hidden_dim,
+                max_position_embeddings=self.max_position_embeddings,
+                type_vocab_size=1,
+                layer_norm_eps=1e-12,
+                hidden_act=self.activation,
+                hidden_dropout_prob=float(self.dropout),
+                attention_probs_dropout_prob=float(self.attention_dropout),
+                initializer_range=float(self.initializer_range),
+                pad_token_id=self.pad_token_id,
+                num_labels=self.num_labels,
+                id2label=self.id2label,
+            ),
+        )
 
     def bert_config(self) -> BertConfig:
         """The :class:`BertConfig` of the same encoder (BERT's names; DistilBERT's LayerNorm eps 1e-12)."""
@@ -192,10 +247,15 @@ def init_distilbert(key: random.Key, cfg: DistilBertConfig) -> Params:
     word = init_embedding(kw, cfg.vocab_size, cfg.dim, std=std)
     if cfg.pad_token_id is not None:
         word["weight"] = word["weight"].index_fill(0, torch.tensor([cfg.pad_token_id]), 0.0)
-    position = ({"weight": distilbert_sinusoidal_table(cfg.max_position_embeddings, cfg.dim)}
-                if cfg.sinusoidal_pos_embds else init_embedding(kp, cfg.max_position_embeddings, cfg.dim, std=std))
-    return {"embeddings": {"word": word, "position": position, "norm": init_layer_norm(cfg.dim)},
-            "encoder": init_encoder(kenc, cfg.bert_config().transformer_config())}
+    position = (
+        {"weight": distilbert_sinusoidal_table(cfg.max_position_embeddings, cfg.dim)}
+        if cfg.sinusoidal_pos_embds
+        else init_embedding(kp, cfg.max_position_embeddings, cfg.dim, std=std)
+    )
+    return {
+        "embeddings": {"word": word, "position": position, "norm": init_layer_norm(cfg.dim)},
+        "encoder": init_encoder(kenc, cfg.bert_config().transformer_config()),
+    }
 
 
 def init_distilbert_classifier(key: random.Key, cfg: DistilBertConfig, num_labels: int | None = None) -> Params:
@@ -203,12 +263,23 @@ def init_distilbert_classifier(key: random.Key, cfg: DistilBertConfig, num_label
     kb, kp, kc = random.split(key, 3)
     n = cfg.num_labels if num_labels is None else num_labels
     std = float(cfg.initializer_range)
-    return {"distilbert": init_distilbert(kb, cfg), "pre_classifier": init_linear(kp, cfg.dim, cfg.dim, std=std),
-            "classifier": init_linear(kc, cfg.dim, n, std=std)}
+    return {
+        "distilbert": init_distilbert(kb, cfg),
+        "pre_classifier": init_linear(kp, cfg.dim, cfg.dim, std=std),
+        "classifier": init_linear(kc, cfg.dim, n, std=std),
+    }
 
 
-def distilbert(params: Params, input_ids: Tensor, cfg: DistilBertConfig, *, attention_mask: Tensor | None = None,
-               key: random.Key | None = None, train: bool = False, pooled_only: bool = False) -> Tensor:
+def distilbert(
+    params: Params,
+    input_ids: Tensor,
+    cfg: DistilBertConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+    pooled_only: bool = False,
+) -> Tensor:
     """``last_hidden [*batch, len, dim]`` of ``DistilBertModel``: ``Dropout(LN(E[w_t] + P[t]))`` then
     BERT's encoder (``pooled_only``: only the first row of the last layer, ``[*batch, 1, dim]``)."""
     check_length(input_ids.shape[-1], cfg.max_position_embeddings, "input_ids sequence")
@@ -216,34 +287,61 @@ def distilbert(params: Params, input_ids: Tensor, cfg: DistilBertConfig, *, atte
     x = embedding(emb["word"], input_ids) + emb["position"]["weight"][: input_ids.shape[-1]]
     k_emb, k_enc = random.split_or_none(key, 2)
     x = dropout(layer_norm(emb["norm"], x, 1e-12), cfg.dropout, key=k_emb, train=train)
-    return encoder(params["encoder"], x, cfg.bert_config().transformer_config(),
-                   key_padding_mask=_mask(attention_mask, input_ids), key=k_enc, train=train,
-                   last_queries=slice(0, 1) if pooled_only else None)
+    return encoder(
+        params["encoder"],
+        x,
+        cfg.bert_config().transformer_config(),
+        key_padding_mask=_mask(attention_mask, input_ids),
+        key=k_enc,
+        train=train,
+        last_queries=slice(0, 1) if pooled_only else None,
+    )
 
 
-def distilbert_classifier(params: Params, input_ids: Tensor, cfg: DistilBertConfig, *,
-                          attention_mask: Tensor | None = None, key: random.Key | None = None,
-                          train: bool = False) -> Tensor:
+def distilbert_classifier(
+    params: Params,
+    input_ids: Tensor,
+    cfg: DistilBertConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> Tensor:
     """``logits [*batch, C] = W_c Dropout(ReLU(W_p h_[CLS] + b_p)) + b_c`` (``DistilBertForSequenceClassification``,
     rate ``seq_classif_dropout``)."""
     k_body, k_drop = random.split_or_none(key, 2)
-    h = distilbert(params["distilbert"], input_ids, cfg, attention_mask=attention_mask, key=k_body, train=train,
-                   pooled_only=True)
+    h = distilbert(
+        params["distilbert"], input_ids, cfg, attention_mask=attention_mask, key=k_body, train=train, pooled_only=True
+    )
     x = torch.relu(linear(params["pre_classifier"], h[..., 0, :]))
     return linear(params["classifier"], dropout(x, cfg.seq_classif_dropout, key=k_drop, train=train))
 
 
 # ----------------------------------------------------------------------------- losses
-def sequence_classifier_loss(params: Params, batch: Mapping[str, Tensor], cfg: RobertaConfig | DistilBertConfig, *,
-                             key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def sequence_classifier_loss(
+    params: Params,
+    batch: Mapping[str, Tensor],
+    cfg: RobertaConfig | DistilBertConfig,
+    *,
+    key: random.Key | None = None,
+    train: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``(L, {'accuracy'})`` as :func:`fnlm.models.classifier_loss`, for a RoBERTa or DistilBERT classifier
     (chosen by ``cfg``'s type); ``batch``: ``input_ids``, ``attention_mask``, ``labels``, optional ``weight``."""
     if isinstance(cfg, RobertaConfig):
-        logits = roberta_classifier(params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"),
-                                    token_type_ids=batch.get("token_type_ids"), key=key, train=train)
+        logits = roberta_classifier(
+            params,
+            batch["input_ids"],
+            cfg,
+            attention_mask=batch.get("attention_mask"),
+            token_type_ids=batch.get("token_type_ids"),
+            key=key,
+            train=train,
+        )
     elif isinstance(cfg, DistilBertConfig):
-        logits = distilbert_classifier(params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"),
-                                       key=key, train=train)
+        logits = distilbert_classifier(
+            params, batch["input_ids"], cfg, attention_mask=batch.get("attention_mask"), key=key, train=train
+        )
     else:
         raise TypeError(f"cfg must be a RobertaConfig or a DistilBertConfig, got {type(cfg).__name__}")
     labels, weight = batch["labels"], batch.get("weight")

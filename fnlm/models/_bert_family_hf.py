@@ -9,6 +9,7 @@ same layout changes, the same strict key/shape report in one :class:`~fnlm.io.Ch
   {q,k,v,out}_lin``, ``sa_layer_norm``, ``ffn.lin{1,2}``, ``output_layer_norm`` under
   ``distilbert.``; ``pre_classifier`` / ``classifier``. The MLM head (``vocab_*``) is skipped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,17 +24,47 @@ from torch import Tensor
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError, torch_dtype
 from fnlm.models._bert import BertConfig
-from fnlm.models._bert_family import (DistilBertConfig, RobertaConfig, init_distilbert_classifier,
-                                      init_roberta_classifier)
-from fnlm.models._bert_hf import (_EMBEDDINGS, _LAYER, _POOLER, Entry, _fnlm_shape, _hf_shape, _shape_text, _to_fnlm,
-                                  _to_hf, bert_config_from_hf, bert_config_to_hf)
-from fnlm.models._hf import (owned, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
-                             weight_files, write_checkpoint)
+from fnlm.models._bert_family import (
+    DistilBertConfig,
+    RobertaConfig,
+    init_distilbert_classifier,
+    init_roberta_classifier,
+)
+from fnlm.models._bert_hf import (
+    _EMBEDDINGS,
+    _LAYER,
+    _POOLER,
+    Entry,
+    _fnlm_shape,
+    _hf_shape,
+    _shape_text,
+    _to_fnlm,
+    _to_hf,
+    bert_config_from_hf,
+    bert_config_to_hf,
+)
+from fnlm.models._hf import (
+    owned,
+    read_checkpoint,
+    read_config_json,
+    resolve_config,
+    short,
+    tokenizer_files,
+    weight_files,
+    write_checkpoint,
+)
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by the savers when ``tokenizer_dir`` is given.
-TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 FAMILY_HEADS = ("none", "classifier")
 
 
@@ -69,16 +100,21 @@ def distilbert_config_from_hf(d: Mapping[str, Any]) -> DistilBertConfig:
         raise TypeError(f"a DistilBERT config must be a dict, got {type(d).__name__}")
     if d.get("model_type", "distilbert") != "distilbert":
         raise ValueError(f"model_type is {d.get('model_type')!r}; expected 'distilbert'")
-    kw = {f.name: d[f.name] for f in dataclasses.fields(DistilBertConfig)
-          if f.name in d and f.name not in ("id2label", "num_labels")}
+    kw = {
+        f.name: d[f.name]
+        for f in dataclasses.fields(DistilBertConfig)
+        if f.name in d and f.name not in ("id2label", "num_labels")
+    }
     return DistilBertConfig(**kw, **_labels_from_hf(d))
 
 
 def distilbert_config_to_hf(cfg: DistilBertConfig, head: str = "none") -> dict[str, Any]:
     """A ``config.json`` dict that ``DistilBertModel`` / ``DistilBertForSequenceClassification`` load."""
-    d: dict[str, Any] = {"architectures": ["DistilBertForSequenceClassification" if head == "classifier"
-                                           else "DistilBertModel"], "model_type": "distilbert",
-                         "tie_word_embeddings": True}
+    d: dict[str, Any] = {
+        "architectures": ["DistilBertForSequenceClassification" if head == "classifier" else "DistilBertModel"],
+        "model_type": "distilbert",
+        "tie_word_embeddings": True,
+    }
     d.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "id2label"})
     d["id2label"] = {str(i): n for i, n in enumerate(cfg.labels)}
     d["label2id"] = {n: i for i, n in enumerate(cfg.labels)}
@@ -135,8 +171,21 @@ _DISTIL_CLASSIFIER = [
 class _Family:
     """What differs between the two families: names, tables, configs, heads."""
 
-    def __init__(self, name, prefix, config_class, from_hf, to_hf, read, init_classifier, embeddings, layer, layer_hf,
-                 classifier, skip_prefixes):
+    def __init__(
+        self,
+        name,
+        prefix,
+        config_class,
+        from_hf,
+        to_hf,
+        read,
+        init_classifier,
+        embeddings,
+        layer,
+        layer_hf,
+        classifier,
+        skip_prefixes,
+    ):
         self.name, self.prefix, self.config_class = name, prefix, config_class
         self.from_hf, self.to_hf, self.read, self.init_classifier = from_hf, to_hf, read, init_classifier
         self.embeddings, self.layer, self.layer_hf, self.classifier = embeddings, layer, layer_hf, classifier
@@ -159,7 +208,7 @@ class _Family:
         return out
 
     def canonical(self, name: str) -> str:
-        return name[len(self.prefix) + 1:] if name.startswith(self.prefix + ".") else name
+        return name[len(self.prefix) + 1 :] if name.startswith(self.prefix + ".") else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +219,34 @@ class _PrefixedEntry(Entry):
         return f"{self.prefix}.{self.hf}" if self.body and head != "none" else self.hf
 
 
-ROBERTA = _Family("RoBERTa", "roberta", RobertaConfig, roberta_config_from_hf, roberta_config_to_hf,
-                  read_roberta_config, init_roberta_classifier, _EMBEDDINGS, _LAYER, "encoder.layer",
-                  _ROBERTA_CLASSIFIER, ("lm_head.",))
-DISTILBERT = _Family("DistilBERT", "distilbert", DistilBertConfig, distilbert_config_from_hf, distilbert_config_to_hf,
-                     read_distilbert_config, init_distilbert_classifier, _DISTIL_EMBEDDINGS, _DISTIL_LAYER,
-                     "transformer.layer", _DISTIL_CLASSIFIER, ("vocab_transform.", "vocab_layer_norm.",
-                                                               "vocab_projector."))
+ROBERTA = _Family(
+    "RoBERTa",
+    "roberta",
+    RobertaConfig,
+    roberta_config_from_hf,
+    roberta_config_to_hf,
+    read_roberta_config,
+    init_roberta_classifier,
+    _EMBEDDINGS,
+    _LAYER,
+    "encoder.layer",
+    _ROBERTA_CLASSIFIER,
+    ("lm_head.",),
+)
+DISTILBERT = _Family(
+    "DistilBERT",
+    "distilbert",
+    DistilBertConfig,
+    distilbert_config_from_hf,
+    distilbert_config_to_hf,
+    read_distilbert_config,
+    init_distilbert_classifier,
+    _DISTIL_EMBEDDINGS,
+    _DISTIL_LAYER,
+    "transformer.layer",
+    _DISTIL_CLASSIFIER,
+    ("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
+)
 
 
 # ----------------------------------------------------------------------------- load / save
@@ -194,9 +264,14 @@ def _load(fam: _Family, path, *, config, head, num_labels, strict, head_key, dty
     raw = read_checkpoint(path, files, fam.canonical, device=str(device))
     pooler = head == "none" and all(h in raw for h, *_ in _POOLER)
     table = fam.table(cfg, head, pooler)
-    ignored = {k for k in raw if k == "embeddings.position_ids" or k.startswith(fam.skip_prefixes)
-               or (head != "classifier" and any(k == h for h, *_ in fam.classifier))
-               or (not pooler and k.startswith("pooler."))}
+    ignored = {
+        k
+        for k in raw
+        if k == "embeddings.position_ids"
+        or k.startswith(fam.skip_prefixes)
+        or (head != "classifier" and any(k == h for h, *_ in fam.classifier))
+        or (not pooler and k.startswith("pooler."))
+    }
     flat: dict[str, Tensor] = {}
     missing, problems = [], []
     for e in table:
@@ -222,8 +297,11 @@ def _load(fam: _Family, path, *, config, head, num_labels, strict, head_key, dty
     if missing or problems or (unexpected and strict):
         lines = [f"{where}: checkpoint does not match a {fam.name} model with head={head!r} and config {cfg_src}"]
         if missing:
-            hint = (f" (the checkpoint has no {head} head: pass head_key=fnlm.random.key(seed) to initialise one)"
-                    if all_head_missing else "")
+            hint = (
+                f" (the checkpoint has no {head} head: pass head_key=fnlm.random.key(seed) to initialise one)"
+                if all_head_missing
+                else ""
+            )
             lines.append(f"  missing keys ({len(missing)}){hint}: {short([e.hf_name(head) for e in missing])}")
         if unexpected and strict:
             lines.append(f"  unexpected keys ({len(unexpected)}): {short(unexpected)}")
@@ -254,49 +332,87 @@ def _save(fam: _Family, params, cfg, out_dir, *, tokenizer_dir):
     for e in fam.table(cfg, head, "pooler" in body):
         t = flat.pop(e.fnlm, None)
         if not isinstance(t, Tensor) or tuple(t.shape) != _fnlm_shape(e, bc):
-            problems.append(f"{e.fnlm}: expected shape {_fnlm_shape(e, bc)} from the config, found "
-                            f"{tuple(t.shape) if isinstance(t, Tensor) else 'nothing'}")
+            problems.append(
+                f"{e.fnlm}: expected shape {_fnlm_shape(e, bc)} from the config, found "
+                f"{tuple(t.shape) if isinstance(t, Tensor) else 'nothing'}"
+            )
             continue
         tensors[e.hf_name(head)] = owned(_to_hf(e.kind, t, bc))
     if flat:
         problems.append(f"entries with no {fam.name} checkpoint name: {short(sorted(flat))}")
     if problems:
-        raise ValueError(f"cannot save to {out_dir}: params do not match a {fam.name} model with head={head!r}:\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(
+            f"cannot save to {out_dir}: params do not match a {fam.name} model with head={head!r}:\n  "
+            + "\n  ".join(problems)
+        )
     return write_checkpoint(out_dir, tensors, fam.to_hf(cfg, head), tokenizer_files(tokenizer_dir, TOKENIZER_FILES))
 
 
-def load_roberta(path: str | os.PathLike, *, config: RobertaConfig | str | os.PathLike | Mapping | None = None,
-                 head: str = "none", num_labels: int | None = None, strict: bool = True,
-                 head_key: random.Key | None = None, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> tuple[Params, RobertaConfig]:
+def load_roberta(
+    path: str | os.PathLike,
+    *,
+    config: RobertaConfig | str | os.PathLike | Mapping | None = None,
+    head: str = "none",
+    num_labels: int | None = None,
+    strict: bool = True,
+    head_key: random.Key | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Params, RobertaConfig]:
     """Load a Hugging Face RoBERTa checkpoint: ``(params, cfg)``; ``head='none'`` (``RobertaModel``,
     the pooler when the checkpoint has one: :func:`~fnlm.models.init_roberta`'s tree) or
     ``'classifier'`` (``RobertaForSequenceClassification``: :func:`~fnlm.models.init_roberta_classifier`).
     Arguments and errors as :func:`fnlm.models.load_bert`'s."""
-    return _load(ROBERTA, path, config=config, head=head, num_labels=num_labels, strict=strict, head_key=head_key,
-                 dtype=dtype, device=device)
+    return _load(
+        ROBERTA,
+        path,
+        config=config,
+        head=head,
+        num_labels=num_labels,
+        strict=strict,
+        head_key=head_key,
+        dtype=dtype,
+        device=device,
+    )
 
 
-def save_roberta(params: Params, cfg: RobertaConfig, out_dir: str | os.PathLike, *,
-                 tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def save_roberta(
+    params: Params, cfg: RobertaConfig, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None
+) -> Path:
     """Write a directory that ``RobertaModel`` / ``RobertaForSequenceClassification.from_pretrained``
     load (head from the tree; labels in ``config.json``), atomically, as :func:`fnlm.models.save_bert`."""
     return _save(ROBERTA, params, cfg, out_dir, tokenizer_dir=tokenizer_dir)
 
 
-def load_distilbert(path: str | os.PathLike, *, config: DistilBertConfig | str | os.PathLike | Mapping | None = None,
-                    head: str = "none", num_labels: int | None = None, strict: bool = True,
-                    head_key: random.Key | None = None, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> tuple[Params, DistilBertConfig]:
+def load_distilbert(
+    path: str | os.PathLike,
+    *,
+    config: DistilBertConfig | str | os.PathLike | Mapping | None = None,
+    head: str = "none",
+    num_labels: int | None = None,
+    strict: bool = True,
+    head_key: random.Key | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Params, DistilBertConfig]:
     """Load a Hugging Face DistilBERT checkpoint: ``(params, cfg)``; ``head='none'``
     (``DistilBertModel``: :func:`~fnlm.models.init_distilbert`'s tree) or ``'classifier'``
     (``DistilBertForSequenceClassification``). Arguments and errors as :func:`fnlm.models.load_bert`'s."""
-    return _load(DISTILBERT, path, config=config, head=head, num_labels=num_labels, strict=strict, head_key=head_key,
-                 dtype=dtype, device=device)
+    return _load(
+        DISTILBERT,
+        path,
+        config=config,
+        head=head,
+        num_labels=num_labels,
+        strict=strict,
+        head_key=head_key,
+        dtype=dtype,
+        device=device,
+    )
 
 
-def save_distilbert(params: Params, cfg: DistilBertConfig, out_dir: str | os.PathLike, *,
-                    tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def save_distilbert(
+    params: Params, cfg: DistilBertConfig, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None
+) -> Path:
     """Write a directory that ``DistilBertModel`` / ``DistilBertForSequenceClassification.from_pretrained`` load."""
     return _save(DISTILBERT, params, cfg, out_dir, tokenizer_dir=tokenizer_dir)

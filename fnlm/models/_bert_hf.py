@@ -13,6 +13,7 @@ Layouts (the transposes and per-head reshapes live only in :func:`_to_fnlm` / :f
 ``[H, n_heads, d_k]`` in fnlm (HF's output index ``o = head * d_k + j``), ``W^O`` is
 ``[n_heads, d_k, H]`` (HF's input index split the same way).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,30 +26,55 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from fnlm._memory import check_fits, bert_param_count
 from fnlm import random
+from fnlm._memory import bert_param_count, check_fits
 from fnlm.io._safetensors import CheckpointError, MissingHeadError, MissingPoolerError, torch_dtype
-from fnlm.models._hf import (owned, unify_dtypes, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
-                             weight_files, write_checkpoint)
 from fnlm.models._bert import HEADS, BertConfig, init_classifier_head, init_mlm_head, init_pretraining_heads
+from fnlm.models._hf import (
+    owned,
+    read_checkpoint,
+    read_config_json,
+    resolve_config,
+    short,
+    tokenizer_files,
+    unify_dtypes,
+    weight_files,
+    write_checkpoint,
+)
 from fnlm.nn._linear import init_linear
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_bert` when ``tokenizer_dir`` is given.
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 #: Checkpoint entries that are not parameters of any fnlm BERT model and are always skipped:
 #: the position-id buffer. (Other heads' entries are skipped when loading a different head.)
 IGNORED_KEYS = ("embeddings.position_ids",)
 
-_DIM_NAMES = {"V": "vocab_size", "H": "hidden_size", "P": "max_position_embeddings", "T": "type_vocab_size",
-              "I": "intermediate_size", "C": "num_labels"}
+_DIM_NAMES = {
+    "V": "vocab_size",
+    "H": "hidden_size",
+    "P": "max_position_embeddings",
+    "T": "type_vocab_size",
+    "I": "intermediate_size",
+    "C": "num_labels",
+}
 
 
 # ----------------------------------------------------------------------------- config.json
-ARCHITECTURES = {"none": "BertModel", "classifier": "BertForSequenceClassification", "mlm": "BertForMaskedLM",
-                 "pretraining": "BertForPreTraining", "token_classifier": "BertForTokenClassification",
-                 "span": "BertForQuestionAnswering"}
+ARCHITECTURES = {
+    "none": "BertModel",
+    "classifier": "BertForSequenceClassification",
+    "mlm": "BertForMaskedLM",
+    "pretraining": "BertForPreTraining",
+    "token_classifier": "BertForTokenClassification",
+    "span": "BertForQuestionAnswering",
+}
 #: Heads whose HF class has no pooler (``add_pooling_layer=False``).
 NO_POOLER_HEADS = ("mlm", "token_classifier", "span")
 
@@ -63,8 +89,10 @@ def bert_config_from_hf(d: Mapping[str, Any]) -> BertConfig:
         raise ValueError(f"model_type is {model_type!r}; only 'bert' checkpoints are supported")
     pos = d.get("position_embedding_type", "absolute")
     if pos != "absolute":
-        raise ValueError(f"position_embedding_type={pos!r} is not supported: fnlm's BERT has learned "
-                         "absolute positions only (position_embedding_type='absolute')")
+        raise ValueError(
+            f"position_embedding_type={pos!r} is not supported: fnlm's BERT has learned "
+            "absolute positions only (position_embedding_type='absolute')"
+        )
     for flag in ("is_decoder", "add_cross_attention"):
         if d.get(flag):
             raise ValueError(f"{flag}=true is not supported: fnlm's BERT is an encoder only")
@@ -207,8 +235,14 @@ def param_mapping(cfg: BertConfig, head: str = "none", *, pooler: bool = True) -
     if pooler:
         body += _POOLER
     table = [Entry(h, pre + f, k, s, True) for h, f, k, s in body]
-    extra = {"none": [], "classifier": _CLASSIFIER, "mlm": _MLM, "pretraining": _MLM + _NSP,
-             "token_classifier": _TOKEN_CLASSIFIER, "span": _SPAN}[head]
+    extra = {
+        "none": [],
+        "classifier": _CLASSIFIER,
+        "mlm": _MLM,
+        "pretraining": _MLM + _NSP,
+        "token_classifier": _TOKEN_CLASSIFIER,
+        "span": _SPAN,
+    }[head]
     return table + [Entry(h, f, k, s, False) for h, f, k, s in extra]
 
 
@@ -264,7 +298,7 @@ def _to_hf(kind: str, t: Tensor, cfg: BertConfig) -> Tensor:
 def _canonical(name: str) -> str:
     """Checkpoint name -> table name: drop a ``bert.`` prefix, legacy LayerNorm ``gamma``/``beta``."""
     if name.startswith("bert."):
-        name = name[len("bert."):]
+        name = name[len("bert.") :]
     if name.endswith("LayerNorm.gamma"):
         name = name[: -len("gamma")] + "weight"
     elif name.endswith("LayerNorm.beta"):
@@ -349,8 +383,7 @@ def load_bert(
             continue
         t, f, orig = raw.pop(e.hf)
         if tuple(t.shape) != _hf_shape(e, cfg):
-            problems.append(f"{f}: {orig}: expected shape {_shape_text(e, cfg)} from {cfg_src}, "
-                            f"found {tuple(t.shape)}")
+            problems.append(f"{f}: {orig}: expected shape {_shape_text(e, cfg)} from {cfg_src}, found {tuple(t.shape)}")
         elif not t.is_floating_point():
             problems.append(f"{f}: {orig}: expected a floating-point tensor, found {t.dtype}")
         else:
@@ -358,13 +391,17 @@ def load_bert(
 
     if head in ("mlm", "pretraining"):  # tied / duplicated entries of the MLM decoder
         word = flat.get("bert.embeddings.word.weight")
-        for name, ref, what in (("cls.predictions.decoder.weight", word, "the word embeddings"),
-                                ("cls.predictions.decoder.bias", flat.get("mlm.bias"), "cls.predictions.bias")):
+        for name, ref, what in (
+            ("cls.predictions.decoder.weight", word, "the word embeddings"),
+            ("cls.predictions.decoder.bias", flat.get("mlm.bias"), "cls.predictions.bias"),
+        ):
             if name in raw:
                 t, f, orig = raw.pop(name)
                 if ref is not None and not (t.shape == ref.shape and torch.equal(t.to(ref.dtype), ref)):
-                    problems.append(f"{f}: {orig}: differs from {what}; fnlm's MLM head ties its decoder, "
-                                    "an untied decoder is not supported")
+                    problems.append(
+                        f"{f}: {orig}: differs from {what}; fnlm's MLM head ties its decoder, "
+                        "an untied decoder is not supported"
+                    )
 
     head_entries = [e for e in missing if not e.body]
     all_head_missing = head != "none" and len(head_entries) == len([e for e in table if not e.body])
@@ -389,19 +426,24 @@ def load_bert(
             lines.append(f"  missing keys ({len(names)}){hint}: {short(names)}")
         if unexpected and strict:
             lines.append(f"  unexpected keys ({len(unexpected)}): {short(unexpected)}")
-        lines += [f"  {p}" for p in problems[:20]] + ([f"  ... {len(problems) - 20} more"] if len(problems) > 20 else [])
+        lines += [f"  {p}" for p in problems[:20]] + (
+            [f"  ... {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
         raise error("\n".join(lines))
     if unexpected:
         warnings.warn(f"{where}: ignoring unexpected keys {short(unexpected)}", stacklevel=2)
 
     params = unflatten_names(flat)
     if init_head:  # only now: every body shape matched the config, so the head's sizes are the checkpoint's
-        params.update({"classifier": lambda: {"classifier": init_classifier_head(head_key, cfg)},
-                       "mlm": lambda: {"mlm": init_mlm_head(head_key, cfg)},
-                       "pretraining": lambda: init_pretraining_heads(head_key, cfg),
-                       "token_classifier": lambda: {"token_classifier": init_classifier_head(head_key, cfg)},
-                       "span": lambda: {"span": init_linear(head_key, cfg.hidden_size, 2,
-                                                            std=float(cfg.initializer_range))}}[head]())
+        params.update(
+            {
+                "classifier": lambda: {"classifier": init_classifier_head(head_key, cfg)},
+                "mlm": lambda: {"mlm": init_mlm_head(head_key, cfg)},
+                "pretraining": lambda: init_pretraining_heads(head_key, cfg),
+                "token_classifier": lambda: {"token_classifier": init_classifier_head(head_key, cfg)},
+                "span": lambda: {"span": init_linear(head_key, cfg.hidden_size, 2, std=float(cfg.initializer_range))},
+            }[head]()
+        )
     params = cast(params, dtype=dtype, device=device)
     return params, cfg
 
@@ -466,15 +508,19 @@ def save_bert(
             continue
         t = flat.pop(e.fnlm)
         if not isinstance(t, Tensor) or tuple(t.shape) != _fnlm_shape(e, cfg):
-            problems.append(f"{e.fnlm}: expected shape {_fnlm_shape(e, cfg)} from the config, found "
-                            f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            problems.append(
+                f"{e.fnlm}: expected shape {_fnlm_shape(e, cfg)} from the config, found "
+                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+            )
             continue
         tensors[e.hf_name(head)] = owned(_to_hf(e.kind, t, cfg))
     if flat:
         problems.append(f"entries with no BERT checkpoint name: {short(sorted(flat))}")
     if problems:
-        raise ValueError(f"cannot save to {out_dir}: params do not match a BERT model with head={head!r}:\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(
+            f"cannot save to {out_dir}: params do not match a BERT model with head={head!r}:\n  "
+            + "\n  ".join(problems)
+        )
 
     tok_files = tokenizer_files(tokenizer_dir, TOKENIZER_FILES)
     return write_checkpoint(out_dir, tensors, bert_config_to_hf(cfg, head), tok_files)

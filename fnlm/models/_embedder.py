@@ -1,4 +1,5 @@
 """A compiled sentence embedder: ``(input_ids, attention_mask) -> [B, D]`` for ordered, bucketed batches."""
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -12,9 +13,17 @@ from fnlm.train._step import make_eval_step
 from fnlm.tree import Params
 
 
-def make_embedder(params: Params, cfg: BertConfig, *, pooling: str = "mean", layers: Sequence[int] | None = None,
-                  combine: str = "concat", normalize: bool = True, dtype: torch.dtype | None = None,
-                  compile: bool = True) -> Callable[[Tensor, Tensor], Tensor]:
+def make_embedder(
+    params: Params,
+    cfg: BertConfig,
+    *,
+    pooling: str = "mean",
+    layers: Sequence[int] | None = None,
+    combine: str = "concat",
+    normalize: bool = True,
+    dtype: torch.dtype | None = None,
+    compile: bool = True,
+) -> Callable[[Tensor, Tensor], Tensor]:
     """``embed(input_ids [B, L], attention_mask [B, L]) -> [B, D]`` float32 sentence embeddings
     (:func:`sentence_embedding`), gradient-free and compiled once per batch shape.
 
@@ -25,8 +34,10 @@ def make_embedder(params: Params, cfg: BertConfig, *, pooling: str = "mean", lay
         n = cfg.num_hidden_layers + 1
         bad = [i for i in layers if not -n <= i < n]
         if bad:
-            raise ValueError(f"--layers: layer index {bad[0]} is out of range: the model has {n} hidden states "
-                             f"(embeddings + {n - 1} layers), valid indices {-n}..{n - 1}")
+            raise ValueError(
+                f"--layers: layer index {bad[0]} is out of range: the model has {n} hidden states "
+                f"(embeddings + {n - 1} layers), valid indices {-n}..{n - 1}"
+            )
     layers = None if layers is None else list(layers)
 
     def embed(p, input_ids, attention_mask):

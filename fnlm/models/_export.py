@@ -26,6 +26,7 @@ read without unpickling anything (see :func:`_load_program_bytes`). Checksums ca
 and edits after export, not a package crafted whole by someone else: trusting a package
 means trusting whoever gave it to you, as for any executable (see SECURITY.md).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,11 +43,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from fnlm.tree import Params, cast, flatten_names, unflatten_names
 from fnlm.data._ordered import predict_in_order
 from fnlm.io._safetensors import atomic_dir
 from fnlm.models._bert import BertConfig, _check_config, bert_classifier
 from fnlm.nn._quantize import quantize_int8, with_int8_weights
+from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 PACKAGE_FORMAT = "fnlm-classifier-package"
 PACKAGE_VERSION = 2  # 2: export.json lists the sha256 of every file ("files")
@@ -102,8 +103,9 @@ def _int8_mode(int8: bool | str) -> str | None:
     return int8
 
 
-def _classifier_forward(cfg: BertConfig, *, int8: bool | str = False,
-                       dtype: torch.dtype = torch.float32) -> Callable[[Params, Tensor, Tensor], Tensor]:
+def _classifier_forward(
+    cfg: BertConfig, *, int8: bool | str = False, dtype: torch.dtype = torch.float32
+) -> Callable[[Params, Tensor, Tensor], Tensor]:
     """The pure inference forward ``f(params, input_ids, attention_mask) -> float32 logits``
     (``params`` quantized by :func:`fnlm.nn.quantize_int8` when ``int8``, and in ``dtype``).
     ``int8=True``/``'weight'``: weights expanded to float in the graph (:func:`fnlm.nn.with_int8_weights`);
@@ -126,8 +128,14 @@ def _prepare_params(params: Params, *, int8: bool = False, dtype: torch.dtype = 
     return quantize_int8(params) if _int8_mode(int8) else params
 
 
-def export_classifier_program(params: Params, cfg: BertConfig, *, max_len: int | None = None, int8: bool | str = False,
-                              dtype: torch.dtype = torch.float32) -> torch.export.ExportedProgram:
+def export_classifier_program(
+    params: Params,
+    cfg: BertConfig,
+    *,
+    max_len: int | None = None,
+    int8: bool | str = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.export.ExportedProgram:
     """``torch.export`` of :func:`_classifier_forward` with ``params`` bound: inputs ``input_ids``,
     ``attention_mask`` ``[batch, len]`` (int64), dynamic ``1 <= batch``, ``2 <= len <= max_len``
     (default ``cfg.max_position_embeddings``); output float32 logits ``[batch, num_labels]``."""
@@ -147,9 +155,19 @@ def export_classifier_program(params: Params, cfg: BertConfig, *, max_len: int |
         return torch.export.export(module, example, dynamic_shapes=shapes)
 
 
-def export_classifier(params: Params, cfg: BertConfig, tokenizer: Any, path: str | Path, *, max_len: int = 512,
-                      truncation: str = "head", head_tokens: int | None = None, int8: bool | str = False,
-                      dtype: torch.dtype = torch.float32, form: str = "aoti") -> Path:
+def export_classifier(
+    params: Params,
+    cfg: BertConfig,
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    max_len: int = 512,
+    truncation: str = "head",
+    head_tokens: int | None = None,
+    int8: bool | str = False,
+    dtype: torch.dtype = torch.float32,
+    form: str = "aoti",
+) -> Path:
     """Write the package directory ``path`` (atomically) and return it.
 
     ``form='aoti'``: AOTInductor compiles the exported graph to a shared library (a C++ compiler
@@ -177,10 +195,20 @@ def export_classifier(params: Params, cfg: BertConfig, tokenizer: Any, path: str
             torch.export.save(program, str(target))
         tokenizer.save(tmp)
         meta = {
-            "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "form": form, "file": _FILES[form],
-            "labels": list(cfg.labels), "max_len": max_len, "truncation": truncation, "head_tokens": head_tokens,
-            "int8": bool(_int8_mode(int8)), "int8_mode": _int8_mode(int8), "dtype": dtype_name, "torch": torch.__version__,
-            "export_seconds": round(t_export, 1), "compile_seconds": round(time.perf_counter() - t0 - t_export, 1),
+            "format": PACKAGE_FORMAT,
+            "version": PACKAGE_VERSION,
+            "form": form,
+            "file": _FILES[form],
+            "labels": list(cfg.labels),
+            "max_len": max_len,
+            "truncation": truncation,
+            "head_tokens": head_tokens,
+            "int8": bool(_int8_mode(int8)),
+            "int8_mode": _int8_mode(int8),
+            "dtype": dtype_name,
+            "torch": torch.__version__,
+            "export_seconds": round(t_export, 1),
+            "compile_seconds": round(time.perf_counter() - t0 - t_export, 1),
             "files": {f.name: _sha256(f.read_bytes()) for f in sorted(tmp.iterdir()) if f.name != "export.json"},
         }
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -205,24 +233,38 @@ class TextClassifier:
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``[batch, len]`` int64 ids and mask -> float32 logits ``[batch, num_labels]``."""
         if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
-                             "must both be [batch, len]")
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                "must both be [batch, len]"
+            )
         if not 2 <= input_ids.shape[1] <= self.max_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} is outside [2, {self.max_len}] (the exported range)")
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} is outside [2, {self.max_len}] (the exported range)"
+            )
         with torch.no_grad():
             return self.run(input_ids.long().contiguous(), attention_mask.long().contiguous())
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
         """``softmax(logits)`` for each text, in the given order; batches of similar lengths."""
-        ids = self.tokenizer.encode_ids(list(texts), max_len=self.max_len, truncation=self.truncation,
-                                        head_tokens=self.head_tokens)
-        out = predict_in_order(lambda i, m: torch.softmax(self.logits(i, m), -1), ids, batch_size=batch_size,
-                               pad_id=self.tokenizer.pad_id)
+        ids = self.tokenizer.encode_ids(
+            list(texts), max_len=self.max_len, truncation=self.truncation, head_tokens=self.head_tokens
+        )
+        out = predict_in_order(
+            lambda i, m: torch.softmax(self.logits(i, m), -1), ids, batch_size=batch_size, pad_id=self.tokenizer.pad_id
+        )
         return out if len(ids) else torch.empty(0, len(self.labels))
 
 
-def text_classifier(params: Params, cfg: BertConfig, tokenizer: Any, *, max_len: int = 512, truncation: str = "head",
-                    head_tokens: int | None = None, compile: bool = False) -> TextClassifier:
+def text_classifier(
+    params: Params,
+    cfg: BertConfig,
+    tokenizer: Any,
+    *,
+    max_len: int = 512,
+    truncation: str = "head",
+    head_tokens: int | None = None,
+    compile: bool = False,
+) -> TextClassifier:
     """A :class:`TextClassifier` over ``bert_classifier(params, ...)`` itself (no export):
     eager, or with ``compile=True`` under ``torch.compile(dynamic=True)`` (one graph for all
     lengths; the first two batches pay the compilation)."""
@@ -232,9 +274,15 @@ def text_classifier(params: Params, cfg: BertConfig, tokenizer: Any, *, max_len:
     def run(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return forward(params, input_ids, attention_mask)
 
-    return TextClassifier(run=torch.compile(run, dynamic=True) if compile else run, tokenizer=tokenizer,
-                          labels=cfg.labels, max_len=max_len, truncation=truncation, head_tokens=head_tokens,
-                          meta={"form": "compiled" if compile else "eager"})
+    return TextClassifier(
+        run=torch.compile(run, dynamic=True) if compile else run,
+        tokenizer=tokenizer,
+        labels=cfg.labels,
+        max_len=max_len,
+        truncation=truncation,
+        head_tokens=head_tokens,
+        meta={"form": "compiled" if compile else "eager"},
+    )
 
 
 def _read_meta(d: Path) -> dict:
@@ -249,7 +297,9 @@ def _read_meta(d: Path) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_file}: not a JSON object")
     if meta.get("format") != PACKAGE_FORMAT or meta.get("form") not in FORMS:
-        raise ValueError(f"{meta_file}: not an {PACKAGE_FORMAT} (format={meta.get('format')!r}, form={meta.get('form')!r})")
+        raise ValueError(
+            f"{meta_file}: not an {PACKAGE_FORMAT} (format={meta.get('format')!r}, form={meta.get('form')!r})"
+        )
     version = meta.get("version", 0)
     if not isinstance(version, int) or version > PACKAGE_VERSION:
         raise ValueError(f"{meta_file}: package version {version!r} is newer than this fnlm reads ({PACKAGE_VERSION})")
@@ -261,8 +311,9 @@ def _verified_files(d: Path, meta: dict) -> dict[str, bytes]:
     no file missing, none added, none a symlink or a folder (:class:`TamperedPackageError`)."""
     listed = meta.get("files")
     if not isinstance(listed, dict) or not listed:
-        raise TamperedPackageError(f"{d / 'export.json'}: lists no checksums (exported by an older fnlm?); "
-                                   "re-export the package")
+        raise TamperedPackageError(
+            f"{d / 'export.json'}: lists no checksums (exported by an older fnlm?); re-export the package"
+        )
     present = {}
     for entry in sorted(os.scandir(d), key=lambda e: e.name):
         if entry.name == "export.json":
@@ -296,7 +347,7 @@ def _pickle_free(zf: zipfile.ZipFile, origin: str) -> None:
     if len(roots) != 1 or any(n.startswith("/") or ".." in n.split("/") for n in names):
         raise TamperedPackageError(f"{origin}: not a torch.export archive (one root folder expected)")
     root = roots.pop() + "/"
-    rel = {n[len(root):]: n for n in names}
+    rel = {n[len(root) :]: n for n in names}
     if "version" in names or k.MODELS_FILENAME_FORMAT.format("model") not in rel:
         raise TamperedPackageError(f"{origin}: not a current torch.export archive (legacy pickled format refused)")
 
@@ -311,12 +362,16 @@ def _pickle_free(zf: zipfile.ZipFile, origin: str) -> None:
             raise TamperedPackageError(f"{origin}: {name} is not a payload config") from None
         return cfg
 
-    for what, fmt, prefix in (("weight", k.WEIGHTS_CONFIG_FILENAME_FORMAT, k.WEIGHT_FILENAME_PREFIX),
-                              ("constant", k.CONSTANTS_CONFIG_FILENAME_FORMAT, k.TENSOR_CONSTANT_FILENAME_PREFIX)):
+    for what, fmt, prefix in (
+        ("weight", k.WEIGHTS_CONFIG_FILENAME_FORMAT, k.WEIGHT_FILENAME_PREFIX),
+        ("constant", k.CONSTANTS_CONFIG_FILENAME_FORMAT, k.TENSOR_CONSTANT_FILENAME_PREFIX),
+    ):
         for fqn, meta in config(fmt).items():
             if meta.get("use_pickle") is not False or not str(meta.get("path_name", "")).startswith(prefix):
-                raise TamperedPackageError(f"{origin}: {what} {fqn!r} is a pickled object "
-                                           f"({meta.get('path_name')!r}); fnlm never unpickles a program's objects")
+                raise TamperedPackageError(
+                    f"{origin}: {what} {fqn!r} is a pickled object "
+                    f"({meta.get('path_name')!r}); fnlm never unpickles a program's objects"
+                )
     for legacy in (k.WEIGHTS_DIR + "model.pt", k.CONSTANTS_DIR + "model.pt"):
         if legacy in rel:
             raise TamperedPackageError(f"{origin}: {legacy} is a pickled state (legacy format refused)")
@@ -325,8 +380,10 @@ def _pickle_free(zf: zipfile.ZipFile, origin: str) -> None:
             try:
                 torch.load(io.BytesIO(zf.read(n)), weights_only=True)
             except Exception:
-                raise TamperedPackageError(f"{origin}: {r} is a pickle that torch.load(weights_only=True) refuses; "
-                                           "fnlm never unpickles a program's objects") from None
+                raise TamperedPackageError(
+                    f"{origin}: {r} is a pickle that torch.load(weights_only=True) refuses; "
+                    "fnlm never unpickles a program's objects"
+                ) from None
 
 
 def _load_program_bytes(data: bytes, origin: str) -> torch.export.ExportedProgram:
@@ -349,8 +406,10 @@ def package_status(path: str | Path, *, trust_package: bool = False) -> str | No
     try:
         meta = _read_meta(d)
         if not trust_package:
-            return (f"{d} holds {_FILES[meta['form']]} ({meta['form']}), code that runs when loaded; "
-                    "not trusted (pass trust_package=True / --trust-package to run it)")
+            return (
+                f"{d} holds {_FILES[meta['form']]} ({meta['form']}), code that runs when loaded; "
+                "not trusted (pass trust_package=True / --trust-package to run it)"
+            )
         files = _verified_files(d, meta)
         if meta["form"] == "program":
             name = _FILES["program"]
@@ -376,8 +435,10 @@ def load_classifier_package(path: str | Path, *, trust_package: bool = False) ->
     meta = _read_meta(d)
     file = d / _FILES[meta["form"]]
     if not trust_package:
-        raise UntrustedPackageError(f"{d}: refusing to load {file.name} ({meta['form']}), code that runs when loaded, "
-                                    "without trust_package=True (--trust-package)")
+        raise UntrustedPackageError(
+            f"{d}: refusing to load {file.name} ({meta['form']}), code that runs when loaded, "
+            "without trust_package=True (--trust-package)"
+        )
     files = _verified_files(d, meta)
     if file.name not in files:
         raise FileNotFoundError(f"{d}: export.json names {file.name}, which is missing")
@@ -389,6 +450,12 @@ def load_classifier_package(path: str | Path, *, trust_package: bool = False) ->
             run = torch._inductor.aoti_load_package(str(private))
     else:
         run = _load_program_bytes(files[file.name], str(file)).module()
-    return TextClassifier(run=run, tokenizer=load_tokenizer(d), labels=tuple(meta["labels"]),
-                          max_len=int(meta["max_len"]), truncation=meta["truncation"],
-                          head_tokens=meta.get("head_tokens"), meta=meta)
+    return TextClassifier(
+        run=run,
+        tokenizer=load_tokenizer(d),
+        labels=tuple(meta["labels"]),
+        max_len=int(meta["max_len"]),
+        truncation=meta["truncation"],
+        head_tokens=meta.get("head_tokens"),
+        meta=meta,
+    )

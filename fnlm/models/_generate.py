@@ -12,6 +12,7 @@
 (nucleus). Draws use the Gumbel-max trick, ``argmax(z + g)``, ``g = -log(-log u)``, with ``u``
 from an explicit key, so the same key gives the same tokens.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,9 @@ from fnlm.nn._embedding import check_token_ids
 from fnlm.tree import Params
 
 
-def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> Tensor:
+def filter_logits(
+    logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
     """``z / T`` with ``-inf`` outside the ``top_k`` largest and outside the nucleus: the smallest
     set of most likely tokens whose probability mass reaches ``top_p``. ``[..., vocab]``."""
     _check_sampling(temperature, top_k, top_p, greedy_ok=False)
@@ -48,8 +50,14 @@ def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
     return z
 
 
-def sample_logits(logits: Tensor, key: random.Key | None = None, *, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None) -> Tensor:
+def sample_logits(
+    logits: Tensor,
+    key: random.Key | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
     """One token per row, ``[..., vocab] -> [...]``: ``argmax`` if ``temperature == 0``, else
     ``argmax(filter_logits(z) + g)`` with Gumbel noise ``g`` drawn from ``key`` (a sample of
     ``softmax`` of the filtered logits)."""
@@ -70,14 +78,17 @@ def _is_int(v) -> bool:
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, greedy_ok: bool = True) -> None:
     """One-line ``ValueError`` naming the argument: ``temperature`` a finite number ``>= 0``
     (``> 0`` unless ``greedy_ok``), ``top_k`` a positive int (not a bool), ``top_p`` in ``(0, 1]``."""
-    if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not math.isfinite(temperature)
-            or not (temperature >= 0 if greedy_ok else temperature > 0)):
+    if (
+        not isinstance(temperature, numbers.Real)
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or not (temperature >= 0 if greedy_ok else temperature > 0)
+    ):
         want = ">= 0 (0 = greedy)" if greedy_ok else "> 0"
         raise ValueError(f"temperature must be a finite number {want}, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
-                              or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] (a number) or None, got {top_p!r}")
 
 
@@ -95,8 +106,9 @@ def _check_ids(ids, what: str) -> list[int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _step_fn(cfg: GPT2Config, temperature: float, top_k: int | None, top_p: float | None, compile,
-             matvec: bool = False):
+def _step_fn(
+    cfg: GPT2Config, temperature: float, top_k: int | None, top_p: float | None, compile, matvec: bool = False
+):
     """``(params, cache, tokens, key) -> (next tokens, cache)``: :func:`decode_step` then
     :func:`sample_logits`, compiled once per model config and sampling rule (``matvec``: with
     :func:`fnlm.models.matvec_pass`)."""
@@ -116,14 +128,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor,
     lengths = [len(p) for p in prompts]
     if not prompts or min(lengths) == 0:
         empty = [i for i, n in enumerate(lengths) if n == 0]
-        raise ValueError(f"empty prompt(s) at row(s) {empty}: every row needs at least one token" if prompts
-                         else "no prompts given")
+        raise ValueError(
+            f"empty prompt(s) at row(s) {empty}: every row needs at least one token" if prompts else "no prompts given"
+        )
     L = max(lengths)
     if not _is_int(pad_id):
         raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.as_tensor(_check_ids(p, f"prompts[{b}]"), dtype=torch.long)
+        ids[b, L - len(p) :] = torch.as_tensor(_check_ids(p, f"prompts[{b}]"), dtype=torch.long)
     return ids, torch.tensor([L - n for n in lengths], dtype=torch.long)
 
 
@@ -188,17 +201,24 @@ def generate(
     batch, length = ids.shape
     need = length + max_new_tokens
     if need > cfg.n_positions:
-        raise ValueError(f"prompt length {length} + max_new_tokens {max_new_tokens} = {need} is longer than "
-                         f"the position table (n_positions={cfg.n_positions})")
+        raise ValueError(
+            f"prompt length {length} + max_new_tokens {max_new_tokens} = {need} is longer than "
+            f"the position table (n_positions={cfg.n_positions})"
+        )
     cache_len = need if cache_len is None else cache_len
     if cache_len < need:
-        raise ValueError(f"cache_len={cache_len} is too small: prompt length {length} + max_new_tokens "
-                         f"{max_new_tokens} needs {need} slots")
+        raise ValueError(
+            f"cache_len={cache_len} is too small: prompt length {length} + max_new_tokens "
+            f"{max_new_tokens} needs {need} slots"
+        )
     stop = torch.zeros(batch, cfg.vocab_size, dtype=torch.bool)
     if stop_tokens is not None:
         rows = list(stop_tokens)
-        per_row = bool(rows) and not isinstance(rows[0], numbers.Number) and not (
-            isinstance(rows[0], Tensor) and rows[0].ndim == 0)
+        per_row = (
+            bool(rows)
+            and not isinstance(rows[0], numbers.Number)
+            and not (isinstance(rows[0], Tensor) and rows[0].ndim == 0)
+        )
         if per_row and len(rows) != batch:
             raise ValueError(f"stop_tokens has {len(rows)} rows for {batch} prompts")
         for b in range(batch):

@@ -14,6 +14,7 @@ there is neither padding nor attention dropout). Decoding with a KV cache (:mod:
 runs the same blocks on the new tokens only: :func:`prefill` and :func:`decode_step`.
 :mod:`fnlm.models._gpt2_hf` maps Hugging Face GPT-2 checkpoints onto these trees and back.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fnlm._memory import check_bound, check_eps
 from fnlm import random
+from fnlm._memory import check_bound, check_eps
 from fnlm.nn._attention import init_multi_head_attention, multi_head_attention
 from fnlm.nn._dropout import dropout
 from fnlm.nn._embedding import embedding, init_embedding
@@ -32,7 +33,8 @@ from fnlm.nn._kv_cache import cache_capacity, cache_mask, cache_positions, cache
 from fnlm.nn._losses import cross_entropy
 from fnlm.nn._norm import init_layer_norm, layer_norm
 from fnlm.nn._positional import check_length
-from fnlm.nn._remat import layer_policies, remat as rematerialise
+from fnlm.nn._remat import layer_policies
+from fnlm.nn._remat import remat as rematerialise
 from fnlm.nn._sublayer import init_stack, sublayer
 from fnlm.tree import Params
 
@@ -71,15 +73,22 @@ class GPT2Config:
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {v!r}")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
             raise ValueError(f"GPT2Config.n_inner must be a positive integer or None, got {self.n_inner!r}")
-        for name, kind in (("vocab_size", "vocab"), ("n_positions", "positions"), ("n_embd", "width"),
-                           ("n_layer", "layers"), ("n_head", "heads")) + ((("n_inner", "width"),) if self.n_inner else ()):
+        for name, kind in (
+            ("vocab_size", "vocab"),
+            ("n_positions", "positions"),
+            ("n_embd", "width"),
+            ("n_layer", "layers"),
+            ("n_head", "heads"),
+        ) + ((("n_inner", "width"),) if self.n_inner else ()):
             check_bound("GPT2Config", name, getattr(self, name), kind)
         check_eps("GPT2Config", "layer_norm_epsilon", self.layer_norm_epsilon)
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPT2Config: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.activation_function not in GPT2_ACTIVATIONS:
-            raise ValueError(f"GPT2Config.activation_function={self.activation_function!r} is not supported; "
-                             f"choose one of {GPT2_ACTIVATIONS}")
+            raise ValueError(
+                f"GPT2Config.activation_function={self.activation_function!r} is not supported; "
+                f"choose one of {GPT2_ACTIVATIONS}"
+            )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -149,8 +158,15 @@ def gpt2_block(
 
     def self_attention(h):
         if cache is None:
-            return multi_head_attention(params["attn"], h, causal=True, key_padding_mask=key_padding_mask,
-                                        dropout=cfg.attn_pdrop, key=k_attn, train=train)
+            return multi_head_attention(
+                params["attn"],
+                h,
+                causal=True,
+                key_padding_mask=key_padding_mask,
+                dropout=cfg.attn_pdrop,
+                key=k_attn,
+                train=train,
+            )
         y, layer = cached_attention(params["attn"], h, cache, slots, mask, inplace=inplace)
         new_cache.append(layer)
         return y
@@ -193,7 +209,9 @@ def gpt2_hidden(
     x = embedding(params["tok_embed"], ids) + embedding(params["pos_embed"], position_ids)
     x = dropout(x, cfg.embd_pdrop, key=k_emb, train=train)
     layers = params["layers"]
-    for layer, k, policy in zip(layers, random.split_or_none(k_layers, len(layers)), layer_policies(remat, len(layers))):
+    for layer, k, policy in zip(
+        layers, random.split_or_none(k_layers, len(layers)), layer_policies(remat, len(layers))
+    ):
         block = _block_output if policy is None else rematerialise(_block_output, policy)
         x = block(layer, x, cfg, key_padding_mask=attention_mask, key=k, train=train)
     return layer_norm(params["norm"], x, cfg.layer_norm_epsilon)
@@ -238,18 +256,27 @@ def lm_loss(
 
 
 # ----------------------------------------------------------------------------- KV-cache decoding
-def init_gpt2_cache(cfg: GPT2Config, batch: int, max_len: int, *, start: Tensor | None = None,
-                    dtype: torch.dtype = torch.float32, device=None) -> Params:
+def init_gpt2_cache(
+    cfg: GPT2Config,
+    batch: int,
+    max_len: int,
+    *,
+    start: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> Params:
     """An empty KV cache (:func:`fnlm.nn.init_kv_cache`) for ``batch`` rows of up to ``max_len``
     tokens (prompt + generated), ``max_len <= n_positions``."""
     if max_len > cfg.n_positions:
-        raise ValueError(f"a cache of {max_len} tokens is longer than the position table "
-                         f"(n_positions={cfg.n_positions})")
+        raise ValueError(
+            f"a cache of {max_len} tokens is longer than the position table (n_positions={cfg.n_positions})"
+        )
     return init_kv_cache(cfg.n_layer, batch, cfg.n_head, max_len, cfg.d_k, start=start, dtype=dtype, device=device)
 
 
-def gpt2_cached(params: Params, ids: Tensor, cache: Params, cfg: GPT2Config, *,
-                inplace: bool = False) -> tuple[Tensor, Params]:
+def gpt2_cached(
+    params: Params, ids: Tensor, cache: Params, cfg: GPT2Config, *, inplace: bool = False
+) -> tuple[Tensor, Params]:
     """Run new tokens ``ids: [batch, n_new]`` (slots ``pos .. pos+n_new-1``) through the model,
     attending to everything cached: ``(logits [batch, n_new, vocab], new cache)``.
 
@@ -269,8 +296,9 @@ def gpt2_cached(params: Params, ids: Tensor, cache: Params, cfg: GPT2Config, *,
     return lm_head(params, h), {**cache, "layers": layers, "pos": cache["pos"] + n_new}
 
 
-def prefill(params: Params, cache: Params, ids: Tensor, cfg: GPT2Config, *,
-            inplace: bool = False) -> tuple[Tensor, Params]:
+def prefill(
+    params: Params, cache: Params, ids: Tensor, cfg: GPT2Config, *, inplace: bool = False
+) -> tuple[Tensor, Params]:
     """The prompt ``ids: [batch, len]`` (left-padded; ``cache["start"]`` marks each row's first
     real token) into an empty cache: ``(logits of the last position [batch, vocab], cache)``."""
     if ids.ndim != 2 or ids.shape[-1] == 0:
@@ -281,8 +309,9 @@ def prefill(params: Params, cache: Params, ids: Tensor, cfg: GPT2Config, *,
     return logits[:, -1], cache
 
 
-def decode_step(params: Params, cache: Params, tokens: Tensor, cfg: GPT2Config, *,
-                inplace: bool = False) -> tuple[Tensor, Params]:
+def decode_step(
+    params: Params, cache: Params, tokens: Tensor, cfg: GPT2Config, *, inplace: bool = False
+) -> tuple[Tensor, Params]:
     """One token per row, ``tokens: [batch]``, at slot ``cache["pos"]``: ``(logits [batch, vocab], cache)``.
 
     Pure and shape-static (the slot is a tensor), so one compiled graph serves every position.

@@ -15,6 +15,7 @@ Layouts (only :func:`_to_fnlm` / :func:`_to_hf` change them): HF's ``Conv1D`` st
 ``[d, n_head, d_k]`` (output index ``o = head * d_k + j``); ``attn.c_proj`` ``[d, d]`` becomes
 ``W^O: [n_head, d_k, d]``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,13 +32,28 @@ from torch import Tensor
 from fnlm._memory import check_fits, gpt2_param_count
 from fnlm.io._safetensors import CheckpointError, torch_dtype
 from fnlm.models._gpt2 import GPT2Config
-from fnlm.models._hf import (owned, unify_dtypes, read_checkpoint, read_config_json, resolve_config, short, tokenizer_files,
-                             weight_files, write_checkpoint)
+from fnlm.models._hf import (
+    owned,
+    read_checkpoint,
+    read_config_json,
+    resolve_config,
+    short,
+    tokenizer_files,
+    unify_dtypes,
+    weight_files,
+    write_checkpoint,
+)
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
 #: Tokenizer files copied by :func:`save_gpt2` when ``tokenizer_dir`` is given.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 #: HF options whose other values fnlm's GPT-2 does not implement: field -> (the value it
 #: implements, why another is refused).
 UNSUPPORTED = {
@@ -68,8 +84,9 @@ def gpt2_config_from_hf(d: Mapping[str, Any]) -> GPT2Config:
         raise ValueError(f"model_type is {model_type!r}; only 'gpt2' checkpoints are supported")
     for name, (ok, why) in UNSUPPORTED.items():
         if name in d and d[name] is not None and bool(d[name]) != ok:
-            raise ValueError(f"{name}={json.dumps(d[name])} is not implemented ({why}); "
-                             f"only {name}={json.dumps(ok)} is supported")
+            raise ValueError(
+                f"{name}={json.dumps(d[name])} is not implemented ({why}); only {name}={json.dumps(ok)} is supported"
+            )
     kw = {f.name: d[f.name] for f in dataclasses.fields(GPT2Config) if f.name in d}
     return GPT2Config(**kw)
 
@@ -145,8 +162,12 @@ def _hf_shape(e: Entry, cfg: GPT2Config) -> tuple[int, ...]:
 
 def _fnlm_shapes(e: Entry, cfg: GPT2Config) -> tuple[tuple[int, ...], ...]:
     D, n, dk = cfg.n_embd, cfg.n_head, cfg.d_k
-    return {"copy": (_hf_shape(e, cfg),), "qkv": ((D, n, dk),) * 3, "qkv_bias": ((n, dk),) * 3,
-            "out_proj": ((n, dk, D),)}[e.kind]
+    return {
+        "copy": (_hf_shape(e, cfg),),
+        "qkv": ((D, n, dk),) * 3,
+        "qkv_bias": ((n, dk),) * 3,
+        "out_proj": ((n, dk, D),),
+    }[e.kind]
 
 
 def _to_fnlm(kind: str, t: Tensor, cfg: GPT2Config) -> tuple[Tensor, ...]:
@@ -179,7 +200,7 @@ def _to_hf(kind: str, ts: tuple[Tensor, ...], cfg: GPT2Config) -> Tensor:
 
 def _canonical(name: str) -> str:
     """Checkpoint name -> table name: drop the ``transformer.`` prefix of ``GPT2LMHeadModel``."""
-    return name[len("transformer."):] if name.startswith("transformer.") else name
+    return name[len("transformer.") :] if name.startswith("transformer.") else name
 
 
 def _shape_text(e: Entry, cfg: GPT2Config) -> str:
@@ -233,8 +254,10 @@ def load_gpt2(
         t, f, orig = raw.pop("lm_head.weight")
         wte = flat.get("tok_embed.weight")
         if wte is not None and not (t.shape == wte.shape and torch.equal(t.to(wte.dtype), wte)):
-            problems.append(f"{f}: {orig}: differs from wte.weight; fnlm's LM head is tied to the token "
-                            "embedding, an untied head is not supported")
+            problems.append(
+                f"{f}: {orig}: differs from wte.weight; fnlm's LM head is tied to the token "
+                "embedding, an untied head is not supported"
+            )
     for name in [c for c in raw if c.startswith("h.") and c.split(".", 2)[-1] in _BUFFERS]:
         raw.pop(name)
 
@@ -245,7 +268,9 @@ def load_gpt2(
             lines.append(f"  missing keys ({len(missing)}): {short(missing)}")
         if unexpected and strict:
             lines.append(f"  unexpected keys ({len(unexpected)}): {short(unexpected)}")
-        lines += [f"  {p}" for p in problems[:20]] + ([f"  ... {len(problems) - 20} more"] if len(problems) > 20 else [])
+        lines += [f"  {p}" for p in problems[:20]] + (
+            [f"  ... {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
         raise CheckpointError("\n".join(lines))
     if unexpected:
         warnings.warn(f"{where}: ignoring unexpected keys {short(unexpected)}", stacklevel=2)
@@ -267,8 +292,9 @@ def _hf_flag(config: Any, path: Path, name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- save
-def save_gpt2(params: Params, cfg: GPT2Config, out_dir: str | os.PathLike, *,
-              tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def save_gpt2(
+    params: Params, cfg: GPT2Config, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None
+) -> Path:
     """Write ``params`` as a Hugging Face ``GPT2LMHeadModel`` directory: ``model.safetensors``
     (``transformer.``-prefixed names; the tied ``lm_head.weight`` is left out, as HF saves it),
     ``config.json`` and the tokenizer files of ``tokenizer_dir``. Built under a temporary name
@@ -285,16 +311,20 @@ def save_gpt2(params: Params, cfg: GPT2Config, out_dir: str | os.PathLike, *,
         for name, shape in zip(e.fnlm, _fnlm_shapes(e, cfg)):
             t = flat.pop(name, None)
             if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-                problems.append(f"{name}: expected a tensor of shape {shape} from the config, found "
-                                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+                problems.append(
+                    f"{name}: expected a tensor of shape {shape} from the config, found "
+                    f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+                )
             parts.append(t)
         if len(parts) == len(e.fnlm) and not any(not isinstance(p, Tensor) for p in parts) and not problems:
             tensors[f"transformer.{e.hf}"] = owned(_to_hf(e.kind, tuple(parts), cfg))
     if flat:
         problems.append(f"entries with no GPT-2 checkpoint name: {short(sorted(flat))}")
     if problems:
-        raise ValueError(f"cannot save to {out_dir}: params do not match a GPT-2 model with this config:\n  "
-                         + "\n  ".join(problems[:20]))
+        raise ValueError(
+            f"cannot save to {out_dir}: params do not match a GPT-2 model with this config:\n  "
+            + "\n  ".join(problems[:20])
+        )
 
     tok_files = tokenizer_files(tokenizer_dir, TOKENIZER_FILES)
     return write_checkpoint(out_dir, tensors, gpt2_config_to_hf(cfg), tok_files)

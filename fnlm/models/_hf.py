@@ -8,6 +8,7 @@ mapping (:mod:`fnlm.models._bert_hf`, :mod:`fnlm.models._gpt2_hf`).
   file and original name kept for error messages; duplicates and a lying index are errors.
 * :func:`short`, :func:`owned`: helpers for reports and for writing.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ def read_config_json(path: str | os.PathLike, from_hf: Callable[[Mapping], Any])
         raise type(e)(f"{path}: {e}") from None
 
 
-def resolve_config(config: Any, path: Path, config_class: type, from_hf: Callable[[Mapping], Any],
-                   read: Callable[[Any], Any]) -> tuple[Any, str]:
+def resolve_config(
+    config: Any, path: Path, config_class: type, from_hf: Callable[[Mapping], Any], read: Callable[[Any], Any]
+) -> tuple[Any, str]:
     """``(cfg, where it came from)``: ``config`` itself (a ``config_class``), a ``config.json`` dict
     (``from_hf``) or path (``read``), or else the ``config.json`` beside the weights ``path``."""
     if isinstance(config, config_class):
@@ -57,8 +59,9 @@ def resolve_config(config: Any, path: Path, config_class: type, from_hf: Callabl
         raise TypeError(f"config must be a {name}, a dict or a path to config.json, got {type(config).__name__}")
     cfg_path = (path if path.is_dir() else path.parent) / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: no config.json found at {cfg_path}; pass config={name}(...) "
-                              "or config='path/to/config.json'")
+        raise CheckpointError(
+            f"{path}: no config.json found at {cfg_path}; pass config={name}(...) or config='path/to/config.json'"
+        )
     return read(cfg_path), str(cfg_path)
 
 
@@ -177,15 +180,18 @@ def unify_dtypes(raw: Raw, dtype, where) -> None:
     import warnings
 
     counts = ", ".join(f"{n} {str(k).removeprefix('torch.')}" for k, n in sorted(found.items(), key=str))
-    warnings.warn(f"{where}: tensors of several dtypes ({counts}); cast to float32 as transformers does "
-                  "(pass dtype= to choose)", stacklevel=3)
+    warnings.warn(
+        f"{where}: tensors of several dtypes ({counts}); cast to float32 as transformers does (pass dtype= to choose)",
+        stacklevel=3,
+    )
     for k, (t, f, orig) in list(raw.items()):
         if t.is_floating_point() and t.dtype != torch.float32:
             raw[k] = (t.float(), f, orig)
 
 
-def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, Tensor], hf_config: dict,
-                     tok_files: list[Path]) -> Path:
+def write_checkpoint(
+    out_dir: str | os.PathLike, tensors: dict[str, Tensor], hf_config: dict, tok_files: list[Path]
+) -> Path:
     """``out_dir`` with ``model.safetensors``, ``config.json`` (its ``dtype`` set when every tensor
     has the same one) and the tokenizer files, appearing atomically (a crash leaves nothing new)."""
     dtypes = {t.dtype for t in tensors.values()}

@@ -13,6 +13,7 @@ peft stores ``nn.Linear`` factors as ``[out, in]``; fnlm's ``lora_A [d_in, r]`` 
 [r, d_out]`` are their transposes, and the HF <-> fnlm module names come from the BERT mapping
 table of :mod:`fnlm.models._bert_hf`.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ from torch import Tensor
 from fnlm.io._safetensors import CheckpointError, atomic_dir, read_safetensors, write_json, write_safetensors
 from fnlm.models._bert import BertConfig
 from fnlm.models._bert_hf import TOKENIZER_FILES, param_mapping
-from fnlm.models._hf import owned as _owned, tokenizer_files
+from fnlm.models._hf import owned as _owned
+from fnlm.models._hf import tokenizer_files
 from fnlm.nn._lora import LoraConfig, adapter_pairs, linear_modules, matrix_dims
 from fnlm.tree import Params, flatten_names, unflatten_names
 
@@ -36,20 +38,35 @@ _PREFIX = "base_model.model."
 _LINEAR_KINDS = ("linear", "in_proj", "out_proj")
 #: peft config entries fnlm implements only at these values (anything else is refused by name).
 _UNSUPPORTED_UNLESS = {
-    "use_dora": (False, None), "use_rslora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
-    "fan_in_fan_out": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
-    "layers_to_transform": (None,), "layers_pattern": (None, [], ""), "layer_replication": (None,),
-    "exclude_modules": (None, []), "target_parameters": (None, []), "trainable_token_indices": (None,),
-    "use_qalora": (False, None), "alora_invocation_tokens": (None,), "megatron_config": (None,),
-    "use_bdlora": (None, False), "arrow_config": (None,),
+    "use_dora": (False, None),
+    "use_rslora": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layers_to_transform": (None,),
+    "layers_pattern": (None, [], ""),
+    "layer_replication": (None,),
+    "exclude_modules": (None, []),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None,),
+    "megatron_config": (None,),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
 }
 
 
 def _module_table(cfg: BertConfig) -> dict[str, str]:
     """fnlm module name (``bert.encoder.layers.0.attn.q``) -> HF module name of a
     ``BertForSequenceClassification`` (``bert.encoder.layer.0.attention.self.query``)."""
-    return {e.fnlm[: -len(".weight")]: e.hf_name("classifier")[: -len(".weight")]
-            for e in param_mapping(cfg, "classifier") if e.kind in _LINEAR_KINDS}
+    return {
+        e.fnlm[: -len(".weight")]: e.hf_name("classifier")[: -len(".weight")]
+        for e in param_mapping(cfg, "classifier")
+        if e.kind in _LINEAR_KINDS
+    }
 
 
 def _target_modules(hf_modules: list[str], all_hf: list[str]) -> list[str]:
@@ -63,9 +80,16 @@ def _target_modules(hf_modules: list[str], all_hf: list[str]) -> list[str]:
     return out
 
 
-def save_lora(out_dir: str | os.PathLike, adapters: Params, lora_cfg: LoraConfig, cfg: BertConfig, *,
-              head: Params | None = None, base_model_name_or_path: str | None = None,
-              tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def save_lora(
+    out_dir: str | os.PathLike,
+    adapters: Params,
+    lora_cfg: LoraConfig,
+    cfg: BertConfig,
+    *,
+    head: Params | None = None,
+    base_model_name_or_path: str | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
     """Write ``adapters`` (of a classifier tree, names ``bert....``) and the trained ``head``
     (``params['classifier']``, saved as peft's ``modules_to_save``) as a peft LoRA directory,
     atomically, with the tokenizer files of ``tokenizer_dir``. ``base_model_name_or_path`` is
@@ -75,8 +99,10 @@ def save_lora(out_dir: str | os.PathLike, adapters: Params, lora_cfg: LoraConfig
     hf_modules = []
     for m, (a, b) in adapter_pairs(adapters).items():
         if m not in table:
-            raise ValueError(f"save_lora: {m!r} is not a linear map of a BERT classifier "
-                             f"(peft names exist for {', '.join(list(table)[:3])}, ...)")
+            raise ValueError(
+                f"save_lora: {m!r} is not a linear map of a BERT classifier "
+                f"(peft names exist for {', '.join(list(table)[:3])}, ...)"
+            )
         hf = table[m]
         hf_modules.append(hf)
         tensors[f"{_PREFIX}{hf}.lora_A.weight"] = _owned(a.mT)
@@ -92,13 +118,24 @@ def save_lora(out_dir: str | os.PathLike, adapters: Params, lora_cfg: LoraConfig
         if "bias" in head:
             tensors[f"{_PREFIX}classifier.bias"] = _owned(head["bias"])
     config = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model_name_or_path,
-        "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora_cfg.rank,
+        "lora_alpha": lora_cfg.alpha,
+        "lora_dropout": lora_cfg.dropout,
         "target_modules": _target_modules(hf_modules, list(table.values())),
         "modules_to_save": ["classifier", "score"] if head is not None else None,
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-        "layers_to_transform": None, "layers_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
     }
     tok_files = tokenizer_files(tokenizer_dir, TOKENIZER_FILES)
     out_dir = Path(out_dir)
@@ -122,8 +159,10 @@ def read_lora_config(path: str | os.PathLike) -> LoraConfig:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{f}: not a JSON object")
-    for key, kinds, what in (("r", (int,), "a positive integer (the rank)"),
-                             ("lora_alpha", (int, float), "a positive number")):
+    for key, kinds, what in (
+        ("r", (int,), "a positive integer (the rank)"),
+        ("lora_alpha", (int, float), "a positive number"),
+    ):
         v = d.get(key)
         if not isinstance(v, kinds) or isinstance(v, bool) or not v > 0:
             raise CheckpointError(f"{f}: {key!r} must be {what}, got {'nothing' if key not in d else repr(v)}")
@@ -142,8 +181,9 @@ def read_lora_config(path: str | os.PathLike) -> LoraConfig:
         bad.append(f"task_type={d['task_type']!r}")
     if bad:
         raise CheckpointError(f"{f}: peft features fnlm does not implement: {', '.join(bad)}")
-    return LoraConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout") or 0.0),
-                      targets=("*",))
+    return LoraConfig(
+        rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout") or 0.0), targets=("*",)
+    )
 
 
 def load_lora(path: str | os.PathLike, params: Params, cfg: BertConfig) -> tuple[Params, LoraConfig, Params | None]:
@@ -163,7 +203,7 @@ def load_lora(path: str | os.PathLike, params: Params, cfg: BertConfig) -> tuple
     flat: dict[str, Tensor] = {}
     head: dict[str, Tensor] = {}
     for name, t in tensors.items():
-        key = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+        key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
         key = key.replace(".modules_to_save.default.", ".").replace(".default.", ".")
         if key in ("classifier.weight", "classifier.bias"):
             head[key.rsplit(".", 1)[-1]] = t.mT.contiguous() if key.endswith("weight") else t
@@ -177,16 +217,20 @@ def load_lora(path: str | os.PathLike, params: Params, cfg: BertConfig) -> tuple
         d_in, d_out = matrix_dims(m, flat_params, modules[m])
         want = (lora_cfg.rank, d_in) if factor == "A.weight" else (d_out, lora_cfg.rank)
         if tuple(t.shape) != want:
-            raise CheckpointError(f"{f}: {name} has shape {tuple(t.shape)} but the base model's {m} "
-                                  f"(d_in={d_in}, d_out={d_out}) at r={lora_cfg.rank} needs {want}")
+            raise CheckpointError(
+                f"{f}: {name} has shape {tuple(t.shape)} but the base model's {m} "
+                f"(d_in={d_in}, d_out={d_out}) at r={lora_cfg.rank} needs {want}"
+            )
         flat[f"{m}.lora_{factor[0]}"] = t.mT.contiguous()
     if not flat:
         raise CheckpointError(f"{f}: no LoRA factors")
     if head:
         want_w = tuple(flat_params["classifier.weight"].shape) if "classifier.weight" in flat_params else None
         if want_w is not None and tuple(head["weight"].shape) != want_w:
-            raise CheckpointError(f"{f}: classifier.weight has shape {tuple(head['weight'].mT.shape)} but the base "
-                                  f"classifier is {want_w[::-1]} [num_labels, hidden_size]")
+            raise CheckpointError(
+                f"{f}: classifier.weight has shape {tuple(head['weight'].mT.shape)} but the base "
+                f"classifier is {want_w[::-1]} [num_labels, hidden_size]"
+            )
     adapters = unflatten_names(flat)
     targets = tuple(adapter_pairs(adapters))
     return adapters, LoraConfig(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, targets), (head or None)

@@ -19,6 +19,7 @@ product alone, but inside GPT-2's decode step Inductor fused the products with t
 consumers in an order that re-read the weights per row, and the step ran slower than with MKL's products
 (``docs/benchmarks.md``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,9 +48,12 @@ def matvec_layout(params: Params) -> Params:
     """GPT-2 parameters (:func:`fnlm.models.init_gpt2`) with every block weight stored input-axis
     innermost (:func:`input_axes_innermost`): ``W^Q, W^K, W^V [d, h, d_k]``, ``W^O [h, d_k, d]`` and
     the FFN's ``W_1, W_2``. Equal values; only the memory order differs."""
+
     def layer(p: Params) -> Params:
-        attn = {**p["attn"], **{n: {**p["attn"][n], "weight": input_axes_innermost(p["attn"][n]["weight"], 1)}
-                                for n in ("q", "k", "v")}}
+        attn = {
+            **p["attn"],
+            **{n: {**p["attn"][n], "weight": input_axes_innermost(p["attn"][n]["weight"], 1)} for n in ("q", "k", "v")},
+        }
         attn["o"] = {**p["attn"]["o"], "weight": input_axes_innermost(p["attn"]["o"]["weight"], 2)}
         ffn = {n: {**w, "weight": input_axes_innermost(w["weight"], 1)} for n, w in p["ffn"].items()}
         return {**p, "attn": attn, "ffn": ffn}
@@ -66,8 +70,16 @@ def _matvec(x: Tensor, w: Tensor) -> Tensor:
 def _is_matvec(x: torch.fx.Node, w: torch.fx.Node) -> bool:
     """``x [rows <= MAX_ROWS, d_in]`` times a CPU ``W [d_in, d_out]`` whose ``d_in`` axis is contiguous."""
     xv, wv = x.meta.get("val"), w.meta.get("val")
-    return (isinstance(xv, Tensor) and isinstance(wv, Tensor) and xv.device.type == "cpu" and xv.ndim == 2
-            and wv.ndim == 2 and xv.shape[0] <= MAX_ROWS and wv.stride(0) == 1 and wv.shape[0] > 1)
+    return (
+        isinstance(xv, Tensor)
+        and isinstance(wv, Tensor)
+        and xv.device.type == "cpu"
+        and xv.ndim == 2
+        and wv.ndim == 2
+        and xv.shape[0] <= MAX_ROWS
+        and wv.stride(0) == 1
+        and wv.shape[0] > 1
+    )
 
 
 @functools.cache

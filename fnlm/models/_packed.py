@@ -12,6 +12,7 @@ checks it within 1e-5), but with no matrix product on padding between sequences.
 itself still runs over whole rows (SDPA with a boolean mask; the masked-out blocks are computed and
 discarded), so packing pays where the linear maps dominate, i.e. rows not much longer than d_model.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -20,7 +21,6 @@ import torch
 from torch import Tensor
 
 from fnlm import random
-from fnlm.tree import Params
 from fnlm.models._bert import BertConfig, _check_config, _check_labels
 from fnlm.nn._dropout import dropout
 from fnlm.nn._embedding import embedding
@@ -29,6 +29,7 @@ from fnlm.nn._linear import linear
 from fnlm.nn._losses import accuracy, cross_entropy
 from fnlm.nn._norm import layer_norm
 from fnlm.nn._positional import check_length
+from fnlm.tree import Params
 
 
 def packed_attention_mask(sequence_ids: Tensor) -> Tensor:
@@ -52,13 +53,19 @@ def bert_classifier_packed(
     _check_config(cfg)
     ids, pos, seq = batch["input_ids"], batch["position_ids"], batch["sequence_ids"]
     if not (ids.ndim == 2 and ids.shape == pos.shape == seq.shape):
-        raise ValueError(f"input_ids {tuple(ids.shape)}, position_ids {tuple(pos.shape)} and sequence_ids "
-                         f"{tuple(seq.shape)} must all be [rows, len]")
+        raise ValueError(
+            f"input_ids {tuple(ids.shape)}, position_ids {tuple(pos.shape)} and sequence_ids "
+            f"{tuple(seq.shape)} must all be [rows, len]"
+        )
     check_length(ids.shape[-1], cfg.max_position_embeddings, "packed row")
     p, tcfg = params["bert"], cfg.transformer_config()
     k_emb, k_enc, k_drop = random.split_or_none(key, 3)
     emb = p["embeddings"]
-    x = embedding(emb["word"], ids) + embedding(emb["token_type"], torch.zeros_like(ids)) + embedding(emb["position"], pos)
+    x = (
+        embedding(emb["word"], ids)
+        + embedding(emb["token_type"], torch.zeros_like(ids))
+        + embedding(emb["position"], pos)
+    )
     x = dropout(layer_norm(emb["norm"], x, cfg.layer_norm_eps), cfg.hidden_dropout_prob, key=k_emb, train=train)
     mask = packed_attention_mask(seq)
     layers = p["encoder"]["layers"]
@@ -70,8 +77,9 @@ def bert_classifier_packed(
     return linear(params["classifier"], dropout(pooled, rate, key=k_drop, train=train))
 
 
-def packed_classifier_loss(params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *,
-                           key: random.Key | None = None, train: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def packed_classifier_loss(
+    params: Params, batch: Mapping[str, Tensor], cfg: BertConfig, *, key: random.Key | None = None, train: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``(mean cross-entropy over the N packed sequences, {'accuracy'})``: :func:`fnlm.models.classifier_loss`
     for a packed batch (``labels [N]``, optional ``weight [N]``)."""
     logits = bert_classifier_packed(params, batch, cfg, key=key, train=train)

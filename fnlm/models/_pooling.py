@@ -6,6 +6,7 @@ computes for all-MiniLM-L6-v2 (BERT, mean pooling over real tokens, L2 normalisa
 Feature extraction from other layers goes through :func:`combine_layers` on the hidden states
 that ``bert(..., output_hidden_states=True)`` returns.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -35,8 +36,10 @@ def pool(h: Tensor, attention_mask: Tensor | None = None, how: str = "mean") -> 
     if not isinstance(h, Tensor) or h.ndim < 2:
         raise ValueError(f"h must be a tensor [*batch, len, d], got {getattr(h, 'shape', type(h).__name__)}")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(h.shape[:-1]):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected [*batch, len] = "
-                         f"{list(h.shape[:-1])} (the hidden states' leading axes)")
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected [*batch, len] = "
+            f"{list(h.shape[:-1])} (the hidden states' leading axes)"
+        )
     if how == "cls":
         return h[..., 0, :]
     if attention_mask is None:
@@ -62,8 +65,10 @@ def combine_layers(hidden_states: Sequence[Tensor], layers: Sequence[int] = (-1,
         raise ValueError("layers is empty: name at least one hidden state")
     bad = [i for i in layers if not isinstance(i, int) or not -n <= i < n]
     if bad:
-        raise ValueError(f"layer index {bad[0]!r} is out of range: there are {n} hidden states "
-                         f"(embeddings + {n - 1} layers), valid indices {-n}..{n - 1}")
+        raise ValueError(
+            f"layer index {bad[0]!r} is out of range: there are {n} hidden states "
+            f"(embeddings + {n - 1} layers), valid indices {-n}..{n - 1}"
+        )
     chosen = [hidden_states[i] for i in layers]
     return torch.cat(chosen, -1) if combine == "concat" else torch.stack(chosen).mean(0)
 
@@ -94,8 +99,14 @@ def sentence_embedding(
     if layers is None:
         h, _ = bert(params, input_ids, cfg, attention_mask=attention_mask, token_type_ids=token_type_ids)
     else:
-        _, _, inter = bert(params, input_ids, cfg, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           output_hidden_states=True)
+        _, _, inter = bert(
+            params,
+            input_ids,
+            cfg,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=True,
+        )
         h = combine_layers(inter["hidden_states"], layers, combine)
     e = pool(h, attention_mask, pooling)
     return torch.nn.functional.normalize(e, p=2.0, dim=-1) if normalize else e

@@ -1,5 +1,6 @@
 """Load a checkpoint for a given head and sequence length: a Hugging Face BERT directory or a peft
 LoRA adapter directory, with the checks every script needs, in one call."""
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,24 @@ __all__ = ["Pretrained", "load_pretrained"]
 
 class Pretrained(NamedTuple):
     """What :func:`load_pretrained` returns."""
+
     params: Params
     cfg: BertConfig
     tokenizer: Any
     fresh_head: bool  # the head was missing and initialised from ``head_key``
 
 
-def load_pretrained(path: str | os.PathLike, *, head: str = "none", num_labels: int | None = None,
-                    max_len: int | None = None, head_key: random.Key | None = None,
-                    pooler: bool | None | str = None, dtype=None, device="cpu") -> Pretrained:
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    head: str = "none",
+    num_labels: int | None = None,
+    max_len: int | None = None,
+    head_key: random.Key | None = None,
+    pooler: bool | None | str = None,
+    dtype=None,
+    device="cpu",
+) -> Pretrained:
     """``(params, cfg, tokenizer, fresh_head)`` of the checkpoint at ``path`` for ``head`` and sequences of ``max_len``.
 
     ``path``: a Hugging Face BERT directory, or a peft LoRA adapter directory (``adapter_config.json``):
@@ -74,11 +84,14 @@ def load_pretrained(path: str | os.PathLike, *, head: str = "none", num_labels: 
 
 def _check(path: Path, cfg: BertConfig, tokenizer, max_len: int | None) -> None:
     if max_len is not None and max_len > cfg.max_position_embeddings:
-        raise ValueError(f"--max-len {max_len} (max_len) is longer than the model's position table "
-                         f"(max_position_embeddings={cfg.max_position_embeddings} in {path / 'config.json'})")
+        raise ValueError(
+            f"--max-len {max_len} (max_len) is longer than the model's position table "
+            f"(max_position_embeddings={cfg.max_position_embeddings} in {path / 'config.json'})"
+        )
     if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but config.json says "
-                              f"vocab_size={cfg.vocab_size}")
+        raise CheckpointError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size={cfg.vocab_size}"
+        )
 
 
 def _load_adapter(path: Path, *, head: str, max_len, dtype, device) -> Pretrained:
@@ -91,10 +104,13 @@ def _load_adapter(path: Path, *, head: str, max_len, dtype, device) -> Pretraine
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
     if not (base / "config.json").is_file():
-        raise CheckpointError(f"{path}: its base model {str(base) or '(none named)'} (base_model_name_or_path in "
-                              f"{CONFIG_FILE}) is not a checkpoint directory here")
-    params, cfg, tokenizer, _ = load_pretrained(base, head="classifier", max_len=max_len, head_key=random.key(0),
-                                                dtype=dtype, device=device)
+        raise CheckpointError(
+            f"{path}: its base model {str(base) or '(none named)'} (base_model_name_or_path in "
+            f"{CONFIG_FILE}) is not a checkpoint directory here"
+        )
+    params, cfg, tokenizer, _ = load_pretrained(
+        base, head="classifier", max_len=max_len, head_key=random.key(0), dtype=dtype, device=device
+    )
     adapters, lora_cfg, cls = load_lora(path, params, cfg)
     if cls is None:
         raise CheckpointError(f"{path}: the adapter has no classifier (modules_to_save); it cannot classify")

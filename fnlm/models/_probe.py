@@ -1,4 +1,5 @@
 """A linear probe: logistic regression on frozen features, fitted with fnlm.optim."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ from fnlm import optim, random
 from fnlm.nn import cross_entropy
 
 
-def fit_linear_probe(x: Tensor, y: Tensor, *, steps: int = 300, lr: float = 0.05, l2: float = 1e-3,
-                     seed: int = 0) -> dict[str, Tensor]:
+def fit_linear_probe(
+    x: Tensor, y: Tensor, *, steps: int = 300, lr: float = 0.05, l2: float = 1e-3, seed: int = 0
+) -> dict[str, Tensor]:
     """Logistic regression ``p(y | x) = softmax(((x - mu) / sigma) W + b)`` fitted by full-batch Adam on
     ``L = CE + l2 ||W||^2``; ``x``: ``[N, D]`` features (standardised with their mean ``mu`` and std
     ``sigma``), ``y``: ``[N]`` class ids. Pure: the result depends only on the inputs.

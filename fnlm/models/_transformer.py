@@ -1,19 +1,20 @@
 """The encoder–decoder Transformer of "Attention Is All You Need" (Vaswani et al. 2017)."""
+
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm import random
 from fnlm.nn._config import TransformerConfig
 from fnlm.nn._decoder import decoder, decoder_cached, init_decoder
 from fnlm.nn._dropout import dropout
 from fnlm.nn._embedding import embedding, init_embedding
 from fnlm.nn._encoder import encoder, init_encoder
-from fnlm.nn._linear import init_linear, linear
 from fnlm.nn._kv_cache import cache_positions, cross_kv, init_kv_cache
+from fnlm.nn._linear import init_linear, linear
 from fnlm.nn._positional import (
     check_length,
     init_learned_positional,
@@ -21,6 +22,7 @@ from fnlm.nn._positional import (
     sinusoidal_encoding,
     sinusoidal_table,
 )
+from fnlm.tree import Params
 
 
 def init_transformer(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -42,8 +44,16 @@ def init_transformer(key: random.Key, cfg: TransformerConfig) -> Params:
     return params
 
 
-def embed(params: Params, ids: Tensor, cfg: TransformerConfig, side: str, *,
-          key: random.Key | None = None, train: bool = False, positions: Tensor | None = None) -> Tensor:
+def embed(
+    params: Params,
+    ids: Tensor,
+    cfg: TransformerConfig,
+    side: str,
+    *,
+    key: random.Key | None = None,
+    train: bool = False,
+    positions: Tensor | None = None,
+) -> Tensor:
     """``x_t = Dropout(E[ids_t] * sqrt(d_model) + PE_t)`` for ``side`` in {'src', 'tgt'} (§3.4, §3.5).
 
     With relative positions nothing is added here: the bias enters the attention logits.
@@ -65,38 +75,81 @@ def embed(params: Params, ids: Tensor, cfg: TransformerConfig, side: str, *,
     return dropout(x, cfg.dropout, key=key, train=train)
 
 
-def encode(params: Params, src: Tensor, cfg: TransformerConfig, *, src_padding_mask: Tensor | None = None,
-           key: random.Key | None = None, train: bool = False, remat: str | list[str | None] | None = None) -> Tensor:
+def encode(
+    params: Params,
+    src: Tensor,
+    cfg: TransformerConfig,
+    *,
+    src_padding_mask: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+    remat: str | list[str | None] | None = None,
+) -> Tensor:
     """``memory = Encoder(Embed(src))``: ``src: [*batch, len_s]`` ids -> ``[*batch, len_s, d_model]``."""
     k_emb, k_enc = random.split_or_none(key, 2)
     x = embed(params, src, cfg, "src", key=k_emb, train=train)
     return encoder(params["encoder"], x, cfg, key_padding_mask=src_padding_mask, key=k_enc, train=train, remat=remat)
 
 
-def decode(params: Params, tgt: Tensor, memory: Tensor, cfg: TransformerConfig, *,
-           tgt_padding_mask: Tensor | None = None, memory_padding_mask: Tensor | None = None,
-           key: random.Key | None = None, train: bool = False, remat: str | list[str | None] | None = None) -> Tensor:
+def decode(
+    params: Params,
+    tgt: Tensor,
+    memory: Tensor,
+    cfg: TransformerConfig,
+    *,
+    tgt_padding_mask: Tensor | None = None,
+    memory_padding_mask: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+    remat: str | list[str | None] | None = None,
+) -> Tensor:
     """Logits over the target vocabulary, ``Decoder(Embed(tgt), memory) W_out``: ``[*batch, len_t, tgt_vocab]``."""
     k_emb, k_dec = random.split_or_none(key, 2)
     y = embed(params, tgt, cfg, "tgt", key=k_emb, train=train)
-    y = decoder(params["decoder"], y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
-                memory_padding_mask=memory_padding_mask, key=k_dec, train=train, remat=remat)
+    y = decoder(
+        params["decoder"],
+        y,
+        memory,
+        cfg,
+        tgt_padding_mask=tgt_padding_mask,
+        memory_padding_mask=memory_padding_mask,
+        key=k_dec,
+        train=train,
+        remat=remat,
+    )
     if cfg.tie_output:
         return y @ params["tgt_embed"]["weight"].T
     return linear(params["out"], y)
 
 
-def transformer(params: Params, src: Tensor, tgt: Tensor, cfg: TransformerConfig, *,
-                src_padding_mask: Tensor | None = None, tgt_padding_mask: Tensor | None = None,
-                key: random.Key | None = None, train: bool = False,
-                remat: str | list[str | None] | None = None) -> Tensor:
+def transformer(
+    params: Params,
+    src: Tensor,
+    tgt: Tensor,
+    cfg: TransformerConfig,
+    *,
+    src_padding_mask: Tensor | None = None,
+    tgt_padding_mask: Tensor | None = None,
+    key: random.Key | None = None,
+    train: bool = False,
+    remat: str | list[str | None] | None = None,
+) -> Tensor:
     """Teacher-forced forward pass: ``logits[t] = p(y_{t+1} | y_{<=t}, src)``, shape ``[*batch, len_t, tgt_vocab]``.
     ``remat``: recompute the blocks' activations in the backward pass, the same policy (or per-layer
     list) for the encoder's and the decoder's blocks (:func:`fnlm.nn.remat`)."""
     k_enc, k_dec = random.split_or_none(key, 2)
     memory = encode(params, src, cfg, src_padding_mask=src_padding_mask, key=k_enc, train=train, remat=remat)
-    return decode(params, tgt, memory, cfg, tgt_padding_mask=tgt_padding_mask,
-                  memory_padding_mask=src_padding_mask, key=k_dec, train=train, remat=remat)
+    return decode(
+        params,
+        tgt,
+        memory,
+        cfg,
+        tgt_padding_mask=tgt_padding_mask,
+        memory_padding_mask=src_padding_mask,
+        key=k_dec,
+        train=train,
+        remat=remat,
+    )
 
 
 def init_decoder_cache(params: Params, memory: Tensor, cfg: TransformerConfig, max_len: int) -> Params:
@@ -105,14 +158,16 @@ def init_decoder_cache(params: Params, memory: Tensor, cfg: TransformerConfig, m
     layer's ``K = memory W^K, V = memory W^V``, computed here once."""
     check_length(max_len, cfg.max_len, "target")
     layers = params["decoder"]["layers"]
-    cache = init_kv_cache(len(layers), memory.shape[0], cfg.n_heads, max_len, cfg.d_k, dtype=memory.dtype,
-                          device=memory.device)
+    cache = init_kv_cache(
+        len(layers), memory.shape[0], cfg.n_heads, max_len, cfg.d_k, dtype=memory.dtype, device=memory.device
+    )
     cache["cross"] = [cross_kv(layer["cross_attn"], memory) for layer in layers]
     return cache
 
 
-def decode_cached(params: Params, tgt: Tensor, cache: Params, cfg: TransformerConfig, *,
-                  memory_padding_mask: Tensor | None = None) -> tuple[Tensor, Params]:
+def decode_cached(
+    params: Params, tgt: Tensor, cache: Params, cfg: TransformerConfig, *, memory_padding_mask: Tensor | None = None
+) -> tuple[Tensor, Params]:
     """:func:`decode` for new target tokens ``tgt: [batch, n_new]`` given the cached prefix:
     ``(logits [batch, n_new, tgt_vocab], new cache)``."""
     positions = cache_positions(cache, tgt.shape[-1])
@@ -122,8 +177,15 @@ def decode_cached(params: Params, tgt: Tensor, cache: Params, cfg: TransformerCo
     return logits, cache
 
 
-def greedy_decode(params: Params, src: Tensor, cfg: TransformerConfig, *, bos_id: int, max_len: int,
-                  src_padding_mask: Tensor | None = None) -> Tensor:
+def greedy_decode(
+    params: Params,
+    src: Tensor,
+    cfg: TransformerConfig,
+    *,
+    bos_id: int,
+    max_len: int,
+    src_padding_mask: Tensor | None = None,
+) -> Tensor:
     """Auto-regressive greedy decoding: ``y_{t+1} = argmax p(. | y_{<=t}, src)``; returns ``[batch, max_len]``
     ids starting with ``bos_id``. The encoder runs once; each step feeds only the newest token
     through the decoder, with the self-attention K/V of the prefix and the memory's cross K/V

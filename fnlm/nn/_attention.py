@@ -5,6 +5,7 @@ Masks are boolean and **True means "may attend"** (the convention of
 ``[*batch, n_heads, len_q, len_k]``. Additive float biases (e.g. relative position biases) are
 passed separately as ``bias``.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,11 +15,11 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import check_broadcast, check_last_dim
-from fnlm.nn._dynamic_int8 import int8_linear, weight_shape
 from fnlm.nn import _dropout
+from fnlm.nn._dynamic_int8 import int8_linear, weight_shape
+from fnlm.tree import Params
 
 
 # ----------------------------------------------------------------------------- masks
@@ -110,8 +111,9 @@ def scaled_dot_product_attention(
     target = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
     if mask is not None:
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be boolean (True = may attend), got {mask.dtype}; "
-                            "pass additive float masks as bias=")
+            raise TypeError(
+                f"mask must be boolean (True = may attend), got {mask.dtype}; pass additive float masks as bias="
+            )
         check_broadcast("mask", mask, target, "*batch, len_q, len_k")
     if bias is not None:
         check_broadcast("bias", bias, target, "*batch, len_q, len_k")
@@ -123,8 +125,9 @@ def scaled_dot_product_attention(
             is_causal = False
 
     if impl == "reference" or (train and dropout > 0.0 and impl != "sdpa") or return_probs:
-        return attention_reference(q, k, v, mask, bias, dropout=dropout, key=key, train=train,
-                                   return_probs=return_probs)
+        return attention_reference(
+            q, k, v, mask, bias, dropout=dropout, key=key, train=train, return_probs=return_probs
+        )
 
     attn_mask = mask
     if bias is not None:
@@ -136,10 +139,12 @@ def scaled_dot_product_attention(
         dt = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             attn_mask = attn_mask.to(dt) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-            return F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=attn_mask,
-                                                  is_causal=is_causal, dropout_p=dropout)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                          dropout_p=dropout if train else 0.0)
+            return F.scaled_dot_product_attention(
+                q.to(dt), k.to(dt), v.to(dt), attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout
+            )
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout if train else 0.0
+    )
 
 
 # ----------------------------------------------------------------------------- multi-head
@@ -236,13 +241,17 @@ def multi_head_attention(
     target = (*batch, n_heads, len_q, len_k)
     if mask is not None:  # validate the caller's mask before it is combined with the padding mask
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a boolean tensor (True = may attend), got "
-                            f"{getattr(mask, 'dtype', type(mask).__name__)}; pass additive float masks as bias=")
+            raise TypeError(
+                f"mask must be a boolean tensor (True = may attend), got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}; pass additive float masks as bias="
+            )
         check_broadcast("mask", mask, target, "*batch, n_heads, len_q, len_k")
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (*batch, len_k):
-            raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
-                             f"expected [*batch, len_k] = {[*batch, len_k]}")
+            raise ValueError(
+                f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
+                f"expected [*batch, len_k] = {[*batch, len_k]}"
+            )
         kpm = padding_mask(key_padding_mask)
         mask = kpm if mask is None else mask & kpm
     if bias is not None:
@@ -252,7 +261,16 @@ def multi_head_attention(
     k = _project(params["k"], x_kv)  # [..., h, len_k, d_k]
     v = _project(params["v"], x_kv)  # [..., h, len_k, d_v]
     heads = scaled_dot_product_attention(
-        q, k, v, mask, bias, is_causal=causal, dropout=dropout, key=key, train=train, impl=impl,
+        q,
+        k,
+        v,
+        mask,
+        bias,
+        is_causal=causal,
+        dropout=dropout,
+        key=key,
+        train=train,
+        impl=impl,
         return_probs=return_probs,
     )
     heads, probs = heads if return_probs else (heads, None)

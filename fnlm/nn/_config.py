@@ -1,4 +1,5 @@
 """Hyper-parameters of the Transformer: a frozen (hashable) dataclass, separate from the params."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,18 +1,20 @@
 """The Transformer decoder: masked self-attention, encoder–decoder attention, FFN (§3.1)."""
+
 from __future__ import annotations
 
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm import random
 from fnlm.nn._attention import init_multi_head_attention, multi_head_attention, padding_mask
 from fnlm.nn._config import TransformerConfig
 from fnlm.nn._feedforward import feed_forward, init_feed_forward
 from fnlm.nn._kv_cache import cache_capacity, cache_mask, cache_slots, cached_attention, cached_cross_attention
 from fnlm.nn._norm import init_layer_norm, layer_norm
-from fnlm.nn._sublayer import init_stack, sublayer
 from fnlm.nn._positional import init_relative_bias, relative_bias
-from fnlm.nn._remat import layer_policies, remat as rematerialise
+from fnlm.nn._remat import layer_policies
+from fnlm.nn._remat import remat as rematerialise
+from fnlm.nn._sublayer import init_stack, sublayer
+from fnlm.tree import Params
 
 
 def init_decoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -68,17 +70,32 @@ def decoder_block(
             out, layer = cached_attention(params["self_attn"], h, cache["self"], slots, self_mask, bias=self_bias)
             new_self.append(layer)
             return out
-        return multi_head_attention(params["self_attn"], h, causal=True, key_padding_mask=tgt_padding_mask,
-                                    bias=self_bias, dropout=cfg.attention_dropout, key=ks[0], train=train,
-                                    impl="sdpa" if cfg.fused_attention_dropout else "auto")
+        return multi_head_attention(
+            params["self_attn"],
+            h,
+            causal=True,
+            key_padding_mask=tgt_padding_mask,
+            bias=self_bias,
+            dropout=cfg.attention_dropout,
+            key=ks[0],
+            train=train,
+            impl="sdpa" if cfg.fused_attention_dropout else "auto",
+        )
 
     def cross_attention(h):
         if cache is not None:
             mask = None if memory_padding_mask is None else padding_mask(memory_padding_mask)
             return cached_cross_attention(params["cross_attn"], h, cache["cross"], mask)
-        return multi_head_attention(params["cross_attn"], h, memory, key_padding_mask=memory_padding_mask,
-                                    dropout=cfg.attention_dropout, key=ks[1], train=train,
-                                    impl="sdpa" if cfg.fused_attention_dropout else "auto")
+        return multi_head_attention(
+            params["cross_attn"],
+            h,
+            memory,
+            key_padding_mask=memory_padding_mask,
+            dropout=cfg.attention_dropout,
+            key=ks[1],
+            train=train,
+            impl="sdpa" if cfg.fused_attention_dropout else "auto",
+        )
 
     def ffn(h):
         return feed_forward(params["ffn"], h, cfg.activation)
@@ -118,13 +135,23 @@ def decoder(
     self_bias = None
     if "relative_bias" in params:
         n = y.shape[-2]
-        self_bias = relative_bias(params["relative_bias"], n, n, bidirectional=False,
-                                  max_distance=cfg.relative_max_distance)
+        self_bias = relative_bias(
+            params["relative_bias"], n, n, bidirectional=False, max_distance=cfg.relative_max_distance
+        )
     layers = params["layers"]
     for layer, k, policy in zip(layers, random.split_or_none(key, len(layers)), layer_policies(remat, len(layers))):
         block = decoder_block if policy is None else rematerialise(decoder_block, policy)
-        y = block(layer, y, memory, cfg, tgt_padding_mask=tgt_padding_mask,
-                  memory_padding_mask=memory_padding_mask, self_bias=self_bias, key=k, train=train)
+        y = block(
+            layer,
+            y,
+            memory,
+            cfg,
+            tgt_padding_mask=tgt_padding_mask,
+            memory_padding_mask=memory_padding_mask,
+            self_bias=self_bias,
+            key=k,
+            train=train,
+        )
     if "norm" in params:
         y = layer_norm(params["norm"], y, cfg.layer_norm_eps)
     return y
@@ -146,12 +173,27 @@ def decoder_cached(
     slots, mask = cache_slots(cache, n_new), cache_mask(cache, n_new)
     self_bias = None
     if "relative_bias" in params:
-        self_bias = relative_bias(params["relative_bias"], n_new, cache_capacity(cache), bidirectional=False,
-                                  max_distance=cfg.relative_max_distance, offset_q=cache["pos"])
+        self_bias = relative_bias(
+            params["relative_bias"],
+            n_new,
+            cache_capacity(cache),
+            bidirectional=False,
+            max_distance=cfg.relative_max_distance,
+            offset_q=cache["pos"],
+        )
     layers = []
     for layer, self_kv, cross in zip(params["layers"], cache["layers"], cache["cross"]):
-        y, new = decoder_block(layer, y, None, cfg, memory_padding_mask=memory_padding_mask, self_bias=self_bias,
-                               cache={"self": self_kv, "cross": cross}, slots=slots, self_mask=mask)
+        y, new = decoder_block(
+            layer,
+            y,
+            None,
+            cfg,
+            memory_padding_mask=memory_padding_mask,
+            self_bias=self_bias,
+            cache={"self": self_kv, "cross": cross},
+            slots=slots,
+            self_mask=mask,
+        )
         layers.append(new["self"])
     if "norm" in params:
         y = layer_norm(params["norm"], y, cfg.layer_norm_eps)

@@ -1,4 +1,5 @@
 """Dropout driven by an explicit key (Srivastava et al. 2014)."""
+
 from __future__ import annotations
 
 from torch import Tensor

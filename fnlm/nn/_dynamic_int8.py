@@ -29,6 +29,7 @@ weight-only int8), and two kernels compute the product (``backend``):
 holds ``weight_int8`` + ``weight_scale`` instead of ``weight``: ``bert_classifier(quantize_int8(params), ...)``
 is the dynamically quantized forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,21 +46,27 @@ BACKENDS = ("auto", "int_mm", "fbgemm")
 
 def _fbgemm_ok(x: Tensor) -> bool:
     """Eager CPU inference with fbgemm built in: where ``'auto'`` picks ``'fbgemm'``."""
-    return (x.device.type == "cpu" and not is_traced(x) and not torch.compiler.is_exporting()
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and "fbgemm" in torch.backends.quantized.supported_engines)
+    return (
+        x.device.type == "cpu"
+        and not is_traced(x)
+        and not torch.compiler.is_exporting()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and "fbgemm" in torch.backends.quantized.supported_engines
+    )
 
 
 def _fbgemm_matmul(x2: Tensor, w2: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     n = w2.shape[1]
-    qw = torch._make_per_channel_quantized_tensor(w2.t().contiguous(), scale.reshape(n).double(),
-                                                  torch.zeros(n, dtype=torch.long), 0)
+    qw = torch._make_per_channel_quantized_tensor(
+        w2.t().contiguous(), scale.reshape(n).double(), torch.zeros(n, dtype=torch.long), 0
+    )
     packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.reshape(n).float())
     return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, True)
 
 
-def dynamic_int8_matmul(x: Tensor, w_int8: Tensor, w_scale: Tensor, *, bias: Tensor | None = None,
-                        backend: str = "auto") -> Tensor:
+def dynamic_int8_matmul(
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, *, bias: Tensor | None = None, backend: str = "auto"
+) -> Tensor:
     """``y = (round(x / a) W_q) a s (+ b)`` with ``a`` = per-row ``max |x| / 127``: ``x [..., K]``,
     ``W_q`` int8 of ``K x N`` elements (any shape whose leading axes flatten to ``K``), ``s`` (and
     ``b``) of ``N`` elements -> ``y [..., N]`` in ``x``'s dtype. ``backend``: see the module docstring."""
@@ -73,8 +80,10 @@ def dynamic_int8_matmul(x: Tensor, w_int8: Tensor, w_scale: Tensor, *, bias: Ten
     lead = x.shape[:-1]
     if backend == "fbgemm" or (backend == "auto" and _fbgemm_ok(x)):
         if backend == "fbgemm" and not _fbgemm_ok(x):
-            raise ValueError("backend='fbgemm' runs only in eager CPU inference (no autograd, compile or export) "
-                             "with fbgemm available; use backend='int_mm'")
+            raise ValueError(
+                "backend='fbgemm' runs only in eager CPU inference (no autograd, compile or export) "
+                "with fbgemm available; use backend='int_mm'"
+            )
         return _fbgemm_matmul(x.reshape(-1, k), w2, w_scale, bias).reshape(*lead, n).to(x.dtype)
     x2 = x.reshape(-1, k).float()
     a = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / INT8_MAX

@@ -1,13 +1,14 @@
 """Token embeddings: a lookup table ``E: [vocab_size, d_model]``, ``embed(t) = E[t]``."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import is_traced
+from fnlm.tree import Params
 
 
 def init_embedding(

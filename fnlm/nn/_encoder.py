@@ -1,17 +1,19 @@
 """The Transformer encoder: N identical blocks of self-attention and feed-forward (§3.1)."""
+
 from __future__ import annotations
 
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm import random
 from fnlm.nn._attention import init_multi_head_attention, multi_head_attention
 from fnlm.nn._config import TransformerConfig
 from fnlm.nn._feedforward import feed_forward, init_feed_forward
 from fnlm.nn._norm import init_layer_norm, layer_norm
-from fnlm.nn._sublayer import init_stack, sublayer
 from fnlm.nn._positional import init_relative_bias, relative_bias
-from fnlm.nn._remat import layer_policies, remat as rematerialise
+from fnlm.nn._remat import layer_policies
+from fnlm.nn._remat import remat as rematerialise
+from fnlm.nn._sublayer import init_stack, sublayer
+from fnlm.tree import Params
 
 
 def init_encoder_block(key: random.Key, cfg: TransformerConfig) -> Params:
@@ -69,8 +71,16 @@ def encoder_block(
 
     def self_attention(h):
         y = multi_head_attention(
-            params["attn"], rows(h), h, key_padding_mask=key_padding_mask, mask=mask, bias=bias,
-            dropout=cfg.attention_dropout, key=k_attn, train=train, return_probs=return_attention,
+            params["attn"],
+            rows(h),
+            h,
+            key_padding_mask=key_padding_mask,
+            mask=mask,
+            bias=bias,
+            dropout=cfg.attention_dropout,
+            key=k_attn,
+            train=train,
+            return_probs=return_attention,
             impl="sdpa" if cfg.fused_attention_dropout else "auto",
         )
         if return_attention:
@@ -140,8 +150,7 @@ def encoder(
     bias = None
     if "relative_bias" in params:
         n = x.shape[-2]
-        bias = relative_bias(params["relative_bias"], n, n, bidirectional=True,
-                             max_distance=cfg.relative_max_distance)
+        bias = relative_bias(params["relative_bias"], n, n, bidirectional=True, max_distance=cfg.relative_max_distance)
     layers = params["layers"]
     hidden, attentions = [x], []
     policies = layer_policies(remat, len(layers))
@@ -150,8 +159,17 @@ def encoder(
     for i, (layer, k) in enumerate(zip(layers, random.split_or_none(key, len(layers)))):
         queries = last_queries if i == len(layers) - 1 else None
         block = encoder_block if policies[i] is None else rematerialise(encoder_block, policies[i])
-        x = block(layer, x, cfg, key_padding_mask=key_padding_mask, bias=bias, key=k, train=train,
-                          queries=queries, return_attention=output_attentions)
+        x = block(
+            layer,
+            x,
+            cfg,
+            key_padding_mask=key_padding_mask,
+            bias=bias,
+            key=k,
+            train=train,
+            queries=queries,
+            return_attention=output_attentions,
+        )
         if output_attentions:
             x, p = x
             attentions.append(p)

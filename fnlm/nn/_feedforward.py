@@ -1,4 +1,5 @@
 """Position-wise feed-forward network (Vaswani et al. 2017, eq. 2)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -7,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm import random
 from fnlm.nn._linear import init_linear, linear
+from fnlm.tree import Params
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -49,4 +50,3 @@ def init_feed_forward(key: random.Key, d_model: int, d_ff: int, *, std: float | 
 def feed_forward(params: Params, x: Tensor, activation: str = "relu") -> Tensor:
     """``FFN(x) = act(x W1 + b1) W2 + b2``; with ``act = relu`` this is ``max(0, x W1 + b1) W2 + b2``."""
     return linear(params["w2"], get_activation(activation)(linear(params["w1"], x)))
-

@@ -19,6 +19,7 @@ slot axis: row ``b``'s token in slot ``s`` has position ``s - start[b]`` and att
 ``start[b] .. s``. An encoder–decoder cache also holds ``"cross": [{"k", "v"}]``, the memory's
 keys and values, computed once before decoding.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,16 +44,20 @@ def init_kv_cache(
     """An empty cache: zeros ``[batch, n_heads, max_len, d_k]`` per layer for K and V, ``pos = 0``,
     ``start``: ``[batch]`` first real slot per row (default 0: no left padding)."""
     if min(n_layers, batch, n_heads, max_len, d_k) <= 0:
-        raise ValueError(f"a KV cache needs positive sizes, got n_layers={n_layers}, batch={batch}, "
-                         f"n_heads={n_heads}, max_len={max_len}, d_k={d_k}")
+        raise ValueError(
+            f"a KV cache needs positive sizes, got n_layers={n_layers}, batch={batch}, "
+            f"n_heads={n_heads}, max_len={max_len}, d_k={d_k}"
+        )
     shape = (batch, n_heads, max_len, d_k)
     if start is None:
         start = torch.zeros(batch, dtype=torch.long, device=device)
     if tuple(start.shape) != (batch,):
         raise ValueError(f"start must have shape [batch] = [{batch}], got {tuple(start.shape)}")
     return {
-        "layers": [{"k": torch.zeros(shape, dtype=dtype, device=device),
-                    "v": torch.zeros(shape, dtype=dtype, device=device)} for _ in range(n_layers)],
+        "layers": [
+            {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+            for _ in range(n_layers)
+        ],
         "pos": torch.zeros((), dtype=torch.long, device=device),
         "start": start.to(device=device, dtype=torch.long),
     }
@@ -85,8 +90,16 @@ def cache_mask(cache: Params, n_new: int) -> Tensor:
     return rearrange((j <= slot) & (real | (j == slot)), "b i j -> b 1 i j")
 
 
-def cached_attention(params: Params, x: Tensor, layer: Params, slots: Tensor, mask: Tensor,
-                     bias: Tensor | None = None, *, inplace: bool = False) -> tuple[Tensor, Params]:
+def cached_attention(
+    params: Params,
+    x: Tensor,
+    layer: Params,
+    slots: Tensor,
+    mask: Tensor,
+    bias: Tensor | None = None,
+    *,
+    inplace: bool = False,
+) -> tuple[Tensor, Params]:
     """Causal multi-head self-attention of new tokens ``x: [batch, n_new, d_model]`` over the
     cached and new keys: writes ``k = x W^K, v = x W^V`` into ``slots`` and attends with ``mask``
     (:func:`cache_mask`) and an optional additive ``bias`` ``[n_heads, n_new, max_len]``.

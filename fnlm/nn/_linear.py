@@ -1,4 +1,5 @@
 """Affine maps: ``y = x W + b``."""
+
 from __future__ import annotations
 
 import math
@@ -6,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm import random
 from fnlm._checks import check_last_dim
+from fnlm.tree import Params
 
 
 def init_linear(

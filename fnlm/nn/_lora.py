@@ -20,6 +20,7 @@ not implemented: :func:`init_lora` refuses a config with ``dropout > 0`` (traini
 go without it), while :class:`LoraConfig` keeps a loaded adapter's value so that adapters
 round-trip with peft, whose dropout acts only while training.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -69,8 +70,11 @@ class LoraConfig:
 
 def linear_modules(params: Params) -> dict[str, Tensor]:
     """``{module name: weight}`` for every dict in the tree holding a ``weight`` of 2+ dims."""
-    return {n[: -len(".weight")]: w for n, w in flatten_names(params).items()
-            if n.endswith(".weight") and isinstance(w, Tensor) and w.ndim >= 2}
+    return {
+        n[: -len(".weight")]: w
+        for n, w in flatten_names(params).items()
+        if n.endswith(".weight") and isinstance(w, Tensor) and w.ndim >= 2
+    }
 
 
 def matrix_dims(name: str, params_flat: dict[str, Any], weight: Tensor) -> tuple[int, int]:
@@ -85,7 +89,7 @@ def matrix_dims(name: str, params_flat: dict[str, Any], weight: Tensor) -> tuple
     else:
         n_out = 2 if name.rsplit(".", 1)[-1] in ("q", "k", "v") else 1
     d_in = math.prod(weight.shape[: weight.ndim - n_out])
-    return d_in, math.prod(weight.shape[weight.ndim - n_out:])
+    return d_in, math.prod(weight.shape[weight.ndim - n_out :])
 
 
 def lora_targets(params: Params, cfg: LoraConfig) -> dict[str, tuple[int, int]]:
@@ -102,8 +106,10 @@ def lora_targets(params: Params, cfg: LoraConfig) -> dict[str, tuple[int, int]]:
         for m in hits:
             out[m] = matrix_dims(m, flat, modules[m])
             if cfg.rank > min(out[m]):
-                raise ValueError(f"LoRA rank {cfg.rank} is above the width of {m} (d_in={out[m][0]}, "
-                                 f"d_out={out[m][1]}); choose rank <= {min(out[m])}")
+                raise ValueError(
+                    f"LoRA rank {cfg.rank} is above the width of {m} (d_in={out[m][0]}, "
+                    f"d_out={out[m][1]}); choose rank <= {min(out[m])}"
+                )
     return dict(sorted(out.items(), key=lambda kv: list(modules).index(kv[0])))
 
 
@@ -113,8 +119,10 @@ def init_lora(key: random.Key, params: Params, cfg: LoraConfig) -> Params:
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a LoraConfig, got {type(cfg).__name__}")
     if cfg.dropout > 0:
-        raise ValueError(f"LoraConfig.dropout={cfg.dropout}: dropout on the adapter input is not implemented (fnlm "
-                         "merges adapters into the weights, where it has no place); train with dropout=0.0")
+        raise ValueError(
+            f"LoraConfig.dropout={cfg.dropout}: dropout on the adapter input is not implemented (fnlm "
+            "merges adapters into the weights, where it has no place); train with dropout=0.0"
+        )
     targets = lora_targets(params, cfg)
     flat: dict[str, Tensor] = {}
     for (m, (d_in, d_out)), k in zip(targets.items(), random.split(key, len(targets))):
@@ -152,7 +160,9 @@ def merge_lora(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
             raise ValueError(f"adapter for {m!r}, but params have no {m}.weight")
         d_in, d_out = matrix_dims(m, flat, w)
         if tuple(a.shape) != (d_in, cfg.rank) or tuple(b.shape) != (cfg.rank, d_out):
-            raise ValueError(f"adapter for {m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
-                             f"a weight {tuple(w.shape)} (d_in={d_in}, d_out={d_out}) at rank {cfg.rank}")
+            raise ValueError(
+                f"adapter for {m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
+                f"a weight {tuple(w.shape)} (d_in={d_in}, d_out={d_out}) at rank {cfg.rank}"
+            )
         flat[f"{m}.weight"] = w + (cfg.scale * (a @ b)).reshape(w.shape).to(w.dtype)
     return unflatten_names(flat)

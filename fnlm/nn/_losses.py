@@ -1,12 +1,19 @@
 """Losses and metrics."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, *, weight: Tensor | None = None,
-                  ignore_index: int = -100, label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """``L = -(1/N) sum_n log softmax(z_n)[y_n]`` over examples with ``y_n != ignore_index``.
 
     ``logits: [..., C]``, ``labels: [...]`` ints. ``weight: [...]`` (optional, e.g. 0 for rows
@@ -14,8 +21,10 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, weight: Tensor | None = Non
     the one-hot target with the uniform distribution, as in the paper's §5.4.
     """
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
-                         "expected logits [..., C] and labels [...]")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
+            "expected logits [..., C] and labels [...]"
+        )
     logp = torch.log_softmax(logits.float(), dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))

@@ -1,12 +1,13 @@
 """Layer normalisation (Ba et al. 2016)."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fnlm.tree import Params
 from fnlm._checks import check_last_dim
+from fnlm.tree import Params
 
 
 def init_layer_norm(d_model: int, dtype: torch.dtype = torch.float32) -> Params:

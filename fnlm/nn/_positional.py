@@ -9,6 +9,7 @@
   ``max_distance``. It depends only on ``j - i``, so attention is invariant to shifting all
   positions.
 """
+
 from __future__ import annotations
 
 import math

@@ -14,6 +14,7 @@ any pure forward ``f(params, ...)`` into one that takes the quantized tree,
 ``f(dequantize_int8(qparams), ...)``: the weights are stored (and exported) as int8 and expanded
 to the compute dtype inside the forward, the matrix products themselves unchanged.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -73,8 +74,10 @@ def quantize_int8(params: Params, spec: Spec = None) -> Params:
                 bias = node.get("bias")
                 n_out = bias.ndim if isinstance(bias, Tensor) else 1
                 if isinstance(bias, Tensor) and tuple(w.shape[-n_out:]) != tuple(bias.shape):
-                    raise ValueError(f"quantize_int8: {prefix}weight {tuple(w.shape)} does not end in its bias's "
-                                     f"shape {tuple(bias.shape)}, so its output axes are unknown")
+                    raise ValueError(
+                        f"quantize_int8: {prefix}weight {tuple(w.shape)} does not end in its bias's "
+                        f"shape {tuple(bias.shape)}, so its output axes are unknown"
+                    )
                 out["weight_int8"], out["weight_scale"] = quantize_weight(w, n_out)
         return out
 

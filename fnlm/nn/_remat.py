@@ -14,6 +14,7 @@ and inside the compiled whole step (dynamo traces the function's backward). Diff
 through a remat block (grad of grad) is not supported: the backward detaches its inputs so that the
 recomputation is not kept alive by the outer transform.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -25,8 +26,12 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 POLICIES = ("nothing", "matmuls")
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
-            torch.ops.aten.baddbmm.default}
+_MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.baddbmm.default,
+}
 
 
 class _SaveMatmuls(TorchDispatchMode):
@@ -144,8 +149,9 @@ def remat(f: Callable[..., Tensor], policy: str = "nothing") -> Callable[..., Te
         leaves, spec = pytree.tree_flatten((args, kwargs))
         where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
         if policy == "matmuls" and torch.compiler.is_compiling():
-            raise NotImplementedError("remat(policy='matmuls') runs eagerly only; use policy='nothing' "
-                                      "inside torch.compile")
+            raise NotImplementedError(
+                "remat(policy='matmuls') runs eagerly only; use policy='nothing' inside torch.compile"
+            )
 
         def body(*tensors: Tensor) -> Tensor:
             full = list(leaves)
@@ -172,6 +178,7 @@ def layer_policies(remat_spec: str | Sequence[str | None] | None, n_layers: int)
         return [remat_spec] * n_layers
     out = list(remat_spec)
     if len(out) != n_layers or any(p is not None and p not in POLICIES for p in out):
-        raise ValueError(f"remat per layer must list {n_layers} entries, each None or one of {POLICIES}, "
-                         f"got {remat_spec!r}")
+        raise ValueError(
+            f"remat per layer must list {n_layers} entries, each None or one of {POLICIES}, got {remat_spec!r}"
+        )
     return out

@@ -4,6 +4,7 @@ The Annotated Transformer's ``SublayerConnection`` and ``clones``, as pure funct
 of every model (encoder, decoder, BERT, GPT-2) is written with :func:`sublayer`, so the two
 residual orders exist in one place only.
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -20,6 +20,7 @@ Groups are by the leaf's last name component, so that masks keep their meaning: 
 other names needs its own ``group`` function that puts what it selects into a vector of a name it
 selects. Every leaf of one vector must share dtype and device (:func:`fnlm.tree.ravel`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple

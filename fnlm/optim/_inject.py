@@ -13,6 +13,7 @@ state, it can also be set by hand (a float ``lr`` is stored once and then read f
 overwrite ``state.hyperparams["lr"]`` to change it, or give each member of a ``vmap``-ped
 ensemble its own).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple

@@ -14,6 +14,7 @@ the backward pass and the gradients divided by ``S`` afterwards. ``S`` adapts, a
 ``loss * S`` instead of ``loss``; without such a state the step is unchanged. Branch-free
 (``torch.where``), so it compiles into the step's graph and works under ``vmap``.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ class LossScaleState(NamedTuple):
     inner: Any  # the wrapped optimizer's state
 
 
-def dynamic_loss_scale(inner: GradientTransformation, *, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
-                       backoff_factor: float = 0.5, growth_interval: int = 2000) -> GradientTransformation:
+def dynamic_loss_scale(
+    inner: GradientTransformation,
+    *,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+) -> GradientTransformation:
     """Wrap ``inner`` with dynamic loss scaling (see the module docstring); the defaults are
     ``torch.amp.GradScaler``'s. ``update`` expects the gradients of ``loss * state.loss_scale``."""
     if not isinstance(inner, GradientTransformation):
@@ -49,8 +56,11 @@ def dynamic_loss_scale(inner: GradientTransformation, *, init_scale: float = 2.0
 
     def init(params: PyTree) -> LossScaleState:
         dev = tree_leaves(params)[0].device if tree_leaves(params) else None
-        return LossScaleState(torch.tensor(float(init_scale), dtype=torch.float32, device=dev),
-                              torch.zeros((), dtype=torch.int64, device=dev), inner.init(params))
+        return LossScaleState(
+            torch.tensor(float(init_scale), dtype=torch.float32, device=dev),
+            torch.zeros((), dtype=torch.int64, device=dev),
+            inner.init(params),
+        )
 
     def update(grads: PyTree, state: LossScaleState, params: PyTree | None = None):
         s = state.loss_scale

@@ -6,6 +6,7 @@ Each label's transformation sees only its own leaves, as a tree with the same do
 (:func:`fnlm.tree.partition`), so its state exists only for them: ``set_to_zero()`` for the
 frozen label keeps no state at all.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Hashable, Mapping, NamedTuple, Union
@@ -37,12 +38,16 @@ def _labels_by_name(labels: Labels, params: PyTree, transforms: Mapping) -> dict
     l_flat = flatten_names(tree)
     if list(l_flat) != p_names:
         missing = [n for n in p_names if n not in l_flat][:3]
-        raise ValueError("multi_transform: labels must have the structure of params"
-                         + (f"; no label for {missing}" if missing else ""))
+        raise ValueError(
+            "multi_transform: labels must have the structure of params"
+            + (f"; no label for {missing}" if missing else "")
+        )
     unknown = sorted({repr(v) for v in l_flat.values() if v not in transforms})
     if unknown:
-        raise ValueError(f"multi_transform: labels {', '.join(unknown)} have no transformation "
-                         f"(transforms has {sorted(map(repr, transforms))})")
+        raise ValueError(
+            f"multi_transform: labels {', '.join(unknown)} have no transformation "
+            f"(transforms has {sorted(map(repr, transforms))})"
+        )
     return l_flat
 
 
@@ -61,8 +66,9 @@ def multi_transform(transforms: Mapping[Hashable, GradientTransformation], label
     """
     for k, t in transforms.items():
         if not isinstance(t, GradientTransformation):
-            raise TypeError(f"multi_transform: transforms[{k!r}] must be a GradientTransformation, "
-                            f"got {type(t).__name__}")
+            raise TypeError(
+                f"multi_transform: transforms[{k!r}] must be a GradientTransformation, got {type(t).__name__}"
+            )
 
     def init(params: PyTree) -> MultiTransformState:
         lab = _labels_by_name(labels, params, transforms)

@@ -4,6 +4,7 @@ Branch-free (``torch.where``, ``clamp``), so they compile inside the whole train
 ``vmap`` over ensembles. A schedule is evaluated at the number of updates already done: the first
 update uses ``schedule(0)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,8 @@ def constant(lr: float) -> Schedule:
 def linear_warmup_linear_decay(peak_lr: float, warmup_steps: int, total_steps: int) -> Schedule:
     """HF ``get_linear_schedule_with_warmup``::
 
-        lr(s) = peak * s / warmup                                  for s < warmup
-        lr(s) = peak * max(0, (total - s) / (total - warmup))      otherwise
+    lr(s) = peak * s / warmup                                  for s < warmup
+    lr(s) = peak * max(0, (total - s) / (total - warmup))      otherwise
     """
     _check_lr("peak_lr", peak_lr)
     if warmup_steps < 0 or total_steps < 0:
@@ -62,8 +63,8 @@ def linear_warmup_linear_decay(peak_lr: float, warmup_steps: int, total_steps: i
 def linear_warmup_constant(peak_lr: float, warmup_steps: int) -> Schedule:
     """HF ``get_constant_schedule_with_warmup``::
 
-        lr(s) = peak * s / warmup      for s < warmup
-        lr(s) = peak                   otherwise
+    lr(s) = peak * s / warmup      for s < warmup
+    lr(s) = peak                   otherwise
     """
     _check_lr("peak_lr", peak_lr)
     if warmup_steps < 0:

@@ -22,6 +22,7 @@ scalars (bias corrections, step sizes, ``1 - lr*wd``) are computed in float64 an
 parameter dtype only where torch rounds them, and the same fused kernels (``lerp``, ``addcmul``,
 ``add(alpha=)``) are used, so fnlm and ``torch.optim`` agree to a few ulps after many steps.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,6 @@ from fnlm.optim._schedules import ScalarOrSchedule, Schedule, _check_lr
 from fnlm.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_map_with_name, tree_unflatten
 
 Mask = Union[PyTree, Callable[[PyTree], PyTree], None]
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ uninterrupted one (as long as the data order is a function of the step, e.g. ``f
 The tensors are read into fresh tensors of their own (:func:`fnlm.io.read_safetensors`), laid out in
 memory as the computed tensors of an uninterrupted run are.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,29 +57,37 @@ def _encode(node: Any, name: str, tensors: dict[str, Tensor]) -> Any:
     if isinstance(node, dict):
         for k in node:
             if not isinstance(k, str) or not k or "." in k:
-                raise TypeError(f"dict keys in a training state must be non-empty strings without '.', "
-                                f"got {k!r} at {name or '<root>'}")
+                raise TypeError(
+                    f"dict keys in a training state must be non-empty strings without '.', "
+                    f"got {k!r} at {name or '<root>'}"
+                )
         # a list of [key, value] pairs: keeps the key order (the JSON file is written with sorted keys)
         return {"dict": [[k, _encode(v, join(k), tensors)] for k, v in node.items()]}
     if _is_namedtuple(node):
         cls = type(node)
-        return {"namedtuple": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": [[f, _encode(getattr(node, f), join(f), tensors)] for f in cls._fields]}
+        return {
+            "namedtuple": f"{cls.__module__}:{cls.__qualname__}",
+            "fields": [[f, _encode(getattr(node, f), join(f), tensors)] for f in cls._fields],
+        }
     if isinstance(node, (list, tuple)):
         kind = "list" if isinstance(node, list) else "tuple"
         return {kind: [_encode(v, join(i), tensors) for i, v in enumerate(node)]}
     if isinstance(node, _SCALARS):
         return {"value": node}
-    raise TypeError(f"cannot save a {type(node).__name__} at {name or '<root>'}: a training state holds "
-                    "tensors in dicts/lists/tuples/NamedTuples (and plain Python scalars)")
+    raise TypeError(
+        f"cannot save a {type(node).__name__} at {name or '<root>'}: a training state holds "
+        "tensors in dicts/lists/tuples/NamedTuples (and plain Python scalars)"
+    )
 
 
 def _namedtuple_class(spec: str) -> type:
     module, _, qualname = spec.partition(":")
     mod = sys.modules.get(module)
     if mod is None:
-        raise CheckpointError(f"the checkpoint holds a {spec} NamedTuple, but module {module!r} is not imported; "
-                              f"import it before load_train_state (checkpoints never import code)")
+        raise CheckpointError(
+            f"the checkpoint holds a {spec} NamedTuple, but module {module!r} is not imported; "
+            f"import it before load_train_state (checkpoints never import code)"
+        )
     obj: Any = mod
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
@@ -101,8 +110,9 @@ def _decode(desc: Any, tensors: dict[str, Tensor], where: str) -> Any:
         cls = _namedtuple_class(desc["namedtuple"])
         fields = dict(desc["fields"])
         if list(fields) != list(cls._fields):
-            raise CheckpointError(f"{where}: {desc['namedtuple']} has fields {list(cls._fields)}, "
-                                  f"the checkpoint {list(fields)}")
+            raise CheckpointError(
+                f"{where}: {desc['namedtuple']} has fields {list(cls._fields)}, the checkpoint {list(fields)}"
+            )
         return cls(**{f: _decode(v, tensors, where) for f, v in fields.items()})
     if "list" in desc:
         return [_decode(v, tensors, where) for v in desc["list"]]
@@ -116,14 +126,19 @@ def _decode(desc: Any, tensors: dict[str, Tensor], where: str) -> Any:
 def _owned(t: Tensor) -> Tensor:
     """A contiguous CPU copy that owns its storage (safetensors refuses shared or partial storage)."""
     t = t.detach().to("cpu")
-    if (not t.is_contiguous() or t.storage_offset() != 0
-            or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+    if not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.contiguous().clone()
     return t
 
 
-def save_train_state(path_dir: str | os.PathLike, params: PyTree, opt_state: PyTree, step: int,
-                     key: Tensor, extra: dict[str, Any] | None = None) -> Path:
+def save_train_state(
+    path_dir: str | os.PathLike,
+    params: PyTree,
+    opt_state: PyTree,
+    step: int,
+    key: Tensor,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Atomically write ``params``, ``opt_state``, ``step`` (an int), ``key`` and ``extra`` (a small
     JSON-serialisable dict: config, data position, metrics) to the directory ``path_dir``."""
     if isinstance(step, Tensor):
@@ -153,8 +168,9 @@ def save_train_state(path_dir: str | os.PathLike, params: PyTree, opt_state: PyT
     return path_dir
 
 
-def load_train_state(path_dir: str | os.PathLike, device: str | torch.device = "cpu"
-                     ) -> tuple[PyTree, PyTree, int, Tensor, dict[str, Any]]:
+def load_train_state(
+    path_dir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[PyTree, PyTree, int, Tensor, dict[str, Any]]:
     """``(params, opt_state, step, key, extra)`` exactly as saved by :func:`save_train_state`."""
     import fnlm.optim  # noqa: F401  (its NamedTuple state classes may appear in the structure)
 

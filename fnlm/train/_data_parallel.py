@@ -33,6 +33,7 @@ that a script changes in a few lines::
   ``timeout`` seconds) ends the others with one line (:func:`fnlm.train.worker_guard`).
 * Other workers' standard output is discarded and their progress bars are off (one log, rank 0's).
 """
+
 from __future__ import annotations
 
 import os
@@ -118,8 +119,10 @@ class DataParallel:
         if value % self.world:
             if not self.is_main:
                 raise SystemExit(2)
-            raise ConfigError(f"{flag} {value} must be divisible by the number of workers ({self.world}): each "
-                              f"worker takes an equal share of every batch")
+            raise ConfigError(
+                f"{flag} {value} must be divisible by the number of workers ({self.world}): each "
+                f"worker takes an equal share of every batch"
+            )
 
     def pick_device(self, name: str = "auto") -> torch.device:
         """The device for ``--device name``: with ``N > 1`` on a GPU machine worker ``r`` uses its own
@@ -145,8 +148,10 @@ class DataParallel:
 
         def part(x):
             if not isinstance(x, Tensor) or x.ndim <= axis or x.shape[axis] % self.world:
-                raise ValueError(f"shard: every batch leaf needs an axis {axis} divisible by {self.world} workers, "
-                                 f"got shape {tuple(getattr(x, 'shape', ()))}")
+                raise ValueError(
+                    f"shard: every batch leaf needs an axis {axis} divisible by {self.world} workers, "
+                    f"got shape {tuple(getattr(x, 'shape', ()))}"
+                )
             b = x.shape[axis] // self.world
             return x.narrow(axis, self.rank * b, b)
 
@@ -155,8 +160,10 @@ class DataParallel:
             w = batch[weight].to(torch.float32)
             total = w.sum(dim=axis)
             mine = out[weight].to(torch.float32).sum(dim=axis)
-            out = {**out, SCALE: torch.where(total > 0, self.world * mine / total.clamp(min=1e-12),
-                                             torch.zeros_like(total))}
+            out = {
+                **out,
+                SCALE: torch.where(total > 0, self.world * mine / total.clamp(min=1e-12), torch.zeros_like(total)),
+            }
         return out
 
     def loss(self, loss_fn: Callable) -> Callable:
@@ -207,8 +214,15 @@ class DataParallel:
             merged.update(p)
         return [merged[i] for i in range(len(items))]
 
-    def predict_in_order(self, fn: Callable[[Tensor, Tensor], Tensor], token_ids: Sequence[Sequence[int]], *,
-                         batch_size: int, buckets: Sequence[int] | None = None, pad_id: int = 0) -> Tensor:
+    def predict_in_order(
+        self,
+        fn: Callable[[Tensor, Tensor], Tensor],
+        token_ids: Sequence[Sequence[int]],
+        *,
+        batch_size: int,
+        buckets: Sequence[int] | None = None,
+        pad_id: int = 0,
+    ) -> Tensor:
         """:func:`fnlm.data.predict_in_order` with its batches split across the workers and gathered
         (``fn`` should return CPU tensors): the same batches, so bitwise the same result."""
         if self.world == 1:
@@ -279,6 +293,7 @@ class DataParallel:
 
 class _NoCheckpoints:
     """A non-main worker's stand-in for :class:`~fnlm.train.RunCheckpoints`: saving is rank 0's job."""
+
     seconds = 0.0
 
     def save(self, *args, **kwargs) -> None:
@@ -304,8 +319,11 @@ class _WorkerStop(GracefulStop):
             return
         self.requested = signal.Signals(signum).name
         if self.main:
-            print(f"\n{self.requested}: finishing this step on every worker, then writing a checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\n{self.requested}: finishing this step on every worker, then writing a checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class WorkerRun:
@@ -331,11 +349,15 @@ class WorkerRun:
         state = self._dp._decide(lambda: self._run.restore(ckpts, device="cpu"), share=True)
         if state is None:
             return None
+
         def move(tree):
             return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, tree)
 
-        return state._replace(params=move(state.params), opt_state=move(state.opt_state),
-                              best_params=None if state.best_params is None else move(state.best_params))
+        return state._replace(
+            params=move(state.params),
+            opt_state=move(state.opt_state),
+            best_params=None if state.best_params is None else move(state.best_params),
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         if self._run is not None:
@@ -351,8 +373,9 @@ class WorkerRun:
 
     def finish(self, ckpts=None):
         if self._run is None:
-            raise RuntimeError("WorkerRun.finish: only rank 0 writes the finished run (return before it "
-                               "on the other workers)")
+            raise RuntimeError(
+                "WorkerRun.finish: only rank 0 writes the finished run (return before it on the other workers)"
+            )
         return self._run.finish(ckpts)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ Equinox's ``filter_grad`` as one wrapper around a loss::
 constants of the graph: no weight gradient is computed for them (their matrix products still
 back-propagate to the inputs where a trainable leaf lies below), and the optimizer never sees them.
 """
+
 from __future__ import annotations
 
 import fnmatch

@@ -18,6 +18,7 @@ normal interpreter shutdown can block in it (gloo's and NCCL's threads, ``atexit
 would be the hang the guard exists to prevent. Errors that are not a failed collective (a
 ``ValueError`` in the user's code) propagate unchanged, with their traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,19 @@ from typing import Iterator
 
 import torch.distributed as dist
 
-_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe", "c10d",
-            "collective", "watchdog")
+_MARKERS = (
+    "gloo",
+    "nccl",
+    "connection",
+    "timed out",
+    "timeout",
+    "peer",
+    "socket",
+    "broken pipe",
+    "c10d",
+    "collective",
+    "watchdog",
+)
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -52,7 +64,9 @@ def worker_guard(timeout: float | None = None) -> Iterator[None]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         within = f" within the {timeout:g} s timeout" if timeout is not None else ""
         sys.stdout.flush()
-        sys.stderr.write(f"fnlm: worker {rank} of {world}: stopped at a collective (a worker died or did not "
-                         f"answer{within}): {first}\n")
+        sys.stderr.write(
+            f"fnlm: worker {rank} of {world}: stopped at a collective (a worker died or did not "
+            f"answer{within}): {first}\n"
+        )
         sys.stderr.flush()
         os._exit(1)

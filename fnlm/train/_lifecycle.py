@@ -34,6 +34,7 @@ the new total from that step on (the steps already taken keep the rates they had
 A start that fails leaves nothing that blocks the same command: a partial directory without a
 checkpoint holds nothing to resume and is replaced by the next start.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +63,7 @@ ENVIRONMENT = "environment.json"
 def run_paths(out: Path) -> tuple[Path, Path]:
     """``(final, partial)``: a run's finished directory and its unfinished ``.<name>.partial``, from either."""
     if out.name.startswith(".") and out.name.endswith(".partial"):
-        return out.with_name(out.name[1:-len(".partial")]), out
+        return out.with_name(out.name[1 : -len(".partial")]), out
     return out, out.with_name(f".{out.name}.partial")
 
 
@@ -81,9 +82,20 @@ def _check_writable(path: Path, what: str) -> None:
 class Run:
     """One run directory (see the module docstring). Build it with :meth:`open`."""
 
-    def __init__(self, config, *, out: Path, partial: Path, resuming: bool, explicit: set[str],
-                 per_session: tuple[str, ...], compared: tuple[str, ...], report_to: str | None, script: str,
-                 repeat: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        config,
+        *,
+        out: Path,
+        partial: Path,
+        resuming: bool,
+        explicit: set[str],
+        per_session: tuple[str, ...],
+        compared: tuple[str, ...],
+        report_to: str | None,
+        script: str,
+        repeat: tuple[str, ...] = (),
+    ):
         self.config, self.out, self.dir, self.resuming = config, out, partial, resuming
         self.repeat = repeat
         self.launcher = "python"  # how resume_command starts the script (data parallel: torchrun ...)
@@ -98,10 +110,22 @@ class Run:
 
     # ------------------------------------------------------------------ start
     @classmethod
-    def open(cls, config, explicit: set[str], *, out: Path | None, resume: Path | None, overwrite: bool = False,
-             name: str = "run-%Y%m%d-%H%M%S", may_change: tuple[str, ...] = (), per_session: tuple[str, ...] = (),
-             extendable: tuple[str, ...] = ("epochs", "steps"), repeat: tuple[str, ...] = (),
-             report_to: str | None = None, script: str | None = None) -> "Run":
+    def open(
+        cls,
+        config,
+        explicit: set[str],
+        *,
+        out: Path | None,
+        resume: Path | None,
+        overwrite: bool = False,
+        name: str = "run-%Y%m%d-%H%M%S",
+        may_change: tuple[str, ...] = (),
+        per_session: tuple[str, ...] = (),
+        extendable: tuple[str, ...] = ("epochs", "steps"),
+        repeat: tuple[str, ...] = (),
+        report_to: str | None = None,
+        script: str | None = None,
+    ) -> "Run":
         """Start a new run in ``out`` (default ``runs/<name>`` with ``name`` passed to ``time.strftime``),
         or continue ``resume``. Checks, before anything is loaded, that the directory can be written
         and that a resumed run's stored config agrees with the flags given (``explicit``).
@@ -115,26 +139,41 @@ class Run:
             try:
                 import torch.utils.tensorboard  # noqa: F401
             except ImportError:
-                raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
-                                  "(or fnlm[tensorboard])") from None
+                raise ConfigError(
+                    "--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+                    "(or fnlm[tensorboard])"
+                ) from None
         fields = [f.name for f in dataclasses.fields(config)]
         compared = tuple(n for n in fields if n not in may_change and n not in per_session)
         if resume is not None:
             if out is not None:
                 raise ConfigError("--resume RUN_DIR continues that run in place; leave out --out")
             final, partial = run_paths(Path(resume))
-            config = cls._resumed_config(config, explicit, final, partial, resume, may_change, per_session,
-                                         extendable)
-            run = cls(config, out=final, partial=partial, resuming=True, explicit=explicit, per_session=per_session,
-                      compared=compared, report_to=report_to, script=script, repeat=repeat)
+            config = cls._resumed_config(config, explicit, final, partial, resume, may_change, per_session, extendable)
+            run = cls(
+                config,
+                out=final,
+                partial=partial,
+                resuming=True,
+                explicit=explicit,
+                per_session=per_session,
+                compared=compared,
+                report_to=report_to,
+                script=script,
+                repeat=repeat,
+            )
             return run
         final, partial = run_paths(Path(out) if out is not None else Path("runs") / time.strftime(name))
         if final.exists() and not overwrite:
-            raise ConfigError(f"--out {final} already exists (pass --overwrite to replace it, choose another --out, "
-                              f"or --resume {final} with a larger --epochs/--steps to extend it)")
+            raise ConfigError(
+                f"--out {final} already exists (pass --overwrite to replace it, choose another --out, "
+                f"or --resume {final} with a larger --epochs/--steps to extend it)"
+            )
         if partial.exists() and not overwrite and RunCheckpoints(partial, {}).checkpoints():
-            raise ConfigError(f"{partial} holds an unfinished run: continue it with --resume {final}, or pass "
-                              "--overwrite to start again")
+            raise ConfigError(
+                f"{partial} holds an unfinished run: continue it with --resume {final}, or pass "
+                "--overwrite to start again"
+            )
         _check_writable(final, "--out")
         if partial.exists():  # no checkpoint in it (or --overwrite): nothing to resume there
             owner = RunCheckpoints.in_use(partial)
@@ -143,19 +182,29 @@ class Run:
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         write_json(config_to_dict(config), partial / RUN_CONFIG)
-        return cls(config, out=final, partial=partial, resuming=False, explicit=explicit, per_session=per_session,
-                   compared=compared, report_to=report_to, script=script, repeat=repeat)
+        return cls(
+            config,
+            out=final,
+            partial=partial,
+            resuming=False,
+            explicit=explicit,
+            per_session=per_session,
+            compared=compared,
+            report_to=report_to,
+            script=script,
+            repeat=repeat,
+        )
 
     @staticmethod
-    def _resumed_config(config, explicit, final: Path, partial: Path, resume: Path, may_change, per_session,
-                        extendable):
+    def _resumed_config(
+        config, explicit, final: Path, partial: Path, resume: Path, may_change, per_session, extendable
+    ):
         """The run's stored config, with the flags that may change taken from this command line."""
         if not partial.is_dir():
             if (final / RUN_CONFIG).is_file() and RunCheckpoints(final, {}).checkpoints():
                 stored_dir = final  # a finished run: extended from the checkpoint it kept
             elif final.is_dir():
-                raise ConfigError(f"--resume {resume}: {final} is a finished run without a checkpoint to "
-                                  "continue from")
+                raise ConfigError(f"--resume {resume}: {final} is a finished run without a checkpoint to continue from")
             else:
                 raise ConfigError(f"--resume {resume}: no run there (neither {final} nor {partial})")
         else:
@@ -163,8 +212,9 @@ class Run:
         try:
             stored_values = json.loads((stored_dir / RUN_CONFIG).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"--resume {resume}: {stored_dir} has no {RUN_CONFIG}, so it is not a run of this "
-                              "script") from None
+            raise ConfigError(
+                f"--resume {resume}: {stored_dir} has no {RUN_CONFIG}, so it is not a run of this script"
+            ) from None
         except (OSError, ValueError) as e:
             raise ConfigError(f"--resume {resume}: {stored_dir / RUN_CONFIG} is unreadable ({e})") from None
         stored = config_from_dict(type(config), stored_values, str(stored_dir / RUN_CONFIG))
@@ -175,17 +225,22 @@ class Run:
                 changes[name] = now
             elif name in may_change:
                 if name in extendable and now < was:
-                    raise ConfigError(f"--resume {resume}: {flag(name)} can only be raised on resume (the run's "
-                                      f"is {was}, got {now})")
+                    raise ConfigError(
+                        f"--resume {resume}: {flag(name)} can only be raised on resume (the run's is {was}, got {now})"
+                    )
                 changes[name] = now
             elif now != was:
-                raise ConfigError(f"--resume {resume}: {flag(name)} differs from the run's ({was} in the run, "
-                                  f"{now} now); leave it out to use the run's, or start a new run")
+                raise ConfigError(
+                    f"--resume {resume}: {flag(name)} differs from the run's ({was} in the run, "
+                    f"{now} now); leave it out to use the run's, or start a new run"
+                )
         for name in per_session:  # how this process runs: never the stored run's
             changes.setdefault(name, getattr(config, name))
         if stored_dir is final and not any(n in extendable and n in explicit for n in may_change):
-            raise ConfigError(f"--resume {resume}: {final} is a finished run; to train it further give a larger "
-                              f"{' or '.join(flag(n) for n in extendable if n in may_change)}")
+            raise ConfigError(
+                f"--resume {resume}: {final} is a finished run; to train it further give a larger "
+                f"{' or '.join(flag(n) for n in extendable if n in may_change)}"
+            )
         return dataclasses.replace(stored, **changes)
 
     # ------------------------------------------------------------------ checkpoints
@@ -232,8 +287,10 @@ class Run:
             return None
         state = ckpts.restore(device=device)
         if state is None:
-            raise ResumeError(f"--resume {self.out}: {self.dir} holds no checkpoint (the run stopped before its "
-                              "first); start it again with --overwrite")
+            raise ResumeError(
+                f"--resume {self.out}: {self.dir} holds no checkpoint (the run stopped before its "
+                "first); start it again with --overwrite"
+            )
         self._rewind_log(state.step)
         self.state = state
         return state
@@ -309,15 +366,22 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         """A new run that fails before its first checkpoint leaves nothing behind (nothing to resume)."""
         self.close()
-        if exc_type is not None and not self.resuming and self.dir.is_dir() \
-                and not RunCheckpoints(self.dir, {}).checkpoints():
+        if (
+            exc_type is not None
+            and not self.resuming
+            and self.dir.is_dir()
+            and not RunCheckpoints(self.dir, {}).checkpoints()
+        ):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def stopped(self, step: int, total: int, why: str) -> int:
         """Report a stop with a checkpoint written; the exit status (130)."""
         self.close()
-        print(f"stopped by {why} at step {step} of {total}, checkpoint written; resume with: {self.resume_command()}",
-              file=sys.stderr, flush=True)
+        print(
+            f"stopped by {why} at step {step} of {total}, checkpoint written; resume with: {self.resume_command()}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
 
     # ------------------------------------------------------------------ finishing
@@ -344,6 +408,7 @@ class Run:
     @staticmethod
     def _copy_checkpoint(ckpts: RunCheckpoints, path: Path, dest: Path) -> None:
         """``path`` (and the best parameters it refers to) under ``dest``, hard-linked where possible."""
+
         def link(src, dst):
             try:
                 os.link(src, dst)

@@ -6,6 +6,7 @@ Ampere on, and CPUs with AVX512-BF16 or AMX-BF16. On this project's 2-core AMD E
 matmuls and the compiled MiniLM step ran faster in bf16 than in float32, at the same IMDb
 accuracy (``docs/benchmarks.md``); on a CPU without those instructions bf16 is emulated and slower.
 """
+
 from __future__ import annotations
 
 import sys
@@ -42,8 +43,9 @@ def native_bf16(device: str | torch.device = "cpu", *, cpu_flags: set[str] | Non
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
-def autocast_dtype(choice: str, device: str | torch.device = "cpu", *, cpu_flags: set[str] | None = None
-                   ) -> torch.dtype | None:
+def autocast_dtype(
+    choice: str, device: str | torch.device = "cpu", *, cpu_flags: set[str] | None = None
+) -> torch.dtype | None:
     """``'fp32'`` -> ``None`` (no autocast), ``'bf16'`` -> ``torch.bfloat16``, ``'auto'`` -> bf16
     where :func:`native_bf16` says the device has it, else ``None``."""
     if choice not in DTYPES:

@@ -3,6 +3,7 @@
 The first call of a compiled step for a new input shape compiles it (seconds to a minute on a
 CPU) while nothing moves: :meth:`Progress.compiling` says so before that call.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,16 @@ class Progress:
     #: True: print nothing (the workers other than rank 0 of a data-parallel run; fnlm.train.DataParallel)
     quiet = False
 
-    def __init__(self, total: int, desc: str, *, initial: int = 0, every: int | None = None,
-                 stream: TextIO | None = None, tty: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        *,
+        initial: int = 0,
+        every: int | None = None,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+    ):
         self.stream = stream or sys.stderr
         self.total, self.desc, self.n = total, desc, initial
         self.every = every or max(1, total // 10)
@@ -33,8 +42,7 @@ class Progress:
         if self.tty:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                             file=self.stream)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=self.stream)
 
     def compiling(self, what: str) -> None:
         """Say that the next call compiles (``what``: e.g. the batch shape)."""

@@ -7,6 +7,7 @@
   since it asks pip), the versions of the packages a run depends on, and the git commit when the code
   runs from a checkout.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,20 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("fnlm", "torch", "einops", "safetensors", "numpy", "tokenizers", "huggingface_hub", "tqdm",
-            "transformers", "peft", "sentence-transformers", "tensorboard")
+PACKAGES = (
+    "fnlm",
+    "torch",
+    "einops",
+    "safetensors",
+    "numpy",
+    "tokenizers",
+    "huggingface_hub",
+    "tqdm",
+    "transformers",
+    "peft",
+    "sentence-transformers",
+    "tensorboard",
+)
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
@@ -41,8 +54,13 @@ def git_commit(path: str | Path) -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -104,9 +122,18 @@ def _yaml(value: Any, indent: int = 0) -> list[str]:
     return lines
 
 
-def model_card(*, name: str, base_model: str | None, dataset: str, task: str, metrics: dict[str, float],
-               hyperparameters: dict[str, Any], description: str = "", metric_notes: dict[str, str] | None = None,
-               tags: tuple[str, ...] = ()) -> str:
+def model_card(
+    *,
+    name: str,
+    base_model: str | None,
+    dataset: str,
+    task: str,
+    metrics: dict[str, float],
+    hyperparameters: dict[str, Any],
+    description: str = "",
+    metric_notes: dict[str, str] | None = None,
+    tags: tuple[str, ...] = (),
+) -> str:
     """A ``README.md`` model card: YAML front matter as the Hugging Face libraries write it, then
     the results, hyper-parameters and framework versions in Markdown.
 
@@ -120,14 +147,18 @@ def model_card(*, name: str, base_model: str | None, dataset: str, task: str, me
         "datasets": [dataset],
         "metrics": list(metrics),
         "pipeline_tag": task,
-        "model-index": [{
-            "name": name,
-            "results": [{
-                "task": {"type": task, "name": task.replace("-", " ").title()},
-                "dataset": {"name": dataset, "type": dataset},
-                "metrics": [{"type": k, "value": v, "name": k.replace("_", " ")} for k, v in metrics.items()],
-            }],
-        }],
+        "model-index": [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": task, "name": task.replace("-", " ").title()},
+                        "dataset": {"name": dataset, "type": dataset},
+                        "metrics": [{"type": k, "value": v, "name": k.replace("_", " ")} for k, v in metrics.items()],
+                    }
+                ],
+            }
+        ],
     }
     if base_model is None:
         del front["base_model"]
@@ -136,11 +167,16 @@ def model_card(*, name: str, base_model: str | None, dataset: str, task: str, me
     if description:
         lines += [description, ""]
     lines += ["## Results", "", "| metric | value | |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.4f} | {notes.get(k, '')} |" if isinstance(v, float) else f"| {k} | {v} | {notes.get(k, '')} |"
-              for k, v in metrics.items()]
+    lines += [
+        f"| {k} | {v:.4f} | {notes.get(k, '')} |" if isinstance(v, float) else f"| {k} | {v} | {notes.get(k, '')} |"
+        for k, v in metrics.items()
+    ]
     lines += ["", "## Training hyper-parameters", ""]
     lines += [f"- {k}: {v}" for k, v in hyperparameters.items()]
     lines += ["", "## Framework versions", ""]
-    lines += [f"- {k} {v}" for k, v in package_versions().items()
-              if k in ("fnlm", "torch", "tokenizers", "safetensors", "transformers", "peft")]
+    lines += [
+        f"- {k} {v}"
+        for k, v in package_versions().items()
+        if k in ("fnlm", "torch", "tokenizers", "safetensors", "transformers", "peft")
+    ]
     return "\n".join(lines) + "\n"

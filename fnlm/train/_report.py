@@ -1,4 +1,5 @@
 """A classifier run's human-readable outputs: the most confidently wrong examples and the training plot."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,17 @@ import torch
 from torch import Tensor
 
 
-def write_errors(path: str | Path, probs: Tensor, labels: Sequence[int], texts: Sequence[str], ids: Sequence,
-                 label_names: Sequence[str], *, limit: int = 100, chars: int = 200) -> int:
+def write_errors(
+    path: str | Path,
+    probs: Tensor,
+    labels: Sequence[int],
+    texts: Sequence[str],
+    ids: Sequence,
+    label_names: Sequence[str],
+    *,
+    limit: int = 100,
+    chars: int = 200,
+) -> int:
     """``errors.tsv``: the wrongly classified examples, most confident first (probability, predicted,
     label, id, the text's first ``chars`` characters on one line); returns how many were wrong.
 
@@ -21,14 +31,17 @@ def write_errors(path: str | Path, probs: Tensor, labels: Sequence[int], texts: 
     lines = ["probability\tpredicted\tlabel\tid\ttext"]
     for i in wrong[:limit]:
         text = " ".join(texts[i].split())
-        lines.append(f"{float(probs[i, pred[i]]):.4f}\t{label_names[int(pred[i])]}\t{label_names[labels[i]]}\t"
-                     f"{ids[i]}\t{text[:chars]}")
+        lines.append(
+            f"{float(probs[i, pred[i]]):.4f}\t{label_names[int(pred[i])]}\t{label_names[labels[i]]}\t"
+            f"{ids[i]}\t{text[:chars]}"
+        )
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(wrong)
 
 
-def plot_training(path: str | Path, step_losses: Sequence[float], evals: Sequence[dict], *,
-                  test: tuple[int, float, str] | None = None) -> bool:
+def plot_training(
+    path: str | Path, step_losses: Sequence[float], evals: Sequence[dict], *, test: tuple[int, float, str] | None = None
+) -> bool:
     """``training.png``: the training loss per step (and its running mean) with the validation loss,
     and the validation accuracy with the test accuracy (``test``: ``(step, accuracy, which)``).
 

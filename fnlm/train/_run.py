@@ -32,6 +32,7 @@ one does.
 The caller's loop stays a pure function of ``(params, opt_state, step, key)`` plus the data position it
 stores in ``extra``; resuming is then exact (see :mod:`fnlm.train._checkpoint`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,6 +88,7 @@ class RunState(NamedTuple):
     """What :meth:`RunCheckpoints.restore` gives back: the train state, the caller's ``extra``, the best
     parameters saved with it (``None`` if the caller saved none; the restored ``params`` if the best
     ones were damaged or not this run's), the step of those best parameters, and the checkpoint's path."""
+
     params: Params
     opt_state: PyTree
     step: int
@@ -153,8 +155,9 @@ def _read_sums(path: Path) -> dict[str, Any]:
             raise TypeError("no sha256 table")
         return sums
     except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: no readable {CHECKSUMS} ({type(e).__name__}), so not a complete checkpoint") \
-            from None
+        raise CheckpointError(
+            f"{path}: no readable {CHECKSUMS} ({type(e).__name__}), so not a complete checkpoint"
+        ) from None
 
 
 def _verify(path: Path) -> dict[str, Any]:
@@ -202,8 +205,9 @@ def read_run_id(run_dir: str | os.PathLike) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}); it holds the run id its checkpoints "
-                              "must match") from None
+        raise CheckpointError(
+            f"{path}: unreadable ({type(e).__name__}); it holds the run id its checkpoints must match"
+        ) from None
     rid = data.get("run_id") if isinstance(data, dict) else None
     if not isinstance(rid, str) or not rid:
         raise CheckpointError(f"{path}: no run_id in it; it holds the run id its checkpoints must match")
@@ -230,12 +234,15 @@ def _lock(run_dir: Path) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             else:  # Windows: lock the first byte
                 import msvcrt
+
                 msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         except OSError:
             who = _holder(fd)
             os.close(fd)
-            raise RunInUseError(f"{run_dir} is in use by {who} (lock: {path}); wait for it to finish or stop it, "
-                                "one process writes a run") from None
+            raise RunInUseError(
+                f"{run_dir} is in use by {who} (lock: {path}); wait for it to finish or stop it, "
+                "one process writes a run"
+            ) from None
         try:  # the file we locked may have been released and removed meanwhile: lock the current one
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -291,14 +298,16 @@ class RunCheckpoints:
             rid = read_run_id(self.run_dir)
             if rid is None:
                 rid = uuid.uuid4().hex
-                write_json({"format": "fnlm.run", "run_id": rid, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                           self.run_dir / RUN_FILE)
+                write_json(
+                    {"format": "fnlm.run", "run_id": rid, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                    self.run_dir / RUN_FILE,
+                )
                 _fsync(self.run_dir)
             self.run_id = rid
             if self.dir.is_dir():
                 for p in self.dir.iterdir():
                     if p.name.startswith(".") and p.name.endswith(".old"):
-                        recover_dir(self.dir / p.name[1:-len(".old")])
+                        recover_dir(self.dir / p.name[1 : -len(".old")])
         except BaseException:
             self.close()
             raise
@@ -371,8 +380,11 @@ class RunCheckpoints:
                 mine.append((s, p))
             elif p.name not in self._warned:
                 self._warned.add(p.name)
-                why = ("records no readable run id" if owner is None else
-                       f"belongs to run {owner}, this run is {run_id or '<none: no ' + RUN_FILE + '>'}")
+                why = (
+                    "records no readable run id"
+                    if owner is None
+                    else f"belongs to run {owner}, this run is {run_id or '<none: no ' + RUN_FILE + '>'}"
+                )
                 warnings.warn(f"ignoring {p} (never restored nor deleted): it {why}", RuntimeWarning, stacklevel=3)
         return mine
 
@@ -406,8 +418,11 @@ class RunCheckpoints:
     @staticmethod
     def _identity(path: Path) -> tuple:
         """The folder's inode and each file's name, inode, size and modification time."""
-        files = tuple(sorted((p.name, st.st_ino, st.st_size, st.st_mtime_ns)
-                             for p in path.iterdir() if (st := p.stat()) is not None))
+        files = tuple(
+            sorted(
+                (p.name, st.st_ino, st.st_size, st.st_mtime_ns) for p in path.iterdir() if (st := p.stat()) is not None
+            )
+        )
         return path.stat().st_ino, files
 
     def _problem(self, path: Path, fresh: bool = False) -> str | None:
@@ -430,8 +445,16 @@ class RunCheckpoints:
         return why
 
     # ------------------------------------------------------------------ saving
-    def save(self, params: Params, opt_state: PyTree, step: int, key: Tensor, extra: dict[str, Any] | None = None,
-             *, best: tuple[int, Params] | None = None) -> Path:
+    def save(
+        self,
+        params: Params,
+        opt_state: PyTree,
+        step: int,
+        key: Tensor,
+        extra: dict[str, Any] | None = None,
+        *,
+        best: tuple[int, Params] | None = None,
+    ) -> Path:
         """Write checkpoint ``step-<step>`` atomically and to disk, then prune to the newest ``keep``
         intact checkpoints of this run (see the module docstring).
 
@@ -515,9 +538,11 @@ class RunCheckpoints:
             return None
         ckpts = self._mine(_STEP_DIR, run_id)
         if not ckpts:
-            raise ResumeError(f"cannot resume {self.run_dir}: none of its checkpoints belongs to this run "
-                              f"({'run id ' + run_id + ' in ' + RUN_FILE if run_id else 'no ' + RUN_FILE}); they were "
-                              "copied in from other runs or written before fnlm recorded run ids")
+            raise ResumeError(
+                f"cannot resume {self.run_dir}: none of its checkpoints belongs to this run "
+                f"({'run id ' + run_id + ' in ' + RUN_FILE if run_id else 'no ' + RUN_FILE}); they were "
+                "copied in from other runs or written before fnlm recorded run ids"
+            )
         problems = []
         for _, path in reversed(ckpts):
             try:
@@ -535,8 +560,10 @@ class RunCheckpoints:
             name = _differs(config, self.config)
             if name is not None:
                 was, now = config.get(name, "<unset>"), self.config.get(name, "<unset>")
-                raise ResumeError(f"cannot resume {self.run_dir}: {name} differs from the run's "
-                                  f"({_short(was)} in the run, {_short(now)} now); use the run's settings or start a new run")
+                raise ResumeError(
+                    f"cannot resume {self.run_dir}: {name} differs from the run's "
+                    f"({_short(was)} in the run, {_short(now)} now); use the run's settings or start a new run"
+                )
             best_params, best_step = None, None
             if run.get("best_step") is not None:
                 best_step = int(run["best_step"])
@@ -545,8 +572,9 @@ class RunCheckpoints:
                     best_params, best_step = params, step
             self._resumed_from = self._latest = path
             return RunState(params, opt_state, step, key, extra, best_params, path, best_step)
-        raise ResumeError(f"cannot resume {self.run_dir}: none of its {len(ckpts)} checkpoint(s) is intact "
-                          f"(newest: {problems[0]})")
+        raise ResumeError(
+            f"cannot resume {self.run_dir}: none of its {len(ckpts)} checkpoint(s) is intact (newest: {problems[0]})"
+        )
 
     def _load_best(self, step: int, sha: str | None, run_id: str | None, device) -> Params | None:
         """The best parameters of ``step`` if intact, this run's and the ones the checkpoint recorded;
@@ -560,8 +588,11 @@ class RunCheckpoints:
                 raise CheckpointError(f"{best_dir / PARAMS}: not the file the checkpoint recorded (sha256 differs)")
             params = unflatten_names(read_safetensors(best_dir / PARAMS, device=str(device))[0])
         except CheckpointError as e:
-            warnings.warn(f"best parameters of step {step} unusable ({e}); falling back to the last step's",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"best parameters of step {step} unusable ({e}); falling back to the last step's",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         self._best = (step, sha)
         return params
@@ -587,8 +618,11 @@ class GracefulStop:
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: finishing this step, then writing a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n{self.requested}: finishing this step, then writing a checkpoint (Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> "GracefulStop":
         for s in self.signals:

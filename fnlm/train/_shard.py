@@ -75,6 +75,7 @@ two large collectives plus one of a few scalars, whatever the number of groups.
 * **Resident bytes** (float32, AdamW): ``4 (n + 2n/N)`` per worker at levels 1 and 2, ``4 (3n/N)``
   at level 3, plus at most ``N - 1`` padding elements per group (tested from the tensors held).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,8 @@ from fnlm.optim._flatten import decay_groups
 from fnlm.optim._inject import find_hyperparam
 from fnlm.optim._transforms import GradientTransformation, apply_updates
 from fnlm.train._step import (
-    NONFINITE,
     _RESERVED,
+    NONFINITE,
     Step,
     _mean_tree,
     compile_fn,
@@ -133,8 +134,7 @@ def _contains(obj: Any, qualname: str, seen: set[int] | None = None) -> bool:
         q = obj.__qualname__
         if q == qualname or q.startswith(qualname + ".<locals>"):
             return True
-        return any(_contains(c.cell_contents, qualname, seen) for c in (obj.__closure__ or ())
-                   if _cell_ok(c))
+        return any(_contains(c.cell_contents, qualname, seen) for c in (obj.__closure__ or ()) if _cell_ok(c))
     if isinstance(obj, (tuple, list)):
         return any(_contains(x, qualname, seen) for x in obj)
     return False
@@ -171,8 +171,9 @@ class Sharding:
       global batch (leading axis divisible by ``N``).
     """
 
-    def __init__(self, params: PyTree, level: int, *, group: Callable[[str], str] = shard_groups,
-                 process_group: Any = None):
+    def __init__(
+        self, params: PyTree, level: int, *, group: Callable[[str], str] = shard_groups, process_group: Any = None
+    ):
         if level not in LEVELS:
             raise ValueError(f"sharding level must be one of {LEVELS}, got {level!r}")
         self.level, self.group, self.process_group = level, group, process_group
@@ -190,8 +191,10 @@ class Sharding:
         for label in vectors:
             head, _, tail = label.partition(".")
             if not head or "." in tail:
-                raise ValueError(f"sharding: group label {label!r} must be 'name' or 'name.leaf' "
-                                 "(one dot at most; the last part decides weight decay)")
+                raise ValueError(
+                    f"sharding: group label {label!r} must be 'name' or 'name.leaf' "
+                    "(one dot at most; the last part decides weight decay)"
+                )
         order = list(flatten_names(_nest({g: 0 for g in vectors})))  # the order flatten_names gives
         self.labels: list[str] = order
         self.sizes = {g: vectors[g].numel() for g in order}
@@ -207,8 +210,10 @@ class Sharding:
 
     def __repr__(self) -> str:
         n = sum(self.sizes.values())
-        return (f"Sharding(level={self.level}, worker {self.rank} of {self.world}, {len(self.labels)} groups, "
-                f"{n} parameters, {sum(self.padded_size(g) for g in self.labels) - n} padding)")
+        return (
+            f"Sharding(level={self.level}, worker {self.rank} of {self.world}, {len(self.labels)} groups, "
+            f"{n} parameters, {sum(self.padded_size(g) for g in self.labels) - n} padding)"
+        )
 
     def _pad(self, v: Tensor, label: str) -> Tensor:
         extra = self.padded_size(label) - v.numel()
@@ -216,20 +221,24 @@ class Sharding:
 
     def _slice(self, v: Tensor, label: str) -> Tensor:
         s = self.shard_sizes[label]
-        return v[self.rank * s: (self.rank + 1) * s]
+        return v[self.rank * s : (self.rank + 1) * s]
 
     def check_held(self, held: PyTree, what: str = "params") -> dict[str, Tensor]:
         """The flat ``{label: vector}`` of ``held``, checked against the layout (one-line errors)."""
         flat = flatten_names(held) if isinstance(held, Mapping) else None
         if flat is None or list(flat) != self.labels:
             got = sorted(flat) if flat is not None else type(held).__name__
-            raise ValueError(f"sharded step: {what} must be what Sharding.shard returns, with groups "
-                             f"{self.labels[:4]}...; got {got if isinstance(got, str) else got[:4]}")
+            raise ValueError(
+                f"sharded step: {what} must be what Sharding.shard returns, with groups "
+                f"{self.labels[:4]}...; got {got if isinstance(got, str) else got[:4]}"
+            )
         for g, v in flat.items():
             want = self.shard_sizes[g] if self.level == 3 else self.padded_size(g)
             if not isinstance(v, Tensor) or tuple(v.shape) != (want,):
-                raise ValueError(f"sharded step: {what} group {g!r} must be a vector of {want} elements at "
-                                 f"level {self.level}, got {tuple(getattr(v, 'shape', ()))}")
+                raise ValueError(
+                    f"sharded step: {what} group {g!r} must be a vector of {want} elements at "
+                    f"level {self.level}, got {tuple(getattr(v, 'shape', ()))}"
+                )
         return flat
 
     # ----------------------------------------------------------------------------- collectives
@@ -252,7 +261,7 @@ class Sharding:
             off = 0
             for g in labels:
                 s = self.shard_sizes[g]
-                out[g] = rows[:, off: off + s].reshape(-1)
+                out[g] = rows[:, off : off + s].reshape(-1)
                 off += s
         return {g: out[g] for g in self.labels}
 
@@ -269,7 +278,7 @@ class Sharding:
             off = 0
             for g in labels:
                 s = self.shard_sizes[g]
-                out[g] = mine[off: off + s]
+                out[g] = mine[off : off + s]
                 off += s
         return {g: out[g] for g in self.labels}
 
@@ -297,8 +306,9 @@ class Sharding:
         """What this worker holds of ``params`` (see the class docstring)."""
         vectors, _ = ravel(params, self.group)
         if set(vectors) != set(self.labels):
-            raise ValueError(f"Sharding.shard: params have groups {sorted(vectors)[:4]}..., the layout "
-                             f"{sorted(self.labels)[:4]}...")
+            raise ValueError(
+                f"Sharding.shard: params have groups {sorted(vectors)[:4]}..., the layout {sorted(self.labels)[:4]}..."
+            )
         out = {}
         for g in self.labels:
             v = self._pad(vectors[g].detach(), g)
@@ -326,19 +336,29 @@ class Sharding:
 
     def split_batch(self, batch: PyTree) -> PyTree:
         """This worker's rows ``[r b/N, (r+1) b/N)`` of every leaf of a global batch."""
+
         def part(x):
             if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] % self.world:
-                raise ValueError(f"split_batch: every batch leaf needs a leading axis divisible by {self.world} "
-                                 f"workers, got shape {tuple(getattr(x, 'shape', ()))}")
+                raise ValueError(
+                    f"split_batch: every batch leaf needs a leading axis divisible by {self.world} "
+                    f"workers, got shape {tuple(getattr(x, 'shape', ()))}"
+                )
             b = x.shape[0] // self.world
-            return x[self.rank * b: (self.rank + 1) * b]
+            return x[self.rank * b : (self.rank + 1) * b]
 
         return tree_map(part, batch)
 
 
-def sharded_step_fn(loss_fn: Callable, optimizer: GradientTransformation, sharding: Sharding, *,
-                    accum_steps: int = 1, autocast_dtype: torch.dtype | None = None,
-                    nonfinite: str = "raise", max_grad_norm: float | None = None) -> Callable:
+def sharded_step_fn(
+    loss_fn: Callable,
+    optimizer: GradientTransformation,
+    sharding: Sharding,
+    *,
+    accum_steps: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    nonfinite: str = "raise",
+    max_grad_norm: float | None = None,
+) -> Callable:
     """The pure, uncompiled sharded step ``(held, opt_state, batch, key) -> (held, opt_state,
     metrics)`` that :func:`make_sharded_train_step` compiles."""
     sh = sharding
@@ -368,8 +388,7 @@ def sharded_step_fn(loss_fn: Callable, optimizer: GradientTransformation, shardi
         if accum_steps == 1:
             grads, (loss, aux) = grad_fn(vecs, batch, key)
         else:
-            parts = [grad_fn(vecs, tree_map(lambda x: x[i], batch), random.fold_in(key, i))
-                     for i in range(accum_steps)]
+            parts = [grad_fn(vecs, tree_map(lambda x: x[i], batch), random.fold_in(key, i)) for i in range(accum_steps)]
             grads = _mean_tree([g for g, _ in parts])
             loss = _mean_tree([la[0] for _, la in parts])
             aux = _mean_tree([la[1] for _, la in parts])
@@ -387,7 +406,7 @@ def sharded_step_fn(loss_fn: Callable, optimizer: GradientTransformation, shardi
             red = sh.all_reduce_sum(torch.stack([loss, *[aux[k] for k in names]])) / sh.world
         else:
             red = sh.all_reduce_sum(torch.cat([torch.stack([loss, *[aux[k] for k in names]]) / sh.world, sq]))
-            sq = red[1 + len(names):]
+            sq = red[1 + len(names) :]
         loss, aux = red[0], {k: red[1 + i] for i, k in enumerate(names)}
         grads_finite = torch.isfinite(sq)
         grad_norm = torch.sqrt(sq.sum())
@@ -451,12 +470,22 @@ def make_sharded_train_step(
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm >= 0):
         raise ValueError(f"max_grad_norm must be a non-negative number or None, got {max_grad_norm!r}")
     if sharding.level > 0 and _contains(optimizer.update, "clip_by_global_norm"):
-        raise ValueError(f"sharding level {sharding.level}: the optimizer contains clip_by_global_norm, which "
-                         "would see one shard's norm; remove it and pass max_grad_norm= to the sharded step")
-    pure = sharded_step_fn(loss_fn, optimizer, sharding, accum_steps=accum_steps, autocast_dtype=autocast_dtype,
-                           nonfinite=nonfinite, max_grad_norm=max_grad_norm)
-    compiled = compile_fn(pure, compile=compile, dynamic=dynamic, compile_options=compile_options,
-                          max_shapes=max_shapes)
+        raise ValueError(
+            f"sharding level {sharding.level}: the optimizer contains clip_by_global_norm, which "
+            "would see one shard's norm; remove it and pass max_grad_norm= to the sharded step"
+        )
+    pure = sharded_step_fn(
+        loss_fn,
+        optimizer,
+        sharding,
+        accum_steps=accum_steps,
+        autocast_dtype=autocast_dtype,
+        nonfinite=nonfinite,
+        max_grad_norm=max_grad_norm,
+    )
+    compiled = compile_fn(
+        pure, compile=compile, dynamic=dynamic, compile_options=compile_options, max_shapes=max_shapes
+    )
 
     def check_args(held, opt_state, batch, key):
         random._check_key(key)
@@ -464,12 +493,20 @@ def make_sharded_train_step(
         if accum_steps > 1:
             for name, x in flatten_names(batch).items():
                 if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != accum_steps:
-                    raise ValueError(f"accum_steps={accum_steps}: batch leaf {name!r} must have a leading "
-                                     f"micro-batch axis of size {accum_steps}, got shape "
-                                     f"{tuple(getattr(x, 'shape', ()))}")
+                    raise ValueError(
+                        f"accum_steps={accum_steps}: batch leaf {name!r} must have a leading "
+                        f"micro-batch axis of size {accum_steps}, got shape "
+                        f"{tuple(getattr(x, 'shape', ()))}"
+                    )
 
-    return Step(pure, compiled, check_args=check_args, nonfinite=nonfinite, deterministic=deterministic,
-                seed_from=3 if seed_global_rng else None)
+    return Step(
+        pure,
+        compiled,
+        check_args=check_args,
+        nonfinite=nonfinite,
+        deterministic=deterministic,
+        seed_from=3 if seed_global_rng else None,
+    )
 
 
 def resident_bytes(*trees: PyTree) -> int:
@@ -483,8 +520,9 @@ def resident_bytes(*trees: PyTree) -> int:
     return sum(seen.values())
 
 
-def shard_costs(n: int, level: int, world: int, *, param_bytes: int = 4, state_bytes: int = 8,
-                grad_bytes: int | None = None) -> dict[str, float]:
+def shard_costs(
+    n: int, level: int, world: int, *, param_bytes: int = 4, state_bytes: int = 8, grad_bytes: int | None = None
+) -> dict[str, float]:
     """The per-worker costs of one step of this module's sharded training of ``n`` parameters over
     ``world`` workers at ``level``, in bytes (activations excluded; docs/scaling.md tabulates them).
 

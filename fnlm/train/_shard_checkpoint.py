@@ -26,6 +26,7 @@ checking the files' checksums. The padding beyond ``n_g`` is zeros in any layout
 1 -> 2 workers give the same numbers (tested), and a gathered state written with
 :func:`fnlm.models.save_gpt2` is bitwise the single-process one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,8 +73,15 @@ def _collective(sh: Sharding) -> bool:
     return sh.world > 1
 
 
-def save_sharded(path_dir: str | os.PathLike, sharding: Sharding, held: PyTree, opt_state: PyTree, step: int,
-                 key: Tensor, extra: dict[str, Any] | None = None) -> Path:
+def save_sharded(
+    path_dir: str | os.PathLike,
+    sharding: Sharding,
+    held: PyTree,
+    opt_state: PyTree,
+    step: int,
+    key: Tensor,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write this worker's part of ``(held, opt_state)`` plus ``step``, ``key``, ``extra`` to the
     sharded checkpoint ``path_dir`` (every worker calls it; see the module docstring)."""
     sh = sharding
@@ -131,20 +139,34 @@ def _mine(sh: Sharding, t: Tensor, g: str) -> Tensor:
 
 def _write_mine(tmp: Path, sh: Sharding, mine: dict[str, Tensor]) -> tuple[str, str]:
     name = shard_file(sh.rank, sh.world)
-    write_safetensors({k: v.contiguous().clone() for k, v in mine.items()}, tmp / name,
-                      metadata={"format": FORMAT})
+    write_safetensors({k: v.contiguous().clone() for k, v in mine.items()}, tmp / name, metadata={"format": FORMAT})
     return name, _sha256(tmp / name)
 
 
 def _write_index(tmp: Path, sh: Sharding, mine, replicated, sharded, structure, step, extra, digests) -> None:
-    write_safetensors({k: v.detach().contiguous().clone() for k, v in replicated.items()}, tmp / REPLICATED,
-                      metadata={"format": FORMAT})
+    write_safetensors(
+        {k: v.detach().contiguous().clone() for k, v in replicated.items()},
+        tmp / REPLICATED,
+        metadata={"format": FORMAT},
+    )
     files = dict(digests)
     files[REPLICATED] = _sha256(tmp / REPLICATED)
-    layout = {g: {"size": sh.sizes[g], "shard": sh.shard_sizes[g], "dtype": str(sh.dtypes[g]).removeprefix("torch.")}
-              for g in sh.labels}
-    meta = {"format": FORMAT, "version": VERSION, "world": sh.world, "level": sh.level, "step": step,
-            "layout": layout, "sharded": sharded, "structure": structure, "extra": extra, "files": files}
+    layout = {
+        g: {"size": sh.sizes[g], "shard": sh.shard_sizes[g], "dtype": str(sh.dtypes[g]).removeprefix("torch.")}
+        for g in sh.labels
+    }
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "world": sh.world,
+        "level": sh.level,
+        "step": step,
+        "layout": layout,
+        "sharded": sharded,
+        "structure": structure,
+        "extra": extra,
+        "files": files,
+    }
     write_json(meta, tmp / INDEX)
 
 
@@ -168,12 +190,14 @@ def read_index(path_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_sharded(path_dir: str | os.PathLike, sharding: Sharding, device: str | torch.device | None = None
-                 ) -> tuple[PyTree, PyTree, int, Tensor, dict[str, Any]]:
+def load_sharded(
+    path_dir: str | os.PathLike, sharding: Sharding, device: str | torch.device | None = None
+) -> tuple[PyTree, PyTree, int, Tensor, dict[str, Any]]:
     """``(held, opt_state, step, key, extra)`` for this worker of ``sharding`` (any number of
     workers and any level), from a checkpoint written by :func:`save_sharded`."""
-    import fnlm.optim  # noqa: F401  (its NamedTuple state classes appear in the structure)
     from safetensors import safe_open
+
+    import fnlm.optim  # noqa: F401  (its NamedTuple state classes appear in the structure)
 
     sh = sharding
     path_dir = Path(path_dir)
@@ -182,11 +206,14 @@ def load_sharded(path_dir: str | os.PathLike, sharding: Sharding, device: str | 
     for g in sh.labels:
         want = {"size": sh.sizes[g], "dtype": str(sh.dtypes[g]).removeprefix("torch.")}
         if g not in layout or {k: layout[g][k] for k in want} != want:
-            raise CheckpointError(f"{path_dir}: group {g!r} is {layout.get(g)} in the checkpoint, {want} in this "
-                                  "model (a different model or group function)")
+            raise CheckpointError(
+                f"{path_dir}: group {g!r} is {layout.get(g)} in the checkpoint, {want} in this "
+                "model (a different model or group function)"
+            )
     if set(layout) != set(sh.labels):
-        raise CheckpointError(f"{path_dir}: the checkpoint has groups {sorted(set(layout) - set(sh.labels))[:4]} "
-                              "that this model lacks")
+        raise CheckpointError(
+            f"{path_dir}: the checkpoint has groups {sorted(set(layout) - set(sh.labels))[:4]} that this model lacks"
+        )
     names = [shard_file(k, world) for k in range(world)] + [REPLICATED]
     for name in names:  # checksums first: a corrupt or swapped file is refused before it is used
         if _sha256(path_dir / name) != meta["files"].get(name):
@@ -194,6 +221,7 @@ def load_sharded(path_dir: str | os.PathLike, sharding: Sharding, device: str | 
     dev = str(device or sh.device)
     handles = [safe_open(str(path_dir / shard_file(k, world)), framework="pt", device=dev) for k in range(world)]
     try:
+
         def assemble(name: str, g: str, whole: bool) -> Tensor:
             n, s_old, s_new = sh.sizes[g], int(layout[g]["shard"]), sh.shard_sizes[g]
             a, b = (0, sh.padded_size(g)) if whole else (sh.rank * s_new, (sh.rank + 1) * s_new)
@@ -201,7 +229,7 @@ def load_sharded(path_dir: str | os.PathLike, sharding: Sharding, device: str | 
             for k in range(world):
                 lo, hi = max(a, k * s_old), min(b, (k + 1) * s_old, n)
                 if lo < hi:
-                    parts.append(handles[k].get_slice(name)[lo - k * s_old: hi - k * s_old])
+                    parts.append(handles[k].get_slice(name)[lo - k * s_old : hi - k * s_old])
             out = torch.cat(parts) if parts else torch.zeros(0, dtype=sh.dtypes[g], device=dev)
             return torch.nn.functional.pad(out, (0, (b - a) - out.numel())) if out.numel() < b - a else out
 
@@ -221,5 +249,3 @@ def gather_params(sharding: Sharding, held: PyTree) -> PyTree:
     """The whole parameter tree from a sharded state, e.g. for ``save_gpt2`` on worker 0 (a
     collective at level 3: every worker calls it)."""
     return sharding.unshard(held)
-
-

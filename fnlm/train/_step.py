@@ -58,6 +58,7 @@ flatten order), **aux}``.
   same step time (empty cache, one process per setting; ``docs/benchmarks.md``, "Cold compile").
   :func:`compile_fn` applies them; use it for your own code too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -100,8 +101,14 @@ def fresh_function(fn: Callable) -> Callable:
     return new
 
 
-def compile_fn(fn: Callable, *, compile: bool | str | Callable = True, dynamic: bool = False,
-               compile_options: Mapping[str, Any] | None = None, max_shapes: int = 16) -> Callable:
+def compile_fn(
+    fn: Callable,
+    *,
+    compile: bool | str | Callable = True,
+    dynamic: bool = False,
+    compile_options: Mapping[str, Any] | None = None,
+    max_shapes: int = 16,
+) -> Callable:
     """``torch.compile(fn, fullgraph=True)`` with fnlm's Inductor options. ``compile``: ``True``
     (Inductor), ``False`` (return ``fn``), or another dynamo backend, by name (``'aot_eager'``:
     trace and check the graph without generating code) or as a callable."""
@@ -225,8 +232,10 @@ class _Deterministic:
     restoring the caller's setting afterwards."""
 
     def __enter__(self):
-        self.prev = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled())
+        self.prev = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     def __exit__(self, *exc):
@@ -245,9 +254,18 @@ class Step:
     the leading axis of params, state and metrics is an ensemble's member axis.
     """
 
-    def __init__(self, pure: Callable, compiled: Callable, *, check_args: Callable | None = None,
-                 nonfinite: str = "ignore", members: bool = False, deterministic: bool = False,
-                 no_grad: bool = False, seed_from: int | None = None):
+    def __init__(
+        self,
+        pure: Callable,
+        compiled: Callable,
+        *,
+        check_args: Callable | None = None,
+        nonfinite: str = "ignore",
+        members: bool = False,
+        deterministic: bool = False,
+        no_grad: bool = False,
+        seed_from: int | None = None,
+    ):
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.pure, self.compiled, self.check_args = pure, compiled, check_args
@@ -283,15 +301,13 @@ class Step:
             bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
             members, ms = tree_unstack(params), tree_unstack(metrics)
             step = [calls] * len(members) if count is None else count.tolist()
-            msg = "ensemble: " + "; ".join(f"member {i}: {nonfinite_message(step[i], members[i], ms[i])}"
-                                           for i in bad)
+            msg = "ensemble: " + "; ".join(f"member {i}: {nonfinite_message(step[i], members[i], ms[i])}" for i in bad)
         else:
             msg = nonfinite_message(calls if count is None else int(count), params, metrics)
         if self.nonfinite == "raise":
             raise FloatingPointError(msg)
         what = "those members' updates" if self.members else "update"
-        warnings.warn(f"{msg}; {what} skipped, params and optimizer state unchanged", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(f"{msg}; {what} skipped, params and optimizer state unchanged", RuntimeWarning, stacklevel=3)
 
 
 def finite_flags(loss: Tensor, grads: PyTree) -> tuple[Tensor, Tensor]:
@@ -323,7 +339,7 @@ def nonfinite_message(step: int, params: PyTree, metrics: Mapping[str, Tensor]) 
     for name, ok in zip(names, flags):
         if not ok:
             g = param_group(name)
-            groups.setdefault(g, []).append(name[len(g) + 1:] if name.startswith(g + ".") else name)
+            groups.setdefault(g, []).append(name[len(g) + 1 :] if name.startswith(g + ".") else name)
     loss = float(metrics["loss"])
     parts = [f"non-finite {'loss' if groups == {} else 'gradients'} at step {step} (loss = {loss})"]
     if groups:
@@ -368,27 +384,47 @@ def make_train_step(
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
     if not isinstance(optimizer, GradientTransformation):
         raise TypeError(f"optimizer must be a GradientTransformation, got {type(optimizer).__name__}")
-    pure = train_step_fn(loss_fn, optimizer, accum_steps=accum_steps, autocast_dtype=autocast_dtype,
-                         nonfinite=nonfinite, grad_sync=grad_sync)
-    compiled = compile_fn(pure, compile=compile, dynamic=dynamic, compile_options=compile_options,
-                          max_shapes=max_shapes)
+    pure = train_step_fn(
+        loss_fn,
+        optimizer,
+        accum_steps=accum_steps,
+        autocast_dtype=autocast_dtype,
+        nonfinite=nonfinite,
+        grad_sync=grad_sync,
+    )
+    compiled = compile_fn(
+        pure, compile=compile, dynamic=dynamic, compile_options=compile_options, max_shapes=max_shapes
+    )
 
     def check_args(params, opt_state, batch, key):
         random._check_key(key)
         if accum_steps > 1:
             for name, x in flatten_names(batch).items():
                 if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[0] != accum_steps:
-                    raise ValueError(f"accum_steps={accum_steps}: batch leaf {name!r} must have a leading "
-                                     f"micro-batch axis of size {accum_steps}, got shape "
-                                     f"{tuple(getattr(x, 'shape', ()))}")
+                    raise ValueError(
+                        f"accum_steps={accum_steps}: batch leaf {name!r} must have a leading "
+                        f"micro-batch axis of size {accum_steps}, got shape "
+                        f"{tuple(getattr(x, 'shape', ()))}"
+                    )
 
-    return Step(pure, compiled, check_args=check_args, nonfinite=nonfinite, deterministic=deterministic,
-                seed_from=3 if seed_global_rng else None)
+    return Step(
+        pure,
+        compiled,
+        check_args=check_args,
+        nonfinite=nonfinite,
+        deterministic=deterministic,
+        seed_from=3 if seed_global_rng else None,
+    )
 
 
-def make_eval_step(fn: Callable, compile: bool | str | Callable = True, *, dynamic: bool = False,
-                   compile_options: Mapping[str, Any] | None = None, max_shapes: int = 16) -> Step:
+def make_eval_step(
+    fn: Callable,
+    compile: bool | str | Callable = True,
+    *,
+    dynamic: bool = False,
+    compile_options: Mapping[str, Any] | None = None,
+    max_shapes: int = 16,
+) -> Step:
     """``fn(params, batch) -> metrics`` compiled (``fullgraph=True``) and run under ``torch.no_grad``."""
-    compiled = compile_fn(fn, compile=compile, dynamic=dynamic, compile_options=compile_options,
-                          max_shapes=max_shapes)
+    compiled = compile_fn(fn, compile=compile, dynamic=dynamic, compile_options=compile_options, max_shapes=max_shapes)
     return Step(fn, compiled, no_grad=True)

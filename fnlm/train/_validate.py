@@ -6,6 +6,7 @@
 without ``params``) is a :class:`~fnlm.io.CheckpointError` naming the file and the entry, never
 a ``KeyError``/``RecursionError`` from inside the loader.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,9 @@ def validate_train_state(path_dir: str | os.PathLike) -> dict[str, Any]:
             pairs = desc.get("dict", desc.get("fields"))
             if "fields" in desc and not isinstance(desc.get("namedtuple"), str):
                 raise CheckpointError(f"{f}: {at}: a NamedTuple entry needs a 'namedtuple' class name")
-            if not isinstance(pairs, list) or not all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str)
-                                                      for kv in pairs):
+            if not isinstance(pairs, list) or not all(
+                isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str) for kv in pairs
+            ):
                 raise CheckpointError(f"{f}: {at}: must be a list of [name, entry] pairs")
             stack += [(v, f"{at}.{k}", depth + 1) for k, v in pairs]
         elif "list" in desc or "tuple" in desc:

@@ -8,6 +8,7 @@
   params / optimizer states / keys. The working combination is ``torch.compile(vmap(step))``:
   dynamo traces the ``vmap`` (and the ``grad`` inside it) into one graph with ``fullgraph=True``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
@@ -23,8 +24,9 @@ from fnlm.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatte
 
 
 # ----------------------------------------------------------------------------- per-example gradients
-def per_example_grads(loss_fn: Callable[[PyTree, PyTree], Tensor], params: PyTree, batch: PyTree, *,
-                      has_aux: bool = False) -> PyTree:
+def per_example_grads(
+    loss_fn: Callable[[PyTree, PyTree], Tensor], params: PyTree, batch: PyTree, *, has_aux: bool = False
+) -> PyTree:
     """``g_i = grad_theta loss_fn(theta, batch[i:i+1])`` for every example ``i``, in one pass.
 
     ``loss_fn(params, batch) -> scalar loss`` (or ``(loss, aux)`` with ``has_aux=True``, then
@@ -72,9 +74,15 @@ def dp_aggregate(grads: PyTree, key: random.Key, *, clip_norm: float, noise_mult
     return tree_unflatten(out, spec)
 
 
-def make_dp_sgd_step(loss_fn: Callable[[PyTree, PyTree], Tensor], optimizer: GradientTransformation, *,
-                     clip_norm: float, noise_multiplier: float, compile: bool | str = True,
-                     nonfinite: str = "raise") -> Step:
+def make_dp_sgd_step(
+    loss_fn: Callable[[PyTree, PyTree], Tensor],
+    optimizer: GradientTransformation,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    compile: bool | str = True,
+    nonfinite: str = "raise",
+) -> Step:
     """A DP-SGD step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``:
     per-example gradients (:func:`per_example_grads`), :func:`dp_aggregate`, then ``optimizer``
     (plain ``sgd`` for the paper's algorithm). ``metrics``: ``loss`` (mean over the batch),
@@ -96,14 +104,22 @@ def make_dp_sgd_step(loss_fn: Callable[[PyTree, PyTree], Tensor], optimizer: Gra
         if nonfinite == "skip":
             new_params = keep_if_finite(finite, new_params, params)
             new_state = keep_if_finite(finite, new_state, opt_state)
-        metrics = {"loss": loss, "clipped_fraction": (norms > clip_norm).float().mean(), "finite": finite,
-                   "grads_finite": grads_finite}
+        metrics = {
+            "loss": loss,
+            "clipped_fraction": (norms > clip_norm).float().mean(),
+            "finite": finite,
+            "grads_finite": grads_finite,
+        }
         return new_params, new_state, metrics
 
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-    return Step(step, compile_fn(step, compile=compile), check_args=lambda p, s, b, key: random._check_key(key),
-                nonfinite=nonfinite)
+    return Step(
+        step,
+        compile_fn(step, compile=compile),
+        check_args=lambda p, s, b, key: random._check_key(key),
+        nonfinite=nonfinite,
+    )
 
 
 # ----------------------------------------------------------------------------- ensembles
@@ -132,13 +148,15 @@ def make_ensemble_step(
     """
     factory = not isinstance(optimizer, GradientTransformation)
     if factory and not callable(optimizer):
-        raise TypeError(f"optimizer must be a GradientTransformation or a factory hparams -> one, got "
-                        f"{type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer must be a GradientTransformation or a factory hparams -> one, got {type(optimizer).__name__}"
+        )
 
     def member(params, opt_state, batch, key, hparams):
         opt = optimizer(hparams) if factory else optimizer
-        pure = train_step_fn(loss_fn, opt, accum_steps=accum_steps,
-                             nonfinite="skip" if nonfinite == "skip" else "raise")
+        pure = train_step_fn(
+            loss_fn, opt, accum_steps=accum_steps, nonfinite="skip" if nonfinite == "skip" else "raise"
+        )
         return pure(params, opt_state, batch, key)
 
     batched = vmap(member, in_dims=(0, 0, None if shared_batch else 0, 0, 0 if factory else None))
@@ -154,5 +172,6 @@ def make_ensemble_step(
 
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-    return Step(pure_step, compile_fn(pure_step, compile=compile), check_args=check_args, nonfinite=nonfinite,
-                members=True)
+    return Step(
+        pure_step, compile_fn(pure_step, compile=compile), check_args=check_args, nonfinite=nonfinite, members=True
+    )

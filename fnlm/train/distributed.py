@@ -22,6 +22,7 @@ equal shards and a mean loss, every process ends with the gradient of the whole 
 processes stay bitwise in sync without further broadcasts. Dropout keys: give each rank its own,
 e.g. ``fold_in(step_key, rank)``, or all ranks drop the same units.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -99,8 +100,10 @@ def all_reduce_mean(tree: PyTree, group: Any = None) -> PyTree:
     leaves, spec = tree_flatten(tree)
     for i, x in enumerate(leaves):
         if not (isinstance(x, Tensor) and x.is_floating_point()):
-            raise TypeError(f"all_reduce_mean: leaf {i} is {type(x).__name__} "
-                            f"{getattr(x, 'dtype', '')}; only floating-point tensors can be averaged")
+            raise TypeError(
+                f"all_reduce_mean: leaf {i} is {type(x).__name__} "
+                f"{getattr(x, 'dtype', '')}; only floating-point tensors can be averaged"
+            )
     out: list[Tensor | None] = [None] * len(leaves)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, x in enumerate(leaves):
@@ -113,7 +116,7 @@ def all_reduce_mean(tree: PyTree, group: Any = None) -> PyTree:
         offset = 0
         for i in idx:
             k = leaves[i].numel()
-            out[i] = flat[offset: offset + k].reshape(leaves[i].shape)
+            out[i] = flat[offset : offset + k].reshape(leaves[i].shape)
             offset += k
     return tree_unflatten(out, spec)
 
