@@ -21,13 +21,14 @@ def test_benchmark_script_imports_and_has_main(path):
 
 @pytest.mark.slow  # every stage, tiny sizes, but one cold compile and two gloo workers: minutes on 2 cores
 def test_gpu_check_smoke_mode_runs_every_stage_on_the_cpu(imdb_archive, minilm_dir):
-    """benchmarks/gpu_check.py --device cpu: every stage runs and the summary table says so."""
+    """benchmarks/gpu_check.py --device cpu: every stage but shard runs and the summary table says so."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--data", str(imdb_archive)],
+        # the shard stage's two gloo workers are tests/test_shard.py's; here the other stages
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--data", str(imdb_archive), "--skip", "shard"],
         cwd=root,
         capture_output=True,
         text=True,

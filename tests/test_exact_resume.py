@@ -109,7 +109,6 @@ def test_eager_resume_with_real_weights_is_bitwise_exact(tmp_path, minilm_dir, d
     _check(tmp_path, minilm_dir, dtype, "eager")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_compiled_deterministic_resume_with_real_weights_is_bitwise_exact(tmp_path, minilm_dir, dtype):
-    _check(tmp_path, minilm_dir, dtype, "compiled")
+@pytest.mark.slow  # four processes, each compiling the MiniLM step; bf16 compiled is left out for CI's time
+def test_compiled_deterministic_resume_with_real_weights_is_bitwise_exact(tmp_path, minilm_dir):
+    _check(tmp_path, minilm_dir, "fp32", "compiled")
