@@ -63,6 +63,8 @@ def test_every_path_and_test_named_exists(doc):
     bad = []
     for token in sorted(paths_in(text)):
         path, _, test = token.partition("::")
+        if path.startswith("weights/all-MiniLM-L6-v2"):  # fetched on first use, not part of a checkout
+            continue
         target = ROOT / path
         if not target.exists():
             bad.append(token)
