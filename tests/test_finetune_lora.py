@@ -137,6 +137,7 @@ def test_lora_run_learns(imdb_archive, minilm_dir, tmp_path):  # noqa: F811
         400,
         "--max-len",
         128,
+        "--no-compile",  # learning only: the compiled step is proven by the other slow tests
         "--out",
         out,
         timeout=1500,
