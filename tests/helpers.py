@@ -18,6 +18,36 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SCRIPT = EXAMPLES / "finetune_imdb.py"  # the main job
 CLASSIFY = EXAMPLES / "classify.py"
+# a tiny eager pretrain_gpt.py configuration (seconds per run)
+GPT_TINY = [
+    "--val-reviews",
+    "40",
+    "--val-tokens",
+    "256",
+    "--vocab-size",
+    "300",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "10",
+    "--eval-every",
+    "5",
+    "--save-every",
+    "4",
+    "--warmup",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--no-compile",
+]
 
 POS = [
     "a wonderful, moving film with superb acting",

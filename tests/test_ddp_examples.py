@@ -28,6 +28,7 @@ import pytest
 import torch
 from helpers import (
     EXAMPLES,
+    GPT_TINY,
     ROOT,
     SCRIPT,
     example_env,
@@ -58,35 +59,6 @@ FT = [
     "1",
     "--buckets",
     "1",
-    "--no-compile",
-]
-GPT_TINY = [
-    "--val-reviews",
-    "40",
-    "--val-tokens",
-    "256",
-    "--vocab-size",
-    "300",
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "16",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--steps",
-    "10",
-    "--eval-every",
-    "5",
-    "--save-every",
-    "4",
-    "--warmup",
-    "2",
-    "--max-new-tokens",
-    "8",
     "--no-compile",
 ]
 ATOL = 1e-6

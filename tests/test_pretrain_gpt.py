@@ -17,6 +17,7 @@ import transformers
 import yaml
 from helpers import (
     EXAMPLES,
+    GPT_TINY,
     corrupt,
     newest_checkpoint,
     popen_example,
@@ -33,35 +34,7 @@ WORDS = (
     "love hate watch again never best worst script twist cast"
 ).split()
 TEST_ONLY = "zyxwvtestonly"  # appears only in the test split: the tokenizer must never learn it
-TINY = [
-    "--val-reviews",
-    "40",
-    "--val-tokens",
-    "256",
-    "--vocab-size",
-    "300",
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "16",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--steps",
-    "10",
-    "--eval-every",
-    "5",
-    "--save-every",
-    "4",
-    "--warmup",
-    "2",
-    "--max-new-tokens",
-    "8",
-    "--no-compile",
-]
+TINY = GPT_TINY
 
 
 def run(*args, script: Path = SCRIPT, timeout: float = 600):
