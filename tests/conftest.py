@@ -48,6 +48,24 @@ def imdb_archive() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_imdb_run(imdb_archive, minilm_dir, tmp_path_factory) -> Path:
+    """The slow tests' trained model: the main job's run directory after fine-tuning MiniLM on 400 real
+    training reviews (128 tokens, 2 epochs, eager) and testing it on 400 test reviews. One run serves the
+    learning test and the int8 accuracy test."""
+    from helpers import run_script
+
+    out = tmp_path_factory.mktemp("minilm_imdb") / "run"
+    proc = run_script(
+        *("--data", imdb_archive, "--weights", minilm_dir, "--train-size", 400, "--test-size", 400),
+        *("--max-len", 128, "--epochs", 2, "--lr", "1e-4", "--out", out),
+        "--no-compile",  # learning only: the compiled step is proven by the other slow tests
+        timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(minilm_dir, tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT in Hugging Face layout with MiniLM's tokenizer (fast steps, small checkpoints)."""
     import shutil

@@ -634,7 +634,10 @@ for name, fn in cases.items():
         out[name] = {"ok": fn()}
     except Exception as e:
         out[name] = {"error": type(e).__name__, "message": str(e)}
-out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak resident memory. (ru_maxrss is not: across exec it keeps the parent's
+# peak, and a long pytest process forks this one.)
+hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+out["maxrss_mb"] = hwm_kb / 1024
 print(json.dumps(out))
 """
 
