@@ -22,7 +22,11 @@ NSP loss and accuracy beside the MLM ones, and the output is a ``BertForPreTrain
     # MLM + next-sentence prediction on sentence pairs (a BertForPreTraining checkpoint)
     python examples/pretrain_mlm.py --data ../shared/data/aclImdb_v1_labelled.tar.gz --nsp --out runs/mlm-nsp
 
-    # a stopped run (Ctrl-C, SIGTERM, a killed process) continues exactly; a finished one trains further
+    # data parallel: N worker processes, each with --batch-size/N reviews of every step (docs/scaling.md)
+    torchrun --nproc_per_node=2 examples/pretrain_mlm.py --data ../shared/data/aclImdb_v1_labelled.tar.gz
+
+    # a stopped run (Ctrl-C, SIGTERM, a killed process) continues exactly, with any number of workers;
+    # a finished one trains further
     python examples/pretrain_mlm.py --resume runs/mlm
     python examples/pretrain_mlm.py --resume runs/mlm --steps 600
 
@@ -55,7 +59,7 @@ from fnlm.config import check, check_ranges, cli_main, config_to_dict, option, p
 from fnlm.data import bucket_lengths, download_imdb, html_clean, load_imdb_splits, make_batches, nsp_pairs
 from fnlm.io import CheckpointError, MissingHeadError, MissingPoolerError, ensure_minilm, write_json
 from fnlm.models import bert_mlm, init_nsp_head, load_pretrained, mask_tokens, mlm_loss, pretraining_loss, save_bert
-from fnlm.train import Progress, Run, digest, make_eval_step, make_train_step, model_card
+from fnlm.train import DataParallel, Progress, Run, digest, make_eval_step, make_train_step, model_card
 from fnlm.tree import num_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,19 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg, explicit = parse_config(MlmConfig, argv, description=__doc__.split("\n\n")[0])
     if cfg.predict:
         return predict(cfg)
-    with Run.open(
-        cfg,
-        explicit,
-        out=cfg.out,
-        resume=cfg.resume,
-        overwrite=cfg.overwrite,
-        name="mlm-%Y%m%d-%H%M%S",
-        may_change=MAY_CHANGE,
-        per_session=PER_SESSION,
-        repeat=("compile",),
-        report_to=cfg.report_to,
-    ) as run:
-        return train(run, run.config)
+    # under torchrun: this worker of N (one process: a no-op); the run directory is rank 0's
+    with (
+        DataParallel.start() as dp,
+        dp.open_run(
+            cfg,
+            explicit,
+            out=cfg.out,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            name="mlm-%Y%m%d-%H%M%S",
+            may_change=MAY_CHANGE,
+            per_session=PER_SESSION,
+            repeat=("compile",),
+            report_to=cfg.report_to,
+            divisible=("batch_size",),
+        ) as run,
+    ):  # N workers: each takes batch_size / N reviews (or pairs) of every step
+        return train(run, run.config, dp)
 
 
 # ----------------------------------------------------------------------------- data
@@ -169,9 +178,10 @@ def read_unsup(path: Path) -> list[str] | None:
     return texts or None
 
 
-def load_texts(cfg) -> list[str]:
-    """Training-split review texts (+ unsup if asked and present); never the test split."""
-    path = cfg.data if cfg.data is not None else download_imdb()
+def load_texts(cfg, path: Path | None = None) -> list[str]:
+    """Training-split review texts (+ unsup if asked and present) of ``path`` (default ``--data``, else
+    the downloaded archive); never the test split."""
+    path = path or (cfg.data if cfg.data is not None else download_imdb())
     splits = cfg.splits.split(",")
     texts: list[str] = []
     if "train" in splits:
@@ -261,12 +271,15 @@ def pair_batches(pairs, batch_size: int, buckets, pad_id: int, **kw) -> list[dic
 
 
 # ----------------------------------------------------------------------------- training
-def train(run: Run, cfg: MlmConfig) -> int:
+def train(run: Run, cfg: MlmConfig, dp: DataParallel) -> int:
     t_start = time.time()
     print(f"run directory: {run.dir}", flush=True)
 
-    # 1. The model (fresh heads where the checkpoint has none) and the text.
+    # 1. The model (fresh heads where the checkpoint has none) and the text; downloads by rank 0 alone.
     k_head, k_mask, k_drop, k_eval, k_pairs = random.split(random.key(cfg.seed), 5)
+    if cfg.weights == DEFAULT_WEIGHTS and not (cfg.weights / "config.json").is_file():
+        dp.from_main(lambda: ensure_minilm(cfg.weights))
+    data = cfg.data if cfg.data is not None else dp.from_main(download_imdb)
     params, pooler, bcfg, tokenizer, fresh = load_model(cfg.weights, k_head, nsp=cfg.nsp)
     if cfg.max_len > bcfg.max_position_embeddings:
         raise ValueError(
@@ -284,7 +297,7 @@ def train(run: Run, cfg: MlmConfig) -> int:
             f"note: {cfg.weights} has no NSP head (cls.seq_relationship); training a freshly initialised one",
             flush=True,
         )
-    texts = load_texts(cfg)
+    texts = load_texts(cfg, data)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_eval = min(cfg.eval_size, len(texts) // 5)
     eval_texts = [texts[i] for i in order[:n_eval]]
@@ -355,23 +368,34 @@ def train(run: Run, cfg: MlmConfig) -> int:
         loss, aux = objective(p, batch, bcfg)
         return aux if cfg.nsp else {"mlm_loss": loss, "mlm_accuracy": aux["accuracy"]}
 
-    train_step = make_train_step(loss_fn, optimizer, compile=cfg.compile)
+    # N workers: each loss term is a mean over its own things (masked tokens; pairs), so each worker's
+    # term is weighted by its share of them (DataParallel.shard's weight per term): the global-batch step
+    train_step = make_train_step(dp.loss(loss_fn), optimizer, compile=cfg.compile, grad_sync=dp.grad_sync)
     eval_step = make_eval_step(eval_fn, compile=cfg.compile)
+    weight = {"mlm": "mlm_weight", "nsp": "nsp_weight"} if cfg.nsp else "mlm_weight"
+
+    def shard(batch: dict) -> dict:
+        """This worker's rows of ``batch``, with the masked tokens (and pairs) per row as the weights."""
+        w = {"mlm_weight": (batch["labels"] != -100).sum(-1)}
+        if cfg.nsp:
+            w["nsp_weight"] = (batch["next_sentence_label"] != -100).long()
+        return dp.shard(batch | w, weight=weight)
 
     def evaluate() -> None:
-        """Held-out means: the MLM ones over masked tokens, the NSP ones over pairs."""
+        """Held-out means: the MLM ones over masked tokens, the NSP ones over pairs (N workers: the
+        batches split across them, the per-batch figures gathered in order)."""
         sums = {}
-        for b in eval_batches:
-            m = eval_step(params, b)
+        per_batch = dp.map(lambda b: {k: float(v) for k, v in eval_step(params, b).items()}, eval_batches)
+        for b, m in zip(eval_batches, per_batch):
             n_tok = float((b["labels"] != -100).sum())
             sums["masked_tokens"] = sums.get("masked_tokens", 0.0) + n_tok
             for k in ("mlm_loss", "mlm_accuracy"):
-                sums[k] = sums.get(k, 0.0) + float(m[k]) * n_tok
+                sums[k] = sums.get(k, 0.0) + m[k] * n_tok
             if cfg.nsp:
                 n_pairs = float((b["next_sentence_label"] != -100).sum())
                 sums["pairs"] = sums.get("pairs", 0.0) + n_pairs
                 for k in ("nsp_loss", "nsp_accuracy"):
-                    sums[k] = sums.get(k, 0.0) + float(m[k]) * n_pairs
+                    sums[k] = sums.get(k, 0.0) + m[k] * n_pairs
         entry = {
             "step": step,
             "mlm_loss": sums["mlm_loss"] / max(sums["masked_tokens"], 1.0),
@@ -430,7 +454,7 @@ def train(run: Run, cfg: MlmConfig) -> int:
                 bar.compiling(f"{tuple(batch['input_ids'].shape)}")
             shapes.add(batch["input_ids"].shape)
             t = time.time()
-            params, opt_state, m = train_step(params, opt_state, batch, random.fold_in(k_drop, step))
+            params, opt_state, m = train_step(params, opt_state, shard(batch), random.fold_in(k_drop, step))
             loss = float(m["loss"])
             step, log["batch"], log["train_s"] = step + 1, log["batch"] + 1, log["train_s"] + time.time() - t
             log["losses"].append(loss)
@@ -447,13 +471,16 @@ def train(run: Run, cfg: MlmConfig) -> int:
             bar.update(loss=f"{sum(log['losses'][-20:]) / len(log['losses'][-20:]):.3f}", lr=f"{float(m['lr']):.1e}")
             if eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
                 evaluate()
-            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+            why = dp.agree(stop.requested)  # N workers: all stop at the same step
+            if step % cfg.save_every == 0 or step == cfg.steps or why:
                 ckpts.save(params, opt_state, step, k_drop, log)
-            if stop.requested and step < cfg.steps:
-                return run.stopped(step, cfg.steps, stop.requested)
+            if why and step < cfg.steps:
+                return run.stopped(step, cfg.steps, why)
 
     # 5. The outputs: a BertForMaskedLM checkpoint (with the source's pooler) or, with --nsp, a
-    #    BertForPreTraining one; metrics, model card.
+    #    BertForPreTraining one; metrics, model card (written by rank 0).
+    if not dp.is_main:
+        return 0
     history = log["history"]
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in PER_SESSION}
     metrics = {

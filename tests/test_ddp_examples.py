@@ -1,6 +1,6 @@
 """The main job on N workers: ``torchrun --nproc_per_node=2 examples/finetune_imdb.py`` (and
-``pretrain_gpt.py``) on two gloo CPU processes, run as a user runs them, against the single-process run
-with the same global batch.
+``pretrain_gpt.py``, ``pretrain_mlm.py``) on two gloo CPU processes, run as a user runs them, against the
+single-process run with the same global batch.
 
 What "the same" means here: the two runs compute the same global-batch loss and gradient in exact
 arithmetic; in float32 the workers' partial sums and the all-reduce add in another order, so the final
@@ -351,3 +351,97 @@ def test_compiled_two_workers_equal_one(archive, bert, gpt_archive, tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         runs[name] = out
     assert_same_gpt(runs["one"], runs["two"], atol=1e-5)
+
+
+MLM = EXAMPLES / "pretrain_mlm.py"
+# 40 training reviews, 8 held out (2 evaluation batches, one per worker), 8 batches of 4 per epoch
+MLM_TINY = [
+    "--steps",
+    "12",
+    "--batch-size",
+    "4",
+    "--max-len",
+    "32",
+    "--eval-every",
+    "4",
+    "--eval-size",
+    "8",
+    "--save-every",
+    "2",
+    "--whole-word",
+    "--lr",
+    "1e-3",
+    "--no-compile",
+]
+
+
+@pytest.fixture(scope="module")
+def mlm_archive(tmp_path_factory) -> Path:
+    return write_imdb_archive(tmp_path_factory.mktemp("mlm_imdb") / "aclImdb_v1.tar.gz", n_per_class=20)
+
+
+def assert_same_mlm(a: Path, b: Path) -> None:
+    """The same model (within rounding), per-step losses and held-out evaluations (MLM, and NSP if any)."""
+    assert_same_model(a, b)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    torch.testing.assert_close(
+        torch.tensor(ma["train_loss_per_step"]), torch.tensor(mb["train_loss_per_step"]), atol=1e-5, rtol=0
+    )
+    assert len(ma["history"]) == len(mb["history"]) == 4
+    for ea, eb in zip(ma["history"], mb["history"]):
+        assert ea.keys() == eb.keys()
+        for k in ea:
+            if k.endswith("_loss"):
+                assert ea[k] == pytest.approx(eb[k], abs=1e-5), k
+            else:  # step, masked tokens, pairs, accuracies (the argmax of the same batches)
+                assert ea[k] == eb[k], k
+    lines = [json.loads(ln) for ln in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 13))  # one log, rank 0's
+
+
+def mlm_run(archive: Path, bert: Path, out: Path, *extra, n: int) -> Path:
+    """A pretrain_mlm.py run on ``n`` workers (``n = 1``: torchrun starts the plain script, no group, one
+    thread: the loaded 2-core machine runs it faster than with the default threads)."""
+    p = torchrun(MLM, "--data", archive, "--weights", bert, "--out", out, *MLM_TINY, *extra, n=n)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlm_one(mlm_archive, bert, tmp_path_factory) -> Path:
+    return mlm_run(mlm_archive, bert, tmp_path_factory.mktemp("mlm_one") / "mlm", n=1)
+
+
+def test_pretrain_mlm_two_workers_equal_one(mlm_archive, bert, mlm_one, tmp_path):
+    """Each worker's MLM loss is a mean over its own masked tokens, weighted by its share of the batch's."""
+    mlm_run(mlm_archive, bert, tmp_path / "mlm", n=2)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["mlm"]
+    assert_same_mlm(mlm_one, tmp_path / "mlm")
+
+
+def test_pretrain_mlm_nsp_two_workers_equal_one(mlm_archive, bert, tmp_path):
+    """--nsp: the MLM term weighted by masked tokens, the NSP term by sentence pairs (rows that pad a batch
+    have none), each separately."""
+    one = mlm_run(mlm_archive, bert, tmp_path / "one", "--nsp", n=1)
+    two = mlm_run(mlm_archive, bert, tmp_path / "two", "--nsp", n=2)
+    assert json.loads((two / "metrics.json").read_text())["history"][-1]["pairs"] > 0
+    assert_same_mlm(one, two)
+
+
+def test_pretrain_mlm_stopped_on_two_resumed_on_one(mlm_archive, bert, mlm_one, tmp_path):
+    """SIGINT to torchrun: both workers stop at the same step, rank 0 writes one checkpoint and the resume
+    command; one process then finishes the run as the uninterrupted one."""
+    out, ck = tmp_path / "mlm", tmp_path / ".mlm.partial" / "checkpoints"
+    proc = popen_torchrun(MLM, "--data", mlm_archive, "--weights", bert, "--out", out, *MLM_TINY)
+    wait_for(ck / "step-00000002", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-2000:]
+    steps = sorted(ck.glob("step-*"))
+    assert steps and 2 <= int(steps[-1].name[5:]) < 12, err[-2000:]
+    assert f"resume with: torchrun --nproc_per_node=2 {MLM} --resume {out}" in err, err[-2000:]
+    assert err.count("resume with:") == 1 and "Error waiting" not in err
+    res = torchrun(MLM, "--resume", out, "--no-compile", n=1)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    assert not ck.parent.exists()
+    assert_same_mlm(mlm_one, out)

@@ -19,6 +19,9 @@ that a script changes in a few lines::
   the global batch's, and :meth:`loss` multiplies the worker's loss and aux metrics by it, so that
   ``(1/N) sum_r dp_scale_r L_r = sum_n w_n l_n / W``: the single process's loss, gradient and
   (weighted-mean) metrics, whatever the padding. Without weights every worker's mean counts equally.
+  A loss that is a sum of means over different things (BERT's ``L_MLM + L_NSP``: masked tokens, pairs)
+  names a weight per term (``shard(batch, weight={"mlm": "mlm_weight", "nsp": "nsp_weight"})``) and
+  gets one ``dp_scale`` per term: the worker's loss is ``sum_t dp_scale_t L_t``.
 * **Dropout**: worker ``r`` gets ``fold_in(key, r)`` (with ``N > 1``), so the workers drop different
   units; the masks are not the single process's, so ``N`` workers equal one only without dropout.
 * **Evaluation** (:meth:`map`, :meth:`predict_in_order`): batch ``i`` is computed by worker ``i mod N``
@@ -39,7 +42,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -139,10 +142,12 @@ class DataParallel:
         """``all_reduce_mean`` with ``N > 1`` workers (for ``make_train_step(grad_sync=)``), else None."""
         return all_reduce_mean if self.world > 1 else None
 
-    def shard(self, batch: PyTree, *, axis: int = 0, weight: str = "weight") -> PyTree:
+    def shard(self, batch: PyTree, *, axis: int = 0, weight: str | Mapping[str, str] = "weight") -> PyTree:
         """This worker's rows ``[r b/N, (r+1) b/N)`` along ``axis`` (1 for ``[k, b, ...]`` micro-batches)
         of every leaf; with a ``weight`` leaf, also ``dp_scale = N W_r / W`` per micro-batch (0 where the
-        whole batch weighs 0). The batch itself with one worker."""
+        whole batch weighs 0). ``weight`` a mapping ``{term: leaf}`` (a loss that sums means over
+        different things): ``dp_scale`` a dict ``{term: N W_r / W}``, one per term whose leaf the batch
+        has (see :meth:`loss`). The batch itself with one worker."""
         if self.world == 1:
             return batch
 
@@ -155,21 +160,27 @@ class DataParallel:
             b = x.shape[axis] // self.world
             return x.narrow(axis, self.rank * b, b)
 
-        out = tree_map(part, batch)
-        if isinstance(batch, dict) and weight in batch:
-            w = batch[weight].to(torch.float32)
+        def scale(leaf: str) -> Tensor:
+            w = batch[leaf].to(torch.float32)
             total = w.sum(dim=axis)
-            mine = out[weight].to(torch.float32).sum(dim=axis)
-            out = {
-                **out,
-                SCALE: torch.where(total > 0, self.world * mine / total.clamp(min=1e-12), torch.zeros_like(total)),
-            }
-        return out
+            mine = out[leaf].to(torch.float32).sum(dim=axis)
+            return torch.where(total > 0, self.world * mine / total.clamp(min=1e-12), torch.zeros_like(total))
+
+        out = tree_map(part, batch)
+        if not isinstance(batch, dict):
+            return out
+        if isinstance(weight, str):
+            return {**out, SCALE: scale(weight)} if weight in batch else out
+        scales = {term: scale(leaf) for term, leaf in weight.items() if leaf in batch}
+        return {**out, SCALE: scales} if scales else out
 
     def loss(self, loss_fn: Callable) -> Callable:
         """``loss_fn`` for one worker's rows: the dropout key folded with the rank, the loss and the aux
-        metrics multiplied by the batch's ``dp_scale`` (see the module docstring). ``loss_fn`` itself
-        with one worker."""
+        metrics multiplied by the batch's ``dp_scale`` (see the module docstring). With one scale per
+        term (:meth:`shard` with a ``weight`` mapping), ``loss_fn``'s loss must be the sum of its aux
+        ``<term>_loss`` values (as :func:`fnlm.models.pretraining_loss`'s): the worker's loss is
+        ``sum_t dp_scale_t aux[<term>_loss]`` and each aux metric ``<term>_*`` is multiplied by its
+        term's scale (a ValueError for aux outside every term). ``loss_fn`` itself with one worker."""
         if self.world == 1:
             return loss_fn
         rank = self.rank
@@ -182,7 +193,24 @@ class DataParallel:
             loss, aux = loss_fn(params, batch, random.fold_in(key, rank))
             if scale is None:
                 return loss, aux
-            return loss * scale, {k: v * scale for k, v in (aux or {}).items()}
+            if not isinstance(scale, dict):
+                return loss * scale, {k: v * scale for k, v in (aux or {}).items()}
+            aux = dict(aux or {})
+            missing = [f"{t}_loss" for t in scale if f"{t}_loss" not in aux]
+            if missing:
+                raise ValueError(f"DataParallel.loss: loss_fn's aux needs {missing} (one loss per weighted term)")
+
+            def term(name: str) -> str:
+                for t in scale:
+                    if name.startswith(f"{t}_"):
+                        return t
+                raise ValueError(
+                    f"DataParallel.loss: aux metric {name!r} belongs to none of the terms {sorted(scale)} "
+                    "(name it <term>_...)"
+                )
+
+            total = sum(scale[t] * aux[f"{t}_loss"] for t in scale)
+            return total, {k: v * scale[term(k)] for k, v in aux.items()}
 
         return worker_loss
 
