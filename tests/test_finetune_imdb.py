@@ -124,6 +124,84 @@ def test_finetune_small_archive_end_to_end(small_archive, minilm_dir, tmp_path):
     assert metrics["steps"] == 6 and [e["step"] for e in metrics["evals"]] == [2, 3, 4, 6]  # every 2 steps + epoch ends
 
 
+def test_finetune_a_roberta_directory_end_to_end(small_archive, tmp_path):
+    """--weights a RoBERTa directory (random weights, a byte-level BPE tokenizer trained here): the main
+    job fine-tunes it and saves a directory that transformers' RobertaForSequenceClassification loads,
+    with the label names, giving fnlm's logits on the same ids."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+
+    from fnlm.data import load_imdb
+
+    texts = load_imdb(small_archive, "train").texts
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
+    (tmp_path / "bpe").mkdir()
+    bpe.save_model(str(tmp_path / "bpe"))
+    weights = tmp_path / "roberta"
+    hf_tok = transformers.RobertaTokenizerFast(
+        vocab=str(tmp_path / "bpe" / "vocab.json"), merges=str(tmp_path / "bpe" / "merges.txt")
+    )
+    hf_tok.save_pretrained(str(weights))
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=hf_tok.pad_token_id,
+        bos_token_id=hf_tok.cls_token_id,
+        eos_token_id=hf_tok.sep_token_id,
+    )
+    transformers.RobertaModel(cfg, add_pooling_layer=False).save_pretrained(str(weights))
+
+    out = tmp_path / "run"
+    flags = ("--train-size", 0, "--test-size", 0, "--max-len", 64, "--batch-size", 8, "--no-compile")
+    proc = run_script("--data", small_archive, "--weights", weights, *flags, "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (
+        metrics["train_size"] == 22
+        and metrics["test_size"] == 24
+        and metrics["model_config"]["model_type"] == "roberta"
+    )
+
+    from fnlm.models import classifier_logits, load_classifier
+
+    hf = transformers.RobertaForSequenceClassification.from_pretrained(str(out)).eval()
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    test = load_imdb(small_archive, "test").texts[:6]
+    enc = transformers.AutoTokenizer.from_pretrained(str(out))(
+        test, padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
+    params, cfg = load_classifier(out)
+    with torch.no_grad():
+        ours = classifier_logits(params, enc["input_ids"], cfg, attention_mask=enc["attention_mask"])
+        torch.testing.assert_close(ours, hf(**enc).logits, atol=1e-4, rtol=0)
+        hf_probs = torch.softmax(hf(**enc).logits, -1)
+
+    # classify.py --predict on the RoBERTa run prints transformers' label and probability
+    proc = run_script("--model", out, "--predict", test[0], timeout=120, script=CLASSIFY)
+    assert proc.returncode == 0, proc.stderr
+    label, p, _ = proc.stdout.strip().split("\t")
+    assert label == ("neg", "pos")[int(hf_probs[0].argmax())] and float(p) == pytest.approx(
+        float(hf_probs[0].max()), abs=1e-4
+    )
+
+    # LoRA is BERT's only here: one line, before any training
+    proc = run_script(
+        "--data", small_archive, "--weights", weights, *flags, "--lora-rank", 4, "--out", tmp_path / "lora", timeout=120
+    )
+    assert (
+        proc.returncode == 2 and "--lora-rank and --remat need a BERT" in proc.stderr and "Traceback" not in proc.stderr
+    )
+
+
 def test_same_seed_same_result(small_archive, minilm_dir, tmp_path):
     """Randomness is key-based: the same --seed gives the same losses and accuracy (CPU)."""
     runs = []

@@ -4,7 +4,14 @@ checkpoint I/O (``_bert_hf.py``); every public name is re-exported here."""
 
 from fnlm._memory import CONFIG_BOUNDS, ConfigMemoryError
 from fnlm.models._attention_maps import attention_maps, cls_summary
-from fnlm.models._auto import any_classifier_loss, classifier_logits, load_classifier, read_model_type, save_classifier
+from fnlm.models._auto import (
+    any_classifier_loss,
+    classifier_config_to_hf,
+    classifier_logits,
+    load_classifier,
+    read_model_type,
+    save_classifier,
+)
 from fnlm.models._bert import (
     BertConfig,
     bert,
@@ -114,6 +121,7 @@ from fnlm.models._transformer import (
 
 __all__ = [
     "any_classifier_loss",
+    "classifier_config_to_hf",
     "classifier_logits",
     "load_classifier",
     "read_model_type",

@@ -22,8 +22,15 @@ from fnlm.models._bert_family import (
     roberta_classifier,
     sequence_classifier_loss,
 )
-from fnlm.models._bert_family_hf import load_distilbert, load_roberta, save_distilbert, save_roberta
-from fnlm.models._bert_hf import load_bert, save_bert
+from fnlm.models._bert_family_hf import (
+    distilbert_config_to_hf,
+    load_distilbert,
+    load_roberta,
+    roberta_config_to_hf,
+    save_distilbert,
+    save_roberta,
+)
+from fnlm.models._bert_hf import bert_config_to_hf, load_bert, save_bert
 from fnlm.tree import Params
 
 #: ``model_type`` values :func:`load_classifier` understands.
@@ -92,11 +99,24 @@ def any_classifier_loss(
     *,
     key: random.Key | None = None,
     train: bool = False,
+    remat: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """:func:`classifier_loss` for BERT, :func:`sequence_classifier_loss` for RoBERTa/DistilBERT."""
+    """:func:`classifier_loss` for BERT, :func:`sequence_classifier_loss` for RoBERTa/DistilBERT
+    (``remat``: BERT's only; a ValueError for the others)."""
     if isinstance(cfg, (RobertaConfig, DistilBertConfig)):
+        if remat is not None:
+            raise ValueError(f"remat is implemented for BERT only, not {type(cfg).__name__}")
         return sequence_classifier_loss(params, batch, cfg, key=key, train=train)
-    return classifier_loss(params, batch, cfg, key=key, train=train)
+    return classifier_loss(params, batch, cfg, key=key, train=train, remat=remat)
+
+
+def classifier_config_to_hf(cfg: BertConfig | RobertaConfig | DistilBertConfig) -> dict:
+    """The ``config.json`` dict of the sequence classifier ``cfg`` describes, as ``transformers`` reads it."""
+    if isinstance(cfg, RobertaConfig):
+        return roberta_config_to_hf(cfg, "classifier")
+    if isinstance(cfg, DistilBertConfig):
+        return distilbert_config_to_hf(cfg, "classifier")
+    return bert_config_to_hf(cfg, "classifier")
 
 
 def save_classifier(

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fnlm import random
-from fnlm.io._safetensors import CheckpointError, torch_dtype
+from fnlm.io._safetensors import CheckpointError, MissingHeadError, torch_dtype
 from fnlm.models._bert import BertConfig
 from fnlm.models._bert_family import (
     DistilBertConfig,
@@ -306,7 +306,10 @@ def _load(fam: _Family, path, *, config, head, num_labels, strict, head_key, dty
         if unexpected and strict:
             lines.append(f"  unexpected keys ({len(unexpected)}): {short(unexpected)}")
         lines += [f"  {p}" for p in problems[:20]]
-        raise CheckpointError("\n".join(lines))
+        only_head = (
+            all_head_missing and not problems and not (unexpected and strict) and all(not e.body for e in missing)
+        )
+        raise (MissingHeadError if only_head else CheckpointError)("\n".join(lines))
     if unexpected:
         warnings.warn(f"{where}: ignoring unexpected keys {short(unexpected)}", stacklevel=3)
     params = unflatten_names(flat)

@@ -1,6 +1,6 @@
 """A fine-tuned BERT classifier as a self-contained inference package.
 
-``logits = bert_classifier(params, input_ids, cfg, attention_mask=m)`` with the parameters
+``logits = classifier_logits(params, input_ids, cfg, attention_mask=m)`` (BERT, RoBERTa, DistilBERT) with the parameters
 *bound*: :func:`export_classifier_program` traces that pure forward with ``torch.export``
 (dynamic batch and sequence length, the parameters as named buffers of the graph; optionally
 weight-only int8, see :func:`fnlm.nn.quantize_int8`, or bfloat16), and :func:`export_classifier`
@@ -45,7 +45,9 @@ from torch import Tensor
 
 from fnlm.data._ordered import predict_in_order
 from fnlm.io._safetensors import atomic_dir
-from fnlm.models._bert import BertConfig, _check_config, bert_classifier
+from fnlm.models._auto import classifier_logits
+from fnlm.models._bert import BertConfig
+from fnlm.models._bert_family import DistilBertConfig, RobertaConfig
 from fnlm.nn._quantize import quantize_int8, with_int8_weights
 from fnlm.tree import Params, cast, flatten_names, unflatten_names
 
@@ -103,6 +105,13 @@ def _int8_mode(int8: bool | str) -> str | None:
     return int8
 
 
+def _check_config(cfg: Any) -> BertConfig | DistilBertConfig:
+    """``cfg`` if it is a BERT-family classifier's config (BERT, RoBERTa, DistilBERT)."""
+    if not isinstance(cfg, (BertConfig, DistilBertConfig)):
+        raise TypeError(f"cfg must be a BertConfig, RobertaConfig or DistilBertConfig, got {type(cfg).__name__}")
+    return cfg
+
+
 def _classifier_forward(
     cfg: BertConfig, *, int8: bool | str = False, dtype: torch.dtype = torch.float32
 ) -> Callable[[Params, Tensor, Tensor], Tensor]:
@@ -115,7 +124,7 @@ def _classifier_forward(
     mode = _int8_mode(int8)
 
     def forward(params: Params, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return bert_classifier(params, input_ids, cfg, attention_mask=attention_mask).float()
+        return classifier_logits(params, input_ids, cfg, attention_mask=attention_mask).float()
 
     return with_int8_weights(forward, dtype) if mode == "weight" else forward
 
@@ -142,9 +151,10 @@ def export_classifier_program(
     _check_config(cfg)
     if "classifier" not in params:
         raise ValueError("export needs a classifier: params has no 'classifier' (load with head='classifier')")
-    max_len = cfg.max_position_embeddings if max_len is None else max_len
-    if not 2 <= max_len <= cfg.max_position_embeddings:
-        raise ValueError(f"max_len must be in [2, {cfg.max_position_embeddings}] (the position table), got {max_len}")
+    longest = cfg.max_len if isinstance(cfg, RobertaConfig) else cfg.max_position_embeddings
+    max_len = longest if max_len is None else max_len
+    if not 2 <= max_len <= longest:
+        raise ValueError(f"max_len must be in [2, {longest}] (the position table), got {max_len}")
     module = _Bound(_classifier_forward(cfg, int8=int8, dtype=dtype), _prepare_params(params, int8=int8, dtype=dtype))
     n = min(8, max_len)
     example = (torch.full((2, n), 1, dtype=torch.long), torch.ones(2, n, dtype=torch.long))
@@ -265,7 +275,7 @@ def text_classifier(
     head_tokens: int | None = None,
     compile: bool = False,
 ) -> TextClassifier:
-    """A :class:`TextClassifier` over ``bert_classifier(params, ...)`` itself (no export):
+    """A :class:`TextClassifier` over ``classifier_logits(params, ...)`` itself (no export):
     eager, or with ``compile=True`` under ``torch.compile(dynamic=True)`` (one graph for all
     lengths; the first two batches pay the compilation)."""
     _check_config(cfg)

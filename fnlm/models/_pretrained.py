@@ -1,5 +1,6 @@
-"""Load a checkpoint for a given head and sequence length: a Hugging Face BERT directory or a peft
-LoRA adapter directory, with the checks every script needs, in one call."""
+"""Load a checkpoint for a given head and sequence length: a Hugging Face BERT-family directory
+(BERT; RoBERTa and DistilBERT for ``head='classifier'``/``'none'``) or a peft LoRA adapter
+directory, with the checks every script needs, in one call."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Any, NamedTuple
 
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError, MissingHeadError, MissingPoolerError
+from fnlm.models._auto import read_model_type
 from fnlm.models._bert import BertConfig
+from fnlm.models._bert_family import DistilBertConfig, RobertaConfig
+from fnlm.models._bert_family_hf import load_distilbert, load_roberta
 from fnlm.models._bert_hf import load_bert
 from fnlm.models._lora_peft import CONFIG_FILE, load_lora
 from fnlm.nn._lora import merge_lora
@@ -23,7 +27,7 @@ class Pretrained(NamedTuple):
     """What :func:`load_pretrained` returns."""
 
     params: Params
-    cfg: BertConfig
+    cfg: BertConfig | RobertaConfig | DistilBertConfig
     tokenizer: Any
     fresh_head: bool  # the head was missing and initialised from ``head_key``
 
@@ -41,7 +45,8 @@ def load_pretrained(
 ) -> Pretrained:
     """``(params, cfg, tokenizer, fresh_head)`` of the checkpoint at ``path`` for ``head`` and sequences of ``max_len``.
 
-    ``path``: a Hugging Face BERT directory, or a peft LoRA adapter directory (``adapter_config.json``):
+    ``path``: a Hugging Face BERT directory (RoBERTa and DistilBERT ones too, for ``head='classifier'``
+    or ``'none'``; ``pooler`` is then the checkpoint's), or a peft LoRA adapter directory (``adapter_config.json``):
     then its base model (``base_model_name_or_path``) is loaded as a classifier and the adapters and
     the saved classifier are merged in. A missing head is initialised from ``head_key`` when given
     (``fresh_head=True``), else :class:`~fnlm.io.MissingHeadError`. ``pooler``: as
@@ -61,14 +66,22 @@ def load_pretrained(
     if pooler not in (None, True, False, "if_present"):
         raise ValueError(f"pooler must be None, True, False or 'if_present', got {pooler!r}")
 
+    family = {"bert": None, "roberta": load_roberta, "distilbert": load_distilbert}[read_model_type(path)]
+    if family is not None and head not in ("classifier", "none"):
+        raise CheckpointError(
+            f"{path / 'config.json'}: a {read_model_type(path)} checkpoint loads with head='classifier' or "
+            f"'none'; the {head!r} head is BERT's"
+        )
+
     def attempt(with_pooler):
-        kw = dict(head=head, num_labels=num_labels, pooler=with_pooler, dtype=dtype, device=device)
+        load, kw = (load_bert, {"pooler": with_pooler}) if family is None else (family, {})
+        kw |= dict(head=head, num_labels=num_labels, dtype=dtype, device=device)
         try:
-            return load_bert(path, **kw), False
+            return load(path, **kw), False
         except MissingHeadError:
             if head_key is None:
                 raise
-        return load_bert(path, head_key=head_key, **kw), True
+        return load(path, head_key=head_key, **kw), True
 
     if pooler == "if_present":
         try:
@@ -82,11 +95,13 @@ def load_pretrained(
     return Pretrained(params, cfg, tokenizer, fresh)
 
 
-def _check(path: Path, cfg: BertConfig, tokenizer, max_len: int | None) -> None:
-    if max_len is not None and max_len > cfg.max_position_embeddings:
+def _check(path: Path, cfg: BertConfig | DistilBertConfig, tokenizer, max_len: int | None) -> None:
+    longest = cfg.max_len if isinstance(cfg, RobertaConfig) else cfg.max_position_embeddings
+    if max_len is not None and max_len > longest:
+        offset = f", less RoBERTa's pad_token_id + 1 = {cfg.pad_token_id + 1}" if isinstance(cfg, RobertaConfig) else ""
         raise ValueError(
             f"--max-len {max_len} (max_len) is longer than the model's position table "
-            f"(max_position_embeddings={cfg.max_position_embeddings} in {path / 'config.json'})"
+            f"(max_position_embeddings={cfg.max_position_embeddings} in {path / 'config.json'}{offset})"
         )
     if tokenizer.vocab_size != cfg.vocab_size:
         raise CheckpointError(
