@@ -16,9 +16,7 @@ SHARED_IMDB = ROOT.parent / "shared" / "data" / "aclImdb_v1_labelled.tar.gz"
 # trio releases and would crash pytest after the tests. No test here uses hypothesis' plugins.
 os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
-# pytest-xdist (-n auto) runs one test process per core: each takes its share of the cores
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min((os.cpu_count() or 1) // _WORKERS, 4)))
+torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
 
 
 def pytest_addoption(parser):
@@ -54,22 +52,16 @@ def minilm_imdb_run(imdb_archive, minilm_dir, tmp_path_factory) -> Path:
     """The slow tests' trained model: the main job's run directory after fine-tuning MiniLM on 400 real
     training reviews (128 tokens, 2 epochs, eager) and testing it on 400 test reviews. One run serves the
     learning test and the int8 accuracy test."""
-    from filelock import FileLock  # torch's dependency
     from helpers import run_script
 
-    # under pytest-xdist the workers share one run: the first to take the lock trains, the others wait
-    shared = tmp_path_factory.getbasetemp()
-    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
-    out = shared / "minilm_imdb_run"
-    with FileLock(str(out) + ".lock"):
-        if not (out / "metrics.json").is_file():
-            proc = run_script(
-                *("--data", imdb_archive, "--weights", minilm_dir, "--train-size", 400, "--test-size", 400),
-                *("--max-len", 128, "--epochs", 2, "--lr", "1e-4", "--out", out, "--overwrite"),
-                "--no-compile",  # learning only: the compiled step is proven by the other slow tests
-                timeout=1500,
-            )
-            assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    out = tmp_path_factory.mktemp("minilm_imdb") / "run"
+    proc = run_script(
+        *("--data", imdb_archive, "--weights", minilm_dir, "--train-size", 400, "--test-size", 400),
+        *("--max-len", 128, "--epochs", 2, "--lr", "1e-4", "--out", out),
+        "--no-compile",  # learning only: the compiled step is proven by the other slow tests
+        timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     return out
 
 
