@@ -157,3 +157,14 @@ def fnlm_logits(model_dir: Path, texts: list[str], max_len: int) -> torch.Tensor
             attention_mask=batch["attention_mask"],
             token_type_ids=batch["token_type_ids"],
         )
+
+
+def byte_level_bpe(out: Path, texts, specials, vocab_size: int = 400) -> Path:
+    """``vocab.json`` + ``merges.txt`` of a byte-level BPE (GPT-2's, RoBERTa's kind) trained on ``texts``."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=specials)
+    out.mkdir(parents=True)
+    bpe.save_model(str(out))
+    return out

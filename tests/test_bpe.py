@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import byte_level_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,14 +23,7 @@ PROMPTS = ["The movie was", "Hello world, the fox", "café naïve — 12 dogs!"]
 
 
 def _byte_level_files(tmp_path, specials):
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=specials)
-    d = tmp_path / "bpe"
-    d.mkdir()
-    bpe.save_model(str(d))  # vocab.json + merges.txt
-    return d
+    return byte_level_bpe(tmp_path / "bpe", CORPUS, specials)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLASSIFY, fnlm_logits, run_script
+from helpers import CLASSIFY, byte_level_bpe, fnlm_logits, run_script
 
 from fnlm.data import load_tokenizer
 from fnlm.models import bert_classifier, load_bert
@@ -129,21 +129,12 @@ def test_finetune_a_roberta_directory_end_to_end(small_archive, tmp_path):
     job fine-tunes it and saves a directory that transformers' RobertaForSequenceClassification loads,
     with the label names, giving fnlm's logits on the same ids."""
     transformers = pytest.importorskip("transformers")
-    from tokenizers import ByteLevelBPETokenizer
-
     from fnlm.data import load_imdb
 
     texts = load_imdb(small_archive, "train").texts
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        texts, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    )
-    (tmp_path / "bpe").mkdir()
-    bpe.save_model(str(tmp_path / "bpe"))
+    bpe = byte_level_bpe(tmp_path / "bpe", texts, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], vocab_size=300)
     weights = tmp_path / "roberta"
-    hf_tok = transformers.RobertaTokenizerFast(
-        vocab=str(tmp_path / "bpe" / "vocab.json"), merges=str(tmp_path / "bpe" / "merges.txt")
-    )
+    hf_tok = transformers.RobertaTokenizerFast(vocab=str(bpe / "vocab.json"), merges=str(bpe / "merges.txt"))
     hf_tok.save_pretrained(str(weights))
     torch.manual_seed(0)
     cfg = transformers.RobertaConfig(

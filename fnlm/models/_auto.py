@@ -35,6 +35,8 @@ from fnlm.tree import Params
 
 #: ``model_type`` values :func:`load_classifier` understands.
 MODEL_TYPES = ("bert", "roberta", "distilbert")
+#: each ``model_type``'s loader (``path, *, head, num_labels, head_key, dtype, device``)
+LOADERS = {"bert": load_bert, "roberta": load_roberta, "distilbert": load_distilbert}
 
 
 def read_model_type(path: str | os.PathLike) -> str:
@@ -66,8 +68,7 @@ def load_classifier(
     (:func:`load_bert` / :func:`load_roberta` / :func:`load_distilbert` with ``head='classifier'``);
     ``head_key`` initialises the head when the checkpoint has none, ``num_labels`` overrides the config's."""
     kw = dict(head="classifier", num_labels=num_labels, strict=strict, head_key=head_key, dtype=dtype, device=device)
-    loader = {"bert": load_bert, "roberta": load_roberta, "distilbert": load_distilbert}[read_model_type(path)]
-    return loader(path, **kw)
+    return LOADERS[read_model_type(path)](path, **kw)
 
 
 def classifier_logits(

@@ -11,11 +11,9 @@ from typing import Any, NamedTuple
 
 from fnlm import random
 from fnlm.io._safetensors import CheckpointError, MissingHeadError, MissingPoolerError
-from fnlm.models._auto import read_model_type
+from fnlm.models._auto import LOADERS, read_model_type
 from fnlm.models._bert import BertConfig
 from fnlm.models._bert_family import DistilBertConfig, RobertaConfig
-from fnlm.models._bert_family_hf import load_distilbert, load_roberta
-from fnlm.models._bert_hf import load_bert
 from fnlm.models._lora_peft import CONFIG_FILE, load_lora
 from fnlm.nn._lora import merge_lora
 from fnlm.tree import Params
@@ -66,16 +64,18 @@ def load_pretrained(
     if pooler not in (None, True, False, "if_present"):
         raise ValueError(f"pooler must be None, True, False or 'if_present', got {pooler!r}")
 
-    family = {"bert": None, "roberta": load_roberta, "distilbert": load_distilbert}[read_model_type(path)]
-    if family is not None and head not in ("classifier", "none"):
+    model_type = read_model_type(path)
+    if model_type != "bert" and head not in ("classifier", "none"):
         raise CheckpointError(
-            f"{path / 'config.json'}: a {read_model_type(path)} checkpoint loads with head='classifier' or "
+            f"{path / 'config.json'}: a {model_type} checkpoint loads with head='classifier' or "
             f"'none'; the {head!r} head is BERT's"
         )
 
     def attempt(with_pooler):
-        load, kw = (load_bert, {"pooler": with_pooler}) if family is None else (family, {})
-        kw |= dict(head=head, num_labels=num_labels, dtype=dtype, device=device)
+        kw = dict(head=head, num_labels=num_labels, dtype=dtype, device=device)
+        if model_type == "bert":  # RoBERTa and DistilBERT load the checkpoint's pooler, if any
+            kw["pooler"] = with_pooler
+        load = LOADERS[model_type]
         try:
             return load(path, **kw), False
         except MissingHeadError:
