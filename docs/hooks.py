@@ -98,7 +98,7 @@ def link_names(markdown: str) -> str:
     return _outside_code(markdown, lambda t: re.sub(r"(?<!\[)`(fnlm(?:\.\w+)+)`(?!\]|\()", repl, t))
 
 
-TEST = re.compile(r"`(tests/(test_\w+)\.py::(test_\w+))`")
+TEST = re.compile(r"`(tests/(?:\w+/)*(test_\w+)\.py::(test_\w+))`")  # tests/examples/ too; anchors by basename
 
 
 def test_anchor(module: str, test: str) -> str:
@@ -110,7 +110,7 @@ def cited_tests() -> list[tuple[str, str, str]]:
     seen: dict[str, tuple[str, str, str]] = {}
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for m in TEST.finditer(path.read_text(encoding="utf-8")):
-            seen.setdefault(m.group(1), (f"tests/{m.group(2)}.py", m.group(2), m.group(3)))
+            seen.setdefault(m.group(1), (m.group(1).partition("::")[0], m.group(2), m.group(3)))
     return list(seen.values())
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import _shard_worker as W
 import pytest
 import torch
 
@@ -21,9 +22,6 @@ from fnlm.io import CheckpointError, read_safetensors
 from fnlm.models import init_gpt2, save_gpt2
 from fnlm.train import Sharding, load_sharded, make_train_step, save_sharded
 from fnlm.tree import flatten_names, num_params
-
-sys.path.insert(0, str(Path(__file__).parent))
-import _shard_worker as W  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

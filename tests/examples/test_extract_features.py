@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from fnlm.data import load_tokenizer
 from fnlm.models import load_bert, sentence_embedding
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*argv, capsys):
