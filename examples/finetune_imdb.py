@@ -67,16 +67,20 @@ from fnlm.models import (
 )
 from fnlm.nn import LoraConfig, init_lora, merge_lora
 from fnlm.train import (
+    CompileCache,
     DataParallel,
     Progress,
     Run,
     autocast_dtype,
+    default_cache_dir,
     digest,
     freeze,
     make_eval_step,
     make_train_step,
     model_card,
+    pick_background,
     plot_training,
+    source_digest,
     write_errors,
 )
 from fnlm.tree import cast, combine, num_params, partition
@@ -153,6 +157,17 @@ class FinetuneConfig:
     # how this process runs (a resumed run keeps the run's unless given)
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     compile: bool = option(True, "compile the steps with torch.compile (--no-compile: eager)")
+    compile_mode: str = option(
+        "auto",
+        "ahead: compile each shape before its first step; background: train eagerly while a thread compiles; "
+        "auto: background on a GPU or 8+ CPU cores, else ahead",
+        choices=("auto", "ahead", "background"),
+    )
+    compile_cache: str = option(
+        "auto",
+        "keep compiled steps between runs in this private directory (auto: $FNLM_CACHE_DIR or "
+        "~/.cache/fnlm/compiled); none: compile in every run",
+    )
     deterministic: bool = option(False, "bitwise-reproducible steps (torch's deterministic algorithms)")
     # validation, checkpoints and output
     eval_every: int | None = option(
@@ -209,8 +224,14 @@ MAY_CHANGE = (
     "report_to",
     "device",
     "compile",
+    "compile_mode",
+    "compile_cache",
     "deterministic",
 )
+# Settings that do not enter the compiled steps (the rest, with the script's source, keys their cache).
+NOT_IN_GRAPH = MAY_CHANGE + ("data", "train_file", "validation_file", "test_file", "text_column", "label_column")
+NOT_IN_GRAPH += ("weights", "train_size", "val_size", "test_size", "truncation", "buckets", "seed", "merge")
+NOT_IN_GRAPH += ("early_stopping_patience", "out", "resume", "overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             name="imdb-%Y%m%d-%H%M%S",
             may_change=MAY_CHANGE,
             per_session=("out", "resume", "overwrite"),
-            repeat=("device", "compile", "deterministic"),
+            repeat=("device", "compile", "compile_mode", "compile_cache", "deterministic"),
             report_to=cfg.report_to,
             divisible=("batch_size",),
         ) as run,
@@ -345,6 +366,14 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             return classifier_logits(classifier(p), input_ids, bert_cfg, attention_mask=attention_mask).float()
 
+    cache = None  # compiled steps kept between runs: not with frozen weights in the step (they'd be saved in it)
+    if cfg.compile and cfg.compile_cache != "none" and dp.world == 1 and frozen is None:
+        background, why = pick_background(cfg.compile_mode, device)
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_GRAPH}
+        key = repr((source_digest(__file__), bert_cfg, str(device), total_steps, settings))
+        where = default_cache_dir() if cfg.compile_cache == "auto" else Path(cfg.compile_cache).expanduser()
+        cache = CompileCache(where, key, background=background)
+        print(f"compiled steps: {'in the background' if background else 'ahead'} ({why}), kept in {where}", flush=True)
     train_step = make_train_step(
         dp.loss(loss_fn),
         optimizer,
@@ -353,8 +382,16 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
         deterministic=cfg.deterministic,
         accum_steps=cfg.grad_accum,
         grad_sync=dp.grad_sync,
+        cache=cache,
     )
-    eval_step = make_eval_step(logits_fn, compile=cfg.compile)
+    eval_step = make_eval_step(logits_fn, compile=cfg.compile, cache=cache)
+
+    def step_input(b: dict) -> dict:
+        """A batch from make_batches as the step takes it: on the device, this worker's rows, micro-batches."""
+        batch = {k: v for k, v in b.items() if k != "index"}
+        if cfg.grad_accum > 1:  # [N, batch_size, ...]: N micro-batches per update
+            batch = {k: v.view(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in dp.shard(batch, axis=int(cfg.grad_accum > 1)).items()}
 
     def probabilities(p, split: str) -> torch.Tensor:
         """``[n, 2]`` softmax probabilities of a split's reviews, in order (length-sorted batches)."""
@@ -428,17 +465,19 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
                 pad_id=tokenizer.pad_id,
             )
             shapes, losses, val_s = set(), [], 0.0
+            if cache is not None and cache.background:  # queue every shape now; eager steps until each is ready
+                for b in {b["input_ids"].shape: b for b in batches}.values():
+                    train_step.prepare(params, opt_state, step_input(b), k_train)
+                for length in buckets:
+                    x = torch.zeros(cfg.batch_size, length, dtype=torch.long, device=device)
+                    eval_step.prepare(params, x, x)
             with Progress(len(batches), f"epoch {epoch}/{cfg.epochs}", initial=log["batch"]) as bar:
                 for b in batches[log["batch"] :]:
-                    if b["input_ids"].shape not in shapes and cfg.compile:
+                    if b["input_ids"].shape not in shapes and cfg.compile and not (cache and cache.background):
                         bar.compiling(f"{tuple(b['input_ids'].shape)}")
                     shapes.add(b["input_ids"].shape)
                     t = time.time()
-                    batch = {k: v for k, v in b.items() if k != "index"}
-                    if cfg.grad_accum > 1:  # [N, batch_size, ...]: N micro-batches per update
-                        batch = {k: v.view(cfg.grad_accum, cfg.batch_size, *v.shape[1:]) for k, v in batch.items()}
-                    batch = {k: v.to(device) for k, v in dp.shard(batch, axis=int(cfg.grad_accum > 1)).items()}
-                    params, opt_state, m = train_step(params, opt_state, batch, random.fold_in(k_train, step))
+                    params, opt_state, m = train_step(params, opt_state, step_input(b), random.fold_in(k_train, step))
                     loss, dt = float(m["loss"]), time.time() - t  # float() waits for the step
                     step, log["batch"], log["train_s"] = step + 1, log["batch"] + 1, log["train_s"] + dt
                     losses.append(loss)
@@ -542,6 +581,13 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
         "early_stopped_at": log.get("early_stop"),
         "device": str(device),
         "autocast": str(autocast),
+        "compiled": []
+        if cache is None
+        else [  # per shape: loaded from the cache or compiled, and its seconds
+            {"step": st, "how": how, "seconds": sec}
+            for st in ("train", "eval")
+            for how, sec, _ in (train_step if st == "train" else eval_step).compiled.events
+        ],
         "wall_seconds": time.time() - t_start,
     }
     metrics["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in metrics["args"].items()}

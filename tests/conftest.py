@@ -18,6 +18,13 @@ os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
 torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
 
+# Compiled steps the examples keep between runs (fnlm.train.CompileCache) go to one directory per test
+# session, not the user's ~/.cache; examples run by the tests inherit it.
+if "FNLM_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FNLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="fnlm-compiled-")
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")

@@ -5,6 +5,14 @@ Optimizers live in :mod:`fnlm.optim`."""
 
 from fnlm.train import distributed
 from fnlm.train._checkpoint import load_train_state, save_train_state
+from fnlm.train._compile_cache import (
+    CompileCache,
+    Precompiled,
+    UnsafeCacheError,
+    default_cache_dir,
+    pick_background,
+    source_digest,
+)
 from fnlm.train._data_parallel import DataParallel, WorkerRun
 from fnlm.train._frozen import freeze, with_frozen
 from fnlm.train._guard import worker_guard
@@ -93,4 +101,10 @@ __all__ = [
     "validate_train_state",
     "DataParallel",
     "WorkerRun",
+    "CompileCache",
+    "Precompiled",
+    "UnsafeCacheError",
+    "default_cache_dir",
+    "pick_background",
+    "source_digest",
 ]

@@ -75,6 +75,7 @@ from fnlm import random
 from fnlm.optim._inject import find_hyperparam
 from fnlm.optim._loss_scale import find_loss_scale
 from fnlm.optim._transforms import GradientTransformation, apply_updates
+from fnlm.train._compile_cache import CompileCache, Precompiled
 from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map, tree_unstack
 
 LossFn = Callable[[PyTree, Any, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
@@ -108,12 +109,21 @@ def compile_fn(
     dynamic: bool = False,
     compile_options: Mapping[str, Any] | None = None,
     max_shapes: int = 16,
+    cache: CompileCache | None = None,
+    name: str = "fn",
 ) -> Callable:
     """``torch.compile(fn, fullgraph=True)`` with fnlm's Inductor options. ``compile``: ``True``
     (Inductor), ``False`` (return ``fn``), or another dynamo backend, by name (``'aot_eager'``:
-    trace and check the graph without generating code) or as a callable."""
+    trace and check the graph without generating code) or as a callable. ``cache``: keep one
+    ahead-of-time graph per argument signature in a :class:`~fnlm.train.CompileCache` (Inductor,
+    static shapes), ``name`` telling this function's graphs from others under the same key
+    (:class:`~fnlm.train.Precompiled`)."""
     if compile is False:
         return fn
+    if cache is not None:
+        if compile is not True or dynamic:
+            raise ValueError("a compile cache needs compile=True (Inductor) and dynamic=False")
+        return Precompiled(fresh_function(fn), cache, name=name, options={**COMPILE_OPTIONS, **(compile_options or {})})
     backend = "inductor" if compile is True else compile
     limit = getattr(torch._dynamo.config, "recompile_limit", None)
     if limit is not None and limit < max_shapes:
@@ -292,6 +302,17 @@ class Step:
             self._check_finite(calls, args[0], args[1], out[2])
         return out
 
+    def prepare(self, *args) -> None:
+        """Compile (or load, or queue for the background) the graph for these arguments' shapes
+        before their first call; nothing to do without a compile cache."""
+        if isinstance(self.compiled, Precompiled):
+            with torch.no_grad() if self.no_grad else contextlib.nullcontext():
+                self.compiled.prepare(*args)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until graphs compiling in the background are ready (``True``; ``False`` on timeout)."""
+        return self.compiled.wait(timeout) if isinstance(self.compiled, Precompiled) else True
+
     def _check_finite(self, calls: int, params: PyTree, opt_state: PyTree, metrics: Mapping[str, Tensor]) -> None:
         finite = metrics["finite"]
         if bool(finite.all()):
@@ -362,6 +383,7 @@ def make_train_step(
     max_shapes: int = 16,
     deterministic: bool = False,
     seed_global_rng: bool = False,
+    cache: CompileCache | None = None,
 ) -> Step:
     """A training step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
@@ -376,7 +398,10 @@ def make_train_step(
     here (``docs/benchmarks.md``), and it bypasses Inductor's compile cache (every run compiles). ``seed_global_rng=True``:
     every call seeds torch's global generator from the key (:func:`fnlm.random.seed_of`, outside the
     compiled graph) and restores it afterwards, for kernels that draw from it: fused attention
-    dropout (``fused_attention_dropout=True`` in the model's config). See the module docstring.
+    dropout (``fused_attention_dropout=True`` in the model's config). ``cache``: a
+    :class:`~fnlm.train.CompileCache`: each batch shape's graph is saved once per machine and loaded
+    by later processes without tracing (or, with ``background=True``, compiled in a thread while
+    the eager step runs). See the module docstring.
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -392,8 +417,18 @@ def make_train_step(
         nonfinite=nonfinite,
         grad_sync=grad_sync,
     )
+    name = (
+        f"train_step(accum={accum_steps},autocast={autocast_dtype},nonfinite={nonfinite},"
+        f"sync={grad_sync is not None},deterministic={deterministic})"
+    )
     compiled = compile_fn(
-        pure, compile=compile, dynamic=dynamic, compile_options=compile_options, max_shapes=max_shapes
+        pure,
+        compile=compile,
+        dynamic=dynamic,
+        compile_options=compile_options,
+        max_shapes=max_shapes,
+        cache=cache,
+        name=name,
     )
 
     def check_args(params, opt_state, batch, key):
@@ -424,7 +459,17 @@ def make_eval_step(
     dynamic: bool = False,
     compile_options: Mapping[str, Any] | None = None,
     max_shapes: int = 16,
+    cache: CompileCache | None = None,
 ) -> Step:
-    """``fn(params, batch) -> metrics`` compiled (``fullgraph=True``) and run under ``torch.no_grad``."""
-    compiled = compile_fn(fn, compile=compile, dynamic=dynamic, compile_options=compile_options, max_shapes=max_shapes)
+    """``fn(params, batch) -> metrics`` compiled (``fullgraph=True``) and run under ``torch.no_grad``;
+    ``cache``: as :func:`make_train_step`."""
+    compiled = compile_fn(
+        fn,
+        compile=compile,
+        dynamic=dynamic,
+        compile_options=compile_options,
+        max_shapes=max_shapes,
+        cache=cache,
+        name="eval_step",
+    )
     return Step(fn, compiled, no_grad=True)
