@@ -644,6 +644,9 @@ def train(run: Run, cfg: FinetuneConfig, dp: DataParallel) -> int:
         f"{time.time() - t_start:.0f}s",
         flush=True,
     )
+    if cache is not None and (n := train_step.compiled.pending + eval_step.compiled.pending):
+        print(f"waiting for {n} background compile(s) to finish, so that the next run loads them", flush=True)
+        train_step.wait()
     return 0
 
 

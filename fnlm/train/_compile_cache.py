@@ -39,6 +39,7 @@ with dynamo's ahead-of-time API (``torch.compile(fn).aot_compile``), saved as
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import stat
@@ -166,11 +167,6 @@ class Precompiled:
         self.eager_calls = 0  # calls that ran ``fn`` uncompiled while their graph was being built
         self._ready: dict[str, Callable] = {}
         self._pending: set[str] = set()
-        self._lock = threading.Lock()
-        self._queue: list[tuple[str, tuple, bool]] = []
-        self._thread: threading.Thread | None = None
-        self._idle = threading.Event()
-        self._idle.set()
 
     # -- building one signature -------------------------------------------------------------------
     def _compile(self, args: tuple) -> Any:
@@ -244,48 +240,71 @@ class Precompiled:
         """Have the graph for these arguments' signature ready before its first call: a cached file is
         loaded now; otherwise it is compiled now, or queued for the background thread."""
         sig = signature(args)
-        with self._lock:
-            if sig in self._ready or sig in self._pending:
-                return
-            self.cache.ready()
-            if self.cache.path(self.name, sig).exists() or not self.cache.background:
-                pass
-            else:
-                self._pending.add(sig)
-                # the thread compiles against fake tensors of these shapes: keep only metadata-light
-                # references (the tensors themselves; they are not modified)
-                self._queue.append((sig, args, torch.is_grad_enabled()))
-                self._idle.clear()
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._work, name=f"fnlm-compile-{self.name}", daemon=True)
-                    self._thread.start()
-                return
+        if sig in self._ready or sig in self._pending:
+            return
+        self.cache.ready()
+        if self.cache.background and not self.cache.path(self.name, sig).exists():
+            self._pending.add(sig)
+            _WORKER.submit(self, sig, args, torch.is_grad_enabled())
+            return
         self._ready[sig] = self._build(sig, args, torch.is_grad_enabled())
 
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._idle.set()
-                    return
-                sig, args, grad = self._queue.pop(0)
-            try:
-                fn = self._build(sig, args, grad)
-            except Exception as e:  # keep running eagerly for this signature
-                warnings.warn(f"background compile of {self.name} failed ({type(e).__name__}: {e}); running eagerly")
-                fn = self.fn
-            with self._lock:
-                self._ready[sig] = fn
-                self._pending.discard(sig)
+    def _finish(self, sig: str, fn: Callable) -> None:
+        self._ready[sig] = fn
+        self._pending.discard(sig)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every queued signature is compiled; ``False`` if ``timeout`` passed first."""
-        return self._idle.wait(timeout)
+        """Block until every signature queued for the background is compiled; ``False`` if
+        ``timeout`` passed first."""
+        return _WORKER.wait(timeout)
 
     @property
     def pending(self) -> int:
         """Signatures still compiling in the background."""
         return len(self._pending)
+
+
+class _Worker:
+    """One background thread for every :class:`Precompiled`: signatures compile one at a time, in the
+    order they were queued (a training step's shapes before the evaluation's). At interpreter exit
+    the queue is finished first (a thread stopped inside the compiler would abort the process), and
+    the graphs are saved for the next run."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.queue: list[tuple[Precompiled, str, tuple, bool]] = []
+        self.thread: threading.Thread | None = None
+        self.idle = threading.Event()
+        self.idle.set()
+        atexit.register(self.wait)
+
+    def submit(self, owner: Precompiled, sig: str, args: tuple, grad: bool) -> None:
+        with self.lock:
+            self.queue.append((owner, sig, args, grad))
+            self.idle.clear()
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.run, name="fnlm-compile", daemon=True)
+                self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.idle.set()
+                    return
+                owner, sig, args, grad = self.queue.pop(0)
+            try:
+                fn = owner._build(sig, args, grad)
+            except Exception as e:  # keep running eagerly for this signature
+                warnings.warn(f"background compile of {owner.name} failed ({type(e).__name__}: {e}); running eagerly")
+                fn = owner.fn
+            owner._finish(sig, fn)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.idle.wait(timeout)
+
+
+_WORKER = _Worker()
 
 
 def pick_background(mode: str, device: torch.device) -> tuple[bool, str]:
