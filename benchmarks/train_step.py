@@ -17,7 +17,14 @@ from the global generator seeded per step from the key) instead of the keyed wri
 ``compiled-bf16``: the compiled step under bf16 autocast whatever ``--dtype`` says (the bf16 / fp32
 ratio from one run); and ``compiled-flat``: the compiled step with the optimizer over two long vectors
 (:func:`fnlm.optim.flatten`), whose cold compile is shorter (``--steps 1 --warmup 1`` with an empty
-``TORCHINDUCTOR_CACHE_DIR`` measures it: the warm-up column).
+``TORCHINDUCTOR_CACHE_DIR`` measures it: the warm-up column). The first-step time of each compile
+mode of :class:`fnlm.train.CompileCache`: ``compiled-cached`` (ahead of the first step, kept in
+``--compile-cache``: the first run compiles and saves, a second run with the same directory loads)
+and ``compiled-background`` (the first steps run eagerly while a thread compiles; the warm-up column
+is the first step, "ready" the time until the compiled graph took over)::
+
+    python benchmarks/train_step.py --only compiled-cached --compile-cache /tmp/cc --steps 3 --warmup 1  # twice
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/train_step.py --only compiled-background --steps 3 --warmup 1
 
 Warm-up steps (which include ``torch.compile``'s compilation) are not timed. ``--dtype bf16``
 means bf16 autocast for the forward pass (float32 master weights and optimizer) for fnlm and HF.
@@ -47,7 +54,7 @@ from fnlm import optim, random
 from fnlm.io import ensure_minilm
 from fnlm.models import BertConfig, bert_classifier, classifier_loss, init_bert_classifier, load_bert, save_bert
 from fnlm.nn import cross_entropy
-from fnlm.train import make_train_step
+from fnlm.train import CompileCache, make_train_step
 from fnlm.tree import num_params, tree_map
 
 HF = "HF + torch.optim (eager)"
@@ -130,6 +137,11 @@ def main(argv=None):
     ap.add_argument("--only", default="compiled,eager,hf", help="comma-separated subset of variants")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     ap.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="directory of the compiled-cached/-background variants' graphs (default: a new temporary one)",
+    )
+    ap.add_argument(
         "--backend",
         default="inductor",
         help="torch.compile backend of the compiled variants (aot_eager: trace only, for smoke runs)",
@@ -156,7 +168,7 @@ def main(argv=None):
         )
         return cross_entropy(logits, b["labels"]), {}
 
-    runners, flops = {}, {}
+    runners, flops, steps = {}, {}, {}
     variants = args.only.split(",")
     unknown = set(variants) - {
         "compiled",
@@ -164,6 +176,8 @@ def main(argv=None):
         "compiled-flat",
         "compiled-fused",
         "compiled-full",
+        "compiled-cached",
+        "compiled-background",
         "eager",
         "hf",
     }
@@ -175,9 +189,15 @@ def main(argv=None):
     def loss_fused(p, b, key):  # attention dropout inside the fused kernel, masks from the seeded global generator
         return classifier_loss(p, b, cfg_fused, key=key, train=True)
 
-    for name in ("compiled", "compiled-bf16", "compiled-flat", "compiled-fused", "compiled-full", "eager"):
+    cache_dir = args.compile_cache or Path(tempfile.mkdtemp(prefix="fnlm-compiled-"))
+    names = ("compiled", "compiled-bf16", "compiled-flat", "compiled-fused", "compiled-full", "compiled-cached")
+    for name in (*names, "compiled-background", "eager"):
         if name not in variants:
             continue
+        cache = None
+        if name in ("compiled-cached", "compiled-background"):
+            key = f"benchmarks/train_step.py {name} {args.model} {args.dtype} {args.batch}x{args.seq}"
+            cache = CompileCache(cache_dir, key, background=name == "compiled-background")
         v_opt = optim.flatten(opt) if name == "compiled-flat" else opt
         v_dtype[f"fnlm {name}"] = torch.bfloat16 if name == "compiled-bf16" else autocast
         v_loss = {"compiled-full": loss_full, "compiled-fused": loss_fused}.get(name, loss_fn)
@@ -187,6 +207,7 @@ def main(argv=None):
             compile=(True if args.backend == "inductor" else args.backend) if name.startswith("compiled") else False,
             autocast_dtype=v_dtype[f"fnlm {name}"],
             seed_global_rng=name == "compiled-fused",
+            cache=cache,
         )
         state = {"p": params, "s": v_opt.init(params), "k": random.key(1)}
 
@@ -195,6 +216,7 @@ def main(argv=None):
             state["p"], state["s"], _ = step(state["p"], state["s"], batch, sub)
 
         runners[f"fnlm {name}"] = run
+        steps[f"fnlm {name}"] = step
         flops[f"fnlm {name}"] = count_flops(
             lambda step=step, v_opt=v_opt: step.pure(params, v_opt.init(params), batch, random.key(1))
         )
@@ -229,9 +251,13 @@ def main(argv=None):
 
     warm = {}
     for name, run in runners.items():  # warm-up (and compilation), not timed
+        t0 = time.perf_counter()
         warm[name] = timed(run, dev)
         for _ in range(args.warmup - 1):
             timed(run, dev)
+        if name == "fnlm compiled-background":  # the timed steps are the compiled ones
+            steps[name].wait()
+            print(f"  {name}: compiled graph ready {time.perf_counter() - t0:.1f} s after the first step began")
         print(f"  {name}: warm-up {warm[name]:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.steps):  # interleaved, so that load from other processes hits all variants alike
