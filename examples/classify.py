@@ -162,16 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(cfg.model, head="classifier", max_len=max_len)
         names = run_label_names(cfg.model)  # a LoRA run's adapter directory has no config.json with them
         bert_cfg = dataclasses.replace(model.cfg, id2label=names) if names else model.cfg
-        clf = text_classifier(
-            cast(model.params, device=device), bert_cfg, model.tokenizer, max_len=max_len, truncation=truncation
-        )
+        # compiled per length bucket where the texts are many enough to pay for it, else eager
+        params = cast(model.params, device=device)
+        clf = text_classifier(params, bert_cfg, model.tokenizer, max_len=max_len, truncation=truncation, compile=True)
         if device.type != "cpu":
-            run = clf.run
+            run, eager = clf.run, clf.eager
             clf.run = lambda x, m: run(x.to(device), m.to(device)).cpu()
+            clf.eager = lambda x, m: eager(x.to(device), m.to(device)).cpu()
 
     t0 = time.time()
     probs = clf.predict_proba([html_clean(t) for t in texts], batch_size=cfg.batch_size)
-    print(f"{len(texts)} texts classified in {time.time() - t0:.1f}s ({clf.meta.get('form')})", file=sys.stderr)
+    print(f"{len(texts)} texts classified in {time.time() - t0:.1f}s ({clf.last_form})", file=sys.stderr)
     if labels is None:
         for text, p in zip(texts, probs):
             i = int(p.argmax())

@@ -152,6 +152,28 @@ def test_text_classifier_batches_by_length_and_keeps_order(params, tokenizer):
     assert clf.labels == ("neg", "pos")
 
 
+def test_compiled_text_classifier_has_one_graph_per_bucket_and_equals_eager(params, tokenizer):
+    """compile=True: static length buckets, every batch padded to batch_size rows, so an odd-sized
+    last batch compiles nothing new; the probabilities equal the eager forward's. Inputs smaller than
+    one compile's cost run eagerly (no graph at all)."""
+    from torch._dynamo.utils import counters
+
+    texts = TEXTS * 3  # 3 batches of 4 and an odd one
+    ref = torch.softmax(eager_logits(params, tokenizer, texts, 32), -1)
+    torch._dynamo.reset()
+    counters.clear()
+    small = text_classifier(params, CFG, tokenizer, max_len=32, compile=True)  # default cost: 30 batches
+    torch.testing.assert_close(small.predict_proba(texts, batch_size=4), ref, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 0
+    clf = text_classifier(params, CFG, tokenizer, max_len=32, compile=True, compile_cost=0)
+    torch.testing.assert_close(clf.predict_proba(texts, batch_size=4), ref, atol=1e-5, rtol=0)
+    lengths = {len(ids) for ids in tokenizer.encode_ids(texts, max_len=32)}
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= len(lengths)  # at most one per distinct padded length
+    torch.testing.assert_close(clf.predict_proba(texts[:-1], batch_size=4), ref[:-1], atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs  # another odd-sized last batch: no new graph
+
+
 def test_export_errors(params, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="position table"):
         export_classifier_program(params, CFG, max_len=41)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import time
@@ -43,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from fnlm.data._batching import choose_buckets
 from fnlm.data._ordered import predict_in_order
 from fnlm.io._safetensors import atomic_dir
 from fnlm.models._auto import classifier_logits
@@ -230,7 +232,9 @@ class TextClassifier:
     """Raw text in, probabilities out: ``logits(input_ids, attention_mask)`` runs ``run`` (a loaded
     package's graph, or the pure forward); ``predict_proba(texts)`` tokenizes as at export time and
     returns ``[n, num_labels]``. ``meta``: the package's ``export.json`` (``{'form': 'eager'}`` or
-    ``'compiled'`` for :func:`text_classifier`)."""
+    ``'compiled'`` for :func:`text_classifier`). ``eager``: set when ``run`` is compiled per static
+    shape: the same forward uncompiled, for inputs too small to pay for a compile (``compile_cost``,
+    as :func:`fnlm.data.choose_buckets`)."""
 
     run: Callable[[Tensor, Tensor], Tensor]
     tokenizer: Any
@@ -239,8 +243,11 @@ class TextClassifier:
     truncation: str
     head_tokens: int | None
     meta: dict
+    eager: Callable[[Tensor, Tensor], Tensor] | None = None
+    compile_cost: float = 30.0
+    last_form: str | None = None  # what the last predict_proba ran: meta's form, or 'eager' for a small input
 
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, *, run: Callable | None = None) -> Tensor:
         """``[batch, len]`` int64 ids and mask -> float32 logits ``[batch, num_labels]``."""
         if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
             raise ValueError(
@@ -252,15 +259,30 @@ class TextClassifier:
                 f"sequence length {input_ids.shape[1]} is outside [2, {self.max_len}] (the exported range)"
             )
         with torch.no_grad():
-            return self.run(input_ids.long().contiguous(), attention_mask.long().contiguous())
+            return (run or self.run)(input_ids.long().contiguous(), attention_mask.long().contiguous())
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
-        """``softmax(logits)`` for each text, in the given order; batches of similar lengths."""
+        """``softmax(logits)`` for each text, in the given order; batches of similar lengths. A
+        compiled forward sees a few static shapes (length buckets that pay for their compile, every
+        batch padded to ``batch_size`` rows); with fewer batches than one compile costs, the eager one runs."""
         ids = self.tokenizer.encode_ids(
             list(texts), max_len=self.max_len, truncation=self.truncation, head_tokens=self.head_tokens
         )
+        run, buckets = self.run, None
+        self.last_form = self.meta.get("form")
+        if self.eager is not None:
+            if math.ceil(len(ids) / batch_size) < self.compile_cost:
+                run, self.last_form = self.eager, "eager"
+            else:
+                buckets = choose_buckets(
+                    [len(x) for x in ids], self.max_len, batch_size, compile_cost=self.compile_cost
+                )
         out = predict_in_order(
-            lambda i, m: torch.softmax(self.logits(i, m), -1), ids, batch_size=batch_size, pad_id=self.tokenizer.pad_id
+            lambda i, m: torch.softmax(self.logits(i, m, run=run), -1),
+            ids,
+            batch_size=batch_size,
+            buckets=buckets,
+            pad_id=self.tokenizer.pad_id,
         )
         return out if len(ids) else torch.empty(0, len(self.labels))
 
@@ -274,24 +296,33 @@ def text_classifier(
     truncation: str = "head",
     head_tokens: int | None = None,
     compile: bool = False,
+    compile_cost: float = 30.0,
 ) -> TextClassifier:
-    """A :class:`TextClassifier` over ``classifier_logits(params, ...)`` itself (no export):
-    eager, or with ``compile=True`` under ``torch.compile(dynamic=True)`` (one graph for all
-    lengths; the first two batches pay the compilation)."""
+    """A :class:`TextClassifier` over ``classifier_logits(params, ...)`` itself (no export): eager,
+    or with ``compile=True`` one static graph per length bucket (:func:`fnlm.train.make_eval_step`;
+    the buckets are chosen per call by :func:`fnlm.data.choose_buckets` with ``compile_cost``, and
+    calls with fewer batches than that run eagerly)."""
+    from fnlm.train._step import make_eval_step  # fnlm.train imports fnlm.models' neighbours: import late
+
     _check_config(cfg)
     forward = _classifier_forward(cfg)
 
     def run(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return forward(params, input_ids, attention_mask)
 
+    if not compile:
+        return TextClassifier(run, tokenizer, cfg.labels, max_len, truncation, head_tokens, {"form": "eager"})
+    step = make_eval_step(forward, compile=True)
     return TextClassifier(
-        run=torch.compile(run, dynamic=True) if compile else run,
+        run=lambda i, m: step(params, i, m),
         tokenizer=tokenizer,
         labels=cfg.labels,
         max_len=max_len,
         truncation=truncation,
         head_tokens=head_tokens,
-        meta={"form": "compiled" if compile else "eager"},
+        meta={"form": "compiled"},
+        eager=run,
+        compile_cost=compile_cost,
     )
 
 
