@@ -94,6 +94,12 @@ def _fnlm_sources() -> str:
     return _FNLM_SOURCES
 
 
+def supported() -> bool:
+    """Whether this torch saves and loads compiled functions (``aot_compile`` and
+    ``torch.compiler.load_compiled_function``: recent builds, 2.13 among them)."""
+    return hasattr(torch.compiler, "load_compiled_function") and hasattr(torch.compiler, "keep_portable_guards_unsafe")
+
+
 def signature(args: tuple) -> str:
     """The arguments' tree structure with each tensor leaf's shape, dtype, device and requires_grad,
     and each other leaf's repr: two calls with equal signatures can share one static graph."""

@@ -76,6 +76,7 @@ from fnlm.optim._inject import find_hyperparam
 from fnlm.optim._loss_scale import find_loss_scale
 from fnlm.optim._transforms import GradientTransformation, apply_updates
 from fnlm.train._compile_cache import CompileCache, Precompiled
+from fnlm.train._compile_cache import supported as compile_cache_supported
 from fnlm.tree import PyTree, flatten_names, tree_leaves, tree_map, tree_unstack
 
 LossFn = Callable[[PyTree, Any, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
@@ -123,6 +124,10 @@ def compile_fn(
     if cache is not None:
         if compile is not True or dynamic:
             raise ValueError("a compile cache needs compile=True (Inductor) and dynamic=False")
+        if not compile_cache_supported():
+            warnings.warn(f"torch {torch.__version__} cannot save compiled functions: compiling in every run")
+            cache = None
+    if cache is not None:
         return Precompiled(fresh_function(fn), cache, name=name, options={**COMPILE_OPTIONS, **(compile_options or {})})
     backend = "inductor" if compile is True else compile
     limit = getattr(torch._dynamo.config, "recompile_limit", None)
