@@ -19,6 +19,8 @@ with dynamo's ahead-of-time API (``torch.compile(fn).aot_compile``), saved as
   covers the argument signature, the torch and Python versions and fnlm's own source files; the
   caller's ``key`` must cover the rest: the config that built ``fn`` and the source of the script
   that defines it (:func:`source_digest`). A key that misses something runs a stale graph.
+  Tensors the function closes over (frozen weights) are pickled into the file and used from it:
+  pass them as arguments instead (the main job keeps no cache for ``--freeze``/``--lora-rank``).
 * **Trust.** Loading a saved graph unpickles it and loads compiled code: a cache file runs code.
   The cache directory is created private (``0o700``) and is only read when it belongs to this user
   and nobody else may write to it (:class:`UnsafeCacheError` otherwise), as ssh treats its keys;
@@ -164,11 +166,9 @@ class Precompiled:
         *,
         name: str,
         options: Mapping[str, Any] | None = None,
-        on_event: Callable[[str, float, str], None] | None = None,
     ):
         self.fn, self.cache, self.name = fn, cache, name
         self.options = dict(options or {})
-        self.on_event = on_event
         self.events: list[tuple[str, float, str]] = []
         self.eager_calls = 0  # calls that ran ``fn`` uncompiled while their graph was being built
         self._ready: dict[str, Callable] = {}
@@ -182,15 +182,13 @@ class Precompiled:
             dynamic=False,
             options={**self.options, "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe},
         )
-        for attempt in range(4):
+        for _ in range(3):
             try:
                 return compiled.aot_compile((args, {}))
             except torch._dynamo.exc.TensorifyScalarRestartAnalysis:
-                # dynamo specialises the float scalar tensors it met (the lr in the optimizer state)
-                # and asks for a restart, which torch.compile does itself and aot_compile does not
-                if attempt == 3:
-                    raise
-        raise AssertionError("unreachable")
+                pass  # dynamo specialised the float scalar tensors it met (the lr in the optimizer state)
+                # and asks for a restart, which torch.compile does itself and aot_compile leaves to us
+        return compiled.aot_compile((args, {}))
 
     def _build(self, sig: str, args: tuple, grad: bool) -> Callable:
         path = self.cache.path(self.name, sig)
@@ -220,27 +218,19 @@ class Precompiled:
                     fn.save_compiled_function(str(path))  # atomic: a temporary file, then os.replace
                 except Exception as e:
                     warnings.warn(f"compile cache {path} not written ({type(e).__name__}: {e})")
-        event = (kind, time.perf_counter() - t, sig)
-        self.events.append(event)
-        if self.on_event is not None:
-            self.on_event(*event)
+        self.events.append((kind, time.perf_counter() - t, sig))
         return fn
 
     # -- dispatch -----------------------------------------------------------------------------------
     def __call__(self, *args):
         sig = signature(args)
+        if sig not in self._ready:
+            self.prepare(*args)  # loads or compiles now, or queues the signature for the background
         fn = self._ready.get(sig)
-        if fn is not None:
-            return fn(*args)
-        if not self.cache.background:
-            self.cache.ready()
-            fn = self._ready[sig] = self._build(sig, args, torch.is_grad_enabled())
-            return fn(*args)
-        self.prepare(*args)
-        if sig in self._ready:  # loaded at once (prepare loads cached files in this thread)
-            return self._ready[sig](*args)
-        self.eager_calls += 1
-        return self.fn(*args)
+        if fn is None:  # compiling in the background: this call runs the function eagerly
+            self.eager_calls += 1
+            return self.fn(*args)
+        return fn(*args)
 
     def prepare(self, *args) -> None:
         """Have the graph for these arguments' signature ready before its first call: a cached file is
