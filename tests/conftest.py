@@ -18,13 +18,6 @@ os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
 torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
 
-# Compiled steps the examples keep between runs (fnlm.train.CompileCache) go to one directory per test
-# session, not the user's ~/.cache; examples run by the tests inherit it.
-if "FNLM_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["FNLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="fnlm-compiled-")
-
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
@@ -37,6 +30,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_dir(tmp_path_factory) -> Path:
+    """Compiled steps the examples keep between runs (fnlm.train.CompileCache) go to one private
+    directory per test session (removed with pytest's old temporary directories), not the user's
+    ~/.cache; examples run by the tests inherit it."""
+    d = tmp_path_factory.mktemp("fnlm-compiled")
+    old = os.environ.get("FNLM_CACHE_DIR")
+    os.environ["FNLM_CACHE_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("FNLM_CACHE_DIR", None)
+    else:
+        os.environ["FNLM_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ from _compile_step import setup  # a module, so that the saved graph can name it
 
 from fnlm import random
 from fnlm.train import CompileCache, UnsafeCacheError, make_eval_step
-from fnlm.tree import tree_leaves
+from fnlm.tree import tree_allclose
 
 
-def run(step, params, opt_state, batches, *, wait_after: int | None = None):
+def run(params, opt_state, batches, step, *, wait_after: int | None = None):
     """Train on ``batches`` with keys ``fold_in(key(0), i)``; ``wait_after``: let the background compile finish then."""
     losses = []
     for i, b in enumerate(batches):
@@ -28,11 +28,6 @@ def run(step, params, opt_state, batches, *, wait_after: int | None = None):
         if wait_after is not None and i + 1 == wait_after:
             assert step.wait(timeout=600)
     return params, losses
-
-
-def assert_close_trees(a, b):
-    for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_a_second_process_loads_the_step_and_compiles_nothing(tmp_path):
@@ -83,26 +78,21 @@ def test_a_second_process_loads_the_step_and_compiles_nothing(tmp_path):
     after = sorted(p for p in (tmp_path / "inductor").rglob("*") if p.is_file())
     assert [p for p in after if p not in kernels[1]] == []  # ... process 2 compiled none
     assert len(list(cache.glob("*.pt2"))) == 1
-    p_eager, _ = run(*_eager())
+    p_eager, _ = run(*setup(None))
     for i in range(2):
-        assert_close_trees(torch.load(tmp_path / f"p{i}.pt"), p_eager)
-
-
-def _eager():
-    params, opt_state, batches, step = setup(None)
-    return step, params, opt_state, batches
+        assert tree_allclose(torch.load(tmp_path / f"p{i}.pt"), p_eager, rtol=1e-5, atol=1e-6)
 
 
 def test_background_compile_keeps_keys_and_data_order(tmp_path):
     """Eager steps while the graph compiles, then compiled ones: the same training as eager
     throughout (same keys, same batches), within float rounding."""
     params, opt_state, batches, step = setup(tmp_path / "cache", background=True)
-    p_bg, losses_bg = run(step, params, opt_state, batches, wait_after=2)
+    p_bg, losses_bg = run(params, opt_state, batches, step, wait_after=2)
     assert step.compiled.eager_calls >= 1  # the first step did not wait for the compile
     assert step.compiled.eager_calls <= 2  # ... and after wait() every step ran the graph
     assert [e[0] for e in step.compiled.events] == ["compiled"]
-    p_eager, losses_eager = run(*_eager())
-    assert_close_trees(p_bg, p_eager)
+    p_eager, losses_eager = run(*setup(None))
+    assert tree_allclose(p_bg, p_eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(losses_bg), torch.tensor(losses_eager), rtol=1e-5, atol=1e-6)
 
 
@@ -116,8 +106,9 @@ def test_a_damaged_cache_file_is_compiled_again_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="could not be loaded"):
         p1, _, _ = step(params, opt_state, batches[0], key)
     assert [e[0] for e in step.compiled.events] == ["compiled"]
-    p_eager, _, _ = _eager()[0](params, opt_state, batches[0], key)
-    assert_close_trees(p1, p_eager)
+    eager_step = setup(None)[3]
+    p_eager, _, _ = eager_step(params, opt_state, batches[0], key)
+    assert tree_allclose(p1, p_eager, rtol=1e-5, atol=1e-6)
     assert path.stat().st_size > 1000  # replaced by a whole file
 
 
@@ -148,4 +139,5 @@ def test_a_cache_needs_inductor_and_static_shapes(tmp_path):
         make_eval_step(lambda p, x: x, dynamic=True, cache=cache)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert make_eval_step(lambda p, x: x, compile=False, cache=cache).compiled is not None
+        fn = lambda p, x: x  # noqa: E731
+        assert make_eval_step(fn, compile=False, cache=cache).compiled is fn  # no compile: nothing cached

@@ -42,6 +42,7 @@ with dynamo's ahead-of-time API (``torch.compile(fn).aot_compile``), saved as
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import os
 import stat
@@ -81,19 +82,14 @@ def source_digest(*paths: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-_FNLM_SOURCES: str | None = None
-
-
+@functools.cache
 def _fnlm_sources() -> str:
     """sha256 over every ``fnlm/**/*.py`` (path and bytes): a change to the library's maths is a new graph."""
-    global _FNLM_SOURCES
-    if _FNLM_SOURCES is None:
-        root = Path(__file__).resolve().parents[1]
-        h = hashlib.sha256()
-        for f in sorted(root.rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-        _FNLM_SOURCES = h.hexdigest()
-    return _FNLM_SOURCES
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def supported() -> bool:

@@ -124,11 +124,10 @@ def compile_fn(
     if cache is not None:
         if compile is not True or dynamic:
             raise ValueError("a compile cache needs compile=True (Inductor) and dynamic=False")
-        if not compile_cache_supported():
-            warnings.warn(f"torch {torch.__version__} cannot save compiled functions: compiling in every run")
-            cache = None
-    if cache is not None:
-        return Precompiled(fresh_function(fn), cache, name=name, options={**COMPILE_OPTIONS, **(compile_options or {})})
+        if compile_cache_supported():
+            options = {**COMPILE_OPTIONS, **(compile_options or {})}
+            return Precompiled(fresh_function(fn), cache, name=name, options=options)
+        warnings.warn(f"torch {torch.__version__} cannot save compiled functions: compiling in every run")
     backend = "inductor" if compile is True else compile
     limit = getattr(torch._dynamo.config, "recompile_limit", None)
     if limit is not None and limit < max_shapes:
